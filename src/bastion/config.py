@@ -1,0 +1,298 @@
+"""One typed, validated settings object for Bastion.
+
+Settings come from a TOML file (``bastion serve --config bastion.toml``) with
+``BASTION_*`` environment overrides. The models are strict (a string is not a
+number) and closed (an unknown field is an error), so a typo fails at start-up,
+naming the field, instead of silently falling back to a default.
+
+Environment overrides use ``__`` to descend: ``BASTION_SERVER__PORT=7000``,
+``BASTION_APPS__0__SECRET=...`` (list items by index). Each value is read as a
+TOML value when it parses as one (``7000``, ``true``, ``["a", "b"]``) and as a
+plain string otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from bastion.errors import ConfigError
+
+__all__ = [
+    "WEBHOOK_EVENT_TYPES",
+    "AdapterSettings",
+    "AppSettings",
+    "ServerSettings",
+    "Settings",
+    "WebhookSettings",
+    "load_settings",
+    "settings_from_mapping",
+]
+
+WEBHOOK_EVENT_TYPES = (
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "client_event",
+    "cache_miss",
+    "subscription_count",
+)
+
+WebhookEventType = Literal[
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "client_event",
+    "cache_miss",
+    "subscription_count",
+]
+
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
+_APP_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_APP_KEY = re.compile(r"^[A-Za-z0-9_\-.]{1,128}$")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class WebhookSettings(BaseModel):
+    """One webhook endpoint of an app."""
+
+    model_config = _STRICT
+
+    url: str
+    event_types: list[WebhookEventType] = Field(default_factory=lambda: list(WEBHOOK_EVENT_TYPES))
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        # Trusted as written (loopback included); only the scheme is checked here.
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
+class AppSettings(BaseModel):
+    """One tenant application: credentials, switches and limits.
+
+    Each limit's default follows Pusher's documented limit where one exists.
+    """
+
+    model_config = _STRICT
+
+    id: str
+    key: str
+    secret: SecretStr
+    enabled: bool = True
+    enable_client_messages: bool = False
+    #: Concurrent connections for this app; ``None`` means no app-level cap.
+    max_connections: PositiveInt | None = None
+    max_client_events_per_second: PositiveInt = 10
+    max_presence_members: PositiveInt = 100
+    max_presence_member_size_kb: PositiveFloat = 2
+    max_event_payload_kb: PositiveFloat = 10
+    max_channels_per_event: PositiveInt = 100
+    max_event_batch_size: PositiveInt = 10
+    max_channel_name_length: Annotated[int, Field(gt=0, le=1024)] = 164
+    max_event_name_length: Annotated[int, Field(gt=0, le=1024)] = 200
+    #: Watched user ids accepted per sign-in (Pusher: 100; excess → 4302).
+    max_watchlist_size: PositiveInt = 100
+    #: Seconds a cache channel keeps its last event (Pusher: up to 30 minutes).
+    cache_ttl: PositiveInt = 1800
+    #: Broadcast ``pusher_internal:subscription_count`` on non-presence channels.
+    enable_subscription_count: bool = False
+    #: Browser origins allowed to connect; ``None`` accepts every origin (see #3).
+    allowed_origins: list[str] | None = None
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        if not _APP_ID.match(value):
+            raise ValueError("must be 1-64 characters of A-Z a-z 0-9 _ -")
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _valid_key(cls, value: str) -> str:
+        if not _APP_KEY.match(value):
+            raise ValueError("must be 1-128 characters of A-Z a-z 0-9 _ - .")
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _non_empty_secret(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
+    @property
+    def max_event_payload_bytes(self) -> int:
+        """The event ``data`` limit in bytes."""
+        return int(self.max_event_payload_kb * 1024)
+
+    @property
+    def max_presence_member_bytes(self) -> int:
+        """The presence ``user_info`` limit in bytes."""
+        return int(self.max_presence_member_size_kb * 1024)
+
+
+class ServerSettings(BaseModel):
+    """The listener: address, heartbeats and per-connection bounds."""
+
+    model_config = _STRICT
+
+    host: str = "127.0.0.1"
+    #: 0 asks the OS for a free port (tests); the bound port is printed at start.
+    port: Annotated[int, Field(ge=0, le=65535)] = 6001
+    #: Seconds of client silence before the server pings (sent in the handshake).
+    activity_timeout: PositiveInt = 120
+    #: Seconds to wait for any frame after a server ping before closing with 4201.
+    pong_timeout: PositiveFloat = 30
+    #: Outbound bytes buffered per connection before it is cut as a slow consumer.
+    max_write_buffer_kb: PositiveInt = 1024
+    #: Seconds a client may take to send a complete HTTP request head.
+    handshake_timeout: PositiveFloat = 10
+    #: Largest HTTP request body accepted by the REST API, in KiB.
+    max_request_body_kb: PositiveInt = 1024
+    #: Concurrent WebSocket connections on this node (over it: close 4100).
+    max_connections: PositiveInt | None = None
+
+
+class AdapterSettings(BaseModel):
+    """How nodes share state: ``local`` (one node) or ``redis`` (cluster, #5)."""
+
+    model_config = _STRICT
+
+    driver: Literal["local", "redis"] = "local"
+    url: str | None = None
+
+
+class Settings(BaseModel):
+    """The whole configuration, frozen once loaded."""
+
+    model_config = _STRICT
+
+    server: ServerSettings = ServerSettings()
+    adapter: AdapterSettings = AdapterSettings()
+    apps: list[AppSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_apps(self) -> Settings:
+        for field in ("id", "key"):
+            seen: dict[str, int] = {}
+            for index, app in enumerate(self.apps):
+                value = getattr(app, field)
+                if value in seen:
+                    raise ValueError(
+                        f"apps.{index}.{field}: duplicate of apps.{seen[value]}.{field}"
+                    )
+                seen[value] = index
+        return self
+
+    def app_by_key(self, key: str) -> AppSettings | None:
+        """The app whose key is ``key``, if any."""
+        return next((app for app in self.apps if app.key == key), None)
+
+    def app_by_id(self, app_id: str) -> AppSettings | None:
+        """The app whose id is ``app_id``, if any."""
+        return next((app for app in self.apps if app.id == app_id), None)
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    prefix = "BASTION_"
+    for name in sorted(environ):
+        if not name.startswith(prefix) or "__" not in name:
+            continue
+        path = [part.lower() for part in name[len(prefix) :].split("__")]
+        node: Any = data
+        for index, part in enumerate(path):
+            last = index == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{name}: no list item {part!r} to override")
+                if last:
+                    node[int(part)] = _env_value(environ[name])
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = _env_value(environ[name])
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"{name}: cannot descend into a scalar")
+
+
+def _format_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        # Never echo the offending input: it may be a secret.
+        lines.append(f"{location}: {message}" if location else message)
+    return "; ".join(lines)
+
+
+def settings_from_mapping(
+    data: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Validate a parsed TOML mapping (plus env overrides) into :class:`Settings`.
+
+    Raises:
+        ConfigError: naming each offending field; the value itself is not echoed.
+    """
+    import copy
+
+    merged: dict[str, Any] = copy.deepcopy(dict(data))
+    _apply_env(merged, os.environ if environ is None else environ)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (TOML) or start from defaults, then apply ``BASTION_*`` overrides.
+
+    Raises:
+        ConfigError: the file is unreadable, is not TOML, or fails validation.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return settings_from_mapping(data, environ)
