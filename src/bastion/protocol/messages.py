@@ -1,0 +1,304 @@
+"""Typed Pusher messages: decoding client frames, encoding server frames.
+
+A client frame becomes one of a few small frozen dataclasses, each validated in
+its constructor, so an invalid subscribe or client event cannot exist past
+:func:`decode_client_message`. The frame's size has already been checked by the
+WebSocket layer before this module sees any text.
+
+Server frames follow the protocol's "double encoding": ``data`` is a JSON string
+for every event but ``pusher:error`` and ``pusher:signin_success``, whose
+``data`` is an object. Everything is encoded with ``ensure_ascii=True`` so that
+lone surrogates from a client's ``\\ud800`` escapes can never break UTF-8
+encoding of an outgoing frame.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.errors import Refused
+from bastion.protocol.names import RESERVED_EVENT_PREFIXES
+from bastion.protocol.refusals import Reason
+
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "ClientEvent",
+    "ClientMessage",
+    "Ping",
+    "Pong",
+    "Signin",
+    "Subscribe",
+    "Unsubscribe",
+    "cache_miss",
+    "channel_event",
+    "connection_established",
+    "decode_client_message",
+    "dumps",
+    "error",
+    "member_added",
+    "member_removed",
+    "ping",
+    "pong",
+    "signin_success",
+    "subscription_count",
+    "subscription_error",
+    "subscription_succeeded",
+    "watchlist_events",
+]
+
+#: Deepest JSON nesting accepted in a client frame (the envelope counts as 1).
+MAX_JSON_DEPTH = 32
+
+
+def dumps(value: Any) -> str:
+    """Compact, ASCII-safe JSON."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """``pusher:ping`` from the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """``pusher:pong`` from the client (answer to a server ping)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """``pusher:subscribe``: join ``channel``, with ``auth`` when it needs one."""
+
+    channel: str
+    auth: str | None = None
+    channel_data: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.channel:
+            raise Refused(Reason.INVALID_DATA, "pusher:subscribe needs a channel")
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """``pusher:unsubscribe``: leave ``channel``."""
+
+    channel: str
+
+    def __post_init__(self) -> None:
+        if not self.channel:
+            raise Refused(Reason.INVALID_DATA, "pusher:unsubscribe needs a channel")
+
+
+@dataclass(frozen=True, slots=True)
+class Signin:
+    """``pusher:signin`` with the app server's ``auth`` and the signed ``user_data``."""
+
+    auth: str
+    user_data: str
+
+    def __post_init__(self) -> None:
+        if not self.auth or not self.user_data:
+            raise Refused(Reason.INVALID_DATA, "pusher:signin needs auth and user_data")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientEvent:
+    """A ``client-*`` event to relay to the channel's other subscribers.
+
+    ``data`` is the decoded JSON value as received (object, string or other).
+    """
+
+    event: str
+    channel: str
+    data: Any
+
+    def __post_init__(self) -> None:
+        if not self.event.startswith("client-"):
+            raise Refused(Reason.UNKNOWN_EVENT)
+        if not self.channel:
+            raise Refused(Reason.INVALID_DATA, "client events need a channel")
+
+
+ClientMessage = Ping | Pong | Subscribe | Unsubscribe | Signin | ClientEvent
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in item)
+    return False
+
+
+def _data_object(frame: dict[str, Any]) -> dict[str, Any]:
+    data = frame.get("data")
+    if isinstance(data, str):
+        # Some clients double-encode; accept a JSON object inside a string.
+        try:
+            data = json.loads(data)
+        except ValueError:
+            data = None
+    if not isinstance(data, dict):
+        raise Refused(Reason.INVALID_DATA, f"{frame['event']} needs a data object")
+    return data
+
+
+def _optional_str(data: dict[str, Any], field: str, event: str) -> str | None:
+    value = data.get(field)
+    if value is None or isinstance(value, str):
+        return value
+    raise Refused(Reason.INVALID_DATA, f"{event} field {field} must be a string")
+
+
+def decode_client_message(text: str, max_depth: int = MAX_JSON_DEPTH) -> ClientMessage:
+    """Decode one client text frame.
+
+    Raises:
+        Refused: the frame is not JSON, not an object, too deeply nested, has no
+            string ``event``, names an unknown or reserved event, or carries
+            ``data`` of the wrong shape.
+    """
+    try:
+        frame = json.loads(text)
+    except RecursionError:
+        raise Refused(Reason.JSON_TOO_DEEP) from None
+    except ValueError:
+        raise Refused(Reason.MALFORMED_JSON) from None
+    if not isinstance(frame, dict):
+        raise Refused(Reason.NOT_AN_OBJECT)
+    if _depth_exceeds(frame, max_depth):
+        raise Refused(Reason.JSON_TOO_DEEP)
+    event = frame.get("event")
+    if not isinstance(event, str) or not event:
+        raise Refused(Reason.MISSING_EVENT)
+
+    if event == "pusher:ping":
+        return Ping()
+    if event == "pusher:pong":
+        return Pong()
+    if event == "pusher:subscribe":
+        data = _data_object(frame)
+        channel = data.get("channel")
+        if not isinstance(channel, str):
+            raise Refused(Reason.INVALID_DATA, "pusher:subscribe needs a string channel")
+        return Subscribe(
+            channel=channel,
+            auth=_optional_str(data, "auth", event),
+            channel_data=_optional_str(data, "channel_data", event),
+        )
+    if event == "pusher:unsubscribe":
+        channel = _data_object(frame).get("channel")
+        if not isinstance(channel, str):
+            raise Refused(Reason.INVALID_DATA, "pusher:unsubscribe needs a string channel")
+        return Unsubscribe(channel=channel)
+    if event == "pusher:signin":
+        data = _data_object(frame)
+        auth = _optional_str(data, "auth", event)
+        user_data = _optional_str(data, "user_data", event)
+        return Signin(auth=auth or "", user_data=user_data or "")
+    if event.startswith(RESERVED_EVENT_PREFIXES):
+        raise Refused(Reason.UNKNOWN_EVENT)
+    if event.startswith("client-"):
+        channel = frame.get("channel")
+        if not isinstance(channel, str):
+            raise Refused(Reason.INVALID_DATA, "client events need a string channel")
+        return ClientEvent(event=event, channel=channel, data=frame.get("data"))
+    raise Refused(Reason.CLIENT_EVENT_NAME)
+
+
+# --- server → client ------------------------------------------------------------
+
+
+def connection_established(socket_id: str, activity_timeout: int) -> str:
+    """The first frame of every connection."""
+    data = dumps({"socket_id": socket_id, "activity_timeout": activity_timeout})
+    return dumps({"event": "pusher:connection_established", "data": data})
+
+
+def error(message: str, code: int | None, channel: str | None = None) -> str:
+    """``pusher:error`` (``data`` is an object, as in Pusher's documentation)."""
+    frame: dict[str, Any] = {"event": "pusher:error", "data": {"message": message, "code": code}}
+    if channel is not None:
+        frame["channel"] = channel
+    return dumps(frame)
+
+
+def ping() -> str:
+    """A server ping (``pusher:ping``)."""
+    return '{"event":"pusher:ping","data":"{}"}'
+
+
+def pong() -> str:
+    """The answer to a client ``pusher:ping``."""
+    return '{"event":"pusher:pong","data":"{}"}'
+
+
+def subscription_succeeded(channel: str, data: str = "{}") -> str:
+    """``pusher_internal:subscription_succeeded``; ``data`` is presence JSON or ``{}``."""
+    return dumps(
+        {"event": "pusher_internal:subscription_succeeded", "channel": channel, "data": data}
+    )
+
+
+def subscription_error(channel: str, error_type: str, message: str, status: int) -> str:
+    """``pusher:subscription_error`` on ``channel`` (soketi-style body)."""
+    return dumps(
+        {
+            "event": "pusher:subscription_error",
+            "channel": channel,
+            "data": {"type": error_type, "error": message, "status": status},
+        }
+    )
+
+
+def channel_event(event: str, channel: str, data: Any, user_id: str | None = None) -> str:
+    """An event delivered on a channel; ``data`` exactly as the publisher sent it."""
+    frame: dict[str, Any] = {"event": event, "channel": channel, "data": data}
+    if user_id is not None:
+        frame["user_id"] = user_id
+    return dumps(frame)
+
+
+def member_added(channel: str, user_id: str, user_info: Any) -> str:
+    """``pusher_internal:member_added``."""
+    data = dumps({"user_id": user_id, "user_info": user_info})
+    return dumps({"event": "pusher_internal:member_added", "channel": channel, "data": data})
+
+
+def member_removed(channel: str, user_id: str) -> str:
+    """``pusher_internal:member_removed``."""
+    data = dumps({"user_id": user_id})
+    return dumps({"event": "pusher_internal:member_removed", "channel": channel, "data": data})
+
+
+def cache_miss(channel: str) -> str:
+    """``pusher:cache_miss`` after subscribing to an empty cache channel."""
+    return dumps({"event": "pusher:cache_miss", "channel": channel, "data": "{}"})
+
+
+def subscription_count(channel: str, count: int) -> str:
+    """``pusher_internal:subscription_count``."""
+    data = dumps({"subscription_count": count})
+    return dumps(
+        {"event": "pusher_internal:subscription_count", "channel": channel, "data": data}
+    )
+
+
+def signin_success(user_data: str) -> str:
+    """``pusher:signin_success`` echoing the signed ``user_data`` string."""
+    return dumps({"event": "pusher:signin_success", "data": {"user_data": user_data}})
+
+
+def watchlist_events(events: list[tuple[str, list[str]]]) -> str:
+    """``pusher_internal:watchlist_events`` as pusher-js's watchlist facade reads it."""
+    data = dumps({"events": [{"name": name, "user_ids": ids} for name, ids in events]})
+    return dumps({"event": "pusher_internal:watchlist_events", "data": data})

@@ -1,0 +1,119 @@
+"""Channel, event, user and socket id rules, and channel classification.
+
+Classification is by **anchored** prefix only: a name merely containing
+``cache-`` or ``private-`` somewhere is a public channel, and only names that
+start with ``private-`` or ``presence-`` need a signature.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "CLIENT_EVENT_PREFIX",
+    "RESERVED_EVENT_PREFIXES",
+    "SERVER_TO_USER_PREFIX",
+    "ChannelKind",
+    "ChannelType",
+    "classify_channel",
+    "is_client_event_name",
+    "is_valid_channel_name",
+    "is_valid_event_name",
+    "is_valid_socket_id",
+    "is_valid_user_id",
+]
+
+SERVER_TO_USER_PREFIX = "#server-to-user-"
+CLIENT_EVENT_PREFIX = "client-"
+RESERVED_EVENT_PREFIXES = ("pusher:", "pusher_internal:")
+MAX_USER_ID_LENGTH = 128
+
+_CHANNEL_CHARS = re.compile(r"[A-Za-z0-9_\-=@,.;]+")
+_SOCKET_ID = re.compile(r"\d{1,20}\.\d{1,20}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class ChannelKind(enum.Enum):
+    """What a channel needs to be joined and what it carries."""
+
+    PUBLIC = "public"
+    PRIVATE = "private"
+    ENCRYPTED = "private-encrypted"
+    PRESENCE = "presence"
+    SERVER_TO_USER = "server-to-user"
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelType:
+    """A channel's kind and whether it keeps its last event (``cache-`` variants)."""
+
+    kind: ChannelKind
+    cached: bool = False
+
+    @property
+    def needs_auth(self) -> bool:
+        """Whether subscribing needs a signature (``private-*`` and ``presence-*``)."""
+        return self.kind in (ChannelKind.PRIVATE, ChannelKind.ENCRYPTED, ChannelKind.PRESENCE)
+
+    @property
+    def allows_client_events(self) -> bool:
+        """Client events are allowed on private and presence channels, not encrypted ones."""
+        return self.kind in (ChannelKind.PRIVATE, ChannelKind.PRESENCE)
+
+
+_PREFIXES: tuple[tuple[str, ChannelType], ...] = (
+    # Longest first, so that the most specific anchored prefix wins.
+    ("private-encrypted-cache-", ChannelType(ChannelKind.ENCRYPTED, cached=True)),
+    ("private-encrypted-", ChannelType(ChannelKind.ENCRYPTED)),
+    ("presence-cache-", ChannelType(ChannelKind.PRESENCE, cached=True)),
+    ("private-cache-", ChannelType(ChannelKind.PRIVATE, cached=True)),
+    ("presence-", ChannelType(ChannelKind.PRESENCE)),
+    ("private-", ChannelType(ChannelKind.PRIVATE)),
+    ("cache-", ChannelType(ChannelKind.PUBLIC, cached=True)),
+    (SERVER_TO_USER_PREFIX, ChannelType(ChannelKind.SERVER_TO_USER)),
+)
+_PUBLIC = ChannelType(ChannelKind.PUBLIC)
+
+
+def classify_channel(name: str) -> ChannelType:
+    """The type of channel ``name``, by anchored prefix."""
+    for prefix, channel_type in _PREFIXES:
+        if name.startswith(prefix):
+            return channel_type
+    return _PUBLIC
+
+
+def is_valid_user_id(user_id: str) -> bool:
+    """A user id: 1-128 characters, no control characters."""
+    return 0 < len(user_id) <= MAX_USER_ID_LENGTH and not _CONTROL.search(user_id)
+
+
+def is_valid_channel_name(name: str, max_length: int) -> bool:
+    """Pusher's channel name rules.
+
+    ``A-Z a-z 0-9 _ - = @ , . ;`` up to ``max_length`` characters; ``#`` only in
+    the ``#server-to-user-{user_id}`` form.
+    """
+    if not 0 < len(name) <= max_length:
+        return False
+    if name.startswith(SERVER_TO_USER_PREFIX):
+        user_id = name[len(SERVER_TO_USER_PREFIX) :]
+        return bool(_CHANNEL_CHARS.fullmatch(user_id))
+    return bool(_CHANNEL_CHARS.fullmatch(name))
+
+
+def is_valid_event_name(name: str, max_length: int) -> bool:
+    """An event name: 1 to ``max_length`` characters, no control characters."""
+    return 0 < len(name) <= max_length and not _CONTROL.search(name)
+
+
+def is_client_event_name(name: str, max_length: int) -> bool:
+    """A client event name: starts with ``client-`` (the prefix is what counts)."""
+    return name.startswith(CLIENT_EVENT_PREFIX) and is_valid_event_name(name, max_length)
+
+
+def is_valid_socket_id(socket_id: str) -> bool:
+    """The ``digits.digits`` form the official SDKs require."""
+    return bool(_SOCKET_ID.fullmatch(socket_id))
