@@ -1,0 +1,536 @@
+"""The hub: apps, channels, presence, signed-in users, and routing of publishes.
+
+It knows nothing of sockets or HTTP. The server gives it a :class:`Session` per
+connection (with a ``write`` that takes pre-framed bytes and never blocks, and a
+``refuse`` that runs the one refusal path) and a ``frame`` function that turns
+a text message into WebSocket frame bytes. A publish is serialized once and
+framed once per channel, and the same bytes are written to every subscriber.
+
+Input errors are raised as :class:`~bastion.errors.Refused`; effects on other
+connections (terminate, notices) go through their ``refuse``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.adapters.base import Adapter
+from bastion.config import AppSettings, Settings
+from bastion.core import events as ev
+from bastion.errors import Refused
+from bastion.protocol import messages as msg
+from bastion.protocol.names import (
+    SERVER_TO_USER_PREFIX,
+    ChannelKind,
+    ChannelType,
+    classify_channel,
+    is_client_event_name,
+    is_valid_channel_name,
+    is_valid_event_name,
+    is_valid_user_id,
+)
+from bastion.protocol.refusals import Reason
+from bastion.protocol.signing import channel_auth_string, signin_auth_string, verify_auth
+from bastion.security.ratelimit import TokenBucket
+
+__all__ = ["AppState", "Channel", "Hub", "Session"]
+
+#: Above this many subscribers, subscription_count is sent at most every 5 s.
+COUNT_THROTTLE_THRESHOLD = 100
+COUNT_THROTTLE_SECONDS = 5.0
+#: Channel names echoed back in a subscription error are at most this long.
+_ECHO_LIMIT = 200
+
+Frame = Callable[[str], bytes]
+
+
+class Session:
+    """One connection's protocol state, as the hub sees it.
+
+    Attributes:
+        socket_id: the connection's id (``digits.digits``).
+        write: writes pre-framed bytes without blocking.
+        refuse: runs the refusal path for this connection (may close it).
+        channels: channel name → presence user id (``None`` for other channels).
+        user_id: the signed-in user id, if any.
+    """
+
+    __slots__ = (
+        "bucket",
+        "channels",
+        "refuse",
+        "socket_id",
+        "user_id",
+        "user_info",
+        "watchlist",
+        "write",
+    )
+
+    def __init__(
+        self,
+        socket_id: str,
+        write: Callable[[bytes], object],
+        refuse: Callable[[Refused], None],
+    ) -> None:
+        self.socket_id = socket_id
+        self.write = write
+        self.refuse = refuse
+        self.channels: dict[str, str | None] = {}
+        self.user_id: str | None = None
+        self.user_info: Any = None
+        self.watchlist: tuple[str, ...] = ()
+        self.bucket: TokenBucket | None = None
+
+
+class _Member:
+    __slots__ = ("sockets", "user_info")
+
+    def __init__(self, user_info: Any) -> None:
+        self.user_info = user_info
+        self.sockets: set[str] = set()
+
+
+class Channel:
+    """A channel with at least one local subscriber."""
+
+    __slots__ = ("count_sent_at", "members", "name", "subscribers", "type")
+
+    def __init__(self, name: str, channel_type: ChannelType) -> None:
+        self.name = name
+        self.type = channel_type
+        self.subscribers: dict[str, Session] = {}
+        self.members: dict[str, _Member] = {}
+        self.count_sent_at = float("-inf")
+
+    @property
+    def subscription_count(self) -> int:
+        """Connections subscribed to the channel."""
+        return len(self.subscribers)
+
+    @property
+    def user_count(self) -> int:
+        """Unique users present (presence channels)."""
+        return len(self.members)
+
+    def presence_data(self) -> str:
+        """The presence block of ``subscription_succeeded``."""
+        hash_ = {user_id: member.user_info for user_id, member in self.members.items()}
+        return msg.dumps({"presence": {"ids": list(hash_), "hash": hash_, "count": len(hash_)}})
+
+
+@dataclass(slots=True)
+class CachedEvent:
+    """The last REST event of a cache channel."""
+
+    event: str
+    data: str
+    expires_at: float
+
+
+class AppState:
+    """One app's runtime state."""
+
+    def __init__(self, settings: AppSettings) -> None:
+        self.settings = settings
+        self.secrets: tuple[bytes, ...] = (settings.secret.get_secret_value().encode(),)
+        self.channels: dict[str, Channel] = {}
+        self.users: dict[str, dict[str, Session]] = {}
+        self.watchers: dict[str, set[Session]] = {}
+        self.cache: dict[str, CachedEvent] = {}
+        self.dirty_counts: set[str] = set()
+        self.connections = 0
+
+    @property
+    def id(self) -> str:
+        """The app id."""
+        return self.settings.id
+
+
+class Hub:
+    """Routes subscribes, client events and publishes for every app of a node.
+
+    Args:
+        settings: the loaded configuration.
+        frame: turns a text message into WebSocket frame bytes (server-side, unmasked).
+        clock: monotonic seconds (cache TTLs, rate limits, throttles).
+        adapter: the cluster bus.
+    """
+
+    def __init__(
+        self, settings: Settings, frame: Frame, clock: Callable[[], float], adapter: Adapter
+    ) -> None:
+        self._frame = frame
+        self._clock = clock
+        self.adapter = adapter
+        self.apps_by_key: dict[str, AppState] = {}
+        self.apps_by_id: dict[str, AppState] = {}
+        self.listeners: list[Callable[[ev.HubEvent], None]] = []
+        self.deliveries = 0
+        self.connections = 0
+        self.max_connections = settings.server.max_connections
+        for app in settings.apps:
+            state = AppState(app)
+            self.apps_by_key[app.key] = state
+            self.apps_by_id[app.id] = state
+
+    # --- connection lifecycle ------------------------------------------------------
+
+    def admit(self, app: AppState) -> Reason | None:
+        """Whether a new connection to ``app`` may open; counts it when it may."""
+        if not app.settings.enabled:
+            return Reason.APP_DISABLED
+        if self.max_connections is not None and self.connections >= self.max_connections:
+            return Reason.OVER_CAPACITY
+        limit = app.settings.max_connections
+        if limit is not None and app.connections >= limit:
+            return Reason.APP_OVER_QUOTA
+        app.connections += 1
+        self.connections += 1
+        return None
+
+    def disconnect(self, app: AppState, session: Session) -> None:
+        """Forget a closed connection: leave its channels, sign it out, uncount it."""
+        for channel in list(session.channels):
+            self.unsubscribe(app, session, channel)
+        if session.user_id is not None:
+            sockets = app.users.get(session.user_id)
+            if sockets is not None:
+                sockets.pop(session.socket_id, None)
+                if not sockets:
+                    del app.users[session.user_id]
+                    self._notify_watchers(app, session.user_id, "offline")
+        for watched in session.watchlist:
+            watchers = app.watchers.get(watched)
+            if watchers is not None:
+                watchers.discard(session)
+                if not watchers:
+                    del app.watchers[watched]
+        app.connections -= 1
+        self.connections -= 1
+
+    # --- subscriptions -------------------------------------------------------------
+
+    def subscribe(self, app: AppState, session: Session, request: msg.Subscribe) -> None:
+        """Join a channel, answering success (or raising a channel-level refusal)."""
+        name = request.channel
+        echo = name if len(name) <= _ECHO_LIMIT and name.isprintable() else None
+        if not is_valid_channel_name(name, app.settings.max_channel_name_length):
+            raise Refused(Reason.SUBSCRIBE_INVALID_CHANNEL, channel=echo)
+        channel_type = classify_channel(name)
+        if channel_type.kind is ChannelKind.SERVER_TO_USER:
+            if session.user_id is None or name != SERVER_TO_USER_PREFIX + session.user_id:
+                raise Refused(Reason.SUBSCRIBE_NOT_SIGNED_IN, channel=name)
+            # Deliveries go by the user index, not channel membership.
+            session.write(self._frame(msg.subscription_succeeded(name)))
+            return
+        existing = app.channels.get(name)
+        if name in session.channels and existing is not None:
+            # Idempotent: answer again without duplicating membership or member_added.
+            data = existing.presence_data() if channel_type.kind is ChannelKind.PRESENCE else "{}"
+            session.write(self._frame(msg.subscription_succeeded(name, data)))
+            return
+
+        user_id: str | None = None
+        user_info: Any = None
+        if channel_type.needs_auth:
+            if not request.auth:
+                raise Refused(Reason.SUBSCRIBE_AUTH_MISSING, channel=name)
+            channel_data = request.channel_data
+            if channel_type.kind is ChannelKind.PRESENCE and channel_data is None:
+                if session.user_id is None:
+                    raise Refused(Reason.SUBSCRIBE_CHANNEL_DATA, channel=name)
+                # Signed-in user joining without channel_data: pusher-js does this.
+                user_id, user_info = session.user_id, session.user_info
+            message = channel_auth_string(
+                session.socket_id,
+                name,
+                channel_data if channel_type.kind is ChannelKind.PRESENCE else None,
+            )
+            if not verify_auth(request.auth, app.settings.key, app.secrets, message):
+                raise Refused(Reason.SUBSCRIBE_AUTH_INVALID, channel=name)
+            if channel_type.kind is ChannelKind.PRESENCE and channel_data is not None:
+                user_id, user_info = self._parse_channel_data(channel_data, name)
+            if user_id is not None:
+                size = len(msg.dumps(user_info))
+                if size > app.settings.max_presence_member_bytes:
+                    raise Refused(Reason.SUBSCRIBE_MEMBER_TOO_LARGE, channel=name)
+                if (
+                    existing is not None
+                    and user_id not in existing.members
+                    and existing.user_count >= app.settings.max_presence_members
+                ):
+                    raise Refused(Reason.SUBSCRIBE_PRESENCE_FULL, channel=name)
+
+        channel = existing
+        if channel is None:
+            channel = app.channels[name] = Channel(name, channel_type)
+            self.adapter.interest_on(app.id, name)
+            self._emit(ev.ChannelOccupied(app.id, name))
+        channel.subscribers[session.socket_id] = session
+        session.channels[name] = user_id
+
+        if user_id is not None:
+            member = channel.members.get(user_id)
+            if member is None:
+                member = channel.members[user_id] = _Member(user_info)
+                member.sockets.add(session.socket_id)
+                self._fan_out(
+                    channel, msg.member_added(name, user_id, user_info), session.socket_id
+                )
+                self._emit(ev.MemberAdded(app.id, name, user_id))
+            else:
+                member.sockets.add(session.socket_id)
+            session.write(self._frame(msg.subscription_succeeded(name, channel.presence_data())))
+        else:
+            session.write(self._frame(msg.subscription_succeeded(name)))
+
+        if channel_type.cached:
+            cached = app.cache.get(name)
+            if cached is not None and cached.expires_at > self._clock():
+                session.write(self._frame(msg.channel_event(cached.event, name, cached.data)))
+            else:
+                app.cache.pop(name, None)
+                session.write(self._frame(msg.cache_miss(name)))
+                self._emit(ev.CacheMiss(app.id, name))
+        self._count_changed(app, channel)
+
+    @staticmethod
+    def _parse_channel_data(channel_data: str, channel: str) -> tuple[str, Any]:
+        try:
+            data = json.loads(channel_data)
+        except (ValueError, RecursionError):
+            raise Refused(Reason.SUBSCRIBE_CHANNEL_DATA, channel=channel) from None
+        if not isinstance(data, dict):
+            raise Refused(Reason.SUBSCRIBE_CHANNEL_DATA, channel=channel)
+        raw = data.get("user_id")
+        if isinstance(raw, bool) or not isinstance(raw, str | int):
+            raise Refused(Reason.SUBSCRIBE_CHANNEL_DATA, channel=channel)
+        user_id = str(raw)
+        if not is_valid_user_id(user_id):
+            raise Refused(Reason.SUBSCRIBE_CHANNEL_DATA, channel=channel)
+        return user_id, data.get("user_info")
+
+    def unsubscribe(self, app: AppState, session: Session, name: str) -> bool:
+        """Leave a channel; ``False`` when the session was not subscribed (a no-op)."""
+        if name not in session.channels:
+            return False
+        user_id = session.channels.pop(name)
+        channel = app.channels.get(name)
+        if channel is None:
+            return False
+        channel.subscribers.pop(session.socket_id, None)
+        if user_id is not None:
+            member = channel.members.get(user_id)
+            if member is not None:
+                member.sockets.discard(session.socket_id)
+                if not member.sockets:
+                    del channel.members[user_id]
+                    self._fan_out(channel, msg.member_removed(name, user_id), None)
+                    self._emit(ev.MemberRemoved(app.id, name, user_id))
+        if not channel.subscribers:
+            del app.channels[name]
+            app.dirty_counts.discard(name)
+            self.adapter.interest_off(app.id, name)
+            self._emit(ev.ChannelVacated(app.id, name))
+        else:
+            self._count_changed(app, channel)
+        return True
+
+    def _count_changed(self, app: AppState, channel: Channel) -> None:
+        if channel.type.kind is ChannelKind.PRESENCE:
+            return
+        count = channel.subscription_count
+        self._emit(ev.SubscriptionCountChanged(app.id, channel.name, count))
+        if not app.settings.enable_subscription_count:
+            return
+        now = self._clock()
+        if (
+            count > COUNT_THROTTLE_THRESHOLD
+            and now - channel.count_sent_at < COUNT_THROTTLE_SECONDS
+        ):
+            app.dirty_counts.add(channel.name)
+            return
+        self._send_count(channel, now)
+
+    def _send_count(self, channel: Channel, now: float) -> None:
+        channel.count_sent_at = now
+        self._fan_out(
+            channel, msg.subscription_count(channel.name, channel.subscription_count), None
+        )
+
+    def flush_subscription_counts(self) -> None:
+        """Send throttled subscription counts that are due (called on a timer)."""
+        now = self._clock()
+        for app in self.apps_by_id.values():
+            for name in list(app.dirty_counts):
+                channel = app.channels.get(name)
+                if channel is None:
+                    app.dirty_counts.discard(name)
+                elif now - channel.count_sent_at >= COUNT_THROTTLE_SECONDS:
+                    app.dirty_counts.discard(name)
+                    self._send_count(channel, now)
+
+    # --- client events ---------------------------------------------------------------
+
+    def client_event(self, app: AppState, session: Session, event: msg.ClientEvent) -> None:
+        """Relay a client event to the channel's other subscribers."""
+        settings = app.settings
+        if not settings.enable_client_messages:
+            raise Refused(Reason.CLIENT_EVENTS_DISABLED)
+        if not is_client_event_name(event.event, settings.max_event_name_length):
+            raise Refused(Reason.CLIENT_EVENT_NAME)
+        channel_type = classify_channel(event.channel)
+        if channel_type.kind is ChannelKind.ENCRYPTED:
+            raise Refused(Reason.CLIENT_EVENT_ENCRYPTED)
+        if not channel_type.allows_client_events:
+            raise Refused(Reason.CLIENT_EVENT_CHANNEL)
+        channel = app.channels.get(event.channel)
+        if event.channel not in session.channels or channel is None:
+            raise Refused(Reason.CLIENT_EVENT_NOT_SUBSCRIBED)
+        now = self._clock()
+        if session.bucket is None:
+            rate = settings.max_client_events_per_second
+            session.bucket = TokenBucket(rate=rate, burst=rate, now=now)
+        if session.bucket.take(now) > 0:
+            raise Refused(Reason.CLIENT_EVENT_RATE)
+        if len(msg.dumps(event.data)) > settings.max_event_payload_bytes:
+            raise Refused(Reason.CLIENT_EVENT_TOO_LARGE)
+        user_id = session.channels[event.channel]
+        text = msg.channel_event(event.event, event.channel, event.data, user_id)
+        self._fan_out(channel, text, session.socket_id)
+        if self.listeners:
+            self._emit(
+                ev.ClientEventSent(
+                    app.id, event.channel, event.event, event.data, session.socket_id, user_id
+                )
+            )
+
+    # --- sign-in and watchlists ------------------------------------------------------
+
+    def signin(self, app: AppState, session: Session, request: msg.Signin) -> None:
+        """Sign the connection in as the user in ``user_data``."""
+        message = signin_auth_string(session.socket_id, request.user_data)
+        if not verify_auth(request.auth, app.settings.key, app.secrets, message):
+            raise Refused(Reason.SIGNIN_INVALID)
+        try:
+            user = json.loads(request.user_data)
+        except (ValueError, RecursionError):
+            raise Refused(Reason.SIGNIN_DATA_INVALID) from None
+        user_id = user.get("id") if isinstance(user, dict) else None
+        if not isinstance(user_id, str) or not is_valid_user_id(user_id):
+            raise Refused(Reason.SIGNIN_DATA_INVALID)
+        if session.user_id is not None and session.user_id != user_id:
+            raise Refused(Reason.SIGNIN_CONFLICT)
+        raw_watchlist = user.get("watchlist") or []
+        if not isinstance(raw_watchlist, list) or not all(
+            isinstance(item, str) and is_valid_user_id(item) for item in raw_watchlist
+        ):
+            raise Refused(Reason.SIGNIN_DATA_INVALID)
+
+        first_time = session.user_id is None
+        session.user_id = user_id
+        session.user_info = user.get("user_info")
+        sockets = app.users.setdefault(user_id, {})
+        came_online = not sockets
+        sockets[session.socket_id] = session
+        session.write(self._frame(msg.signin_success(request.user_data)))
+        if came_online:
+            self._notify_watchers(app, user_id, "online")
+        if first_time and raw_watchlist:
+            self._watch(app, session, raw_watchlist)
+
+    def _watch(self, app: AppState, session: Session, watchlist: list[str]) -> None:
+        limit = app.settings.max_watchlist_size
+        accepted = tuple(dict.fromkeys(watchlist))[:limit]
+        session.watchlist = accepted
+        for watched in accepted:
+            app.watchers.setdefault(watched, set()).add(session)
+        online = [user_id for user_id in accepted if user_id in app.users]
+        offline = [user_id for user_id in accepted if user_id not in app.users]
+        groups = [(name, ids) for name, ids in (("online", online), ("offline", offline)) if ids]
+        if groups:
+            session.write(self._frame(msg.watchlist_events(groups)))
+        if len(dict.fromkeys(watchlist)) > limit:
+            session.refuse(Refused(Reason.WATCHLIST_TOO_LONG))
+
+    def _notify_watchers(self, app: AppState, user_id: str, status: str) -> None:
+        watchers = app.watchers.get(user_id)
+        if not watchers:
+            return
+        frame = self._frame(msg.watchlist_events([(status, [user_id])]))
+        for session in watchers:
+            session.write(frame)
+        self.deliveries += len(watchers)
+
+    # --- server-side operations (REST) -----------------------------------------------
+
+    def publish(
+        self,
+        app: AppState,
+        channels: Iterable[str],
+        event: str,
+        data: str,
+        exclude_socket_id: str | None = None,
+    ) -> None:
+        """Deliver an event to every local subscriber of each channel, then to the bus."""
+        for name in channels:
+            if name.startswith(SERVER_TO_USER_PREFIX):
+                sockets = app.users.get(name[len(SERVER_TO_USER_PREFIX) :])
+                if sockets:
+                    frame = self._frame(msg.channel_event(event, name, data))
+                    for socket_id, session in sockets.items():
+                        if socket_id != exclude_socket_id:
+                            session.write(frame)
+                            self.deliveries += 1
+            else:
+                if classify_channel(name).cached:
+                    expires = self._clock() + app.settings.cache_ttl
+                    app.cache[name] = CachedEvent(event, data, expires)
+                channel = app.channels.get(name)
+                if channel is not None:
+                    self._fan_out(channel, msg.channel_event(event, name, data), exclude_socket_id)
+            self.adapter.publish(app.id, name, event, data, exclude_socket_id)
+
+    def terminate_user(self, app: AppState, user_id: str) -> int:
+        """Close every connection signed in as ``user_id``; returns how many."""
+        sessions = list(app.users.get(user_id, {}).values())
+        for session in sessions:
+            session.refuse(Refused(Reason.TERMINATED))
+        return len(sessions)
+
+    def cached(self, app: AppState, name: str) -> CachedEvent | None:
+        """The live cached event of a cache channel, if any."""
+        cached = app.cache.get(name)
+        if cached is not None and cached.expires_at <= self._clock():
+            del app.cache[name]
+            return None
+        return cached
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _fan_out(self, channel: Channel, text: str, exclude_socket_id: str | None) -> None:
+        """Frame ``text`` once and write the same bytes to every subscriber."""
+        frame = self._frame(text)
+        subscribers = channel.subscribers
+        if exclude_socket_id is None or exclude_socket_id not in subscribers:
+            for session in subscribers.values():
+                session.write(frame)
+            self.deliveries += len(subscribers)
+        else:
+            for socket_id, session in subscribers.items():
+                if socket_id != exclude_socket_id:
+                    session.write(frame)
+            self.deliveries += len(subscribers) - 1
+
+    def _emit(self, event: ev.HubEvent) -> None:
+        for listener in self.listeners:
+            listener(event)
+
+    def validate_event_name(self, app: AppState, name: str) -> bool:
+        """REST event names: length rules, and never a reserved prefix."""
+        return is_valid_event_name(name, app.settings.max_event_name_length) and not (
+            name.startswith(("pusher:", "pusher_internal:"))
+        )

@@ -1,0 +1,31 @@
+"""In-process counters; #6 exports them to Prometheus.
+
+Labels are app ids, refusal slugs and close codes only — never a secret, a
+token, a user id or any client-supplied text.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    """Counters for connections, messages and refusals."""
+
+    def __init__(self) -> None:
+        #: (refusal slug, app id or "") → count.
+        self.refusals: Counter[tuple[str, str]] = Counter()
+        #: app id → connections opened.
+        self.connections_opened: Counter[str] = Counter()
+        #: (app id, close code) → connections closed.
+        self.connections_closed: Counter[tuple[str, int]] = Counter()
+        #: app id → client frames received.
+        self.messages_in: Counter[str] = Counter()
+        #: app id → REST events published.
+        self.events_published: Counter[str] = Counter()
+
+    def refusal_count(self, slug: str) -> int:
+        """Refusals with ``slug`` across every app."""
+        return sum(count for (name, _), count in self.refusals.items() if name == slug)
