@@ -1,0 +1,331 @@
+"""Pusher's HTTP REST API, as the official server SDKs call it.
+
+Order of checks for every route: the app named by the route's id must exist
+(404), the request must be signed by that app (401: key bound to the route,
+timestamp within ±600 s, ``body_md5`` of the raw bytes, constant-time digest
+compare), the app must be enabled (403), and only then is the body parsed.
+A multi-event batch is validated whole before any event is delivered.
+Errors are JSON: ``{"error": message, "reason": slug}``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+from bastion.core.hub import AppState, Hub
+from bastion.errors import Refused
+from bastion.metrics import Metrics
+from bastion.protocol.messages import dumps
+from bastion.protocol.names import (
+    SERVER_TO_USER_PREFIX,
+    ChannelKind,
+    classify_channel,
+    is_valid_channel_name,
+    is_valid_socket_id,
+    is_valid_user_id,
+)
+from bastion.protocol.refusals import Reason
+from bastion.protocol.signing import verify_rest_request
+from bastion.server.refusals import RefusalPath
+
+__all__ = ["HttpRequest", "HttpResponse", "RestApi", "error_response"]
+
+_ROUTE = re.compile(
+    r"^/apps/(?P<app_id>[^/]+)/(?:"
+    r"(?P<events>events)|(?P<batch>batch_events)|(?P<channels>channels)"
+    r"|channels/(?P<channel>[^/]+)(?P<users>/users)?"
+    r"|users/(?P<user_id>[^/]+)/terminate_connections)$"
+)
+_INFO_ATTRIBUTES = frozenset({"user_count", "subscription_count"})
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """A parsed HTTP request: the path as received (still URL-encoded)."""
+
+    method: str
+    path: str
+    params: Sequence[tuple[str, str]]
+    body: bytes
+    ip: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    """A response to write."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def phrase(self) -> str:
+        """The reason phrase for the status line."""
+        try:
+            return HTTPStatus(self.status).phrase
+        except ValueError:
+            return "Unknown"
+
+
+def json_response(value: Any, status: int = 200) -> HttpResponse:
+    """A JSON response."""
+    return HttpResponse(status, dumps(value).encode())
+
+
+def error_response(reason: Reason, detail: str | None = None) -> HttpResponse:
+    """The JSON error body for ``reason``."""
+    rule = reason.value
+    return json_response(
+        {"error": detail or rule.message, "reason": rule.slug}, rule.http_status or 400
+    )
+
+
+def _info_attributes(raw: Any) -> frozenset[str]:
+    if raw is None:
+        return frozenset()
+    if not isinstance(raw, str):
+        raise Refused(Reason.HTTP_INVALID_FIELD, "info must be a comma-separated string")
+    attributes = frozenset(part.strip() for part in raw.split(",") if part.strip())
+    return attributes
+
+
+class RestApi:
+    """Routes and answers REST requests against the hub."""
+
+    def __init__(self, hub: Hub, refusals: RefusalPath, metrics: Metrics) -> None:
+        self.hub = hub
+        self.refusals = refusals
+        self.metrics = metrics
+
+    def handle(self, request: HttpRequest, *, now: float) -> HttpResponse:
+        """Answer one request; ``now`` is the Unix time used for the signature window."""
+        app: AppState | None = None
+        try:
+            match = _ROUTE.match(request.path)
+            if match is None:
+                raise Refused(Reason.HTTP_NOT_FOUND)
+            app = self.hub.apps_by_id.get(match["app_id"])
+            if app is None:
+                raise Refused(Reason.HTTP_UNKNOWN_APP)
+            failure = verify_rest_request(
+                method=request.method,
+                path=request.path,
+                params=request.params,
+                body=request.body,
+                app_key=app.settings.key,
+                secrets=app.secrets,
+                now=now,
+            )
+            if failure is not None:
+                raise Refused(failure)
+            if not app.settings.enabled:
+                raise Refused(Reason.HTTP_APP_DISABLED)
+            return self._route(app, request, match)
+        except Refused as refused:
+            self.refusals.record(
+                refused.reason,
+                app_id=app.id if app is not None else None,
+                ip=request.ip,
+                detail=refused.detail,
+            )
+            return error_response(refused.reason, refused.detail)
+
+    def _route(self, app: AppState, request: HttpRequest, match: re.Match[str]) -> HttpResponse:
+        method = request.method
+        params = dict(request.params)
+        if match["events"] or match["batch"]:
+            if method != "POST":
+                raise Refused(Reason.HTTP_METHOD)
+            body = self._json_object(request.body)
+            if match["events"]:
+                return self._trigger(app, body)
+            return self._trigger_batch(app, body)
+        if match["user_id"] is not None:
+            if method != "POST":
+                raise Refused(Reason.HTTP_METHOD)
+            from urllib.parse import unquote
+
+            user_id = unquote(match["user_id"])
+            if not is_valid_user_id(user_id):
+                raise Refused(Reason.HTTP_INVALID_FIELD, "Invalid user id")
+            self.hub.terminate_user(app, user_id)
+            return json_response({})
+        if method != "GET":
+            raise Refused(Reason.HTTP_METHOD)
+        if match["channels"]:
+            return self._channels(app, params)
+        from urllib.parse import unquote
+
+        name = unquote(match["channel"])
+        self._check_channel(app, name, allow_user_channel=False)
+        if match["users"]:
+            return self._users(app, name)
+        return self._channel(app, name, params)
+
+    # --- publishing ----------------------------------------------------------------------
+
+    @staticmethod
+    def _json_object(body: bytes) -> dict[str, Any]:
+        try:
+            value = json.loads(body)
+        except (ValueError, RecursionError):
+            raise Refused(Reason.HTTP_INVALID_BODY, "Request body is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise Refused(Reason.HTTP_INVALID_BODY)
+        return value
+
+    def _check_channel(self, app: AppState, name: Any, *, allow_user_channel: bool) -> str:
+        if not isinstance(name, str) or not is_valid_channel_name(
+            name, app.settings.max_channel_name_length
+        ):
+            raise Refused(Reason.HTTP_INVALID_CHANNEL)
+        if name.startswith(SERVER_TO_USER_PREFIX) and not allow_user_channel:
+            raise Refused(Reason.HTTP_INVALID_CHANNEL)
+        return name
+
+    def _event(self, app: AppState, item: dict[str, Any], *, batch: bool) -> _Event:
+        settings = app.settings
+        name = item.get("name")
+        if not isinstance(name, str) or not self.hub.validate_event_name(app, name):
+            raise Refused(Reason.HTTP_INVALID_EVENT)
+        data = item.get("data")
+        if not isinstance(data, str):
+            raise Refused(Reason.HTTP_INVALID_FIELD, "data must be a string")
+        if len(data.encode("utf-8", "surrogatepass")) > settings.max_event_payload_bytes:
+            raise Refused(Reason.HTTP_PAYLOAD_TOO_LARGE)
+        if batch:
+            channels = [item.get("channel")]
+        elif "channels" in item:
+            channels = item["channels"]
+            if not isinstance(channels, list) or not channels:
+                raise Refused(Reason.HTTP_INVALID_FIELD, "channels must be a non-empty list")
+        else:
+            channels = [item.get("channel")]
+        if len(channels) > settings.max_channels_per_event:
+            raise Refused(Reason.HTTP_TOO_MANY_CHANNELS)
+        names = [self._check_channel(app, c, allow_user_channel=True) for c in channels]
+        names = list(dict.fromkeys(names))
+        if len(names) > 1 and any(
+            classify_channel(n).kind is ChannelKind.ENCRYPTED for n in names
+        ):
+            raise Refused(Reason.HTTP_ENCRYPTED_MULTI)
+        socket_id = item.get("socket_id")
+        if socket_id is not None and (
+            not isinstance(socket_id, str) or not is_valid_socket_id(socket_id)
+        ):
+            raise Refused(Reason.HTTP_INVALID_SOCKET_ID)
+        info = _info_attributes(item.get("info"))
+        if info - _INFO_ATTRIBUTES:
+            raise Refused(Reason.HTTP_INVALID_INFO)
+        return _Event(name, data, names, socket_id, info)
+
+    def _publish(self, app: AppState, event: _Event) -> None:
+        self.hub.publish(app, event.channels, event.name, event.data, event.socket_id)
+        self.metrics.events_published[app.id] += 1
+
+    def _event_info(self, app: AppState, event: _Event) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for name in event.channels:
+            channel = app.channels.get(name)
+            attributes: dict[str, int] = {}
+            presence = classify_channel(name).kind is ChannelKind.PRESENCE
+            if "user_count" in event.info and presence:
+                attributes["user_count"] = channel.user_count if channel else 0
+            if "subscription_count" in event.info:
+                attributes["subscription_count"] = channel.subscription_count if channel else 0
+            result[name] = attributes
+        return result
+
+    def _trigger(self, app: AppState, body: dict[str, Any]) -> HttpResponse:
+        event = self._event(app, body, batch=False)
+        self._publish(app, event)
+        if event.info:
+            return json_response({"channels": self._event_info(app, event)})
+        return json_response({})
+
+    def _trigger_batch(self, app: AppState, body: dict[str, Any]) -> HttpResponse:
+        batch = body.get("batch")
+        if not isinstance(batch, list) or not all(isinstance(item, dict) for item in batch):
+            raise Refused(Reason.HTTP_INVALID_FIELD, "batch must be a list of event objects")
+        if len(batch) > app.settings.max_event_batch_size:
+            raise Refused(Reason.HTTP_BATCH_TOO_LARGE)
+        events = [self._event(app, item, batch=True) for item in batch]
+        for event in events:
+            self._publish(app, event)
+        if any(event.info for event in events):
+            results = []
+            for event in events:
+                info = self._event_info(app, event)
+                results.append(info[event.channels[0]] if event.info else {})
+            return json_response({"batch": results})
+        return json_response({})
+
+    # --- queries -------------------------------------------------------------------------
+
+    def _channels(self, app: AppState, params: dict[str, str]) -> HttpResponse:
+        prefix = params.get("filter_by_prefix", "")
+        info = _info_attributes(params.get("info"))
+        if info - _INFO_ATTRIBUTES:
+            raise Refused(Reason.HTTP_INVALID_INFO)
+        if "user_count" in info and not prefix.startswith("presence-"):
+            raise Refused(
+                Reason.HTTP_INVALID_INFO, "user_count needs filter_by_prefix=presence-"
+            )
+        channels: dict[str, dict[str, int]] = {}
+        for name, channel in app.channels.items():
+            if not name.startswith(prefix):
+                continue
+            attributes: dict[str, int] = {}
+            if "user_count" in info:
+                attributes["user_count"] = channel.user_count
+            if "subscription_count" in info:
+                attributes["subscription_count"] = channel.subscription_count
+            channels[name] = attributes
+        return json_response({"channels": channels})
+
+    def _channel(self, app: AppState, name: str, params: dict[str, str]) -> HttpResponse:
+        info = _info_attributes(params.get("info"))
+        if info - (_INFO_ATTRIBUTES | {"cache"}):
+            raise Refused(Reason.HTTP_INVALID_INFO)
+        channel_type = classify_channel(name)
+        presence = channel_type.kind is ChannelKind.PRESENCE
+        if "user_count" in info and not presence:
+            raise Refused(Reason.HTTP_INVALID_INFO, "user_count is only for presence channels")
+        if "cache" in info and not channel_type.cached:
+            raise Refused(Reason.HTTP_INVALID_INFO, "cache is only for cache channels")
+        channel = app.channels.get(name)
+        result: dict[str, Any] = {"occupied": channel is not None}
+        if "user_count" in info:
+            result["user_count"] = channel.user_count if channel else 0
+        if "subscription_count" in info:
+            result["subscription_count"] = channel.subscription_count if channel else 0
+        if "cache" in info:
+            cached = self.hub.cached(app, name)
+            result["cache"] = (
+                None
+                if cached is None
+                else {"event": cached.event, "data": cached.data, "ttl": app.settings.cache_ttl}
+            )
+        return json_response(result)
+
+    def _users(self, app: AppState, name: str) -> HttpResponse:
+        if classify_channel(name).kind is not ChannelKind.PRESENCE:
+            raise Refused(Reason.HTTP_NOT_PRESENCE)
+        channel = app.channels.get(name)
+        users = [{"id": user_id} for user_id in (channel.members if channel else {})]
+        return json_response({"users": users})
+
+
+@dataclass(frozen=True, slots=True)
+class _Event:
+    name: str
+    data: str
+    channels: list[str]
+    socket_id: str | None
+    info: frozenset[str]

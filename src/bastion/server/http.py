@@ -1,0 +1,278 @@
+"""The listener's protocol: HTTP/1.1 (REST, health) and the WebSocket upgrade.
+
+Every accepted TCP connection starts here. ``httptools`` parses requests; the
+request head is bounded in size and header count (431 past them) and must
+arrive within ``handshake_timeout``. A request for ``/app/{key}`` with an
+``Upgrade: websocket`` header is handed to the ``websockets`` sans-I/O
+protocol, which validates the handshake (426 for an unsupported
+``Sec-WebSocket-Version``) and writes the 101 response; the transport then
+switches to a :class:`~bastion.server.websocket.WebSocketConnection`.
+Permessage-deflate is never negotiated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import cast
+from urllib.parse import parse_qsl, unquote
+
+import httptools
+from websockets.datastructures import Headers
+from websockets.http11 import Request as WsRequest
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from bastion.api.rest import HttpRequest, HttpResponse, error_response
+from bastion.protocol.refusals import Reason
+from bastion.server.context import ServerContext
+from bastion.server.websocket import WebSocketConnection
+
+__all__ = ["HttpConnection"]
+
+log = logging.getLogger("bastion.http")
+logging.getLogger("websockets").setLevel(logging.WARNING)
+
+MAX_HEAD_BYTES = 16 * 1024
+MAX_HEADERS = 64
+#: Idle seconds allowed between keep-alive requests.
+KEEPALIVE_SECONDS = 60.0
+_SUPPORTED_PROTOCOLS = frozenset({"5", "6", "7"})
+
+
+class HttpConnection(asyncio.Protocol):
+    """Parses HTTP requests on one TCP connection until it upgrades or closes."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.ip: str | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.head = bytearray()
+        self.head_done = False
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+        self.body = bytearray()
+        self.body_limit = ctx.settings.server.max_request_body_kb * 1024
+        self.refused = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start the handshake timer."""
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.ip = peer[0] if isinstance(peer, tuple) else None
+        self._arm(self.ctx.settings.server.handshake_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Stop the timer."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser; bound the request head; hand off upgrades."""
+        if self.refused:
+            return
+        if not self.head_done:
+            self.head += data
+            if len(self.head) > MAX_HEAD_BYTES and b"\r\n\r\n" not in self.head[:MAX_HEAD_BYTES]:
+                self._refuse(Reason.HTTP_HEADERS_TOO_LARGE)
+                return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            self._upgrade(data[offset:])
+        except httptools.HttpParserError:
+            self._refuse(Reason.HTTP_BAD_REQUEST)
+
+    # --- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        """A new request: reset per-request state."""
+        self.url = b""
+        self.headers = []
+        self.body = bytearray()
+
+    def on_url(self, url: bytes) -> None:
+        """Collect the request target."""
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """Collect one header, bounding the count."""
+        if len(self.headers) >= MAX_HEADERS:
+            self._refuse(Reason.HTTP_HEADERS_TOO_LARGE)
+            raise httptools.HttpParserError("too many headers")
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        """The head is complete: stop the handshake timer, check the body size."""
+        self.head_done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        length = self._header("content-length")
+        if length is not None and length.isdigit() and int(length) > self.body_limit:
+            self._refuse(Reason.HTTP_BODY_TOO_LARGE)
+            raise httptools.HttpParserError("body too large")
+
+    def on_body(self, body: bytes) -> None:
+        """Collect the body, bounded."""
+        self.body += body
+        if len(self.body) > self.body_limit:
+            self._refuse(Reason.HTTP_BODY_TOO_LARGE)
+            raise httptools.HttpParserError("body too large")
+
+    def on_message_complete(self) -> None:
+        """Answer a plain HTTP request (upgrades continue in :meth:`_upgrade`)."""
+        if self.parser.should_upgrade() or self.refused:
+            return
+        response = self._handle_http()
+        keep_alive = self.parser.should_keep_alive() and not self.ctx.draining
+        self._write_response(response, keep_alive)
+        if keep_alive:
+            self.head = bytearray()
+            self.head_done = False
+            self._arm(KEEPALIVE_SECONDS)
+        elif self.transport is not None:
+            self.transport.close()
+
+    # --- plain HTTP ----------------------------------------------------------------------
+
+    def _header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    def _handle_http(self) -> HttpResponse:
+        url = httptools.parse_url(self.url)
+        path = url.path.decode("latin-1")
+        query = url.query.decode("latin-1") if url.query else ""
+        method = self.parser.get_method().decode("latin-1")
+        if path in ("/", "/up", "/healthz"):
+            return HttpResponse(200, b"OK", content_type="text/plain")
+        request = HttpRequest(
+            method=method,
+            path=path,
+            params=parse_qsl(query, keep_blank_values=True),
+            body=bytes(self.body),
+            ip=self.ip,
+        )
+        return self.ctx.rest.handle(request, now=time.time())
+
+    def _write_response(self, response: HttpResponse, keep_alive: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        headers = [
+            f"HTTP/1.1 {response.status} {response.phrase}",
+            f"Content-Type: {response.content_type}",
+            f"Content-Length: {len(response.body)}",
+            "Connection: keep-alive" if keep_alive else "Connection: close",
+            *(f"{name}: {value}" for name, value in response.headers),
+        ]
+        self.transport.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + response.body)
+
+    def _refuse(self, reason: Reason) -> None:
+        if self.refused:
+            return
+        self.refused = True
+        self.ctx.refusals.record(reason, ip=self.ip)
+        self._write_response(error_response(reason), keep_alive=False)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _arm(self, seconds: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.ctx.loop.call_later(seconds, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            if self.head:
+                # A client that dribbles its request head is cut, not waited for.
+                self.ctx.refusals.record(Reason.HTTP_BAD_REQUEST, ip=self.ip, detail="timeout")
+            self.transport.close()
+
+    # --- WebSocket upgrade ---------------------------------------------------------------
+
+    def _upgrade(self, rest: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        ctx = self.ctx
+        url = httptools.parse_url(self.url)
+        path = unquote(url.path.decode("latin-1"))
+        params = dict(parse_qsl(url.query.decode("latin-1") if url.query else ""))
+        key = path[len("/app/") :] if path.startswith("/app/") else None
+        if key is None or not key or "/" in key:
+            self._refuse(Reason.PATH_NOT_FOUND)
+            return
+        handshake = ServerProtocol()
+        request = WsRequest(self.url.decode("latin-1"), Headers(self.headers))
+        response = handshake.accept(request)
+        handshake.send_response(response)
+        for chunk in handshake.data_to_send():
+            if chunk:
+                transport.write(chunk)
+        if response.status_code != 101:
+            self.refused = True
+            ctx.refusals.record(Reason.WEBSOCKET_PROTOCOL, ip=self.ip, detail="bad handshake")
+            transport.close()
+            return
+
+        app = ctx.hub.apps_by_key.get(key)
+        # The handshake is done: frames get a protocol object that starts OPEN.
+        proto = ServerProtocol(state=State.OPEN, max_size=self._max_frame_size(key))
+        reason: Reason | None
+        if app is None:
+            reason = Reason.UNKNOWN_APP
+        elif params.get("protocol", "7") not in _SUPPORTED_PROTOCOLS:
+            reason = Reason.UNSUPPORTED_PROTOCOL
+        elif ctx.draining:
+            reason = Reason.OVER_CAPACITY
+        else:
+            reason = ctx.hub.admit(app)
+        if reason is not None:
+            self._close_after_upgrade(proto, reason, app.id if app is not None else None)
+            return
+
+        assert app is not None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        connection = WebSocketConnection(ctx, transport, proto, app, self.ip)
+        transport.set_protocol(connection)
+        connection.start()
+        if rest:
+            connection.data_received(rest)
+
+    def _max_frame_size(self, key: str) -> int:
+        app = self.ctx.hub.apps_by_key.get(key)
+        if app is None:
+            return 4096
+        settings = app.settings
+        # Room for the envelope, auth strings and a sign-in watchlist.
+        body = max(settings.max_event_payload_bytes, settings.max_presence_member_bytes, 16384)
+        return body + 4096
+
+    def _close_after_upgrade(self, proto: ServerProtocol, reason: Reason, app_id: str | None) -> None:
+        from bastion.protocol import messages as msg
+        from bastion.server.context import frame_text
+
+        transport = self.transport
+        assert transport is not None
+        self.refused = True
+        rule = self.ctx.refusals.record(reason, app_id=app_id, ip=self.ip)
+        code = rule.close_code or 4000
+        transport.write(frame_text(msg.error(rule.message, code)))
+        proto.send_close(code, rule.message)
+        for chunk in proto.data_to_send():
+            if chunk:
+                transport.write(chunk)
+        transport.close()

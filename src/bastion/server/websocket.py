@@ -1,0 +1,276 @@
+"""One upgraded WebSocket connection speaking the Pusher protocol.
+
+Incoming bytes go through the ``websockets`` sans-I/O protocol (masking, RSV
+bits, opcodes, control frames, the frame size limit checked from the header
+before the payload is read); text messages are then decoded by
+:mod:`bastion.protocol.messages` and handed to the hub. Outgoing messages are
+pre-framed bytes written straight to the transport: a broadcast never awaits
+a subscriber. A subscriber whose transport buffer passes the limit is cut with
+4100 (reconnect with back-off) on the next loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+from websockets.exceptions import PayloadTooBig, ProtocolError
+from websockets.frames import Frame, Opcode
+from websockets.server import ServerProtocol
+
+from bastion.core.hub import AppState, Session
+from bastion.errors import Refused
+from bastion.protocol import messages as msg
+from bastion.protocol.refusals import Reason
+from bastion.server.context import ServerContext, frame_text
+from bastion.server.state import ConnectionState, check_transition
+
+__all__ = ["WebSocketConnection", "new_socket_id"]
+
+log = logging.getLogger("bastion.websocket")
+
+#: Seconds a closing connection may take to flush before it is aborted.
+CLOSE_GRACE_SECONDS = 2.0
+
+
+def new_socket_id(taken: set[str]) -> str:
+    """A fresh, unpredictable ``digits.digits`` socket id not in ``taken``."""
+    while True:
+        socket_id = f"{secrets.randbelow(10**10)}.{secrets.randbelow(10**10)}"
+        if socket_id not in taken:
+            return socket_id
+
+
+class WebSocketConnection(asyncio.Protocol):
+    """The asyncio protocol of an upgraded connection."""
+
+    __slots__ = (
+        "_fragments",
+        "app",
+        "ctx",
+        "ip",
+        "last_seen",
+        "ping_sent_at",
+        "proto",
+        "session",
+        "state",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        ctx: ServerContext,
+        transport: asyncio.Transport,
+        proto: ServerProtocol,
+        app: AppState,
+        ip: str | None,
+    ) -> None:
+        self.ctx = ctx
+        self.transport = transport
+        self.proto = proto
+        self.app = app
+        self.ip = ip
+        self.state = ConnectionState.OPEN
+        self.last_seen = ctx.loop.time()
+        self.ping_sent_at: float | None = None
+        self._fragments: list[bytes] | None = None
+        socket_id = new_socket_id(ctx.socket_ids)
+        self.session = Session(socket_id, transport.write, self.refuse)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Greet the client and start serving; the 101 response is already written."""
+        ctx = self.ctx
+        high = ctx.settings.server.max_write_buffer_kb * 1024
+        self.transport.set_write_buffer_limits(high=high, low=high // 4)
+        ctx.connections.add(self)
+        ctx.socket_ids.add(self.session.socket_id)
+        ctx.metrics.connections_opened[self.app.id] += 1
+        self.send(
+            msg.connection_established(
+                self.session.socket_id, ctx.settings.server.activity_timeout
+            )
+        )
+
+    def send(self, text: str) -> None:
+        """Frame and write one message to this connection only."""
+        if self.state is ConnectionState.OPEN:
+            self.transport.write(frame_text(text))
+
+    def refuse(self, refused: Refused) -> None:
+        """Answer a refusal: record it, then close, or send an error frame."""
+        if self.state is not ConnectionState.OPEN:
+            return
+        rule = self.ctx.refusals.record(
+            refused.reason,
+            app_id=self.app.id,
+            ip=self.ip,
+            socket_id=self.session.socket_id,
+            user_id=self.session.user_id,
+            detail=refused.detail,
+        )
+        if rule.close_code is not None:
+            self.close(rule.close_code, refused.detail)
+        elif rule.subscription_type is not None and refused.channel is not None:
+            self.send(
+                msg.subscription_error(
+                    refused.channel, rule.subscription_type, refused.detail, rule.http_status or 400
+                )
+            )
+        else:
+            self.send(msg.error(refused.detail, rule.error_code, refused.channel))
+
+    def close(self, code: int, reason: str) -> None:
+        """Leave every channel now, then send ``pusher:error`` and a close frame."""
+        if self.state is not ConnectionState.OPEN:
+            return
+        if code >= 4000:
+            # Protocol >= 6 clients read the close code; the frame helps debugging.
+            self.send(msg.error(reason, code))
+        self.state = check_transition(self.state, ConnectionState.CLOSING)
+        self._forget()
+        self.ctx.metrics.connections_closed[(self.app.id, code)] += 1
+        self.proto.send_close(code, reason[:120])
+        self._flush()
+        self.transport.close()
+        # A slow consumer may never drain its buffer; do not wait for it forever.
+        self.ctx.loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
+
+    def _forget(self) -> None:
+        ctx = self.ctx
+        if self in ctx.connections:
+            ctx.connections.discard(self)
+            ctx.socket_ids.discard(self.session.socket_id)
+            ctx.hub.disconnect(self.app, self.session)
+
+    # --- asyncio.Protocol ----------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """Parse frames and act on each complete message."""
+        self.last_seen = self.ctx.loop.time()
+        self.ping_sent_at = None
+        proto = self.proto
+        proto.receive_data(data)
+        for frame in proto.events_received():
+            if self.state is not ConnectionState.OPEN:
+                break
+            self._on_frame(frame)
+        if proto.parser_exc is not None and self.state is ConnectionState.OPEN:
+            self._on_parser_error(proto.parser_exc)
+        self._flush()
+
+    def pause_writing(self) -> None:
+        """The transport buffer passed the limit: cut this slow consumer soon."""
+        # Not now: we may be inside a broadcast iterating over channel members.
+        self.ctx.loop.call_soon(self._cut_slow_consumer)
+
+    def resume_writing(self) -> None:
+        """Nothing to resume: broadcasts never wait."""
+
+    def _cut_slow_consumer(self) -> None:
+        self.refuse(Refused(Reason.SLOW_CONSUMER))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The transport is gone: forget the connection."""
+        if self.state is ConnectionState.OPEN:
+            self.ctx.metrics.connections_closed[(self.app.id, 1006)] += 1
+        self.state = ConnectionState.CLOSED
+        self._forget()
+
+    # --- frames --------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        for chunk in self.proto.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
+            elif self.state is ConnectionState.OPEN:
+                # The sans-I/O protocol asks for EOF after a close handshake.
+                self.state = check_transition(self.state, ConnectionState.CLOSING)
+                self._forget()
+                self.transport.close()
+
+    def _on_parser_error(self, exc: Exception) -> None:
+        if isinstance(exc, PayloadTooBig):
+            reason = Reason.FRAME_TOO_LARGE
+        elif isinstance(exc, ProtocolError):
+            reason = Reason.WEBSOCKET_PROTOCOL
+        elif isinstance(exc, EOFError):
+            return
+        else:
+            reason = Reason.WEBSOCKET_PROTOCOL
+        # The sans-I/O protocol has already queued its close frame (1002/1009).
+        self.ctx.refusals.record(
+            reason, app_id=self.app.id, ip=self.ip, socket_id=self.session.socket_id
+        )
+        self.state = check_transition(self.state, ConnectionState.CLOSING)
+        self._forget()
+        self.ctx.metrics.connections_closed[(self.app.id, reason.value.close_code or 1002)] += 1
+
+    def _on_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT:
+            if frame.fin:
+                self._on_text(frame.data)
+            else:
+                self._fragments = [bytes(frame.data)]
+        elif opcode is Opcode.CONT:
+            if self._fragments is None:
+                return  # the sans-I/O protocol has already failed the connection
+            self._fragments.append(bytes(frame.data))
+            if frame.fin:
+                data, self._fragments = b"".join(self._fragments), None
+                self._on_text(data)
+        elif opcode is Opcode.BINARY:
+            self.refuse(Refused(Reason.BINARY_FRAME))
+        # PING is answered by the sans-I/O protocol; PONG and CLOSE need nothing more.
+
+    def _on_text(self, data: bytes) -> None:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail_invalid_utf8()
+            return
+        self.ctx.metrics.messages_in[self.app.id] += 1
+        try:
+            message = msg.decode_client_message(text)
+            self._dispatch(message)
+        except Refused as refused:
+            self.refuse(refused)
+
+    def _fail_invalid_utf8(self) -> None:
+        self.ctx.refusals.record(
+            Reason.INVALID_UTF8, app_id=self.app.id, ip=self.ip, socket_id=self.session.socket_id
+        )
+        self.state = check_transition(self.state, ConnectionState.CLOSING)
+        self._forget()
+        self.ctx.metrics.connections_closed[(self.app.id, 1007)] += 1
+        self.proto.fail(1007, "invalid UTF-8")
+
+    def _dispatch(self, message: msg.ClientMessage) -> None:
+        hub, app, session = self.ctx.hub, self.app, self.session
+        if isinstance(message, msg.ClientEvent):
+            hub.client_event(app, session, message)
+        elif isinstance(message, msg.Subscribe):
+            hub.subscribe(app, session, message)
+        elif isinstance(message, msg.Unsubscribe):
+            hub.unsubscribe(app, session, message.channel)
+        elif isinstance(message, msg.Ping):
+            self.send(msg.pong())
+        elif isinstance(message, msg.Signin):
+            hub.signin(app, session, message)
+        # Pong: receiving it already counted as activity.
+
+    # --- heartbeat -----------------------------------------------------------------
+
+    def check_liveness(self, now: float, activity_timeout: float, pong_timeout: float) -> None:
+        """Ping a silent client; close with 4201 when a ping went unanswered."""
+        if self.state is not ConnectionState.OPEN:
+            return
+        if self.ping_sent_at is not None:
+            if now - self.ping_sent_at >= pong_timeout:
+                self.refuse(Refused(Reason.PONG_TIMEOUT))
+        elif now - self.last_seen >= activity_timeout:
+            self.ping_sent_at = now
+            self.send(msg.ping())
