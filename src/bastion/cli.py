@@ -99,7 +99,7 @@ def serve(
                 data["server"]["port"] = port
             if dev and not data["apps"]:
                 data["apps"] = [_dev_app()]
-            settings = settings_from_mapping(_tuples_to_lists(data), environ={})
+            settings = settings_from_mapping(data, environ={})
     except ConfigError as exc:
         click.echo(f"bastion: config error: {exc}", err=True)
         sys.exit(2)
@@ -121,13 +121,3 @@ def serve(
     except OSError as exc:
         click.echo(f"bastion: cannot listen: {exc.strerror}", err=True)
         sys.exit(1)
-
-
-def _tuples_to_lists(value: object) -> object:
-    if isinstance(value, dict):
-        return {key: _tuples_to_lists(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_tuples_to_lists(item) for item in value]
-    return value
-
-

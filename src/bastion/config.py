@@ -43,16 +43,6 @@ __all__ = [
     "settings_from_mapping",
 ]
 
-WEBHOOK_EVENT_TYPES = (
-    "channel_occupied",
-    "channel_vacated",
-    "member_added",
-    "member_removed",
-    "client_event",
-    "cache_miss",
-    "subscription_count",
-)
-
 WebhookEventType = Literal[
     "channel_occupied",
     "channel_vacated",
@@ -62,6 +52,17 @@ WebhookEventType = Literal[
     "cache_miss",
     "subscription_count",
 ]
+
+WEBHOOK_EVENT_TYPES: tuple[WebhookEventType, ...] = (
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "client_event",
+    "cache_miss",
+    "subscription_count",
+)
+
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
 _APP_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote
 
 from bastion.core.hub import AppState, Hub
 from bastion.errors import Refused
@@ -149,8 +150,6 @@ class RestApi:
         if match["user_id"] is not None:
             if method != "POST":
                 raise Refused(Reason.HTTP_METHOD)
-            from urllib.parse import unquote
-
             user_id = unquote(match["user_id"])
             if not is_valid_user_id(user_id):
                 raise Refused(Reason.HTTP_INVALID_FIELD, "Invalid user id")
@@ -160,8 +159,6 @@ class RestApi:
             raise Refused(Reason.HTTP_METHOD)
         if match["channels"]:
             return self._channels(app, params)
-        from urllib.parse import unquote
-
         name = unquote(match["channel"])
         self._check_channel(app, name, allow_user_channel=False)
         if match["users"]:
@@ -211,9 +208,7 @@ class RestApi:
             raise Refused(Reason.HTTP_TOO_MANY_CHANNELS)
         names = [self._check_channel(app, c, allow_user_channel=True) for c in channels]
         names = list(dict.fromkeys(names))
-        if len(names) > 1 and any(
-            classify_channel(n).kind is ChannelKind.ENCRYPTED for n in names
-        ):
+        if len(names) > 1 and any(classify_channel(n).kind is ChannelKind.ENCRYPTED for n in names):
             raise Refused(Reason.HTTP_ENCRYPTED_MULTI)
         socket_id = item.get("socket_id")
         if socket_id is not None and (
@@ -274,9 +269,7 @@ class RestApi:
         if info - _INFO_ATTRIBUTES:
             raise Refused(Reason.HTTP_INVALID_INFO)
         if "user_count" in info and not prefix.startswith("presence-"):
-            raise Refused(
-                Reason.HTTP_INVALID_INFO, "user_count needs filter_by_prefix=presence-"
-            )
+            raise Refused(Reason.HTTP_INVALID_INFO, "user_count needs filter_by_prefix=presence-")
         channels: dict[str, dict[str, int]] = {}
         for name, channel in app.channels.items():
             if not name.startswith(prefix):
@@ -310,7 +303,11 @@ class RestApi:
             result["cache"] = (
                 None
                 if cached is None
-                else {"event": cached.event, "data": cached.data, "ttl": app.settings.cache_ttl}
+                else {
+                    "event": cached.event,
+                    "data": cached.data,
+                    "ttl": max(0, round(cached.expires_at - self.hub.now())),
+                }
             )
         return json_response(result)
 

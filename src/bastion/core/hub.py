@@ -509,6 +509,10 @@ class Hub:
             return None
         return cached
 
+    def now(self) -> float:
+        """The hub's clock (monotonic seconds)."""
+        return self._clock()
+
     # --- internals ---------------------------------------------------------------------
 
     def _fan_out(self, channel: Channel, text: str, exclude_socket_id: str | None) -> None:

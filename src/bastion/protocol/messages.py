@@ -288,9 +288,7 @@ def cache_miss(channel: str) -> str:
 def subscription_count(channel: str, count: int) -> str:
     """``pusher_internal:subscription_count``."""
     data = dumps({"subscription_count": count})
-    return dumps(
-        {"event": "pusher_internal:subscription_count", "channel": channel, "data": data}
-    )
+    return dumps({"event": "pusher_internal:subscription_count", "channel": channel, "data": data})
 
 
 def signin_success(user_data: str) -> str:

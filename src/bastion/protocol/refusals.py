@@ -67,9 +67,7 @@ class Reason(enum.Enum):
         "Write buffer limit exceeded; reconnect with back-off",
         close_code=4100,
     )
-    PONG_TIMEOUT = Rule(
-        "pong_timeout", "Pong reply not received", close_code=4201, severity="info"
-    )
+    PONG_TIMEOUT = Rule("pong_timeout", "Pong reply not received", close_code=4201, severity="info")
     SIGNIN_INVALID = Rule(
         "signin_invalid", "Invalid user authentication signature", close_code=4009
     )
@@ -88,9 +86,7 @@ class Reason(enum.Enum):
         "binary_frame", "Binary frames are not part of the protocol", close_code=1003
     )
     FRAME_TOO_LARGE = Rule("frame_too_large", "Frame exceeds the size limit", close_code=1009)
-    WEBSOCKET_PROTOCOL = Rule(
-        "websocket_protocol", "WebSocket protocol violation", close_code=1002
-    )
+    WEBSOCKET_PROTOCOL = Rule("websocket_protocol", "WebSocket protocol violation", close_code=1002)
     INVALID_UTF8 = Rule("invalid_utf8", "Text frame is not valid UTF-8", close_code=1007)
 
     # --- messages: pusher:error, connection stays open ----------------------------
@@ -213,9 +209,7 @@ class Reason(enum.Enum):
         "headers_too_large", "Request header fields too large", http_status=431
     )
     HTTP_BAD_REQUEST = Rule("bad_request", "Malformed HTTP request", http_status=400)
-    HTTP_INVALID_BODY = Rule(
-        "invalid_body", "Request body must be a JSON object", http_status=400
-    )
+    HTTP_INVALID_BODY = Rule("invalid_body", "Request body must be a JSON object", http_status=400)
     HTTP_INVALID_FIELD = Rule("invalid_field", "Invalid request field", http_status=400)
     HTTP_PAYLOAD_TOO_LARGE = Rule(
         "payload_too_large", "Event data exceeds the payload limit", http_status=413
@@ -223,18 +217,14 @@ class Reason(enum.Enum):
     HTTP_TOO_MANY_CHANNELS = Rule(
         "too_many_channels", "Too many channels in one event", http_status=400
     )
-    HTTP_BATCH_TOO_LARGE = Rule(
-        "batch_too_large", "Too many events in one batch", http_status=400
-    )
+    HTTP_BATCH_TOO_LARGE = Rule("batch_too_large", "Too many events in one batch", http_status=400)
     HTTP_INVALID_CHANNEL = Rule("invalid_channel", "Invalid channel name", http_status=400)
     HTTP_INVALID_EVENT = Rule("invalid_event_name", "Invalid event name", http_status=400)
     HTTP_INVALID_SOCKET_ID = Rule("invalid_socket_id", "Invalid socket_id", http_status=400)
     HTTP_INVALID_INFO = Rule(
         "invalid_info", "Requested info attribute is not available here", http_status=400
     )
-    HTTP_NOT_PRESENCE = Rule(
-        "not_presence", "Only presence channels have users", http_status=400
-    )
+    HTTP_NOT_PRESENCE = Rule("not_presence", "Only presence channels have users", http_status=400)
     HTTP_ENCRYPTED_MULTI = Rule(
         "encrypted_multi_channel",
         "Encrypted channels cannot be triggered together with other channels",

@@ -15,9 +15,9 @@ from bastion.protocol.refusals import Reason
 __all__ = [
     "REST_TIMESTAMP_WINDOW",
     "channel_auth_string",
+    "rest_string_to_sign",
     "sign",
     "signin_auth_string",
-    "rest_string_to_sign",
     "verify_auth",
     "verify_rest_request",
     "webhook_signature",

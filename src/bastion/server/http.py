@@ -25,8 +25,9 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from bastion.api.rest import HttpRequest, HttpResponse, error_response
+from bastion.protocol import messages as msg
 from bastion.protocol.refusals import Reason
-from bastion.server.context import ServerContext
+from bastion.server.context import ServerContext, frame_text
 from bastion.server.websocket import WebSocketConnection
 
 __all__ = ["HttpConnection"]
@@ -261,10 +262,9 @@ class HttpConnection(asyncio.Protocol):
         body = max(settings.max_event_payload_bytes, settings.max_presence_member_bytes, 16384)
         return body + 4096
 
-    def _close_after_upgrade(self, proto: ServerProtocol, reason: Reason, app_id: str | None) -> None:
-        from bastion.protocol import messages as msg
-        from bastion.server.context import frame_text
-
+    def _close_after_upgrade(
+        self, proto: ServerProtocol, reason: Reason, app_id: str | None
+    ) -> None:
         transport = self.transport
         assert transport is not None
         self.refused = True

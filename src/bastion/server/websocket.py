@@ -89,9 +89,7 @@ class WebSocketConnection(asyncio.Protocol):
         ctx.socket_ids.add(self.session.socket_id)
         ctx.metrics.connections_opened[self.app.id] += 1
         self.send(
-            msg.connection_established(
-                self.session.socket_id, ctx.settings.server.activity_timeout
-            )
+            msg.connection_established(self.session.socket_id, ctx.settings.server.activity_timeout)
         )
 
     def send(self, text: str) -> None:
@@ -156,7 +154,8 @@ class WebSocketConnection(asyncio.Protocol):
         for frame in proto.events_received():
             if self.state is not ConnectionState.OPEN:
                 break
-            self._on_frame(frame)
+            if isinstance(frame, Frame):
+                self._on_frame(frame)
         if proto.parser_exc is not None and self.state is ConnectionState.OPEN:
             self._on_parser_error(proto.parser_exc)
         self._flush()
@@ -212,7 +211,7 @@ class WebSocketConnection(asyncio.Protocol):
         opcode = frame.opcode
         if opcode is Opcode.TEXT:
             if frame.fin:
-                self._on_text(frame.data)
+                self._on_text(bytes(frame.data))
             else:
                 self._fragments = [bytes(frame.data)]
         elif opcode is Opcode.CONT:
