@@ -88,6 +88,8 @@ class Reason(enum.Enum):
     FRAME_TOO_LARGE = Rule("frame_too_large", "Frame exceeds the size limit", close_code=1009)
     WEBSOCKET_PROTOCOL = Rule("websocket_protocol", "WebSocket protocol violation", close_code=1002)
     INVALID_UTF8 = Rule("invalid_utf8", "Text frame is not valid UTF-8", close_code=1007)
+    #: Not the peer's fault: a defect in Bastion; the client sees only this message.
+    INTERNAL_ERROR = Rule("internal_error", "Internal server error", close_code=1011)
 
     # --- messages: pusher:error, connection stays open ----------------------------
     MALFORMED_JSON = Rule("malformed_json", "Message is not valid JSON", error_code=4300)
@@ -208,6 +210,7 @@ class Reason(enum.Enum):
     HTTP_HEADERS_TOO_LARGE = Rule(
         "headers_too_large", "Request header fields too large", http_status=431
     )
+    HTTP_INTERNAL_ERROR = Rule("internal_error", "Internal server error", http_status=500)
     HTTP_BAD_REQUEST = Rule("bad_request", "Malformed HTTP request", http_status=400)
     HTTP_INVALID_BODY = Rule("invalid_body", "Request body must be a JSON object", http_status=400)
     HTTP_INVALID_FIELD = Rule("invalid_field", "Invalid request field", http_status=400)

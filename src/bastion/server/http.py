@@ -88,7 +88,14 @@ class HttpConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0] if upgrade.args else len(data)
-            self._upgrade(data[offset:])
+            try:
+                self._upgrade(data[offset:])
+            except Exception:
+                log.exception("internal error during the WebSocket upgrade")
+                self.refused = True
+                self.ctx.refusals.record(Reason.HTTP_INTERNAL_ERROR, ip=self.ip)
+                if self.transport is not None:
+                    self.transport.abort()
         except httptools.HttpParserError:
             self._refuse(Reason.HTTP_BAD_REQUEST)
 
@@ -133,7 +140,13 @@ class HttpConnection(asyncio.Protocol):
         """Answer a plain HTTP request (upgrades continue in :meth:`_upgrade`)."""
         if self.parser.should_upgrade() or self.refused:
             return
-        response = self._handle_http()
+        try:
+            response = self._handle_http()
+        except Exception:
+            # A defect of ours: the caller gets a generic 500, the trace stays in our log.
+            log.exception("internal error handling an HTTP request")
+            self.ctx.refusals.record(Reason.HTTP_INTERNAL_ERROR, ip=self.ip)
+            response = error_response(Reason.HTTP_INTERNAL_ERROR)
         keep_alive = self.parser.should_keep_alive() and not self.ctx.draining
         self._write_response(response, keep_alive)
         if keep_alive:

@@ -237,6 +237,10 @@ class WebSocketConnection(asyncio.Protocol):
             self._dispatch(message)
         except Refused as refused:
             self.refuse(refused)
+        except Exception:
+            # A defect of ours, not the client's: keep the trace in our log only.
+            log.exception("internal error handling a message socket=%s", self.session.socket_id)
+            self.refuse(Refused(Reason.INTERNAL_ERROR))
 
     def _fail_invalid_utf8(self) -> None:
         self.ctx.refusals.record(
