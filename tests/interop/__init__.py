@@ -1,0 +1,1 @@
+"""Interop tests: real pusher-js / Node and Python SDKs against a real Bastion."""
