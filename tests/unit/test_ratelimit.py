@@ -1,0 +1,197 @@
+"""TokenBucket: rate, burst, Retry-After, and behaviour under a misbehaving clock."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bastion.security.ratelimit import TokenBucket
+
+
+def test_starts_full_and_grants_the_burst() -> None:
+    bucket = TokenBucket(rate=10, burst=10, now=0.0)
+    assert [bucket.take(0.0) for _ in range(10)] == [0.0] * 10
+    assert bucket.take(0.0) > 0
+
+
+def test_refused_take_reports_retry_after_and_takes_nothing() -> None:
+    bucket = TokenBucket(rate=10, burst=10, now=0.0)
+    for _ in range(10):
+        bucket.take(0.0)
+    assert bucket.take(0.0) == pytest.approx(0.1)
+    assert bucket.take(0.0) == pytest.approx(0.1)  # the refusal did not dig a hole
+    assert bucket.available(0.0) == pytest.approx(0.0)
+
+
+def test_refills_at_the_rate() -> None:
+    bucket = TokenBucket(rate=10, burst=10, now=0.0)
+    for _ in range(10):
+        bucket.take(0.0)
+    assert bucket.available(0.25) == pytest.approx(2.5)
+    assert bucket.take(0.25) == 0.0
+    assert bucket.take(0.25) == 0.0
+    assert bucket.take(0.25) > 0
+
+
+def test_never_refills_beyond_the_burst() -> None:
+    bucket = TokenBucket(rate=10, burst=3, now=0.0)
+    assert bucket.available(1_000.0) == 3
+    for _ in range(3):
+        assert bucket.take(1_000.0) == 0.0
+    assert bucket.take(1_000.0) > 0
+
+
+def test_cost_larger_than_one() -> None:
+    bucket = TokenBucket(rate=2, burst=5, now=0.0)
+    assert bucket.take(0.0, cost=4) == 0.0
+    assert bucket.take(0.0, cost=4) == pytest.approx(1.5)
+    assert bucket.take(1.5, cost=4) == 0.0
+
+
+def test_cost_above_the_burst_is_never_granted() -> None:
+    bucket = TokenBucket(rate=1, burst=2, now=0.0)
+    assert bucket.take(10_000.0, cost=3) > 0
+
+
+def test_available_does_not_consume() -> None:
+    bucket = TokenBucket(rate=1, burst=2, now=0.0)
+    assert bucket.available(0.0) == 2
+    assert bucket.available(0.0) == 2
+    assert bucket.take(0.0) == 0.0
+    assert bucket.available(0.0) == 1
+
+
+def test_fractional_rate() -> None:
+    bucket = TokenBucket(rate=0.5, burst=1, now=0.0)
+    assert bucket.take(0.0) == 0.0
+    assert bucket.take(0.0) == pytest.approx(2.0)
+    assert bucket.take(1.9) > 0
+    assert bucket.take(2.0) == 0.0
+
+
+@pytest.mark.parametrize(("rate", "burst"), [(0, 1), (-1, 1), (1, 0), (1, 0.5), (1, -1)])
+def test_invalid_parameters(rate: float, burst: float) -> None:
+    with pytest.raises(ValueError):
+        TokenBucket(rate=rate, burst=burst, now=0.0)
+
+
+def test_clock_going_backwards_grants_nothing_extra() -> None:
+    bucket = TokenBucket(rate=10, burst=10, now=100.0)
+    for _ in range(10):
+        assert bucket.take(100.0) == 0.0
+    assert bucket.take(50.0) > 0  # back in time: no refill
+    assert bucket.take(99.0) > 0
+    assert bucket.available(100.0) == pytest.approx(0.0)
+    assert bucket.take(100.15) == 0.0  # forward again from the latest time seen
+    assert bucket.take(100.15) > 0
+
+
+def test_a_bucket_created_in_the_future_does_not_refill_until_then() -> None:
+    bucket = TokenBucket(rate=1, burst=1, now=10.0)
+    assert bucket.take(0.0) == 0.0
+    assert bucket.take(5.0) > 0
+    assert bucket.take(10.5) > 0
+    assert bucket.take(11.0) == 0.0
+
+
+# --- properties -----------------------------------------------------------------------
+
+rates = st.floats(min_value=0.01, max_value=1_000, allow_nan=False)
+bursts = st.floats(min_value=1, max_value=1_000, allow_nan=False)
+steps = st.lists(
+    st.tuples(
+        st.floats(min_value=0, max_value=5, allow_nan=False),  # time advance
+        st.floats(min_value=0.1, max_value=5, allow_nan=False),  # cost
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rate=rates, burst=bursts, start=st.floats(0, 1e6), steps=steps)
+def test_grants_never_exceed_burst_plus_rate_times_elapsed(
+    rate: float, burst: float, start: float, steps: list[tuple[float, float]]
+) -> None:
+    bucket = TokenBucket(rate=rate, burst=burst, now=start)
+    now, granted = start, 0.0
+    for advance, cost in steps:
+        now += advance
+        if bucket.take(now, cost) == 0.0:
+            granted += cost
+        budget = burst + rate * (now - start)
+        assert granted <= budget * (1 + 1e-9) + 1e-9
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rate=rates,
+    burst=bursts,
+    times=st.lists(st.floats(min_value=-1e3, max_value=1e3, allow_nan=False), max_size=60),
+)
+def test_time_going_backwards_never_grants_extra(
+    rate: float, burst: float, times: list[float]
+) -> None:
+    # Whatever order the clock reports, grants are bounded by the latest time seen.
+    bucket = TokenBucket(rate=rate, burst=burst, now=0.0)
+    latest, granted = 0.0, 0
+    for now in times:
+        latest = max(latest, now)
+        if bucket.take(now) == 0.0:
+            granted += 1
+        assert granted <= (burst + rate * latest) * (1 + 1e-9) + 1e-9
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rate=rates,
+    burst=bursts,
+    start=st.floats(0, 1e4),
+    spent=st.integers(min_value=0, max_value=200),
+    cost=st.floats(min_value=0.1, max_value=1),
+)
+def test_waiting_retry_after_then_taking_succeeds(
+    rate: float, burst: float, start: float, spent: int, cost: float
+) -> None:
+    bucket = TokenBucket(rate=rate, burst=burst, now=start)
+    now = start
+    while bucket.take(now, cost) == 0.0:  # drain it
+        pass
+    for _ in range(spent % 3):
+        bucket.take(now, cost)
+    retry_after = bucket.take(now, cost)
+    assert retry_after > 0
+    assert math.isfinite(retry_after)
+    assert retry_after <= cost / rate * (1 + 1e-9)
+    # A hair of slack for float rounding; the exact wait is pinned (xfail) below.
+    assert bucket.take(now + retry_after * (1 + 1e-9) + 1e-9, cost) == 0.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "TokenBucket compares float tokens exactly: (100.1 - 100.0) * 10 is "
+        "0.99999999999994, so the token due after exactly 1/rate (or after the "
+        "returned retry_after) is refused; needs an epsilon or a rounded-up retry_after"
+    ),
+)
+def test_one_token_is_back_after_exactly_one_interval() -> None:
+    bucket = TokenBucket(rate=10, burst=10, now=100.0)
+    for _ in range(10):
+        assert bucket.take(100.0) == 0.0
+    assert bucket.take(100.1) == 0.0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="retry_after is computed from float tokens and can fall a rounding error short",
+)
+def test_waiting_exactly_retry_after_succeeds() -> None:
+    bucket = TokenBucket(rate=1, burst=1, now=2.0)
+    while bucket.take(2.0, 0.1) == 0.0:
+        pass
+    retry_after = bucket.take(2.0, 0.1)
+    assert retry_after > 0
+    assert bucket.take(2.0 + retry_after, 0.1) == 0.0
