@@ -1,0 +1,1 @@
+"""Integration tests: a real Bastion node, in-process, on 127.0.0.1."""

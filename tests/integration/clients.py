@@ -1,0 +1,492 @@
+"""Test clients for a live Bastion: a Pusher client, a raw socket, a signed REST caller.
+
+* :class:`PusherClient` wraps a ``websockets`` client connection and speaks the
+  Pusher protocol (JSON frames, ``data`` double-encoding) for the normal cases.
+* :class:`RawWebSocket` writes hand-built bytes (handshakes, frames with wrong
+  masking, RSV bits, binary opcodes, lying length headers) for the malformed cases.
+* :func:`http_request` and :func:`rest` speak HTTP/1.1 over a plain socket, so a
+  request can be signed (or mis-signed) exactly as a test needs.
+
+Every wait goes through :func:`timeouts.within`; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import pusher
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from .timeouts import DEFAULT_WAIT, within
+
+__all__ = [
+    "APP_ID",
+    "APP_KEY",
+    "APP_SECRET",
+    "DEFAULT_QUERY",
+    "OTHER_APP_ID",
+    "OTHER_APP_KEY",
+    "OTHER_APP_SECRET",
+    "Closed",
+    "HttpResult",
+    "PusherClient",
+    "RawFrame",
+    "RawWebSocket",
+    "build_frame",
+    "data_of",
+    "hmac_hex",
+    "http_request",
+    "make_sdk",
+    "open_client",
+    "open_ws",
+    "read_until_closed",
+    "rest",
+    "signed_target",
+]
+
+APP_ID = "12345"
+APP_KEY = "app-key"
+APP_SECRET = "app-secret"
+OTHER_APP_ID = "67890"
+OTHER_APP_KEY = "other-key"
+OTHER_APP_SECRET = "other-secret"
+
+DEFAULT_QUERY = "protocol=7&client=bastion-tests&version=0.0.1&flash=false"
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+def hmac_hex(secret: str, message: str) -> str:
+    """Lowercase hex HMAC-SHA256, as every Pusher signature is made."""
+    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+
+
+def data_of(message: dict[str, Any]) -> Any:
+    """A server frame's ``data``, decoded when it is the usual JSON string."""
+    data = message.get("data")
+    if isinstance(data, str):
+        try:
+            return json.loads(data)
+        except ValueError:
+            return data
+    return data
+
+
+# --- the Pusher client over websockets ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Closed:
+    """How a connection ended, and the frames read before the close."""
+
+    code: int
+    reason: str
+    frames: list[dict[str, Any]]
+
+
+class PusherClient:
+    """A Pusher-speaking test client on a ``websockets`` connection."""
+
+    def __init__(self, ws: ClientConnection, established: dict[str, Any]) -> None:
+        self.ws = ws
+        self.established = established
+        data = data_of(established)
+        self.socket_id: str = data["socket_id"]
+        self.activity_timeout: int = data["activity_timeout"]
+
+    async def send(self, message: dict[str, Any] | str) -> None:
+        """Send one text frame (a dict is JSON-encoded)."""
+        text = message if isinstance(message, str) else json.dumps(message)
+        await within(self.ws.send(text))
+
+    async def recv(self, seconds: float = DEFAULT_WAIT) -> dict[str, Any]:
+        """The next frame, parsed."""
+        raw = await within(self.ws.recv(), seconds)
+        assert isinstance(raw, str), f"expected a text frame, got {raw!r}"
+        parsed: dict[str, Any] = json.loads(raw)
+        return parsed
+
+    async def expect(self, event: str, channel: str | None = None) -> dict[str, Any]:
+        """The next frame, asserting its event (and channel)."""
+        message = await self.recv()
+        assert message.get("event") == event, f"expected {event}, got {message}"
+        if channel is not None:
+            assert message.get("channel") == channel, message
+        return message
+
+    async def subscribe(
+        self, channel: str, auth: str | None = None, channel_data: str | None = None
+    ) -> dict[str, Any]:
+        """Send ``pusher:subscribe`` and return the server's first answer."""
+        data: dict[str, Any] = {"channel": channel}
+        if auth is not None:
+            data["auth"] = auth
+        if channel_data is not None:
+            data["channel_data"] = channel_data
+        await self.send({"event": "pusher:subscribe", "data": data})
+        return await self.recv()
+
+    async def subscribed(
+        self, channel: str, auth: str | None = None, channel_data: str | None = None
+    ) -> dict[str, Any]:
+        """Subscribe and assert success; returns ``subscription_succeeded``."""
+        reply = await self.subscribe(channel, auth, channel_data)
+        assert reply["event"] == "pusher_internal:subscription_succeeded", reply
+        assert reply["channel"] == channel, reply
+        assert isinstance(reply["data"], str), reply
+        return reply
+
+    async def barrier(self) -> None:
+        """Ping and assert the very next frame is the pong: nothing else was pending.
+
+        The server handles a connection's frames in order and writes its answers in
+        order, so anything it meant to send before our ping arrives first.
+        """
+        await self.send({"event": "pusher:ping", "data": {}})
+        message = await self.recv()
+        assert message["event"] == "pusher:pong", f"unexpected frame before pong: {message}"
+
+    async def closed(self, seconds: float = DEFAULT_WAIT) -> Closed:
+        """Read until the server closes; return the close code and the frames before it."""
+        return await read_until_closed(self.ws, seconds)
+
+    async def close(self) -> None:
+        """Close politely (used at teardown)."""
+        await within(self.ws.close())
+
+
+async def read_until_closed(ws: ClientConnection, seconds: float = DEFAULT_WAIT) -> Closed:
+    """Read frames until the server closes ``ws``; the code is 1006 without a close frame."""
+    frames: list[dict[str, Any]] = []
+
+    async def drain() -> Closed:
+        while True:
+            try:
+                raw = await ws.recv()
+            except ConnectionClosed as exc:
+                received = exc.rcvd
+                if received is None:
+                    return Closed(1006, "", frames)
+                return Closed(received.code, received.reason, frames)
+            frames.append(json.loads(raw))
+
+    return await within(drain(), seconds)
+
+
+async def open_ws(port: int, key: str = APP_KEY, query: str = DEFAULT_QUERY) -> ClientConnection:
+    """A raw ``websockets`` connection to ``/app/{key}`` (first frame not read)."""
+    uri = f"ws://127.0.0.1:{port}/app/{key}" + (f"?{query}" if query else "")
+    return await within(
+        connect(
+            uri,
+            proxy=None,
+            compression=None,
+            ping_interval=None,
+            open_timeout=None,
+            close_timeout=2,
+            max_queue=1024,
+        )
+    )
+
+
+async def open_client(port: int, key: str = APP_KEY, query: str = DEFAULT_QUERY) -> PusherClient:
+    """Connect and read ``pusher:connection_established``."""
+    ws = await open_ws(port, key, query)
+    raw = await within(ws.recv())
+    assert isinstance(raw, str)
+    first = json.loads(raw)
+    assert first["event"] == "pusher:connection_established", first
+    return PusherClient(ws, first)
+
+
+# --- the raw socket ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawFrame:
+    """One frame as read off the wire."""
+
+    fin: bool
+    opcode: int
+    payload: bytes
+
+    def json(self) -> Any:
+        """The payload of a text frame, parsed."""
+        return json.loads(self.payload)
+
+    @property
+    def close_code(self) -> int:
+        """The status code of a close frame (1005 when it carries none)."""
+        assert self.opcode == OP_CLOSE
+        return int.from_bytes(self.payload[:2], "big") if len(self.payload) >= 2 else 1005
+
+
+def build_frame(
+    opcode: int,
+    payload: bytes,
+    *,
+    fin: bool = True,
+    mask: bool = True,
+    rsv: int = 0,
+    declared_length: int | None = None,
+) -> bytes:
+    """Hand-build one WebSocket frame; every field can be wrong on purpose."""
+    first = (0x80 if fin else 0) | ((rsv & 0x7) << 4) | (opcode & 0xF)
+    length = len(payload) if declared_length is None else declared_length
+    mask_bit = 0x80 if mask else 0
+    if length < 126:
+        header = bytes([first, mask_bit | length])
+    elif length < 1 << 16:
+        header = bytes([first, mask_bit | 126]) + length.to_bytes(2, "big")
+    else:
+        header = bytes([first, mask_bit | 127]) + length.to_bytes(8, "big")
+    if mask:
+        key = os.urandom(4)
+        header += key
+        payload = bytes(byte ^ key[index % 4] for index, byte in enumerate(payload))
+    return header + payload
+
+
+class RawWebSocket:
+    """A TCP socket on which the test writes exactly the bytes it wants."""
+
+    def __init__(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.port = port
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int) -> RawWebSocket:
+        """Open a plain TCP connection to the node."""
+        reader, writer = await within(asyncio.open_connection("127.0.0.1", port))
+        return cls(port, reader, writer)
+
+    @classmethod
+    async def open(cls, port: int, path: str = f"/app/{APP_KEY}?{DEFAULT_QUERY}") -> RawWebSocket:
+        """Connect, upgrade, and read ``connection_established``."""
+        raw = await cls.connect(port)
+        status, _ = await raw.handshake(path)
+        assert status == 101
+        first = await raw.read_frame()
+        assert first.opcode == OP_TEXT
+        assert first.json()["event"] == "pusher:connection_established"
+        return raw
+
+    def write(self, data: bytes) -> None:
+        """Write bytes as they are."""
+        self.writer.write(data)
+
+    def handshake_request(
+        self, path: str, *, version: str = "13", extra_headers: Sequence[str] = ()
+    ) -> bytes:
+        """The bytes of an upgrade request."""
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET {path} HTTP/1.1",
+            f"Host: 127.0.0.1:{self.port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            f"Sec-WebSocket-Version: {version}",
+            *extra_headers,
+        ]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    async def handshake(
+        self, path: str, *, version: str = "13", extra_headers: Sequence[str] = ()
+    ) -> tuple[int, dict[str, str]]:
+        """Send an upgrade request; return the response status and headers."""
+        self.write(self.handshake_request(path, version=version, extra_headers=extra_headers))
+        return await self.read_head()
+
+    async def read_head(self) -> tuple[int, dict[str, str]]:
+        """Read an HTTP response head."""
+        head = await within(self.reader.readuntil(b"\r\n\r\n"))
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {}
+        for line in lines[1:]:
+            if ":" in line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        return status, headers
+
+    def send_frame(self, opcode: int, payload: bytes, **kwargs: Any) -> None:
+        """Build and write one frame (see :func:`build_frame`)."""
+        self.write(build_frame(opcode, payload, **kwargs))
+
+    def send_text(self, text: str | bytes) -> None:
+        """Write one masked text frame."""
+        self.send_frame(OP_TEXT, text if isinstance(text, bytes) else text.encode())
+
+    async def read_frame(self, seconds: float = DEFAULT_WAIT) -> RawFrame:
+        """Read one server frame (server frames are never masked)."""
+        return await within(self._read_frame(), seconds)
+
+    async def _read_frame(self) -> RawFrame:
+        reader = self.reader
+        first, second = await reader.readexactly(2)
+        length = second & 0x7F
+        if length == 126:
+            length = int.from_bytes(await reader.readexactly(2), "big")
+        elif length == 127:
+            length = int.from_bytes(await reader.readexactly(8), "big")
+        assert not second & 0x80, "server frames must not be masked"
+        payload = await reader.readexactly(length)
+        return RawFrame(bool(first & 0x80), first & 0x0F, payload)
+
+    async def read_json(self) -> dict[str, Any]:
+        """Read one text frame and parse it."""
+        frame = await self.read_frame()
+        assert frame.opcode == OP_TEXT, frame
+        parsed: dict[str, Any] = frame.json()
+        return parsed
+
+    async def read_close(self, seconds: float = DEFAULT_WAIT) -> tuple[int, list[RawFrame]]:
+        """Read frames until a close frame (its code) or EOF (1006)."""
+
+        async def drain() -> tuple[int, list[RawFrame]]:
+            frames: list[RawFrame] = []
+            while True:
+                try:
+                    frame = await self._read_frame()
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return 1006, frames
+                if frame.opcode == OP_CLOSE:
+                    return frame.close_code, frames
+                frames.append(frame)
+
+        return await within(drain(), seconds)
+
+    async def read_eof(self, seconds: float = DEFAULT_WAIT) -> bytes:
+        """Read until the server closes the TCP connection; return what came."""
+
+        async def drain() -> bytes:
+            try:
+                return await self.reader.read()
+            except ConnectionError:
+                return b""
+
+        return await within(drain(), seconds)
+
+    async def close(self) -> None:
+        """Close the socket."""
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await within(self.writer.wait_closed(), 2)
+
+
+# --- HTTP and REST ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    """One HTTP response."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body, parsed as JSON."""
+        return json.loads(self.body)
+
+
+async def http_request(
+    port: int,
+    method: str,
+    target: str,
+    body: bytes = b"",
+    headers: Iterable[str] = (),
+) -> HttpResult:
+    """One HTTP/1.1 request with ``Connection: close``; read the response to EOF."""
+    reader, writer = await within(asyncio.open_connection("127.0.0.1", port))
+    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
+    if body or method == "POST":
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    lines += list(headers)
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+    try:
+        raw = await within(reader.read())
+    finally:
+        writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    head_lines = head.decode("latin-1").split("\r\n")
+    status = int(head_lines[0].split(" ")[1])
+    response_headers = {}
+    for line in head_lines[1:]:
+        name, _, value = line.partition(":")
+        response_headers[name.strip().lower()] = value.strip()
+    return HttpResult(status, response_headers, payload)
+
+
+def signed_target(
+    method: str,
+    path: str,
+    *,
+    key: str = APP_KEY,
+    secret: str = APP_SECRET,
+    body: bytes = b"",
+    params: Iterable[tuple[str, str]] = (),
+    timestamp: float | None = None,
+) -> str:
+    """``path?query`` signed per the REST API's auth_version 1.0 (protocol note §15.2)."""
+    query = dict(params)
+    query["auth_key"] = key
+    query["auth_timestamp"] = str(int(time.time() if timestamp is None else timestamp))
+    query["auth_version"] = "1.0"
+    if body:
+        query["body_md5"] = hashlib.md5(body).hexdigest()
+    ordered = "&".join(f"{name}={value}" for name, value in sorted(query.items()))
+    query["auth_signature"] = hmac_hex(secret, f"{method}\n{path}\n{ordered}")
+    return f"{path}?{urlencode(query)}"
+
+
+async def rest(
+    port: int,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    raw_body: bytes | None = None,
+    key: str = APP_KEY,
+    secret: str = APP_SECRET,
+    params: Iterable[tuple[str, str]] = (),
+    timestamp: float | None = None,
+) -> HttpResult:
+    """A signed REST call; ``body`` is JSON-encoded unless ``raw_body`` is given."""
+    payload = (
+        raw_body if raw_body is not None else b"" if body is None else json.dumps(body).encode()
+    )
+    target = signed_target(
+        method, path, key=key, secret=secret, body=payload, params=params, timestamp=timestamp
+    )
+    return await http_request(port, method, target, payload)
+
+
+def make_sdk(
+    port: int,
+    app_id: str = APP_ID,
+    key: str = APP_KEY,
+    secret: str = APP_SECRET,
+    **options: Any,
+) -> pusher.Pusher:
+    """The official PyPI ``pusher`` SDK pointed at the node (call it via a thread)."""
+    client = pusher.Pusher(
+        app_id=app_id, key=key, secret=secret, host="127.0.0.1", port=port, ssl=False, **options
+    )
+    # Loopback only: never let an environment proxy setting reroute the SDK.
+    client._pusher_client.http.session.trust_env = False
+    return client

@@ -1,0 +1,178 @@
+"""Fixtures for the integration tests: a real Bastion node in-process on 127.0.0.1.
+
+* ``make_node(server=..., app=..., extra_apps=...)`` starts a :class:`Node` on an
+  OS-chosen port with the default app (id ``12345``, key ``app-key``, client events
+  on) plus a second app (``67890``/``other-key``); every node is stopped at teardown.
+* ``node`` is a node with the defaults.
+* ``connect(node, ...)`` opens a :class:`PusherClient` (closed at teardown).
+* ``sdk`` is the official PyPI ``pusher`` SDK pointed at ``node`` (call it through
+  :func:`asyncio.to_thread`: it blocks, and the server runs on this loop).
+* ``logs`` captures every ``bastion`` record from INFO up and checks the hygiene
+  rules: no record above WARNING, no stack trace.
+* ``still_serving`` asserts a fresh client can subscribe and receive a REST event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import pusher
+import pytest
+
+from bastion.config import settings_from_mapping
+from bastion.server.runtime import Node
+
+from .clients import (
+    APP_ID,
+    APP_KEY,
+    APP_SECRET,
+    DEFAULT_QUERY,
+    OTHER_APP_ID,
+    OTHER_APP_KEY,
+    OTHER_APP_SECRET,
+    PusherClient,
+    RawWebSocket,
+    make_sdk,
+    open_client,
+)
+
+MakeNode = Callable[..., Awaitable[Node]]
+Connect = Callable[..., Awaitable[PusherClient]]
+
+
+def node_settings(
+    server: Mapping[str, Any] | None = None,
+    app: Mapping[str, Any] | None = None,
+    extra_apps: list[Mapping[str, Any]] | tuple[Mapping[str, Any], ...] = (),
+) -> Any:
+    """Settings for a test node: defaults, overridden by the given mappings."""
+    server_settings = {"host": "127.0.0.1", "port": 0, "activity_timeout": 120, **(server or {})}
+    main = {
+        "id": APP_ID,
+        "key": APP_KEY,
+        "secret": APP_SECRET,
+        "enable_client_messages": True,
+        **(app or {}),
+    }
+    other = {"id": OTHER_APP_ID, "key": OTHER_APP_KEY, "secret": OTHER_APP_SECRET}
+    return settings_from_mapping(
+        {"server": server_settings, "apps": [main, other, *extra_apps]}, environ={}
+    )
+
+
+@pytest.fixture
+async def make_node() -> AsyncIterator[MakeNode]:
+    """Factory: start a node with overrides; every node is stopped at teardown."""
+    nodes: list[Node] = []
+
+    async def factory(
+        *,
+        server: Mapping[str, Any] | None = None,
+        app: Mapping[str, Any] | None = None,
+        extra_apps: tuple[Mapping[str, Any], ...] = (),
+    ) -> Node:
+        node = Node(node_settings(server, app, extra_apps), asyncio.get_running_loop())
+        await node.start()
+        nodes.append(node)
+        return node
+
+    yield factory
+    for node in nodes:
+        if not node.ctx.draining:  # a test may have drained it already
+            await node.stop()
+
+
+@pytest.fixture
+async def node(make_node: MakeNode) -> Node:
+    """A node with the default settings."""
+    return await make_node()
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Connect]:
+    """Factory: ``await connect(node, key=..., query=...)`` → a connected client."""
+    opened: list[PusherClient] = []
+
+    async def factory(node: Node, key: str = APP_KEY, query: str = DEFAULT_QUERY) -> PusherClient:
+        client = await open_client(node.port, key, query)
+        opened.append(client)
+        return client
+
+    yield factory
+    for client in opened:
+        with contextlib.suppress(OSError, TimeoutError):
+            await client.close()
+
+
+@pytest.fixture
+async def raw_sockets() -> AsyncIterator[list[RawWebSocket]]:
+    """A list the test appends its raw sockets to; all are closed at teardown."""
+    sockets: list[RawWebSocket] = []
+    yield sockets
+    for raw in sockets:
+        await raw.close()
+
+
+@pytest.fixture
+def sdk(node: Node) -> pusher.Pusher:
+    """The official Python SDK for the default app on ``node``."""
+    return make_sdk(node.port)
+
+
+class LogCheck:
+    """What the server logged during the test, and the hygiene rules for it."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
+        self.caplog = caplog
+
+    def assert_clean(self) -> None:
+        """No record above WARNING and no stack trace, from any logger."""
+        bad = [
+            record
+            for record in self.caplog.records
+            if record.levelno > logging.WARNING or record.exc_info or record.exc_text
+        ]
+        assert not bad, [(r.name, r.levelname, r.getMessage()) for r in bad]
+
+    def refusals(self, slug: str) -> list[logging.LogRecord]:
+        """The refusal records logged for ``slug``."""
+        return [
+            record
+            for record in self.caplog.records
+            if record.name == "bastion.refusals" and f"reason={slug} " in record.getMessage()
+        ]
+
+    def assert_refusal_logged(self, slug: str) -> None:
+        """The refusal was logged, at most at WARNING, without a stack trace."""
+        records = self.refusals(slug)
+        assert records, f"no refusal log record for {slug}"
+        for record in records:
+            assert record.levelno <= logging.WARNING
+            assert not record.exc_info
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> LogCheck:
+    """Capture the server's records from INFO up (every logger from WARNING up)."""
+    caplog.set_level(logging.INFO, logger="bastion")
+    return LogCheck(caplog)
+
+
+@pytest.fixture
+def still_serving(
+    node: Node, connect: Connect, sdk: pusher.Pusher
+) -> Callable[[], Awaitable[None]]:
+    """Assert that ``node`` still serves: a fresh client subscribes and gets a REST event."""
+
+    async def check() -> None:
+        client = await connect(node)
+        await client.subscribed("healthy-channel")
+        await asyncio.to_thread(sdk.trigger, "healthy-channel", "still-alive", {"ok": True})
+        event = await client.expect("still-alive", "healthy-channel")
+        assert event["data"] == '{"ok": true}'
+
+    return check
