@@ -1,0 +1,151 @@
+"""The PyPI SDK's ``authenticate`` / ``authenticate_user`` output, used verbatim over a raw
+WebSocket, is accepted by Bastion — and tampered variants are refused.
+
+This is what a Django/Flask auth endpoint returns to its browser clients; here the
+"client" is a raw ``websockets`` connection so every frame is visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import nacl.secret
+import pytest
+from support.server import DEFAULT_APP
+from support.wsclient import PusherWsClient
+
+KEY = DEFAULT_APP["key"]
+
+
+@pytest.fixture
+async def ws(bastion):
+    client = await PusherWsClient.connect(bastion.ws_url(KEY))
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def test_handshake_frame(ws: PusherWsClient) -> None:
+    established = ws.received("pusher:connection_established")[0]
+    assert isinstance(established.raw_data, str), "data is a JSON-encoded string"
+    assert established.data["activity_timeout"] == 120
+    assert ws.socket_id and ws.socket_id.count(".") == 1
+
+
+async def test_private_channel_auth_is_accepted(ws: PusherWsClient, py_pusher) -> None:
+    auth = py_pusher.authenticate("private-orders", ws.socket_id)
+
+    frame = await ws.subscribe("private-orders", auth["auth"])
+
+    assert frame.event == "pusher_internal:subscription_succeeded", frame.raw
+    assert frame.channel == "private-orders"
+
+
+async def test_presence_channel_auth_is_accepted(ws: PusherWsClient, py_pusher) -> None:
+    member = {"user_id": "u-1", "user_info": {"name": "Ada", "role": "admin"}}
+    auth = py_pusher.authenticate("presence-board", ws.socket_id, member)
+
+    frame = await ws.subscribe("presence-board", auth["auth"], auth["channel_data"])
+
+    assert frame.event == "pusher_internal:subscription_succeeded", frame.raw
+    assert isinstance(frame.raw_data, str)
+    presence = frame.data["presence"]
+    assert presence["ids"] == ["u-1"]
+    assert presence["hash"] == {"u-1": {"name": "Ada", "role": "admin"}}
+    assert presence["count"] == 1
+
+
+async def test_encrypted_channel_auth_and_python_decrypt(ws: PusherWsClient, py_pusher) -> None:
+    channel = "private-encrypted-ledger"
+    auth = py_pusher.authenticate(channel, ws.socket_id)
+    shared_secret = base64.b64decode(auth["shared_secret"])
+    assert len(shared_secret) == 32
+
+    # Like pusher-js: the shared secret never goes to the server.
+    frame = await ws.subscribe(channel, auth["auth"])
+    assert frame.event == "pusher_internal:subscription_succeeded", frame.raw
+
+    await asyncio.to_thread(py_pusher.trigger, channel, "entry", {"amount": 42})
+
+    event = await ws.expect("entry", channel=channel)
+    assert isinstance(event.raw_data, str)
+    envelope = event.data
+    assert set(envelope) == {"nonce", "ciphertext"}
+    box = nacl.secret.SecretBox(shared_secret)
+    plaintext = box.decrypt(
+        base64.b64decode(envelope["ciphertext"]), base64.b64decode(envelope["nonce"])
+    )
+    assert json.loads(plaintext) == {"amount": 42}
+
+
+async def test_user_authentication_is_accepted(ws: PusherWsClient, py_pusher) -> None:
+    user = {"id": "alice", "user_info": {"name": "Alice"}, "watchlist": ["bob"]}
+    auth = py_pusher.authenticate_user(ws.socket_id, user)
+
+    await ws.signin(auth["auth"], auth["user_data"])
+
+    success = await ws.expect("pusher:signin_success")
+    data = success.data if isinstance(success.data, dict) else json.loads(success.data)
+    assert json.loads(data["user_data"]) == user
+    # Signed in as alice: her server-to-user channel is allowed.
+    frame = await ws.subscribe("#server-to-user-alice")
+    assert frame.event == "pusher_internal:subscription_succeeded", frame.raw
+
+
+async def test_private_auth_for_another_socket_is_refused(bastion, py_pusher) -> None:
+    async with (
+        await PusherWsClient.connect(bastion.ws_url(KEY)) as victim,
+        await PusherWsClient.connect(bastion.ws_url(KEY)) as thief,
+    ):
+        stolen = py_pusher.authenticate("private-orders", victim.socket_id)
+
+        frame = await thief.subscribe("private-orders", stolen["auth"])
+
+        assert frame.event == "pusher:subscription_error", frame.raw
+        assert frame.data["type"] == "AuthError"
+        assert frame.data["status"] == 401
+        await thief.ping()  # the socket stays open
+        assert not thief.closed.is_set()
+
+
+async def test_presence_channel_data_tampering_is_refused(ws: PusherWsClient, py_pusher) -> None:
+    auth = py_pusher.authenticate("presence-board", ws.socket_id, {"user_id": "u-1"})
+    forged = auth["channel_data"].replace("u-1", "admin")
+
+    frame = await ws.subscribe("presence-board", auth["auth"], forged)
+
+    assert frame.event == "pusher:subscription_error", frame.raw
+    assert frame.data["status"] == 401
+
+
+async def test_server_to_user_channel_of_someone_else_is_refused(
+    ws: PusherWsClient, py_pusher
+) -> None:
+    auth = py_pusher.authenticate_user(ws.socket_id, {"id": "alice"})
+    await ws.signin(auth["auth"], auth["user_data"])
+    await ws.expect("pusher:signin_success")
+
+    frame = await ws.subscribe("#server-to-user-bob")
+
+    assert frame.event == "pusher:subscription_error", frame.raw
+    await asyncio.to_thread(py_pusher.send_to_user, "bob", "secret", {"for": "bob"})
+    await asyncio.to_thread(py_pusher.send_to_user, "alice", "barrier", {})
+    await ws.expect("barrier")
+    assert not ws.received("secret")
+
+
+async def test_user_authentication_with_wrong_secret_closes_4009(bastion) -> None:
+    from .conftest import make_py_pusher
+
+    impostor = make_py_pusher(bastion, secret="not-the-app-secret")
+    async with await PusherWsClient.connect(bastion.ws_url(KEY)) as ws:
+        auth = impostor.authenticate_user(ws.socket_id, {"id": "alice"})
+
+        await ws.signin(auth["auth"], auth["user_data"])
+
+        code, _reason = await ws.wait_closed()
+        assert code == 4009
+        assert not ws.received("pusher:signin_success")
