@@ -290,8 +290,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         ws_port, http_port = ports[0], ports[-1]
         await asyncio.sleep(0.3)
 
+        c0 = cpu_seconds(proc.pid)
         rest_seq = await rest_phase(http_port, 1, args.rest_seconds, 1_000_000)
+        c1 = cpu_seconds(proc.pid)
         rest_conc = await rest_phase(http_port, args.rest_conns, args.rest_seconds, 1_000_000)
+        c2 = cpu_seconds(proc.pid)
 
         pad = max(0, args.payload_bytes - len(b'{"seq":00000000,"pad":""}'))
 
@@ -333,10 +336,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             "p99_ms": round(percentile(lat, 0.99) * 1000, 2),
             "max_ms": round(lat[-1] * 1000, 2) if lat else None,
             "server_cpu_s_fanout": round(cpu_srv1 - cpu_srv0, 3),
+            "deliveries_per_server_cpu_s": round(run.delivered / (cpu_srv1 - cpu_srv0))
+            if cpu_srv1 > cpu_srv0
+            else None,
             "driver_cpu_s_fanout": round(cpu_drv1 - cpu_drv0, 3),
             "rest_seq_rps": round(rest_seq["rps"]),
             "rest_conc_rps": round(rest_conc["rps"]),
             "rest_conc_conns": args.rest_conns,
+            # Per server CPU-second: steadier than wall-clock rates on a shared machine.
+            "rest_seq_per_cpu_s": round(rest_seq["requests"] / (c1 - c0)) if c1 > c0 else None,
+            "rest_conc_per_cpu_s": round(rest_conc["requests"] / (c2 - c1)) if c2 > c1 else None,
             "rest_non_200": rest_seq["non_200"] + rest_conc["non_200"] + fo["non_200"],
             "rss_before_kib": rss_before,
             "rss_after_kib": rss_after,
