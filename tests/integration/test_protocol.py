@@ -211,26 +211,15 @@ async def test_websockets_client_sees_404_outside_app_path(node: Node) -> None:
     assert info.value.response.status_code == 404
 
 
-async def test_unsupported_websocket_version_is_refused(node: Node, raw_sockets) -> None:
-    raw = await RawWebSocket.connect(node.port)
-    raw_sockets.append(raw)
-    status, _ = await raw.handshake(f"/app/{APP_KEY}?protocol=7", version="8")
-    assert 400 <= status < 500
-    assert node.metrics.refusal_count("websocket_protocol") == 1
-    assert not node.ctx.connections
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="server defect: unsupported Sec-WebSocket-Version gets 400 without a "
-    "Sec-WebSocket-Version header; RFC 6455 4.4 and server/http.py promise 426 + '13'",
-)
 async def test_unsupported_websocket_version_is_http_426(node: Node, raw_sockets) -> None:
     raw = await RawWebSocket.connect(node.port)
     raw_sockets.append(raw)
     status, headers = await raw.handshake(f"/app/{APP_KEY}?protocol=7", version="8")
+    # RFC 6455 4.4: 426 naming the version the server speaks.
     assert status == 426
     assert headers.get("sec-websocket-version") == "13"
+    assert node.metrics.refusal_count("websocket_version") == 1
+    assert not node.ctx.connections
 
 
 # --- channels ------------------------------------------------------------------------------
