@@ -399,26 +399,34 @@ def test_env_wrong_type_names_the_field() -> None:
     assert message.startswith("server.port:")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "config._env_value parses every override as TOML, so an all-digit app id "
-        "(PRODUCT.md: 'digits work with every official SDK') becomes an int and the "
-        "strict model refuses it: 'apps.0.id: Input should be a valid string'"
-    ),
-)
+def test_env_string_fields_take_the_text_as_it_is() -> None:
+    settings = load(
+        COMPATIBILITY_TOML,
+        {"BASTION_APPS__0__KEY": "0x1f", "BASTION_SERVER__HOST": "1979-05-27"},
+    )
+    assert settings.apps[0].key == "0x1f"
+    assert settings.server.host == "1979-05-27"
+
+
+def test_env_non_string_fields_are_still_read_as_toml() -> None:
+    settings = load(
+        COMPATIBILITY_TOML,
+        {
+            "BASTION_SERVER__PORT": "7000",
+            "BASTION_APPS__0__MAX_PRESENCE_MEMBER_SIZE_KB": "1.5",
+            "BASTION_APPS__0__MAX_CONNECTIONS": "10",
+        },
+    )
+    assert settings.server.port == 7000
+    assert settings.apps[0].max_presence_member_size_kb == 1.5
+    assert settings.apps[0].max_connections == 10
+
+
 def test_env_override_of_a_digit_app_id() -> None:
     settings = load(COMPATIBILITY_TOML, {"BASTION_APPS__0__ID": "67890"})
     assert settings.apps[0].id == "67890"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "config._env_value parses every override as TOML: a secret that reads as a "
-        "TOML number, boolean or date is refused (or, for a string field, mistyped)"
-    ),
-)
 @pytest.mark.parametrize("value", ["12345678", "true", "1979-05-27", "inf"])
 def test_env_override_of_a_secret_that_looks_like_toml(value: str) -> None:
     settings = load(COMPATIBILITY_TOML, {"BASTION_APPS__0__SECRET": value})

@@ -966,15 +966,6 @@ def test_publish_to_an_unknown_user_does_nothing(world: World) -> None:
     assert world.frame.calls == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "signin accepts any non-control user id (is_valid_user_id) but the user's "
-        "#server-to-user- channel must match the channel charset, so a signed-in "
-        "'alice smith' gets SUBSCRIBE_INVALID_CHANNEL for her own channel (spec §9.1 "
-        "says sign-in ids use the channel charset)"
-    ),
-)
 def test_a_signed_in_user_can_always_subscribe_to_their_own_channel(world: World) -> None:
     a = world.client()
     try:

@@ -301,19 +301,40 @@ def test_very_deep_objects_are_refused_without_crashing() -> None:
     assert refused('{"a":' * depth + "1" + "}" * depth) is Reason.JSON_TOO_DEEP
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "messages._data_object json.loads a string 'data' catching only ValueError; "
-        "a deeply nested string escapes as RecursionError instead of Refused"
-    ),
-)
 @pytest.mark.parametrize("event", ["pusher:subscribe", "pusher:unsubscribe", "pusher:signin"])
 def test_deep_json_inside_string_data_is_refused(event: str) -> None:
     # 2 KB: well under the frame size limit, deep enough for the recursion limit.
     text = frame(event=event, data="[" * 2_000)
     with pytest.raises(Refused):
         decode_client_message(text)
+
+
+# --- strict JSON from peers -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", "1e400", '{"a":-1e999}'])
+def test_loads_refuses_non_standard_numbers(text: str) -> None:
+    with pytest.raises(Refused) as info:
+        msg.loads(text)
+    assert info.value.reason is Reason.MALFORMED_JSON
+
+
+def test_loads_refuses_deep_nesting_as_too_deep() -> None:
+    with pytest.raises(Refused) as info:
+        msg.loads("[" * 100_000 + "]" * 100_000)
+    assert info.value.reason is Reason.JSON_TOO_DEEP
+
+
+@pytest.mark.parametrize(
+    "text", ['{"a":[1,2.5,-3e10,"x",null,true]}', b'{"a":1}', "1.7976931348623157e308"]
+)
+def test_loads_accepts_standard_json(text: str | bytes) -> None:
+    assert msg.loads(text) == json.loads(text)
+
+
+def test_dumps_refuses_non_finite_numbers() -> None:
+    with pytest.raises(ValueError):
+        msg.dumps({"n": float("nan")})
 
 
 # --- fuzzing ----------------------------------------------------------------------------
@@ -556,14 +577,6 @@ def _depth(value: Any) -> int:
     return 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "json.loads accepts NaN/Infinity (and turns 1e400 into inf); the relayed frame "
-        "then carries NaN/Infinity, which JSON.parse in pusher-js rejects for every "
-        "subscriber; decode should refuse them or the encoder should use allow_nan=False"
-    ),
-)
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_relayed_client_events_are_always_strict_json(literal: str) -> None:
     text = '{"event":"client-x","channel":"private-a","data":{"n":' + literal + "}}"

@@ -296,13 +296,6 @@ def test_invalid_socket_ids(socket_id: str) -> None:
     assert not is_valid_socket_id(socket_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "names._SOCKET_ID uses \\d, which matches every Unicode decimal digit in Python; "
-        "the SDKs' ^\\d+\\.\\d+$ (JavaScript) is ASCII-only"
-    ),
-)
 @pytest.mark.parametrize("socket_id", ["\u0661\u0662.\u0663", "\uff11.\uff12", "\u0967.\u0967"])
 def test_socket_ids_are_ascii_digits_only(socket_id: str) -> None:
     assert not is_valid_socket_id(socket_id)
@@ -331,6 +324,19 @@ def test_invalid_user_ids(user_id: str) -> None:
 
 def test_user_id_limit_is_pusher_128() -> None:
     assert MAX_USER_ID_LENGTH == 128
+
+
+@pytest.mark.parametrize("user_id", ["alice smith", "a:b", "a#b", "\u00fc", "a+b", "a/b"])
+def test_user_ids_outside_the_channel_charset_are_refused(user_id: str) -> None:
+    # Spec §5.2/§9.1: so that #server-to-user-{id} is always a valid channel name.
+    assert not is_valid_user_id(user_id)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=MAX_USER_ID_LENGTH + 5))
+def test_a_valid_user_id_always_has_a_valid_server_to_user_channel(user_id: str) -> None:
+    if is_valid_user_id(user_id):
+        assert is_valid_channel_name(SERVER_TO_USER_PREFIX + user_id, DEFAULT_CHANNEL_LENGTH)
 
 
 @settings(max_examples=300, deadline=None)
