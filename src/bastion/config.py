@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -216,7 +217,51 @@ class Settings(BaseModel):
         return next((app for app in self.apps if app.id == app_id), None)
 
 
-def _env_value(raw: str) -> Any:
+def _unwrap(annotation: Any) -> Any:
+    """Strip ``Annotated`` and ``X | None`` down to the type that matters."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            options = [arg for arg in get_args(annotation) if arg is not type(None)]
+            if len(options) != 1:
+                return annotation
+            annotation = options[0]
+        else:
+            return annotation
+
+
+def _annotation_at(path: list[str]) -> Any:
+    """The declared type of the setting at ``path`` (``None`` if there is none)."""
+    node: Any = Settings
+    for part in path:
+        node = _unwrap(node)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(part)
+            if field is None:
+                return None
+            node = field.annotation
+        elif get_origin(node) is list:
+            node = get_args(node)[0]
+        else:
+            return None
+    return _unwrap(node)
+
+
+def _wants_string(annotation: Any) -> bool:
+    if annotation in (str, SecretStr):
+        return True
+    if get_origin(annotation) is Literal:
+        return all(isinstance(arg, str) for arg in get_args(annotation))
+    return False
+
+
+def _env_value(raw: str, path: list[str]) -> Any:
+    # A string setting takes the text as it is: a secret "12345678" or an app id
+    # "67890" must not turn into numbers. Other settings read it as a TOML value.
+    if _wants_string(_annotation_at(path)):
+        return raw
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -236,12 +281,12 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
                 if not part.isdigit() or int(part) >= len(node):
                     raise ConfigError(f"{name}: no list item {part!r} to override")
                 if last:
-                    node[int(part)] = _env_value(environ[name])
+                    node[int(part)] = _env_value(environ[name], path)
                 else:
                     node = node[int(part)]
             elif isinstance(node, dict):
                 if last:
-                    node[part] = _env_value(environ[name])
+                    node[part] = _env_value(environ[name], path)
                 else:
                     node = node.setdefault(part, {})
             else:

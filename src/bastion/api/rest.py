@@ -10,7 +10,6 @@ Errors are JSON: ``{"error": message, "reason": slug}``.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from urllib.parse import unquote
 from bastion.core.hub import AppState, Hub
 from bastion.errors import Refused
 from bastion.metrics import Metrics
-from bastion.protocol.messages import dumps
+from bastion.protocol.messages import dumps, loads
 from bastion.protocol.names import (
     SERVER_TO_USER_PREFIX,
     ChannelKind,
@@ -42,6 +41,9 @@ _ROUTE = re.compile(
     r"|channels/(?P<channel>[^/]+)(?P<users>/users)?"
     r"|users/(?P<user_id>[^/]+)/terminate_connections)$"
 )
+#: pusher (PyPI) 3.3 posts terminate_connections without the /apps/{id} prefix;
+#: the app is then the one whose key signed the request.
+_USER_ROUTE = re.compile(r"^/users/(?P<user_id>[^/]+)/terminate_connections$")
 _INFO_ATTRIBUTES = frozenset({"user_count", "subscription_count"})
 
 
@@ -108,10 +110,13 @@ class RestApi:
         """Answer one request; ``now`` is the Unix time used for the signature window."""
         app: AppState | None = None
         try:
-            match = _ROUTE.match(request.path)
+            match = _ROUTE.match(request.path) or _USER_ROUTE.match(request.path)
             if match is None:
                 raise Refused(Reason.HTTP_NOT_FOUND)
-            app = self.hub.apps_by_id.get(match["app_id"])
+            if "app_id" in match.re.groupindex:
+                app = self.hub.apps_by_id.get(match["app_id"])
+            else:
+                app = self.hub.apps_by_key.get(dict(request.params).get("auth_key", ""))
             if app is None:
                 raise Refused(Reason.HTTP_UNKNOWN_APP)
             failure = verify_rest_request(
@@ -140,14 +145,15 @@ class RestApi:
     def _route(self, app: AppState, request: HttpRequest, match: re.Match[str]) -> HttpResponse:
         method = request.method
         params = dict(request.params)
-        if match["events"] or match["batch"]:
+        groups = match.groupdict()
+        if groups.get("events") or groups.get("batch"):
             if method != "POST":
                 raise Refused(Reason.HTTP_METHOD)
             body = self._json_object(request.body)
             if match["events"]:
                 return self._trigger(app, body)
             return self._trigger_batch(app, body)
-        if match["user_id"] is not None:
+        if groups.get("user_id") is not None:
             if method != "POST":
                 raise Refused(Reason.HTTP_METHOD)
             user_id = unquote(match["user_id"])
@@ -170,8 +176,8 @@ class RestApi:
     @staticmethod
     def _json_object(body: bytes) -> dict[str, Any]:
         try:
-            value = json.loads(body)
-        except (ValueError, RecursionError):
+            value = loads(body)
+        except Refused:
             raise Refused(Reason.HTTP_INVALID_BODY, "Request body is not valid JSON") from None
         if not isinstance(value, dict):
             raise Refused(Reason.HTTP_INVALID_BODY)

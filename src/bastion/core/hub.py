@@ -12,7 +12,6 @@ connections (terminate, notices) go through their ``refuse``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -300,8 +299,8 @@ class Hub:
     @staticmethod
     def _parse_channel_data(channel_data: str, channel: str) -> tuple[str, Any]:
         try:
-            data = json.loads(channel_data)
-        except (ValueError, RecursionError):
+            data = msg.loads(channel_data)
+        except Refused:
             raise Refused(Reason.SUBSCRIBE_CHANNEL_DATA, channel=channel) from None
         if not isinstance(data, dict):
             raise Refused(Reason.SUBSCRIBE_CHANNEL_DATA, channel=channel)
@@ -361,6 +360,14 @@ class Hub:
             channel, msg.subscription_count(channel.name, channel.subscription_count), None
         )
 
+    def expire_cache(self) -> None:
+        """Drop expired cache-channel events, so the cache stays bounded by live ones."""
+        now = self._clock()
+        for app in self.apps_by_id.values():
+            expired = [name for name, cached in app.cache.items() if cached.expires_at <= now]
+            for name in expired:
+                del app.cache[name]
+
     def flush_subscription_counts(self) -> None:
         """Send throttled subscription counts that are due (called on a timer)."""
         now = self._clock()
@@ -416,8 +423,8 @@ class Hub:
         if not verify_auth(request.auth, app.settings.key, app.secrets, message):
             raise Refused(Reason.SIGNIN_INVALID)
         try:
-            user = json.loads(request.user_data)
-        except (ValueError, RecursionError):
+            user = msg.loads(request.user_data)
+        except Refused:
             raise Refused(Reason.SIGNIN_DATA_INVALID) from None
         user_id = user.get("id") if isinstance(user, dict) else None
         if not isinstance(user_id, str) or not is_valid_user_id(user_id):

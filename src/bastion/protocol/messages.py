@@ -15,6 +15,7 @@ encoding of an outgoing frame.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "decode_client_message",
     "dumps",
     "error",
+    "loads",
     "member_added",
     "member_removed",
     "ping",
@@ -53,8 +55,36 @@ MAX_JSON_DEPTH = 32
 
 
 def dumps(value: Any) -> str:
-    """Compact, ASCII-safe JSON."""
-    return json.dumps(value, separators=(",", ":"))
+    """Compact, ASCII-safe, strictly standard JSON (no NaN or Infinity)."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("number out of range")
+    return value
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse strictly standard JSON from a peer.
+
+    ``NaN``, ``Infinity`` and numbers that overflow to infinity are refused:
+    relayed, they would make ``JSON.parse`` fail in every subscriber.
+
+    Raises:
+        Refused: ``MALFORMED_JSON`` or ``JSON_TOO_DEEP``.
+    """
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise Refused(Reason.JSON_TOO_DEEP) from None
+    except ValueError:
+        raise Refused(Reason.MALFORMED_JSON) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +174,10 @@ def _data_object(frame: dict[str, Any]) -> dict[str, Any]:
     if isinstance(data, str):
         # Some clients double-encode; accept a JSON object inside a string.
         try:
-            data = json.loads(data)
-        except ValueError:
+            data = loads(data)
+        except Refused as refused:
+            if refused.reason is Reason.JSON_TOO_DEEP:
+                raise
             data = None
     if not isinstance(data, dict):
         raise Refused(Reason.INVALID_DATA, f"{frame['event']} needs a data object")
@@ -167,12 +199,7 @@ def decode_client_message(text: str, max_depth: int = MAX_JSON_DEPTH) -> ClientM
             string ``event``, names an unknown or reserved event, or carries
             ``data`` of the wrong shape.
     """
-    try:
-        frame = json.loads(text)
-    except RecursionError:
-        raise Refused(Reason.JSON_TOO_DEEP) from None
-    except ValueError:
-        raise Refused(Reason.MALFORMED_JSON) from None
+    frame = loads(text)
     if not isinstance(frame, dict):
         raise Refused(Reason.NOT_AN_OBJECT)
     if _depth_exceeds(frame, max_depth):

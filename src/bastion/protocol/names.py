@@ -31,7 +31,8 @@ RESERVED_EVENT_PREFIXES = ("pusher:", "pusher_internal:")
 MAX_USER_ID_LENGTH = 128
 
 _CHANNEL_CHARS = re.compile(r"[A-Za-z0-9_\-=@,.;]+")
-_SOCKET_ID = re.compile(r"\d{1,20}\.\d{1,20}")
+# [0-9], not \d: Python's \d matches every Unicode decimal digit.
+_SOCKET_ID = re.compile(r"[0-9]{1,20}\.[0-9]{1,20}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -86,8 +87,12 @@ def classify_channel(name: str) -> ChannelType:
 
 
 def is_valid_user_id(user_id: str) -> bool:
-    """A user id: 1-128 characters, no control characters."""
-    return 0 < len(user_id) <= MAX_USER_ID_LENGTH and not _CONTROL.search(user_id)
+    """A user id: 1-128 characters of the channel-name set (Pusher).
+
+    The same set as channel names, so that a signed-in user's
+    ``#server-to-user-{user_id}`` channel is always a valid name.
+    """
+    return 0 < len(user_id) <= MAX_USER_ID_LENGTH and bool(_CHANNEL_CHARS.fullmatch(user_id))
 
 
 def is_valid_channel_name(name: str, max_length: int) -> bool:

@@ -211,6 +211,9 @@ class Reason(enum.Enum):
         "headers_too_large", "Request header fields too large", http_status=431
     )
     HTTP_INTERNAL_ERROR = Rule("internal_error", "Internal server error", http_status=500)
+    HTTP_WEBSOCKET_VERSION = Rule(
+        "websocket_version", "Unsupported Sec-WebSocket-Version; use 13", http_status=426
+    )
     HTTP_BAD_REQUEST = Rule("bad_request", "Malformed HTTP request", http_status=400)
     HTTP_INVALID_BODY = Rule("invalid_body", "Request body must be a JSON object", http_status=400)
     HTTP_INVALID_FIELD = Rule("invalid_field", "Invalid request field", http_status=400)

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 __all__ = ["TokenBucket"]
 
+#: Float slack in tokens: a token due after exactly 1/rate (or retry_after) must be
+#: granted even when ``now`` is a large monotonic reading (ulp(1e8) is 1.5e-8 s).
+_EPSILON = 1e-6
+
 
 class TokenBucket:
     """A bucket refilled at ``rate`` tokens per second, holding at most ``burst``.
@@ -37,8 +41,8 @@ class TokenBucket:
         elapsed = max(0.0, now - self._updated)
         self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
         self._updated = max(self._updated, now)
-        if self._tokens >= cost:
-            self._tokens -= cost
+        if self._tokens + _EPSILON >= cost:
+            self._tokens = max(0.0, self._tokens - cost)
             return 0.0
         return (cost - self._tokens) / self.rate
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import cast
 from urllib.parse import parse_qsl, unquote
@@ -39,6 +40,7 @@ MAX_HEAD_BYTES = 16 * 1024
 MAX_HEADERS = 64
 #: Idle seconds allowed between keep-alive requests.
 KEEPALIVE_SECONDS = 60.0
+_DIGITS = re.compile(r"[0-9]{1,18}")
 _SUPPORTED_PROTOCOLS = frozenset({"5", "6", "7"})
 
 
@@ -119,13 +121,10 @@ class HttpConnection(asyncio.Protocol):
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
-        """The head is complete: stop the handshake timer, check the body size."""
+        """The head is complete: check the body size (the timer runs until the body ends)."""
         self.head_done = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         length = self._header("content-length")
-        if length is not None and length.isdigit() and int(length) > self.body_limit:
+        if length is not None and _DIGITS.fullmatch(length) and int(length) > self.body_limit:
             self._refuse(Reason.HTTP_BODY_TOO_LARGE)
             raise httptools.HttpParserError("body too large")
 
@@ -140,6 +139,9 @@ class HttpConnection(asyncio.Protocol):
         """Answer a plain HTTP request (upgrades continue in :meth:`_upgrade`)."""
         if self.parser.should_upgrade() or self.refused:
             return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         try:
             response = self._handle_http()
         except Exception:
@@ -210,7 +212,7 @@ class HttpConnection(asyncio.Protocol):
         self.timer = None
         if self.transport is not None and not self.transport.is_closing():
             if self.head:
-                # A client that dribbles its request head is cut, not waited for.
+                # A client that dribbles its request (head or body) is cut, not waited for.
                 self.ctx.refusals.record(Reason.HTTP_BAD_REQUEST, ip=self.ip, detail="timeout")
             self.transport.close()
 
@@ -226,6 +228,18 @@ class HttpConnection(asyncio.Protocol):
         key = path[len("/app/") :] if path.startswith("/app/") else None
         if key is None or not key or "/" in key:
             self._refuse(Reason.PATH_NOT_FOUND)
+            return
+        version = self._header("sec-websocket-version")
+        if version is not None and version.strip() != "13":
+            # RFC 6455 4.4: answer 426 and name the version we speak.
+            self.refused = True
+            self.ctx.refusals.record(Reason.HTTP_WEBSOCKET_VERSION, ip=self.ip)
+            body = error_response(Reason.HTTP_WEBSOCKET_VERSION).body
+            self._write_response(
+                HttpResponse(426, body, headers=(("Sec-WebSocket-Version", "13"),)),
+                keep_alive=False,
+            )
+            transport.close()
             return
         handshake = ServerProtocol()
         request = WsRequest(self.url.decode("latin-1"), Headers(self.headers))

@@ -47,6 +47,7 @@ class Node:
 
     async def start(self) -> None:
         """Bind and start serving."""
+        warn_unenforced(self.settings)
         server = self.settings.server
         await self.hub.adapter.start()
         self._server = await self.ctx.loop.create_server(
@@ -61,12 +62,16 @@ class Node:
     async def _heartbeat(self) -> None:
         server = self.settings.server
         interval = min(max(min(server.activity_timeout, server.pong_timeout) / 4, 0.05), 1.0)
+        ticks = 0
         while True:
             await asyncio.sleep(interval)
             now = self.ctx.loop.time()
             for connection in list(self.ctx.connections):
                 connection.check_liveness(now, server.activity_timeout, server.pong_timeout)
             self.hub.flush_subscription_counts()
+            ticks += 1
+            if ticks % 30 == 0:
+                self.hub.expire_cache()
 
     async def stop(self) -> None:
         """Stop accepting, ask every client to reconnect elsewhere (4200), close."""
@@ -83,6 +88,23 @@ class Node:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), DRAIN_SECONDS)
         await self.hub.adapter.stop()
+
+
+def warn_unenforced(settings: Settings) -> None:
+    """Say loudly which accepted settings this release does not act on yet."""
+    if settings.adapter.driver != "local":
+        log.warning(
+            "adapter.driver=%s is accepted but not implemented yet: running as a single node",
+            settings.adapter.driver,
+        )
+    for app in settings.apps:
+        if app.allowed_origins is not None:
+            log.warning(
+                "app %s: allowed_origins is accepted but not enforced yet: every origin connects",
+                app.id,
+            )
+        if app.webhooks:
+            log.warning("app %s: webhooks are accepted but not delivered yet", app.id)
 
 
 async def run(settings: Settings, on_ready: Callable[[str, int], None] | None = None) -> None:

@@ -184,28 +184,32 @@ class WebSocketConnection(asyncio.Protocol):
         for chunk in self.proto.data_to_send():
             if chunk:
                 self.transport.write(chunk)
-            elif self.state is ConnectionState.OPEN:
-                # The sans-I/O protocol asks for EOF after a close handshake.
+                continue
+            # The sans-I/O protocol asks for EOF: after a close handshake, or after
+            # it failed the connection (1002/1007/1009). Either way the TCP side ends.
+            if self.state is ConnectionState.OPEN:
                 self.state = check_transition(self.state, ConnectionState.CLOSING)
                 self._forget()
-                self.transport.close()
+            self.transport.close()
 
     def _on_parser_error(self, exc: Exception) -> None:
+        if isinstance(exc, EOFError):
+            return
         if isinstance(exc, PayloadTooBig):
             reason = Reason.FRAME_TOO_LARGE
         elif isinstance(exc, ProtocolError):
             reason = Reason.WEBSOCKET_PROTOCOL
-        elif isinstance(exc, EOFError):
-            return
+        elif isinstance(exc, UnicodeDecodeError):
+            reason = Reason.INVALID_UTF8  # an invalid close reason
         else:
-            reason = Reason.WEBSOCKET_PROTOCOL
+            reason = Reason.INTERNAL_ERROR
         # The sans-I/O protocol has already queued its close frame (1002/1009).
         self.ctx.refusals.record(
             reason, app_id=self.app.id, ip=self.ip, socket_id=self.session.socket_id
         )
         self.state = check_transition(self.state, ConnectionState.CLOSING)
         self._forget()
-        self.ctx.metrics.connections_closed[(self.app.id, reason.value.close_code or 1002)] += 1
+        self.ctx.metrics.connections_closed[(self.app.id, reason.value.close_code or 1011)] += 1
 
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -250,6 +254,7 @@ class WebSocketConnection(asyncio.Protocol):
         self._forget()
         self.ctx.metrics.connections_closed[(self.app.id, 1007)] += 1
         self.proto.fail(1007, "invalid UTF-8")
+        self._flush()
 
     def _dispatch(self, message: msg.ClientMessage) -> None:
         hub, app, session = self.ctx.hub, self.app, self.session
