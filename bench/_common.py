@@ -230,9 +230,13 @@ def masked_text_frame(payload: bytes) -> bytes:
     return Frame(Opcode.TEXT, payload).serialize(mask=True, extensions=[])
 
 
-SUBSCRIBE = masked_text_frame(
-    json.dumps({"event": "pusher:subscribe", "data": {"channel": CHANNEL}}).encode()
-)
+def subscribe_frame(channel: str) -> bytes:
+    return masked_text_frame(
+        json.dumps({"event": "pusher:subscribe", "data": {"channel": channel}}).encode()
+    )
+
+
+SUBSCRIBE = subscribe_frame(CHANNEL)
 WS_PATH = f"/app/{APP_KEY}?protocol=7&client=bench&version=1.0"
 
 
@@ -276,14 +280,19 @@ class Subscriber(asyncio.BufferedProtocol):
         "ready",
         "request",
         "stage",
+        "subscribe",
         "transport",
     )
 
     def __init__(
-        self, counter: Counter, on_trace: Callable[[bytes, int], None] | None = None
+        self,
+        counter: Counter,
+        on_trace: Callable[[bytes, int], None] | None = None,
+        subscribe: bytes = SUBSCRIBE,
     ) -> None:
         self.counter = counter
         self.on_trace = on_trace
+        self.subscribe = subscribe
         key = base64.b64encode(os.urandom(16))
         self.request = (
             f"GET {WS_PATH} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n"
@@ -346,7 +355,7 @@ class Subscriber(asyncio.BufferedProtocol):
                 self._fail(payload.decode("utf-8", "replace"))
                 return
             if self.stage == 1 and b'"pusher:connection_established"' in payload:
-                self.transport.write(SUBSCRIBE)
+                self.transport.write(self.subscribe)
                 self.stage = 2
             elif self.stage == 2 and b'"pusher_internal:subscription_succeeded"' in payload:
                 self.stage = 3
@@ -369,8 +378,16 @@ async def connect_subscribers(
     concurrency: int = 200,
     timeout: float = 60.0,
     on_trace: Callable[[bytes, int], None] | None = None,
+    channels: int = 1,
 ) -> list[Subscriber]:
-    """Open ``n`` subscribed clients (the first one traced); raise on any failure."""
+    """Open ``n`` subscribed clients (the first one traced); raise on any failure.
+
+    With ``channels`` > 1, client i subscribes to ``bench-<i % channels>`` instead of
+    the one shared channel.
+    """
+    frames = [SUBSCRIBE]
+    if channels > 1:
+        frames = [subscribe_frame(f"{CHANNEL}-{c}") for c in range(channels)]
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(concurrency)
     subs: list[Subscriber] = []
@@ -378,7 +395,10 @@ async def connect_subscribers(
     async def one(i: int) -> None:
         trace = on_trace if i == 0 else None
         async with sem:
-            _t, sub = await loop.create_connection(lambda: Subscriber(counter, trace), HOST, port)
+            sub_frame = frames[i % len(frames)]
+            _t, sub = await loop.create_connection(
+                lambda: Subscriber(counter, trace, sub_frame), HOST, port
+            )
             subs.append(sub)
             await sub.ready
 
@@ -399,3 +419,31 @@ async def connect_subscribers(
 def close_all(subs: list[Subscriber]) -> None:
     for s in subs:
         s.transport.close()
+
+
+class CpuSampler:
+    """Machine-wide CPU accounting from /proc/stat, to tell how busy the box was."""
+
+    _FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+    def __init__(self) -> None:
+        self.start = self._read()
+
+    @classmethod
+    def _read(cls) -> dict[str, float]:
+        with open("/proc/stat") as f:
+            values = f.readline().split()[1 : 1 + len(cls._FIELDS)]
+        tick = os.sysconf("SC_CLK_TCK")
+        return {k: int(v) / tick for k, v in zip(cls._FIELDS, values, strict=True)}
+
+    def since(self, our_cpu_s: float) -> dict[str, float]:
+        """Seconds of CPU used on the machine since start, minus ``our_cpu_s``."""
+        end = self._read()
+        d = {k: end[k] - self.start[k] for k in self._FIELDS}
+        busy = d["user"] + d["nice"] + d["system"] + d["irq"]
+        return {
+            "other_processes_cpu_s": round(max(0.0, busy - our_cpu_s), 2),
+            "softirq_s": round(d["softirq"], 2),
+            "steal_s": round(d["steal"], 2),
+            "idle_s": round(d["idle"], 2),
+        }
