@@ -246,6 +246,8 @@ def test_load_settings_errors_name_the_file(tmp_path: Path) -> None:
         ({"server": {"port": "x"}}, "server.port", "integer"),
         ({"server": {"port": "6001"}}, "server.port", "integer"),  # strict: no coercion
         ({"server": {"port": 70000}}, "server.port", ""),
+        ({"server": {"port": True}}, "server.port", "integer"),
+        ({"server": {"port": 6001.5}}, "server.port", "integer"),
         ({"server": {"activity_timeout": 0}}, "server.activity_timeout", ""),
         ({"apps": [app(enabled="yes")]}, "apps.0.enabled", "boolean"),
         ({"apps": [app(max_presence_members=0)]}, "apps.0.max_presence_members", ""),
