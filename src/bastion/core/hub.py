@@ -253,7 +253,7 @@ class Hub:
             if channel_type.kind is ChannelKind.PRESENCE and channel_data is not None:
                 user_id, user_info = self._parse_channel_data(channel_data, name)
             if user_id is not None:
-                size = len(msg.dumps(user_info))
+                size = msg.utf8_size(user_info)
                 if size > app.settings.max_presence_member_bytes:
                     raise Refused(Reason.SUBSCRIBE_MEMBER_TOO_LARGE, channel=name)
                 if (
@@ -403,7 +403,7 @@ class Hub:
             session.bucket = TokenBucket(rate=rate, burst=rate, now=now)
         if session.bucket.take(now) > 0:
             raise Refused(Reason.CLIENT_EVENT_RATE)
-        if len(msg.dumps(event.data)) > settings.max_event_payload_bytes:
+        if msg.utf8_size(event.data) > settings.max_event_payload_bytes:
             raise Refused(Reason.CLIENT_EVENT_TOO_LARGE)
         user_id = session.channels[event.channel]
         text = msg.channel_event(event.event, event.channel, event.data, user_id)

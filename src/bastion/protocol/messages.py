@@ -47,6 +47,7 @@ __all__ = [
     "subscription_count",
     "subscription_error",
     "subscription_succeeded",
+    "utf8_size",
     "watchlist_events",
 ]
 
@@ -57,6 +58,16 @@ MAX_JSON_DEPTH = 32
 def dumps(value: Any) -> str:
     """Compact, ASCII-safe, strictly standard JSON (no NaN or Infinity)."""
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def utf8_size(value: Any) -> int:
+    """Bytes of ``value`` as compact UTF-8 JSON: what size limits measure.
+
+    Limits count what a user wrote, not the ``\\uXXXX`` escapes of the wire
+    form, so non-Latin text is not penalised six-fold (REST measures the same way).
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def _reject_constant(name: str) -> Any:
