@@ -495,14 +495,6 @@ def test_presence_member_too_large(world: World) -> None:
     world.join_presence(a, "presence-room", "alice", {"bio": "x" * 1900})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "hub.subscribe measures user_info as len(msg.dumps(...)), ASCII-escaped, so a "
-        "1.8 KB (UTF-8) user_info of non-Latin text counts as 5 KB+ and is refused "
-        "against the 2 KB max_presence_member_size_kb"
-    ),
-)
 def test_presence_member_size_is_measured_in_utf8_bytes(world: World) -> None:
     a = world.client()
     info = {"name": "\u00e9" * 900}
@@ -616,15 +608,6 @@ def test_client_event_too_large(world: World) -> None:
     assert world.refused_client_event(a, "private-a", data=data) is (Reason.CLIENT_EVENT_TOO_LARGE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "hub.client_event measures len(msg.dumps(data)), the ASCII-escaped JSON, so "
-        "each non-ASCII character costs 6-12 bytes: 2,000 'e-acute' (about 4 KB of "
-        "UTF-8) count as 12 KB and are refused, while REST measures UTF-8 bytes "
-        "(api/rest.py) and accepts the same data"
-    ),
-)
 def test_client_event_size_is_measured_in_utf8_bytes(world: World) -> None:
     a = world.client()
     world.subscribe(a, "private-a")

@@ -99,6 +99,9 @@ def test_a_bucket_created_in_the_future_does_not_refill_until_then() -> None:
 
 # --- properties -----------------------------------------------------------------------
 
+#: Upper bound on what one grant may exceed the exact budget by (float slack).
+GRANT_SLACK = 1e-5
+
 rates = st.floats(min_value=0.01, max_value=1_000, allow_nan=False)
 bursts = st.floats(min_value=1, max_value=1_000, allow_nan=False)
 steps = st.lists(
@@ -116,13 +119,16 @@ def test_grants_never_exceed_burst_plus_rate_times_elapsed(
     rate: float, burst: float, start: float, steps: list[tuple[float, float]]
 ) -> None:
     bucket = TokenBucket(rate=rate, burst=burst, now=start)
-    now, granted = start, 0.0
+    now, granted, grants = start, 0.0, 0
     for advance, cost in steps:
         now += advance
         if bucket.take(now, cost) == 0.0:
             granted += cost
+            grants += 1
         budget = burst + rate * (now - start)
-        assert granted <= budget * (1 + 1e-9) + 1e-9
+        # The bucket forgives up to GRANT_SLACK tokens per grant so that float
+        # rounding of large clock readings never refuses a token that is due.
+        assert granted <= budget * (1 + 1e-9) + grants * GRANT_SLACK
 
 
 @settings(max_examples=300, deadline=None)
@@ -141,28 +147,31 @@ def test_time_going_backwards_never_grants_extra(
         latest = max(latest, now)
         if bucket.take(now) == 0.0:
             granted += 1
-        assert granted <= (burst + rate * latest) * (1 + 1e-9) + 1e-9
+        assert granted <= (burst + rate * latest) * (1 + 1e-9) + granted * GRANT_SLACK
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     rate=rates,
     burst=bursts,
-    start=st.floats(0, 1e4),
-    spent=st.integers(min_value=0, max_value=200),
+    start=st.floats(0, 1e6),  # up to ~12 days of monotonic uptime
+    partial=st.floats(min_value=0, max_value=0.99),
     cost=st.floats(min_value=0.1, max_value=1),
 )
 def test_waiting_retry_after_then_taking_succeeds(
-    rate: float, burst: float, start: float, spent: int, cost: float
+    rate: float, burst: float, start: float, partial: float, cost: float
 ) -> None:
     bucket = TokenBucket(rate=rate, burst=burst, now=start)
     now = start
-    while bucket.take(now, cost) == 0.0:  # drain it
-        pass
-    for _ in range(spent % 3):
-        bucket.take(now, cost)
+    first_retry = bucket.take(now, cost)
+    while first_retry == 0.0:  # drain it
+        first_retry = bucket.take(now, cost)
+    assert first_retry > 0
+    now += partial * first_retry  # part of the way to the next grant
     retry_after = bucket.take(now, cost)
-    assert retry_after > 0
+    if retry_after == 0.0:  # only the float slack may grant it early
+        assert (1 - partial) * first_retry * rate <= GRANT_SLACK
+        return
     assert math.isfinite(retry_after)
     assert retry_after <= cost / rate * (1 + 1e-9)
     assert bucket.take(now + retry_after, cost) == 0.0
@@ -175,15 +184,6 @@ def test_one_token_is_back_after_exactly_one_interval() -> None:
     assert bucket.take(100.1) == 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "TokenBucket's absolute 1e-9 slack is smaller than the rounding of "
-        "(now + dt) - now at monotonic clocks of 1e7 s (~4 months of uptime; the "
-        "hub uses loop.time()): at 10/s the token due after 0.1 s is refused by "
-        "~4e-10 s; needs a relative slack or times kept relative to the bucket"
-    ),
-)
 @pytest.mark.parametrize("origin", [8e6, 1e7, 1e8])
 def test_one_token_is_back_after_one_interval_on_a_long_running_clock(origin: float) -> None:
     bucket = TokenBucket(rate=10, burst=10, now=origin)
