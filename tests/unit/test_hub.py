@@ -1145,3 +1145,35 @@ def test_hub_clock(world: World) -> None:
     assert world.hub.now() == world.clock.now
     world.clock.advance(5)
     assert world.hub.now() == world.clock.now
+
+
+@pytest.mark.parametrize("user_id", ["alice+tag@example.com", "Zoë Smith", "user:42", "u" * 128])
+def test_presence_user_ids_are_not_limited_to_the_channel_charset(
+    world: World, user_id: str
+) -> None:
+    # Presence ids never name a channel; real apps use e-mails and display names.
+    client = world.client()
+    world.join_presence(client, "presence-room", user_id)
+    assert presence_of(client.take()[0])["ids"] == [user_id]
+
+
+@pytest.mark.parametrize("user_id", ["", "a\nb", "tab\there", "u" * 129])
+def test_presence_user_ids_with_control_characters_or_too_long_are_refused(
+    world: World, user_id: str
+) -> None:
+    client = world.client()
+    data = json.dumps({"user_id": user_id})
+    auth = world.channel_auth(client, "presence-room", data)
+    with pytest.raises(Refused) as raised:
+        world.hub.subscribe(
+            world.app,
+            client.session,
+            msg.Subscribe("presence-room", auth=auth, channel_data=data),
+        )
+    assert raised.value.reason is Reason.SUBSCRIBE_CHANNEL_DATA
+
+
+def test_signin_ids_must_fit_the_channel_charset(world: World) -> None:
+    # A signed-in id names the #server-to-user- channel, so it follows channel rules.
+    client = world.client()
+    assert world.refused_signin(client, {"id": "alice smith"}) is Reason.SIGNIN_DATA_INVALID

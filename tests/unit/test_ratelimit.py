@@ -199,3 +199,16 @@ def test_waiting_exactly_retry_after_succeeds() -> None:
     retry_after = bucket.take(2.0, 0.1)
     assert retry_after > 0
     assert bucket.take(2.0 + retry_after, 0.1) == 0.0
+
+
+@pytest.mark.parametrize("rate", [10.0, 1000.0, 50_000.0])
+@pytest.mark.parametrize("origin", [1e7, 1e8])
+def test_waiting_exactly_retry_after_succeeds_at_high_rates_on_long_clocks(
+    rate: float, origin: float
+) -> None:
+    bucket = TokenBucket(rate=rate, burst=rate, now=origin)
+    while bucket.take(origin) == 0.0:
+        pass
+    retry_after = bucket.take(origin)
+    assert retry_after > 0
+    assert bucket.take(origin + retry_after) == 0.0

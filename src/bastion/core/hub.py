@@ -29,6 +29,7 @@ from bastion.protocol.names import (
     is_client_event_name,
     is_valid_channel_name,
     is_valid_event_name,
+    is_valid_presence_user_id,
     is_valid_user_id,
 )
 from bastion.protocol.refusals import Reason
@@ -308,7 +309,7 @@ class Hub:
         if isinstance(raw, bool) or not isinstance(raw, str | int):
             raise Refused(Reason.SUBSCRIBE_CHANNEL_DATA, channel=channel)
         user_id = str(raw)
-        if not is_valid_user_id(user_id):
+        if not is_valid_presence_user_id(user_id):
             raise Refused(Reason.SUBSCRIBE_CHANNEL_DATA, channel=channel)
         return user_id, data.get("user_info")
 

@@ -21,6 +21,7 @@ __all__ = [
     "is_client_event_name",
     "is_valid_channel_name",
     "is_valid_event_name",
+    "is_valid_presence_user_id",
     "is_valid_socket_id",
     "is_valid_user_id",
 ]
@@ -87,12 +88,21 @@ def classify_channel(name: str) -> ChannelType:
 
 
 def is_valid_user_id(user_id: str) -> bool:
-    """A user id: 1-128 characters of the channel-name set (Pusher).
+    """A signed-in user id: 1-128 characters of the channel-name set (Pusher).
 
     The same set as channel names, so that a signed-in user's
     ``#server-to-user-{user_id}`` channel is always a valid name.
     """
     return 0 < len(user_id) <= MAX_USER_ID_LENGTH and bool(_CHANNEL_CHARS.fullmatch(user_id))
+
+
+def is_valid_presence_user_id(user_id: str) -> bool:
+    """A presence ``user_id``: 1-128 characters, no control characters.
+
+    Looser than :func:`is_valid_user_id`: presence ids never name a channel, and
+    real apps use e-mail addresses with ``+`` and non-ASCII names as ids.
+    """
+    return 0 < len(user_id) <= MAX_USER_ID_LENGTH and not _CONTROL.search(user_id)
 
 
 def is_valid_channel_name(name: str, max_length: int) -> bool:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 __all__ = ["TokenBucket"]
 
-#: Float slack in tokens: a token due after exactly 1/rate (or retry_after) must be
-#: granted even when ``now`` is a large monotonic reading (ulp(1e8) is 1.5e-8 s).
-_EPSILON = 1e-6
+#: Float slack, in seconds: a token due after exactly 1/rate (or retry_after) must
+#: be granted even when ``now`` is a large monotonic reading (ulp(1e8 s) is 1.5e-8 s).
+_SLACK_SECONDS = 1e-7
 
 
 class TokenBucket:
@@ -41,7 +41,7 @@ class TokenBucket:
         elapsed = max(0.0, now - self._updated)
         self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
         self._updated = max(self._updated, now)
-        if self._tokens + _EPSILON >= cost:
+        if self._tokens + self.rate * _SLACK_SECONDS + 1e-9 >= cost:
             self._tokens = max(0.0, self._tokens - cost)
             return 0.0
         return (cost - self._tokens) / self.rate
