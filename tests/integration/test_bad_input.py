@@ -1014,6 +1014,61 @@ async def test_a_stalled_request_body_is_cut(node, raw_sockets, verdict) -> None
     await verdict({"bad_request": 1})
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(
+            b"POST /apps/12345/events HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 99999999999999999999\r\n\r\n",
+            id="content-length-overflow",
+        ),
+        pytest.param(
+            b"POST /apps/12345/events HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+            id="two-content-lengths",
+        ),
+        pytest.param(
+            b"POST /apps/12345/events HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            id="content-length-and-chunked",
+        ),
+        pytest.param(
+            b"POST /apps/12345/events HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+            id="negative-content-length",
+        ),
+    ],
+)
+async def test_ambiguous_request_framing_is_400(node, raw_sockets, verdict, head: bytes) -> None:
+    # Request-smuggling shapes: refuse rather than guess where the body ends.
+    raw = await RawWebSocket.connect(node.port)
+    raw_sockets.append(raw)
+    raw.write(head)
+    response = await raw.read_eof()
+    assert response.startswith(b"HTTP/1.1 400 "), response[:80]
+    await verdict({"bad_request": 1})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server defect: the upgrade is accepted (101) whatever the request method; "
+    "RFC 6455 4.1/4.2.1 requires GET (http.py never checks parser.get_method())",
+)
+@pytest.mark.parametrize("method", ["POST", "PUT", "HEAD"])
+async def test_upgrade_with_a_method_other_than_get_is_refused(
+    node, raw_sockets, logs, still_serving, method: str
+) -> None:
+    raw = await RawWebSocket.connect(node.port)
+    raw_sockets.append(raw)
+    request = raw.handshake_request(f"/app/{APP_KEY}?protocol=7")
+    raw.write(method.encode() + request[len(b"GET") :])
+    status, _ = await raw.read_head()
+    assert 400 <= status < 500, status
+    assert not node.ctx.connections
+    assert sum(refusal_totals(node).values()) == 1
+    logs.assert_clean()
+    await still_serving()
+
+
 async def test_unsupported_websocket_version_is_refused(node, raw_sockets, verdict) -> None:
     raw = await RawWebSocket.connect(node.port)
     raw_sockets.append(raw)

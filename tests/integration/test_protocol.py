@@ -23,10 +23,13 @@ from bastion.server.runtime import Node
 from .clients import (
     APP_ID,
     APP_KEY,
+    OP_BINARY,
+    OP_TEXT,
     OTHER_APP_KEY,
     Closed,
     PusherClient,
     RawWebSocket,
+    build_frame,
     data_of,
     make_sdk,
     open_client,
@@ -222,6 +225,74 @@ async def test_unsupported_websocket_version_is_http_426(node: Node, raw_sockets
     assert not node.ctx.connections
 
 
+ENDINGS = ["client-close", "tcp-drop", "unmasked-frame", "binary-frame", "invalid-utf8", "oversize"]
+
+
+@pytest.mark.parametrize("ending", ENDINGS)
+async def test_every_way_a_connection_ends_frees_its_quota_slot(
+    make_node, connect, raw_sockets, ending: str
+) -> None:
+    node = await make_node(app={"max_connections": 1})
+    if ending == "client-close":
+        client = await connect(node)
+        await client.close()
+    else:
+        raw = await RawWebSocket.open(node.port)
+        raw_sockets.append(raw)
+        if ending == "tcp-drop":
+            raw.writer.transport.abort()
+        else:
+            if ending == "unmasked-frame":
+                raw.send_frame(OP_TEXT, b"{}", mask=False)
+            elif ending == "binary-frame":
+                raw.send_frame(OP_BINARY, b"{}")
+            elif ending == "invalid-utf8":
+                raw.send_text(b"\xc3\x28")
+            else:
+                raw.send_frame(OP_TEXT, b"", declared_length=1 << 20)
+            await raw.read_close()
+            assert await raw.read_eof() == b""
+
+    async def admitted() -> PusherClient:
+        # The node learns of a dropped socket on its own schedule: retry the real thing.
+        while True:
+            ws = await open_ws(node.port)
+            first = json.loads(await within(ws.recv()))
+            if first["event"] == "pusher:connection_established":
+                return PusherClient(ws, first)
+            assert first["data"]["code"] == 4004, first
+            await read_until_closed(ws)
+
+    client = await within(admitted())
+    await client.barrier()
+    assert node.hub.apps_by_id[APP_ID].connections == 1
+    await client.close()
+
+
+async def test_frames_pipelined_behind_the_upgrade_are_served(node: Node, raw_sockets) -> None:
+    raw = await RawWebSocket.connect(node.port)
+    raw_sockets.append(raw)
+    ping = build_frame(OP_TEXT, b'{"event":"pusher:ping","data":{}}')
+    raw.write(raw.handshake_request(f"/app/{APP_KEY}?protocol=7") + ping)
+    status, _ = await raw.read_head()
+    assert status == 101
+    assert (await raw.read_json())["event"] == "pusher:connection_established"
+    assert (await raw.read_json())["event"] == "pusher:pong"
+
+
+async def test_pipelined_http_requests_are_answered_in_order(node: Node, raw_sockets) -> None:
+    raw = await RawWebSocket.connect(node.port)
+    raw_sockets.append(raw)
+    raw.write(
+        b"GET /up HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    response = await raw.read_eof()
+    assert response.startswith(b"HTTP/1.1 200 ")
+    assert response.count(b"HTTP/1.1 ") == 2
+    assert b"HTTP/1.1 404 " in response
+
+
 # --- channels ------------------------------------------------------------------------------
 
 
@@ -415,21 +486,23 @@ async def test_server_to_user_channel_after_signin(node: Node, connect, sdk) -> 
     assert data_of(event) == {"n": 1}
 
 
+@pytest.mark.parametrize("route", ["documented", "pypi-sdk"])
 async def test_terminate_connections_closes_signed_in_sockets_with_4009(
-    node: Node, connect, sdk
+    node: Node, connect, sdk, route: str
 ) -> None:
     tab1, tab2, other, presence_only = [await connect(node) for _ in range(4)]
     await signin(sdk, tab1, {"id": "mallory"})
     await signin(sdk, tab2, {"id": "mallory"})
     await signin(sdk, other, {"id": "alice"})
     await subscribe_with_sdk(sdk, presence_only, "presence-x", {"user_id": "mallory"})
-    # The PyPI SDK posts to /users/{id}/terminate_connections (no /apps/{id} prefix),
-    # which no server routes; sign the documented path ourselves.
-    response = await rest(
-        node.port, "POST", f"/apps/{APP_ID}/users/mallory/terminate_connections", {}
-    )
-    assert response.status == 200
-    assert response.json() == {}
+    if route == "documented":
+        path = f"/apps/{APP_ID}/users/mallory/terminate_connections"
+        response = await rest(node.port, "POST", path, {})
+        assert response.status == 200
+        assert response.json() == {}
+    else:
+        # pusher (PyPI) 3.3 posts to /users/{id}/terminate_connections, no /apps/{id}.
+        assert await asyncio.to_thread(sdk.terminate_user_connections, "mallory") == {}
     for tab in (tab1, tab2):
         closed = await tab.closed()
         assert closed.code == 4009
