@@ -103,7 +103,8 @@ class ServerProcess:
         self.cmd = cmd
         self.ready_prefix = ready_prefix
         self.cpu = cpu
-        self.stderr_file = tempfile.TemporaryFile()
+        # Lives as long as the server: stderr goes to a file so a pipe can never fill.
+        self.stderr_file = tempfile.TemporaryFile()  # noqa: SIM115
         self.lines: deque[str] = deque(maxlen=50)
         self._ready = threading.Event()
         self.ready_line = ""
@@ -295,10 +296,14 @@ class Subscriber(asyncio.BufferedProtocol):
         self.subscribe = subscribe
         key = base64.b64encode(os.urandom(16))
         self.request = (
-            f"GET {WS_PATH} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-            "Sec-WebSocket-Key: "
-        ).encode() + key + b"\r\n\r\n"
+            (
+                f"GET {WS_PATH} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: "
+            ).encode()
+            + key
+            + b"\r\n\r\n"
+        )
         self.buf = bytearray()
         self.stage = 0  # 0 handshake, 1 wait established, 2 wait subscribed, 3 counting
         self.counting = False
@@ -376,7 +381,7 @@ async def connect_subscribers(
     counter: Counter,
     *,
     concurrency: int = 200,
-    timeout: float = 60.0,
+    time_limit: float = 60.0,
     on_trace: Callable[[bytes, int], None] | None = None,
     channels: int = 1,
 ) -> list[Subscriber]:
@@ -404,7 +409,7 @@ async def connect_subscribers(
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
     try:
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout)
+        await asyncio.wait_for(asyncio.gather(*tasks), time_limit)
     except BaseException:
         for t in tasks:
             t.cancel()

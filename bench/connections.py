@@ -25,7 +25,7 @@ from typing import Any
 import uvloop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
+from _common import (
     Counter,
     ServerProcess,
     bastion_server,
@@ -51,7 +51,7 @@ async def measure(
         args.connections,
         Counter(),
         concurrency=args.concurrency,
-        timeout=max(5.0, deadline - time.perf_counter()),
+        time_limit=max(5.0, deadline - time.perf_counter()),
         channels=args.channels,
     )
     connect_s = time.perf_counter() - t0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import resource
 import signal
 
@@ -106,10 +107,8 @@ async def serve(port: int, max_seconds: float) -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), max_seconds)
-    except TimeoutError:
-        pass
     ws_server.close()
     http_server.close()
 
