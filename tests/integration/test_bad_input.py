@@ -38,8 +38,10 @@ from .clients import (
     HttpResult,
     PusherClient,
     RawWebSocket,
+    data_of,
     hmac_hex,
     http_request,
+    make_sdk,
     rest,
     signed_target,
 )
@@ -355,6 +357,40 @@ async def test_server_to_user_channel_needs_signin(node: Node, connect, verdict:
     await verdict({"subscribe_not_signed_in": 1})
 
 
+async def test_full_presence_channel_refuses_new_users_only(make_node, connect, logs) -> None:
+    node = await make_node(app={"max_presence_members": 1})
+    sdk = make_sdk(node.port)
+    first, second, first_again = [await connect(node) for _ in range(3)]
+
+    async def join(client: PusherClient, user_id: str) -> dict[str, Any]:
+        auth = sdk.authenticate("presence-full", client.socket_id, {"user_id": user_id})
+        return await client.subscribe("presence-full", auth["auth"], auth["channel_data"])
+
+    assert (await join(first, "a"))["event"] == "pusher_internal:subscription_succeeded"
+    refused = await join(second, "b")
+    assert refused["event"] == "pusher:subscription_error"
+    assert refused["data"]["type"] == "LimitReached"
+    assert refused["data"]["status"] == 403
+    await second.barrier()
+    # Another socket of a user already present is not a new member.
+    assert (await join(first_again, "a"))["event"] == "pusher_internal:subscription_succeeded"
+    await first.barrier()
+    assert refusal_totals(node) == {"subscribe_presence_full": 1}
+    logs.assert_refusal_logged("subscribe_presence_full")
+    logs.assert_clean()
+
+
+async def test_oversize_presence_member_is_refused(node, connect, sdk, verdict) -> None:
+    client = await connect(node)
+    user = {"user_id": "big", "user_info": {"bio": "y" * 3000}}
+    auth = sdk.authenticate("presence-big", client.socket_id, user)
+    reply = await client.subscribe("presence-big", auth["auth"], auth["channel_data"])
+    assert reply["event"] == "pusher:subscription_error"
+    assert reply["data"]["type"] == "LimitReached"
+    await client.barrier()
+    await verdict({"subscribe_member_too_large": 1})
+
+
 # --- client events -------------------------------------------------------------------------
 
 
@@ -498,6 +534,36 @@ async def test_bad_signin_closes_4009(
     assert [frame["event"] for frame in closed.frames] == ["pusher:error"]
     assert closed.frames[0]["data"]["code"] == 4009
     await verdict({slug: 1})
+
+
+async def test_signin_as_another_user_closes_4009(node, connect, sdk, verdict) -> None:
+    client = await connect(node)
+    for user_id in ("first", "first"):  # signing in again as the same user is fine
+        auth = sdk.authenticate_user(client.socket_id, {"id": user_id})
+        await client.send({"event": "pusher:signin", "data": auth})
+        await client.expect("pusher:signin_success")
+    auth = sdk.authenticate_user(client.socket_id, {"id": "second"})
+    await client.send({"event": "pusher:signin", "data": auth})
+    closed = await client.closed()
+    assert closed.code == 4009
+    await verdict({"signin_conflict": 1})
+
+
+async def test_watchlist_over_the_limit_gets_4302_and_stays_signed_in(
+    make_node, connect, logs
+) -> None:
+    node = await make_node(app={"max_watchlist_size": 2})
+    sdk = make_sdk(node.port)
+    client = await connect(node)
+    auth = sdk.authenticate_user(client.socket_id, {"id": "w", "watchlist": ["a", "b", "c"]})
+    await client.send({"event": "pusher:signin", "data": auth})
+    await client.expect("pusher:signin_success")
+    events = await client.expect("pusher_internal:watchlist_events")
+    assert data_of(events) == {"events": [{"name": "offline", "user_ids": ["a", "b"]}]}
+    await expect_error(client, 4302)
+    assert refusal_totals(node) == {"watchlist_too_long": 1}
+    logs.assert_refusal_logged("watchlist_too_long")
+    logs.assert_clean()
 
 
 # --- broken frames: closed with the RFC 6455 code ------------------------------------------

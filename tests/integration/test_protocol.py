@@ -142,6 +142,18 @@ async def test_client_activity_postpones_the_server_ping(make_node, connect) -> 
     assert node.metrics.refusal_count("pong_timeout") == 0
 
 
+async def test_protocol_pings_count_as_activity(make_node, connect) -> None:
+    node = await make_node(server={"activity_timeout": 1, "pong_timeout": 0.5})
+    client = await connect(node)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 1.6
+    while loop.time() < deadline:
+        await within(await client.ws.ping())  # RFC 6455 Ping, answered by a Pong
+        await asyncio.sleep(0.2)  # pacing of client traffic, not synchronisation
+    await client.barrier()  # no pusher:ping was sent in between
+    assert node.metrics.refusal_count("pong_timeout") == 0
+
+
 # --- admission -----------------------------------------------------------------------------
 
 
@@ -396,6 +408,28 @@ async def test_public_channel_without_cache_prefix_sends_no_cache_frames(node, c
     await client.barrier()
 
 
+async def test_subscription_count_is_broadcast_when_enabled(make_node, connect) -> None:
+    node = await make_node(app={"enable_subscription_count": True})
+    first = await connect(node)
+    await first.subscribed("counted")
+    count = await first.expect("pusher_internal:subscription_count", "counted")
+    assert data_of(count) == {"subscription_count": 1}
+    second = await connect(node)
+    await second.subscribed("counted")
+    for client in (first, second):
+        count = await client.expect("pusher_internal:subscription_count", "counted")
+        assert data_of(count) == {"subscription_count": 2}
+    await second.close()
+    count = await first.expect("pusher_internal:subscription_count", "counted")
+    assert data_of(count) == {"subscription_count": 1}
+
+
+async def test_subscription_count_is_not_sent_by_default(node: Node, connect) -> None:
+    client = await connect(node)
+    await client.subscribed("uncounted")
+    await client.barrier()
+
+
 # --- REST delivery -------------------------------------------------------------------------
 
 
@@ -439,9 +473,14 @@ async def test_client_event_on_private_channel(node: Node, connect, sdk) -> None
     for client in (sender, receiver):
         await subscribe_with_sdk(sdk, client, "private-chat")
     await sender.send({"event": "client-typing", "channel": "private-chat", "data": {"x": [1]}})
+    await sender.send(
+        {"event": "client-forged", "channel": "private-chat", "data": 1, "user_id": "admin"}
+    )
     event = await receiver.expect("client-typing", "private-chat")
     assert event["data"] == {"x": [1]}
     assert "user_id" not in event
+    forged = await receiver.expect("client-forged", "private-chat")
+    assert "user_id" not in forged, "a client cannot claim a user_id"
     await sender.barrier()  # not echoed
 
 
