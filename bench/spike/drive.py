@@ -232,34 +232,54 @@ async def connect_clients(
 
 
 async def fanout_phase(
-    run: Run, port: int, payload_for: object, time_limit: float
+    run: Run, port: int, payload_for: object, time_limit: float, lanes: int = 1
 ) -> dict[str, float]:
+    """POST every event; ``lanes`` keep-alive connections, each one event in flight.
+
+    With more than one lane the server may handle events out of order; deliveries
+    are then attributed by arrival order, so latencies are approximate by up to the
+    service time of ``lanes`` events.
+    """
     loop = asyncio.get_running_loop()
-    sent = {"next": 0, "bad": 0}
+    sent = {"next": 0, "answered": 0}
     all_answered = loop.create_future()
 
     def send_next(client: HttpClient) -> None:
         i = sent["next"]
         if i >= run.events:
-            if not all_answered.done():
-                all_answered.set_result(None)
             return
         sent["next"] = i + 1
         body = payload_for(i)  # type: ignore[operator]
         run.send_times[i] = time.perf_counter()
         client.transport.write(post_request(b"/trigger", body))
 
-    _t, client = await loop.create_connection(lambda: HttpClient(send_next), HOST, port)
+    def on_response(client: HttpClient) -> None:
+        sent["answered"] += 1
+        if sent["answered"] >= run.events and not all_answered.done():
+            all_answered.set_result(None)
+        send_next(client)
+
+    clients = []
+    for _ in range(lanes):
+        _t, c = await loop.create_connection(lambda: HttpClient(on_response), HOST, port)
+        clients.append(c)
     start = time.perf_counter()
-    send_next(client)
+    for c in clients:
+        send_next(c)
     complete = True
     try:
         await asyncio.wait_for(asyncio.gather(run.done, all_answered), time_limit)
     except TimeoutError:
         complete = False
-    client.transport.close()
+    for c in clients:
+        c.transport.close()
     end = run.last_delivery if run.delivered else time.perf_counter()
-    return {"start": start, "end": end, "complete": complete, "non_200": client.bad}
+    return {
+        "start": start,
+        "end": end,
+        "complete": complete,
+        "non_200": sum(c.bad for c in clients),
+    }
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
@@ -313,7 +333,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
 
         cpu_srv0, cpu_drv0 = cpu_seconds(proc.pid), time.process_time()
         remaining = max(5.0, args.timeout - (time.perf_counter() - t_begin))
-        fo = await fanout_phase(run, http_port, payload_for, remaining)
+        fo = await fanout_phase(run, http_port, payload_for, remaining, args.trigger_conns)
         cpu_srv1, cpu_drv1 = cpu_seconds(proc.pid), time.process_time()
 
         lat = sorted(run.latencies)
@@ -324,6 +344,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             "fanout_mode": args.fanout or "raw",
             "clients": args.clients,
             "events": args.events,
+            "trigger_conns": args.trigger_conns,
             "payload_bytes": payload_len,
             "frame_bytes": frame_len,
             "deliveries": run.delivered,
@@ -375,6 +396,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=2000)
     ap.add_argument("--events", type=int, default=200)
     ap.add_argument("--payload-bytes", type=int, default=100)
+    ap.add_argument("--trigger-conns", type=int, default=1, help="fan-out triggers in flight")
     ap.add_argument("--rest-seconds", type=float, default=2.0)
     ap.add_argument("--rest-conns", type=int, default=4)
     ap.add_argument("--connect-concurrency", type=int, default=256)
