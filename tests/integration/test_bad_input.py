@@ -1114,11 +1114,6 @@ async def test_ambiguous_request_framing_is_400(node, raw_sockets, verdict, head
     await verdict({"bad_request": 1})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server defect: the upgrade is accepted (101) whatever the request method; "
-    "RFC 6455 4.1/4.2.1 requires GET (http.py never checks parser.get_method())",
-)
 @pytest.mark.parametrize("method", ["POST", "PUT", "HEAD"])
 async def test_upgrade_with_a_method_other_than_get_is_refused(
     node, raw_sockets, logs, still_serving, method: str

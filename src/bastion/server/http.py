@@ -229,6 +229,10 @@ class HttpConnection(asyncio.Protocol):
         if key is None or not key or "/" in key:
             self._refuse(Reason.PATH_NOT_FOUND)
             return
+        if self.parser.get_method() != b"GET":
+            # RFC 6455 4.1: the opening handshake is a GET.
+            self._refuse(Reason.HTTP_METHOD)
+            return
         version = self._header("sec-websocket-version")
         if version is not None and version.strip() != "13":
             # RFC 6455 4.4: answer 426 and name the version we speak.
