@@ -129,3 +129,22 @@ def test_presence_rest_queries_match_what_clients_see(driver: NodeDriver, py_pus
     info = py_pusher.channel_info(ROOM, ["user_count"])
     assert info["occupied"] is True
     assert info["user_count"] == 2
+
+
+def test_presence_identity_from_signin_without_channel_data(driver: NodeDriver) -> None:
+    # pusher-js supports an auth response without channel_data when the connection is
+    # signed in: the member is the signed-in user (spec §6.1 step 3).
+    driver.connect(
+        "a", userData={"id": "alice", "user_info": {"name": "Alice"}}, omitChannelData=True
+    )
+    driver.connect("b", presenceData=BOB)
+    driver.request("signin", client="a")
+    driver.wait_event(kind="message", client="a", event="pusher:signin_success")
+    driver.subscribe("b", ROOM)
+
+    joined = driver.subscribe("a", ROOM)
+
+    assert joined["data"]["me"] == {"id": "alice", "info": {"name": "Alice"}}
+    assert _ids(joined["data"]) == ["alice", "bob"]
+    added = driver.channel_event("b", ROOM, "pusher:member_added")
+    assert added["data"] == {"id": "alice", "info": {"name": "Alice"}}

@@ -150,16 +150,9 @@ def test_terminate_user_connections_with_node_sdk(driver: NodeDriver) -> None:
     assert driver.request("state", client="a")["state"] == "disconnected"
 
 
-PY_SDK_TERMINATE_PATH_REASON = (
-    "PyPI pusher 3.3.x terminate_user_connections() POSTs to "
-    "/users/{user_id}/terminate_connections (no /apps/{app_id} prefix, signed over that "
-    "path); Bastion answers 404, so the official "
-    "Python SDK cannot terminate connections. Server must accept that path (app from auth_key)."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=PY_SDK_TERMINATE_PATH_REASON)
 def test_terminate_user_connections_with_python_sdk(driver: NodeDriver, py_pusher) -> None:
+    # PyPI pusher 3.3.x POSTs to /users/{user_id}/terminate_connections, without the
+    # /apps/{app_id} prefix (signed over that path): Bastion must accept it as is.
     _signin(driver, "a", ALICE)
 
     try:

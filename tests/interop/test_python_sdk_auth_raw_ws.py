@@ -12,8 +12,9 @@ import base64
 import json
 
 import nacl.secret
+import pusher.errors
 import pytest
-from support.server import DEFAULT_APP
+from support.server import DEFAULT_APP, app_spec
 from support.wsclient import PusherWsClient
 
 KEY = DEFAULT_APP["key"]
@@ -149,3 +150,52 @@ async def test_user_authentication_with_wrong_secret_closes_4009(bastion) -> Non
         code, _reason = await ws.wait_closed()
         assert code == 4009
         assert not ws.received("pusher:signin_success")
+
+
+async def test_watchlist_over_the_limit_is_truncated_with_4302(make_bastion) -> None:
+    from .conftest import make_py_pusher
+
+    server = make_bastion(apps=[app_spec(max_watchlist_size=2)])
+    sdk = make_py_pusher(server)
+    async with await PusherWsClient.connect(server.ws_url(KEY)) as ws:
+        auth = sdk.authenticate_user(ws.socket_id, {"id": "w", "watchlist": ["a", "b", "c"]})
+
+        await ws.signin(auth["auth"], auth["user_data"])
+
+        await ws.expect("pusher:signin_success")
+        error = await ws.expect("pusher:error")
+        assert error.data["code"] == 4302
+        await ws.ping()
+        assert not ws.closed.is_set()
+
+
+async def test_no_secret_or_signature_reaches_the_server_logs(make_bastion) -> None:
+    from .conftest import make_py_pusher
+
+    # Debug logging: the most talkative the server gets.
+    server = make_bastion(extra_args=("--log-level", "debug"))
+    sdk = make_py_pusher(server, encryption_master_key_base64=base64.b64encode(b"k" * 32).decode())
+    signatures = []
+    async with await PusherWsClient.connect(server.ws_url(KEY)) as ws:
+        for channel in ("private-a", "private-encrypted-b"):
+            auth = sdk.authenticate(channel, ws.socket_id)
+            signatures.append(auth["auth"].split(":", 1)[1])
+            await ws.subscribe(channel, auth["auth"])
+        bad = make_py_pusher(server, secret="wrong-secret").authenticate("private-c", ws.socket_id)
+        signatures.append(bad["auth"].split(":", 1)[1])
+        await ws.subscribe("private-c", bad["auth"])
+        user = sdk.authenticate_user(ws.socket_id, {"id": "alice"})
+        signatures.append(user["auth"].split(":", 1)[1])
+        await ws.signin(user["auth"], user["user_data"])
+        await ws.expect("pusher:signin_success")
+    await asyncio.to_thread(sdk.trigger, "private-a", "e", {})
+    with pytest.raises(pusher.errors.PusherBadAuth):
+        await asyncio.to_thread(make_py_pusher(server, secret="wrong-secret").trigger, "x", "e", {})
+
+    server.stop()
+
+    output = server.output
+    assert DEFAULT_APP["secret"] not in output
+    for signature in signatures:
+        assert signature not in output
+    assert "auth_signature=" not in output

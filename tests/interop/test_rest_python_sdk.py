@@ -208,19 +208,13 @@ async def test_send_to_user(bastion, py_pusher) -> None:
         assert frame.data == {"x": 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "PyPI pusher 3.3.x terminate_user_connections() POSTs to "
-        "/users/{user_id}/terminate_connections (no /apps/{app_id} prefix); Bastion answers 404"
-    ),
-)
 async def test_terminate_user_connections(bastion, py_pusher) -> None:
     async with await _client(bastion) as sub:
         auth = py_pusher.authenticate_user(sub.socket_id, {"id": "alice"})
         await sub.signin(auth["auth"], auth["user_data"])
         await sub.expect("pusher:signin_success")
 
+        # The SDK uses /users/{id}/terminate_connections (no /apps/{app_id} prefix).
         result = await asyncio.to_thread(py_pusher.terminate_user_connections, "alice")
 
         assert result == {}

@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_WS_QUERY",
     "LISTENING_RE",
     "REPO_ROOT",
+    "SRC_DIR",
     "BastionProcess",
     "BastionStartupError",
     "app_spec",
