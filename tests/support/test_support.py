@@ -154,14 +154,6 @@ def _read_until_eof(fd: int, timeout: float) -> bytes:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/syscall"), reason="needs /proc/PID/syscall")
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "server defect: cli.on_ready prints the listening line before runtime.run installs "
-        "the SIGTERM/SIGINT handlers, so a SIGTERM right after the line kills the process "
-        "with the default action (exit -15, no 4200 drain) instead of draining (exit 0)"
-    ),
-)
 def test_sigterm_right_after_the_listening_line_still_drains(tmp_path) -> None:
     # A supervisor (or a test) may stop the server the moment it says it is listening.
     # Made deterministic: stdout is a full pipe, so the server blocks *inside* printing

@@ -110,14 +110,15 @@ def warn_unenforced(settings: Settings) -> None:
 async def run(settings: Settings, on_ready: Callable[[str, int], None] | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then drain."""
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Before anyone is told we listen: a SIGTERM right after that line must drain.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
     node = Node(settings, loop)
     await node.start()
     if on_ready is not None:
         on_ready(settings.server.host, node.port)
-    stop = asyncio.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("draining on signal")
     await node.stop()
