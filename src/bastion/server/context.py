@@ -17,12 +17,45 @@ if TYPE_CHECKING:
     from bastion.api.rest import RestApi
     from bastion.server.websocket import WebSocketConnection
 
-__all__ = ["ServerContext", "frame_text"]
+__all__ = ["Outbox", "ServerContext", "frame_text"]
 
 
 def frame_text(text: str) -> bytes:
     """One unmasked, unfragmented WebSocket text frame carrying ``text``."""
     return Frame(Opcode.TEXT, text.encode("utf-8")).serialize(mask=False, extensions=[])
+
+
+class Outbox:
+    """Joins what one loop iteration writes to a connection into one ``send()``.
+
+    A loopback ``send()`` costs several microseconds of kernel time, which is the
+    fan-out ceiling (docs/decisions/0003-coalesced-writes.md). Every write to a
+    connection is queued on the connection and the outbox flushes each dirty
+    connection once, at the end of the iteration, so events that arrive together
+    (bursts, concurrent REST calls, batches) cost one syscall per subscriber, and
+    per-connection order is kept because every write takes the same path.
+    """
+
+    __slots__ = ("_dirty", "_loop", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[WebSocketConnection] = []
+        self._scheduled = False
+
+    def mark(self, connection: WebSocketConnection) -> None:
+        """``connection`` has queued bytes; flush it at the end of this iteration."""
+        self._dirty.append(connection)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write every queued byte now."""
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for connection in dirty:
+            connection.flush_pending()
 
 
 @dataclass(eq=False)
@@ -35,6 +68,7 @@ class ServerContext:
     metrics: Metrics
     loop: asyncio.AbstractEventLoop
     rest: RestApi
+    outbox: Outbox
     connections: set[WebSocketConnection] = field(default_factory=set)
     socket_ids: set[str] = field(default_factory=set)
     draining: bool = False

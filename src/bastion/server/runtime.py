@@ -13,7 +13,7 @@ from bastion.api.rest import RestApi
 from bastion.config import Settings
 from bastion.core.hub import Hub
 from bastion.metrics import Metrics
-from bastion.server.context import ServerContext, frame_text
+from bastion.server.context import Outbox, ServerContext, frame_text
 from bastion.server.http import HttpConnection
 from bastion.server.refusals import RefusalPath
 
@@ -34,7 +34,9 @@ class Node:
         self.refusals = RefusalPath(self.metrics)
         self.hub = Hub(settings, frame_text, loop.time, LocalAdapter())
         self.rest = RestApi(self.hub, self.refusals, self.metrics)
-        self.ctx = ServerContext(settings, self.hub, self.refusals, self.metrics, loop, self.rest)
+        self.ctx = ServerContext(
+            settings, self.hub, self.refusals, self.metrics, loop, self.rest, Outbox(loop)
+        )
         self._server: asyncio.Server | None = None
         self._tick: asyncio.Task[None] | None = None
 

@@ -51,6 +51,7 @@ class WebSocketConnection(asyncio.Protocol):
         "ctx",
         "ip",
         "last_seen",
+        "pending",
         "ping_sent_at",
         "proto",
         "session",
@@ -75,8 +76,10 @@ class WebSocketConnection(asyncio.Protocol):
         self.last_seen = ctx.loop.time()
         self.ping_sent_at: float | None = None
         self._fragments: list[bytes] | None = None
+        #: Bytes queued this loop iteration (see Outbox): one chunk, or a list.
+        self.pending: bytes | list[bytes] | None = None
         socket_id = new_socket_id(ctx.socket_ids)
-        self.session = Session(socket_id, transport.write, self.refuse)
+        self.session = Session(socket_id, self.write, self.refuse)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -92,10 +95,31 @@ class WebSocketConnection(asyncio.Protocol):
             msg.connection_established(self.session.socket_id, ctx.settings.server.activity_timeout)
         )
 
+    def write(self, data: bytes) -> None:
+        """Queue pre-framed bytes; they go out with this iteration's other writes."""
+        pending = self.pending
+        if pending is None:
+            self.pending = data
+            self.ctx.outbox.mark(self)
+        elif isinstance(pending, bytes):
+            self.pending = [pending, data]
+        else:
+            pending.append(data)
+
+    def flush_pending(self) -> None:
+        """Write what this iteration queued, as one chunk."""
+        pending = self.pending
+        if pending is None:
+            return
+        self.pending = None
+        if self.state is ConnectionState.CLOSED:
+            return
+        self.transport.write(pending if isinstance(pending, bytes) else b"".join(pending))
+
     def send(self, text: str) -> None:
         """Frame and write one message to this connection only."""
         if self.state is ConnectionState.OPEN:
-            self.transport.write(frame_text(text))
+            self.write(frame_text(text))
 
     def refuse(self, refused: Refused) -> None:
         """Answer a refusal: record it, then close, or send an error frame."""
@@ -130,6 +154,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.state = check_transition(self.state, ConnectionState.CLOSING)
         self._forget()
         self.ctx.metrics.connections_closed[(self.app.id, code)] += 1
+        self.flush_pending()
         self.proto.send_close(code, reason[:120])
         self._flush()
         self.transport.close()
@@ -176,11 +201,14 @@ class WebSocketConnection(asyncio.Protocol):
         if self.state is ConnectionState.OPEN:
             self.ctx.metrics.connections_closed[(self.app.id, 1006)] += 1
         self.state = ConnectionState.CLOSED
+        self.pending = None
         self._forget()
 
     # --- frames --------------------------------------------------------------------
 
     def _flush(self) -> None:
+        # Queued messages go before what the sans-I/O protocol wrote after them.
+        self.flush_pending()
         for chunk in self.proto.data_to_send():
             if chunk:
                 self.transport.write(chunk)
