@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,26 +37,48 @@ class Outbox:
     per-connection order is kept because every write takes the same path.
     """
 
-    __slots__ = ("_dirty", "_loop", "_scheduled")
+    __slots__ = ("_after", "_dirty", "_loop", "_scheduled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._dirty: list[WebSocketConnection] = []
+        self._after: list[Callable[[], None]] = []
         self._scheduled = False
+
+    @property
+    def busy(self) -> bool:
+        """Whether writes are queued for this iteration."""
+        return bool(self._dirty)
 
     def mark(self, connection: WebSocketConnection) -> None:
         """``connection`` has queued bytes; flush it at the end of this iteration."""
         self._dirty.append(connection)
+        self._schedule()
+
+    def after_flush(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the queued writes are written (REST answers)."""
+        self._after.append(callback)
+        self._schedule()
+
+    def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self.flush)
+            self._loop.call_soon(self._settle)
+
+    def _settle(self) -> None:
+        # Let the loop poll once more (zero timeout: callbacks are ready) before
+        # flushing, so requests that arrived meanwhile join this flush.
+        self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Write every queued byte now."""
+        """Write every queued byte now, then run the after-flush callbacks."""
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
         for connection in dirty:
             connection.flush_pending()
+        after, self._after = self._after, []
+        for callback in after:
+            callback()
 
 
 @dataclass(eq=False)

@@ -60,6 +60,8 @@ class HttpConnection(asyncio.Protocol):
         self.body_limit = ctx.settings.server.max_request_body_kb * 1024
         self.refused = False
         self.timer: asyncio.TimerHandle | None = None
+        #: Answers waiting for the outbox to flush, in request order.
+        self.answers: list[tuple[HttpResponse, bool]] = []
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -150,12 +152,28 @@ class HttpConnection(asyncio.Protocol):
             self.ctx.refusals.record(Reason.HTTP_INTERNAL_ERROR, ip=self.ip)
             response = error_response(Reason.HTTP_INTERNAL_ERROR)
         keep_alive = self.parser.should_keep_alive() and not self.ctx.draining
-        self._write_response(response, keep_alive)
+        outbox = self.ctx.outbox
+        if self.answers or outbox.busy:
+            # Answer once the deliveries this request queued are written: a publisher
+            # cannot outrun the fan-out, and pipelined answers keep their order.
+            self.answers.append((response, keep_alive))
+            if len(self.answers) == 1:
+                outbox.after_flush(self._write_answers)
+        else:
+            self._answer(response, keep_alive)
         if keep_alive:
             self.head = bytearray()
             self.head_done = False
             self._arm(KEEPALIVE_SECONDS)
-        elif self.transport is not None:
+
+    def _write_answers(self) -> None:
+        answers, self.answers = self.answers, []
+        for response, keep_alive in answers:
+            self._answer(response, keep_alive)
+
+    def _answer(self, response: HttpResponse, keep_alive: bool) -> None:
+        self._write_response(response, keep_alive)
+        if not keep_alive and self.transport is not None:
             self.transport.close()
 
     # --- plain HTTP ----------------------------------------------------------------------
