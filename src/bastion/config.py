@@ -18,6 +18,7 @@ import re
 import tomllib
 import types
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -37,6 +38,8 @@ __all__ = [
     "WEBHOOK_EVENT_TYPES",
     "AdapterSettings",
     "AppSettings",
+    "AuditSettings",
+    "RetiringSecret",
     "ServerSettings",
     "Settings",
     "WebhookSettings",
@@ -90,6 +93,23 @@ class WebhookSettings(BaseModel):
         return value
 
 
+class RetiringSecret(BaseModel):
+    """An older secret still accepted while clients and SDKs rotate to the new one."""
+
+    model_config = _STRICT
+
+    secret: SecretStr
+    #: After this instant the secret is no longer accepted; ``None`` keeps it until removed.
+    expires_at: datetime | None = None
+
+    @field_validator("secret")
+    @classmethod
+    def _non_empty(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
+
 class AppSettings(BaseModel):
     """One tenant application: credentials, switches and limits.
 
@@ -119,8 +139,12 @@ class AppSettings(BaseModel):
     cache_ttl: PositiveInt = 1800
     #: Broadcast ``pusher_internal:subscription_count`` on non-presence channels.
     enable_subscription_count: bool = False
-    #: Browser origins allowed to connect; ``None`` accepts every origin (see #3).
+    #: Older secrets still accepted during rotation; ``secret`` is the newest and signs.
+    previous_secrets: list[RetiringSecret] = Field(default_factory=list)
+    #: Browser origins allowed to connect; ``None`` accepts every origin.
     allowed_origins: list[str] | None = None
+    #: With ``allowed_origins`` set, also refuse handshakes that carry no Origin header.
+    reject_missing_origin: bool = False
     webhooks: list[WebhookSettings] = Field(default_factory=list)
 
     @field_validator("id")
@@ -177,6 +201,20 @@ class ServerSettings(BaseModel):
     max_connections: PositiveInt | None = None
 
 
+class AuditSettings(BaseModel):
+    """The security audit log (SQLite, written off the event loop)."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    #: SQLite file; relative paths are relative to the working directory.
+    path: str = "bastion-audit.sqlite3"
+    #: Rows older than this many days are deleted.
+    retention_days: PositiveInt = 30
+    #: Rows kept at most (oldest deleted first), whatever their age.
+    max_rows: PositiveInt = 1_000_000
+
+
 class AdapterSettings(BaseModel):
     """How nodes share state: ``local`` (one node) or ``redis`` (cluster, #5)."""
 
@@ -193,6 +231,7 @@ class Settings(BaseModel):
 
     server: ServerSettings = ServerSettings()
     adapter: AdapterSettings = AdapterSettings()
+    audit: AuditSettings = AuditSettings()
     apps: list[AppSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")

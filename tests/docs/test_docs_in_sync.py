@@ -24,6 +24,8 @@ from pydantic_core import PydanticUndefined
 from bastion.config import (
     AdapterSettings,
     AppSettings,
+    AuditSettings,
+    RetiringSecret,
     ServerSettings,
     WebhookSettings,
     settings_from_mapping,
@@ -40,6 +42,8 @@ CONFIG_SECTIONS: dict[str, type[BaseModel]] = {
     "`[adapter]`": AdapterSettings,
     "`[[apps]]`": AppSettings,
     "`[[apps.webhooks]]`": WebhookSettings,
+    "`[[apps.previous_secrets]]`": RetiringSecret,
+    "`[audit]`": AuditSettings,
 }
 
 _NAME_CELL = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
