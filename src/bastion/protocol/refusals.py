@@ -231,6 +231,12 @@ class Reason(enum.Enum):
         "invalid_info", "Requested info attribute is not available here", http_status=400
     )
     HTTP_NOT_PRESENCE = Rule("not_presence", "Only presence channels have users", http_status=400)
+    HTTP_ORIGIN_REFUSED = Rule(
+        "origin_refused", "Origin is not allowed for this app", http_status=403
+    )
+    HTTP_REPLAYED = Rule(
+        "replayed_request", "This signed request was already accepted", http_status=401
+    )
     HTTP_ENCRYPTED_MULTI = Rule(
         "encrypted_multi_channel",
         "Encrypted channels cannot be triggered together with other channels",
