@@ -8,6 +8,12 @@ protocol, which validates the handshake (426 for an unsupported
 ``Sec-WebSocket-Version``) and writes the 101 response; the transport then
 switches to a :class:`~bastion.server.websocket.WebSocketConnection`.
 Permessage-deflate is never negotiated.
+
+An app with ``allowed_origins`` refuses a handshake from a foreign Origin with
+403 before the upgrade, and its REST routes (``/apps/{id}/...``) answer CORS:
+``Access-Control-Allow-Origin`` for an allowed origin, and ``OPTIONS``
+preflights (204, or 403 for a foreign origin). An app without the list gets no
+CORS headers at all. Each app's :class:`OriginPolicy` is built once.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import asyncio
 import logging
 import re
 import time
+import weakref
+from dataclasses import replace
 from typing import cast
 from urllib.parse import parse_qsl, unquote
 
@@ -26,8 +34,11 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from bastion.api.rest import HttpRequest, HttpResponse, error_response
+from bastion.config import AppSettings
+from bastion.core.hub import AppState
 from bastion.protocol import messages as msg
 from bastion.protocol.refusals import Reason
+from bastion.security.origins import OriginPolicy
 from bastion.server.context import ServerContext, frame_text
 from bastion.server.websocket import WebSocketConnection
 
@@ -42,6 +53,28 @@ MAX_HEADERS = 64
 KEEPALIVE_SECONDS = 60.0
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _SUPPORTED_PROTOCOLS = frozenset({"5", "6", "7"})
+_APP_PATH = re.compile(r"^/apps/(?P<app_id>[^/]+)/")
+_PREFLIGHT_HEADERS = (
+    ("Access-Control-Allow-Methods", "GET, POST"),
+    ("Access-Control-Allow-Headers", "Content-Type"),
+    ("Access-Control-Max-Age", "600"),
+)
+
+#: Each app's policy, built on first use; rebuilt only if the app's settings object changes.
+_POLICIES: weakref.WeakKeyDictionary[AppState, tuple[AppSettings, OriginPolicy]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def origin_policy(app: AppState) -> OriginPolicy:
+    """The app's origin policy (cached per app)."""
+    settings = app.settings
+    cached = _POLICIES.get(app)
+    if cached is not None and cached[0] is settings:
+        return cached[1]
+    policy = OriginPolicy.build(settings.allowed_origins, settings.reject_missing_origin)
+    _POLICIES[app] = (settings, policy)
+    return policy
 
 
 class HttpConnection(asyncio.Protocol):
@@ -184,6 +217,13 @@ class HttpConnection(asyncio.Protocol):
                 return value
         return None
 
+    def _origin(self) -> str | None:
+        """The Origin header; several of them count as one malformed value."""
+        values = [value for key, value in self.headers if key.lower() == "origin"]
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else ""
+
     def _handle_http(self) -> HttpResponse:
         url = httptools.parse_url(self.url)
         path = url.path.decode("latin-1")
@@ -191,6 +231,12 @@ class HttpConnection(asyncio.Protocol):
         method = self.parser.get_method().decode("latin-1")
         if path in ("/", "/up", "/healthz"):
             return HttpResponse(200, b"OK", content_type="text/plain")
+        route = _APP_PATH.match(path)
+        app = self.ctx.hub.apps_by_id.get(route["app_id"]) if route is not None else None
+        policy = origin_policy(app) if app is not None else None
+        if policy is not None and method == "OPTIONS":
+            assert app is not None
+            return self._preflight(app, policy)
         request = HttpRequest(
             method=method,
             path=path,
@@ -198,15 +244,43 @@ class HttpConnection(asyncio.Protocol):
             body=bytes(self.body),
             ip=self.ip,
         )
-        return self.ctx.rest.handle(request, now=time.time())
+        response = self.ctx.rest.handle(request, now=time.time())
+        if policy is not None and policy.restricted:
+            response = replace(response, headers=response.headers + self._cors(policy))
+        return response
+
+    def _cors(self, policy: OriginPolicy) -> tuple[tuple[str, str], ...]:
+        """CORS headers for a restricted app's response: the origin only if allowed."""
+        origin = self._origin()
+        if origin is not None and policy.allows_cors(origin):
+            return (("Access-Control-Allow-Origin", origin), ("Vary", "Origin"))
+        # The answer still depends on Origin, for any cache in between.
+        return (("Vary", "Origin"),)
+
+    def _preflight(self, app: AppState, policy: OriginPolicy) -> HttpResponse:
+        """Answer a CORS preflight for one of ``app``'s REST routes."""
+        if not policy.restricted:
+            return HttpResponse(204, b"")
+        origin = self._origin()
+        if origin is None:
+            # Not a CORS preflight (browsers always send Origin): nothing to allow.
+            return HttpResponse(204, b"", headers=(("Vary", "Origin"),))
+        if not policy.allows_cors(origin):
+            self.ctx.refusals.record(Reason.HTTP_ORIGIN_REFUSED, app_id=app.id, ip=self.ip)
+            response = error_response(Reason.HTTP_ORIGIN_REFUSED)
+            return replace(response, headers=(("Vary", "Origin"),))
+        return HttpResponse(204, b"", headers=self._cors(policy) + _PREFLIGHT_HEADERS)
 
     def _write_response(self, response: HttpResponse, keep_alive: bool) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        headers = [
-            f"HTTP/1.1 {response.status} {response.phrase}",
-            f"Content-Type: {response.content_type}",
-            f"Content-Length: {len(response.body)}",
+        headers = [f"HTTP/1.1 {response.status} {response.phrase}"]
+        if response.status != 204:  # RFC 9110 8.6: no Content-Length on a 204
+            headers += [
+                f"Content-Type: {response.content_type}",
+                f"Content-Length: {len(response.body)}",
+            ]
+        headers += [
             "Connection: keep-alive" if keep_alive else "Connection: close",
             *(f"{name}: {value}" for name, value in response.headers),
         ]
@@ -263,6 +337,14 @@ class HttpConnection(asyncio.Protocol):
             )
             transport.close()
             return
+        app = ctx.hub.apps_by_key.get(key)
+        if app is not None and not origin_policy(app).allows(self._origin()):
+            # Before the upgrade: a foreign page never gets an open socket.
+            self.refused = True
+            ctx.refusals.record(Reason.HTTP_ORIGIN_REFUSED, app_id=app.id, ip=self.ip)
+            self._write_response(error_response(Reason.HTTP_ORIGIN_REFUSED), keep_alive=False)
+            transport.close()
+            return
         handshake = ServerProtocol()
         request = WsRequest(self.url.decode("latin-1"), Headers(self.headers))
         response = handshake.accept(request)
@@ -276,7 +358,6 @@ class HttpConnection(asyncio.Protocol):
             transport.close()
             return
 
-        app = ctx.hub.apps_by_key.get(key)
         # The handshake is done: frames get a protocol object that starts OPEN.
         proto = ServerProtocol(state=State.OPEN, max_size=self._max_frame_size(key))
         reason: Reason | None
