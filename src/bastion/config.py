@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from bastion.errors import ConfigError
+from bastion.security.origins import parse_patterns
 
 __all__ = [
     "WEBHOOK_EVENT_TYPES",
@@ -159,6 +160,13 @@ class AppSettings(BaseModel):
     def _valid_key(cls, value: str) -> str:
         if not _APP_KEY.match(value):
             raise ValueError("must be 1-128 characters of A-Z a-z 0-9 _ - .")
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _valid_origins(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            parse_patterns(value)  # raises ValueError naming the bad entry
         return value
 
     @field_validator("secret")

@@ -502,3 +502,14 @@ def test_cli_help_lists_serve() -> None:
     serve_help = run_cli("serve", "--help")
     assert serve_help.returncode == 0
     assert "--config" in serve_help.stdout
+
+
+@pytest.mark.parametrize("entry", ["evil.com", "https://a.com/path", "https://*.0.0.1", "null"])
+def test_invalid_allowed_origins_entry_is_named(entry: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        settings_from_mapping(
+            {"apps": [{"id": "1", "key": "k", "secret": "s", "allowed_origins": [entry]}]},
+            environ={},
+        )
+    assert str(raised.value).startswith("apps.0.allowed_origins:")
+    assert repr(entry) in str(raised.value)
