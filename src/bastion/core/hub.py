@@ -12,6 +12,7 @@ connections (terminate, notices) go through their ``refuse``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from bastion.protocol.names import (
 from bastion.protocol.refusals import Reason
 from bastion.protocol.signing import channel_auth_string, signin_auth_string, verify_auth
 from bastion.security.ratelimit import TokenBucket
+from bastion.security.secrets import SecretSet
 
 __all__ = ["AppState", "Channel", "Hub", "Session"]
 
@@ -131,11 +133,17 @@ class CachedEvent:
 
 
 class AppState:
-    """One app's runtime state."""
+    """One app's runtime state.
 
-    def __init__(self, settings: AppSettings) -> None:
+    Args:
+        settings: the app's configuration.
+        wall_clock: Unix seconds, only for the expiry of retiring secrets.
+    """
+
+    def __init__(self, settings: AppSettings, wall_clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
-        self.secrets: tuple[bytes, ...] = (settings.secret.get_secret_value().encode(),)
+        self.secret_set = SecretSet.from_settings(settings)
+        self._wall_clock = wall_clock
         self.channels: dict[str, Channel] = {}
         self.users: dict[str, dict[str, Session]] = {}
         self.watchers: dict[str, set[Session]] = {}
@@ -148,6 +156,11 @@ class AppState:
         """The app id."""
         return self.settings.id
 
+    @property
+    def secrets(self) -> tuple[bytes, ...]:
+        """The secrets that verify right now, newest first."""
+        return self.secret_set.active(self._wall_clock())
+
 
 class Hub:
     """Routes subscribes, client events and publishes for every app of a node.
@@ -157,13 +170,22 @@ class Hub:
         frame: turns a text message into WebSocket frame bytes (server-side, unmasked).
         clock: monotonic seconds (cache TTLs, rate limits, throttles).
         adapter: the cluster bus.
+        wall_clock: Unix seconds, used only for the expiry of retiring secrets
+            (``expires_at`` is an instant, which a monotonic clock cannot express).
     """
 
     def __init__(
-        self, settings: Settings, frame: Frame, clock: Callable[[], float], adapter: Adapter
+        self,
+        settings: Settings,
+        frame: Frame,
+        clock: Callable[[], float],
+        adapter: Adapter,
+        *,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._frame = frame
         self._clock = clock
+        self._wall_clock = wall_clock
         self.adapter = adapter
         self.apps_by_key: dict[str, AppState] = {}
         self.apps_by_id: dict[str, AppState] = {}
@@ -172,7 +194,7 @@ class Hub:
         self.connections = 0
         self.max_connections = settings.server.max_connections
         for app in settings.apps:
-            state = AppState(app)
+            state = AppState(app, wall_clock)
             self.apps_by_key[app.key] = state
             self.apps_by_id[app.id] = state
 
@@ -249,7 +271,7 @@ class Hub:
                 name,
                 channel_data if channel_type.kind is ChannelKind.PRESENCE else None,
             )
-            if not verify_auth(request.auth, app.settings.key, app.secrets, message):
+            if not verify_auth(request.auth, app.settings.key, self._active_secrets(app), message):
                 raise Refused(Reason.SUBSCRIBE_AUTH_INVALID, channel=name)
             if channel_type.kind is ChannelKind.PRESENCE and channel_data is not None:
                 user_id, user_info = self._parse_channel_data(channel_data, name)
@@ -421,7 +443,7 @@ class Hub:
     def signin(self, app: AppState, session: Session, request: msg.Signin) -> None:
         """Sign the connection in as the user in ``user_data``."""
         message = signin_auth_string(session.socket_id, request.user_data)
-        if not verify_auth(request.auth, app.settings.key, app.secrets, message):
+        if not verify_auth(request.auth, app.settings.key, self._active_secrets(app), message):
             raise Refused(Reason.SIGNIN_INVALID)
         try:
             user = msg.loads(request.user_data)
@@ -522,6 +544,9 @@ class Hub:
         return self._clock()
 
     # --- internals ---------------------------------------------------------------------
+
+    def _active_secrets(self, app: AppState) -> tuple[bytes, ...]:
+        return app.secret_set.active(self._wall_clock())
 
     def _fan_out(self, channel: Channel, text: str, exclude_socket_id: str | None) -> None:
         """Frame ``text`` once and write the same bytes to every subscriber."""
