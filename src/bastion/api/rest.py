@@ -3,7 +3,10 @@
 Order of checks for every route: the app named by the route's id must exist
 (404), the request must be signed by that app (401: key bound to the route,
 timestamp within ±600 s, ``body_md5`` of the raw bytes, constant-time digest
-compare), the app must be enabled (403), and only then is the body parsed.
+compare, any of the app's active secrets during rotation), its signature must
+not have been accepted before (401 ``replayed_request``; one
+:class:`~bastion.security.replay.ReplayGuard` per app), the app must be enabled
+(403), and only then is the body parsed.
 A multi-event batch is validated whole before any event is delivered.
 Errors are JSON: ``{"error": message, "reason": slug}``.
 """
@@ -30,7 +33,8 @@ from bastion.protocol.names import (
     is_valid_user_id,
 )
 from bastion.protocol.refusals import Reason
-from bastion.protocol.signing import verify_rest_request
+from bastion.protocol.signing import REST_TIMESTAMP_WINDOW, verify_rest_request
+from bastion.security.replay import ReplayGuard, Verdict
 from bastion.server.refusals import RefusalPath
 
 __all__ = ["HttpRequest", "HttpResponse", "RestApi", "error_response"]
@@ -45,6 +49,11 @@ _ROUTE = re.compile(
 #: the app is then the one whose key signed the request.
 _USER_ROUTE = re.compile(r"^/users/(?P<user_id>[^/]+)/terminate_connections$")
 _INFO_ATTRIBUTES = frozenset({"user_count", "subscription_count"})
+#: The official SDKs sign with a whole-second timestamp and no nonce, so the same
+#: call made twice within one second is byte-identical. Repeats of a signature
+#: this soon after its first acceptance are let through; later ones are replays.
+#: Two seconds: one for the timestamp's resolution, one for network jitter.
+REPEAT_GRACE_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +114,8 @@ class RestApi:
         self.hub = hub
         self.refusals = refusals
         self.metrics = metrics
+        #: app id → its replay guard (per node: a cluster does not share them).
+        self.replay_guards: dict[str, ReplayGuard] = {}
 
     def handle(self, request: HttpRequest, *, now: float) -> HttpResponse:
         """Answer one request; ``now`` is the Unix time used for the signature window."""
@@ -125,11 +136,12 @@ class RestApi:
                 params=request.params,
                 body=request.body,
                 app_key=app.settings.key,
-                secrets=app.secrets,
+                secrets=app.secret_set.active(now),
                 now=now,
             )
             if failure is not None:
                 raise Refused(failure)
+            self._check_replay(app, request, now)
             if not app.settings.enabled:
                 raise Refused(Reason.HTTP_APP_DISABLED)
             return self._route(app, request, match)
@@ -141,6 +153,24 @@ class RestApi:
                 detail=refused.detail,
             )
             return error_response(refused.reason, refused.detail)
+
+    def _check_replay(self, app: AppState, request: HttpRequest, now: float) -> None:
+        # Only reached once the signature verified, so both parameters are present
+        # and the timestamp parses; nothing unverified is ever remembered.
+        params = dict(request.params)
+        guard = self.replay_guards.get(app.id)
+        if guard is None:
+            guard = self.replay_guards[app.id] = ReplayGuard(
+                window_seconds=REST_TIMESTAMP_WINDOW, repeat_grace_seconds=REPEAT_GRACE_SECONDS
+            )
+        verdict = guard.check(params["auth_signature"], int(params["auth_timestamp"]), now)
+        if verdict is Verdict.REPLAYED:
+            raise Refused(Reason.HTTP_REPLAYED)
+        if verdict is Verdict.FULL:
+            raise Refused(
+                Reason.HTTP_REPLAYED,
+                "Too many recent requests to guard against replay; retry later",
+            )
 
     def _route(self, app: AppState, request: HttpRequest, match: re.Match[str]) -> HttpResponse:
         method = request.method
