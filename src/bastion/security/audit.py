@@ -1,0 +1,159 @@
+"""The security audit event: what one refusal leaves behind, secrets scrubbed.
+
+Pure: no clock, no randomness, no I/O. The id and the time are arguments, so the
+same refusal always makes the same event (and tests compare events byte for byte).
+
+An :class:`AuditEvent` is redacted in its constructor: the message and every string
+in the metadata pass through :func:`redact`, so an unredacted event cannot exist.
+The message is already the refusal's detail, which names the rule and never the
+data; redaction is defence in depth against a detail that one day quotes input.
+
+:func:`parse_time` turns the ``bastion audit --since/--until`` forms (``30m``,
+``1h``, ``2d``, an ISO 8601 time or Unix seconds) into Unix seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from bastion.server.refusals import RefusalRecord
+
+__all__ = ["AuditEvent", "MetadataValue", "Severity", "from_refusal", "parse_time", "redact"]
+
+Severity = Literal["info", "warning"]
+MetadataValue = str | int | float | bool | None
+
+#: What a scrubbed value is replaced with.
+REDACTED = "[redacted]"
+
+#: ``name=value`` fragments whose value is a credential (query strings, log text).
+_SECRET_PARAM = re.compile(
+    r"(?i)(?<![A-Za-z0-9_])(auth_signature|auth|signature|secret|password|token)=[^&\s\"',;]+"
+)
+#: A Pusher auth value ``key:signature`` (channel and user auth), hex signature.
+_KEY_HEX = re.compile(r"(?<![A-Za-z0-9_.-])[A-Za-z0-9_.-]+:[0-9A-Fa-f]{32,}(?![0-9A-Fa-f])")
+#: Bare HMAC-SHA256 hex digests (and any longer hex run): signatures or secrets.
+_HEX64 = re.compile(r"[0-9A-Fa-f]{64,}")
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def redact(text: str) -> str:
+    """Remove anything that looks like an auth signature or a secret from ``text``.
+
+    Scrubbed: ``auth_signature=…``, ``auth=…`` (and ``signature``, ``secret``,
+    ``password``, ``token``) query or log fragments; ``key:hex`` Pusher auth values;
+    any run of 64 or more hex digits (an HMAC-SHA256 signature, a hex secret).
+    """
+    text = _SECRET_PARAM.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+    text = _KEY_HEX.sub(REDACTED, text)
+    return _HEX64.sub(REDACTED, text)
+
+
+def _redact_value(value: MetadataValue) -> MetadataValue:
+    return redact(value) if isinstance(value, str) else value
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One security-relevant event (this slice: one refusal).
+
+    Attributes:
+        id: unique id (a uuid4 hex made by the caller).
+        time: Unix seconds (from the caller's clock).
+        type: the refusal slug (``malformed_json``, ``auth_signature``, …).
+        severity: ``warning`` for what looks hostile or broken, ``info`` otherwise.
+        ip: the peer's address, when known.
+        app_id: the app concerned, when known.
+        socket_id: the connection concerned, when there is one.
+        user_id: the signed-in user, when there is one.
+        message: the rule's text (redacted).
+        metadata: small flat facts about the event (string values redacted).
+    """
+
+    id: str
+    time: float
+    type: str
+    severity: Severity
+    ip: str | None
+    app_id: str | None
+    socket_id: str | None
+    user_id: str | None
+    message: str
+    metadata: dict[str, MetadataValue] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("audit event id must not be empty")
+        if not self.type:
+            raise ValueError("audit event type must not be empty")
+        if self.severity not in ("info", "warning"):
+            raise ValueError(f"audit event severity must be info or warning: {self.severity!r}")
+        if not math.isfinite(self.time):
+            raise ValueError("audit event time must be finite")
+        object.__setattr__(self, "message", redact(self.message))
+        object.__setattr__(
+            self, "metadata", {str(k): _redact_value(v) for k, v in self.metadata.items()}
+        )
+
+
+def from_refusal(record: RefusalRecord, *, id: str, time: float) -> AuditEvent:
+    """The audit event for one refusal; ``id`` and ``time`` come from the caller."""
+    rule = record.reason.value
+    metadata: dict[str, MetadataValue] = {"reason": record.reason.name}
+    for name, value in (
+        ("close_code", rule.close_code),
+        ("error_code", rule.error_code),
+        ("http_status", rule.http_status),
+    ):
+        if value is not None:
+            metadata[name] = value
+    return AuditEvent(
+        id=id,
+        time=time,
+        type=rule.slug,
+        severity=rule.severity,
+        ip=record.ip,
+        app_id=record.app_id,
+        socket_id=record.socket_id,
+        user_id=record.user_id,
+        message=record.detail,
+        metadata=metadata,
+    )
+
+
+def parse_time(text: str, *, now: float) -> float:
+    """Unix seconds for ``30m``/``1h``/``2d``/``1w`` ago, an ISO 8601 time, or Unix seconds.
+
+    A duration counts back from ``now``; an ISO time without an offset is UTC.
+
+    Raises:
+        ValueError: ``text`` is none of those forms.
+    """
+    value = text.strip()
+    match = _DURATION.fullmatch(value)
+    if match:
+        return now - float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(seconds):
+            return seconds
+        raise ValueError(f"not a time: {text!r}")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"not a time: {text!r} (use e.g. 30m, 1h, 2d, 1w, or ISO 8601 like 2026-01-31T12:00)"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
