@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
+import uuid
 from collections.abc import Callable
 
 from bastion.adapters.local import LocalAdapter
@@ -13,9 +15,11 @@ from bastion.api.rest import RestApi
 from bastion.config import Settings
 from bastion.core.hub import Hub
 from bastion.metrics import Metrics
+from bastion.security.audit import from_refusal
 from bastion.server.context import Outbox, ServerContext, frame_text
 from bastion.server.http import HttpConnection
-from bastion.server.refusals import RefusalPath
+from bastion.server.refusals import RefusalPath, RefusalRecord
+from bastion.store.audit import AuditLog
 
 __all__ = ["Node", "run", "serve"]
 
@@ -23,6 +27,8 @@ log = logging.getLogger("bastion.server")
 
 #: Seconds a drain waits for closing connections before the process exits.
 DRAIN_SECONDS = 5.0
+#: Seconds a stop waits for the audit writer to flush what is queued.
+AUDIT_FLUSH_SECONDS = 10.0
 
 
 class Node:
@@ -39,6 +45,8 @@ class Node:
         )
         self._server: asyncio.Server | None = None
         self._tick: asyncio.Task[None] | None = None
+        #: The audit log, open between start and stop when ``[audit]`` enables it.
+        self.audit: AuditLog | None = None
 
     @property
     def port(self) -> int:
@@ -51,14 +59,26 @@ class Node:
         """Bind and start serving."""
         warn_unenforced(self.settings)
         server = self.settings.server
-        await self.hub.adapter.start()
-        self._server = await self.ctx.loop.create_server(
-            lambda: HttpConnection(self.ctx),
-            host=server.host,
-            port=server.port,
-            backlog=4096,
-            reuse_address=True,
-        )
+        if self.settings.audit.enabled:
+            # Opening runs retention over the whole file: keep it off the loop. Before
+            # listening, so a refusal is never missed and a bad path fails start-up.
+            self.audit = await asyncio.to_thread(AuditLog.from_settings, self.settings.audit)
+            self.refusals.listeners.append(self._audit_refusal)
+        try:
+            await self.hub.adapter.start()
+            self._server = await self.ctx.loop.create_server(
+                lambda: HttpConnection(self.ctx),
+                host=server.host,
+                port=server.port,
+                backlog=4096,
+                reuse_address=True,
+            )
+        except BaseException:
+            if self.audit is not None:  # do not leave the writer thread behind
+                self.refusals.listeners.remove(self._audit_refusal)
+                await asyncio.to_thread(self.audit.close, AUDIT_FLUSH_SECONDS)
+                self.audit = None
+            raise
         self._tick = asyncio.create_task(self._heartbeat())
 
     async def _heartbeat(self) -> None:
@@ -90,6 +110,17 @@ class Node:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), DRAIN_SECONDS)
         await self.hub.adapter.stop()
+        if self.audit is not None:
+            # After the drain, so the refusals of the last connections are written too.
+            with contextlib.suppress(ValueError):
+                self.refusals.listeners.remove(self._audit_refusal)
+            audit, self.audit = self.audit, None
+            if not await asyncio.to_thread(audit.close, AUDIT_FLUSH_SECONDS):
+                log.warning("audit log did not flush within %.0f s", AUDIT_FLUSH_SECONDS)
+
+    def _audit_refusal(self, record: RefusalRecord) -> None:
+        assert self.audit is not None
+        self.audit.record(from_refusal(record, id=uuid.uuid4().hex, time=time.time()))
 
 
 def warn_unenforced(settings: Settings) -> None:
