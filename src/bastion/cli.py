@@ -1,21 +1,28 @@
-"""The ``bastion`` command: ``serve``, ``--version``, ``--help``.
+"""The ``bastion`` command: ``serve``, ``audit``, ``--version``, ``--help``.
 
 Exit codes: 0 after a clean shutdown, 2 for an invalid configuration or usage
-(nothing listens in that case).
+(nothing listens in that case); ``audit`` exits 1 when the log cannot be read.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import sys
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 
 from bastion import __version__
 from bastion.config import AppSettings, load_settings, settings_from_mapping
 from bastion.errors import ConfigError
+from bastion.security.audit import AuditEvent, parse_time
+from bastion.store.audit import AuditLogError
 
 __all__ = ["main"]
 
@@ -121,3 +128,100 @@ def serve(
     except OSError as exc:
         click.echo(f"bastion: cannot listen: {exc.strerror}", err=True)
         sys.exit(1)
+    except AuditLogError as exc:
+        click.echo(f"bastion: {exc}", err=True)
+        sys.exit(1)
+
+
+class _TimeParam(click.ParamType[float, Any]):
+    """``30m``, ``1h``, ``2d``, ``1w``, an ISO 8601 time or Unix seconds."""
+
+    name = "time"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_time(str(value), now=time.time())
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _iso(seconds: float) -> str:
+    return (
+        datetime.fromtimestamp(seconds, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def _line(event: AuditEvent) -> str:
+    return (
+        f"{_iso(event.time)} {event.severity:<7} {event.type} ip={event.ip or '-'}"
+        f" app={event.app_id or '-'} socket={event.socket_id or '-'} {event.message}"
+    )
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML configuration file whose [audit] path is read.",
+)
+@click.option(
+    "--db",
+    "db_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Read this SQLite file instead of the configured one.",
+)
+@click.option("--since", type=_TimeParam(), help="From this time: 30m, 1h, 2d, 1w or ISO 8601.")
+@click.option("--until", type=_TimeParam(), help="Before this time (same forms as --since).")
+@click.option("--type", "event_type", metavar="SLUG", help="Only this refusal slug.")
+@click.option("--severity", type=click.Choice(["info", "warning"]), help="Only this severity.")
+@click.option("--ip", help="Only events from this IP address.")
+@click.option("--app", "app_id", metavar="ID", help="Only events of this app id.")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=100, show_default=True, help="At most N events."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit(
+    config_path: Path | None,
+    db_path: Path | None,
+    since: float | None,
+    until: float | None,
+    event_type: str | None,
+    severity: str | None,
+    ip: str | None,
+    app_id: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Print security audit events, newest first (no running server needed)."""
+    from bastion.store.audit import query
+
+    if db_path is None:
+        try:
+            settings = load_settings(config_path)
+        except ConfigError as exc:
+            click.echo(f"bastion: config error: {exc}", err=True)
+            sys.exit(2)
+        db_path = Path(settings.audit.path)
+    try:
+        events = query(
+            db_path,
+            since=since,
+            until=until,
+            type=event_type,
+            severity=severity,
+            ip=ip,
+            app_id=app_id,
+            limit=limit,
+        )
+    except AuditLogError as exc:
+        click.echo(f"bastion: {exc}", err=True)
+        sys.exit(1)
+    for event in events:
+        click.echo(json.dumps(asdict(event), sort_keys=True) if as_json else _line(event))
