@@ -167,10 +167,7 @@ class RestApi:
         if verdict is Verdict.REPLAYED:
             raise Refused(Reason.HTTP_REPLAYED)
         if verdict is Verdict.FULL:
-            raise Refused(
-                Reason.HTTP_REPLAYED,
-                "Too many recent requests to guard against replay; retry later",
-            )
+            raise Refused(Reason.HTTP_REPLAY_GUARD_FULL)
 
     def _route(self, app: AppState, request: HttpRequest, match: re.Match[str]) -> HttpResponse:
         method = request.method

@@ -237,6 +237,12 @@ class Reason(enum.Enum):
     HTTP_REPLAYED = Rule(
         "replayed_request", "This signed request was already accepted", http_status=401
     )
+    #: The replay guard fails closed when full rather than forget a signature.
+    HTTP_REPLAY_GUARD_FULL = Rule(
+        "replay_guard_full",
+        "Too many recent signed requests to guard against replay; retry later",
+        http_status=503,
+    )
     HTTP_ENCRYPTED_MULTI = Rule(
         "encrypted_multi_channel",
         "Encrypted channels cannot be triggered together with other channels",

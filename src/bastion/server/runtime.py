@@ -131,11 +131,6 @@ def warn_unenforced(settings: Settings) -> None:
             settings.adapter.driver,
         )
     for app in settings.apps:
-        if app.allowed_origins is not None:
-            log.warning(
-                "app %s: allowed_origins is accepted but not enforced yet: every origin connects",
-                app.id,
-            )
         if app.webhooks:
             log.warning("app %s: webhooks are accepted but not delivered yet", app.id)
 
