@@ -232,12 +232,7 @@ class WebSocketConnection(asyncio.Protocol):
         else:
             reason = Reason.INTERNAL_ERROR
         # The sans-I/O protocol has already queued its close frame (1002/1009).
-        self.ctx.refusals.record(
-            reason, app_id=self.app.id, ip=self.ip, socket_id=self.session.socket_id
-        )
-        self.state = check_transition(self.state, ConnectionState.CLOSING)
-        self._forget()
-        self.ctx.metrics.connections_closed[(self.app.id, reason.value.close_code or 1011)] += 1
+        self._mark_failed(reason)
 
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
@@ -275,14 +270,18 @@ class WebSocketConnection(asyncio.Protocol):
             self.refuse(Refused(Reason.INTERNAL_ERROR))
 
     def _fail_invalid_utf8(self) -> None:
+        self._mark_failed(Reason.INVALID_UTF8)
+        self.proto.fail(1007, "invalid UTF-8")
+        self._flush()
+
+    def _mark_failed(self, reason: Reason) -> None:
+        """Record a frame-level failure and leave everything; the caller sends the close."""
         self.ctx.refusals.record(
-            Reason.INVALID_UTF8, app_id=self.app.id, ip=self.ip, socket_id=self.session.socket_id
+            reason, app_id=self.app.id, ip=self.ip, socket_id=self.session.socket_id
         )
         self.state = check_transition(self.state, ConnectionState.CLOSING)
         self._forget()
-        self.ctx.metrics.connections_closed[(self.app.id, 1007)] += 1
-        self.proto.fail(1007, "invalid UTF-8")
-        self._flush()
+        self.ctx.metrics.connections_closed[(self.app.id, reason.value.close_code or 1011)] += 1
 
     def _dispatch(self, message: msg.ClientMessage) -> None:
         hub, app, session = self.ctx.hub, self.app, self.session
