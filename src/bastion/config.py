@@ -34,13 +34,18 @@ from pydantic import (
 
 from bastion.errors import ConfigError
 from bastion.security.origins import parse_patterns
+from bastion.security.proxies import parse_networks
 
 __all__ = [
     "WEBHOOK_EVENT_TYPES",
     "AdapterSettings",
     "AppSettings",
     "AuditSettings",
+    "JwtSettings",
+    "RateSettings",
+    "ReputationSettings",
     "RetiringSecret",
+    "SecuritySettings",
     "ServerSettings",
     "Settings",
     "WebhookSettings",
@@ -92,6 +97,61 @@ class WebhookSettings(BaseModel):
         if not re.match(r"^https?://[^\s/]+", value):
             raise ValueError("must be an http:// or https:// URL")
         return value
+
+
+class RateSettings(BaseModel):
+    """A token bucket: ``rate`` tokens a second, at most ``burst`` held (and at start)."""
+
+    model_config = _STRICT
+
+    rate: PositiveFloat
+    burst: PositiveInt
+
+
+JwtAlgorithm = Literal["HS256", "RS256", "ES256"]
+
+
+class JwtSettings(BaseModel):
+    """JSON Web Tokens accepted for sign-in and channel grants, besides HMAC."""
+
+    model_config = _STRICT
+
+    #: Algorithms accepted; a token signed with any other (``none`` included) is refused.
+    algorithms: Annotated[list[JwtAlgorithm], Field(min_length=1)]
+    #: The shared key for HS256.
+    secret: SecretStr | None = None
+    #: A PEM public key file for RS256 / ES256.
+    public_key_file: str | None = None
+    #: A JWKS file (``{"keys": [...]}``); the token's ``kid`` picks the key.
+    jwks_file: str | None = None
+    #: Required ``aud`` claim value, when set.
+    audience: str | None = None
+    #: Required ``iss`` claim value, when set.
+    issuer: str | None = None
+    #: Clock skew tolerated on ``exp``/``nbf``/``iat``, seconds.
+    leeway_seconds: Annotated[float, Field(ge=0, le=300)] = 30
+    #: Accept a token from the connection URL (``?token=``); off: the URL is never read.
+    allow_query_token: bool = False
+    #: Seconds before the sign-in token's ``exp`` the client is warned to renew.
+    expiry_warning_seconds: PositiveFloat = 60
+    #: Seconds after ``exp`` a connection may still renew before it is closed (4009).
+    expiry_grace_seconds: PositiveFloat = 30
+
+    @field_validator("secret")
+    @classmethod
+    def _non_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters for HS256")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_for_algorithms(self) -> JwtSettings:
+        if "HS256" in self.algorithms and self.secret is None:
+            raise ValueError("HS256 needs secret")
+        asymmetric = {"RS256", "ES256"} & set(self.algorithms)
+        if asymmetric and self.public_key_file is None and self.jwks_file is None:
+            raise ValueError(f"{sorted(asymmetric)} need public_key_file or jwks_file")
+        return self
 
 
 class RetiringSecret(BaseModel):
@@ -146,6 +206,22 @@ class AppSettings(BaseModel):
     allowed_origins: list[str] | None = None
     #: With ``allowed_origins`` set, also refuse handshakes that carry no Origin header.
     reject_missing_origin: bool = False
+    #: Signed REST calls for this app, all callers together (over it: 429).
+    rest_requests: RateSettings | None = None
+    #: Client events for this app, all connections together (over it: 4301).
+    client_events_per_app: RateSettings | None = None
+    #: Subscribe attempts per connection (over it: subscription_error 429).
+    subscribe_attempts: RateSettings = RateSettings(rate=10, burst=100)
+    #: Concurrent connections of this app that have not signed in (over it: 4100).
+    max_unsigned_connections: PositiveInt | None = None
+    #: Seconds a new connection has to sign in before it is closed (4009); unset: never.
+    signin_deadline_seconds: PositiveFloat | None = None
+    #: Client event names accepted (exact, or a prefix ending in ``*``); unset: any.
+    client_event_allowlist: list[str] | None = None
+    #: A JSON Schema (draft 2020-12) per client event name, checked against ``data``.
+    client_event_schemas: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: JSON Web Tokens for sign-in and channel grants (``[apps.jwt]``).
+    jwt: JwtSettings | None = None
     webhooks: list[WebhookSettings] = Field(default_factory=list)
 
     @field_validator("id")
@@ -223,6 +299,58 @@ class AuditSettings(BaseModel):
     max_rows: PositiveInt = 1_000_000
 
 
+class ReputationSettings(BaseModel):
+    """IP reputation: refusals add decaying points; past the threshold the IP is blocked."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    #: Points at which an address is blocked.
+    threshold: PositiveFloat = 100
+    #: Seconds for a score to halve.
+    half_life_seconds: PositiveFloat = 300
+    #: How long an automatic block lasts, seconds.
+    block_seconds: PositiveInt = 900
+    #: Addresses never blocked, automatically or by hand (CIDRs).
+    never_block: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    #: Points per refusal slug, overriding the built-in weights (0 ignores a slug).
+    points: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    #: SQLite file holding blocks, shared with ``bastion block`` / ``unblock`` / ``blocks``.
+    store_path: str = "bastion-blocks.sqlite3"
+    #: Seconds between reads of blocks written by the CLI (or other nodes).
+    sync_seconds: PositiveFloat = 2
+
+    @field_validator("never_block")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        parse_networks(value)  # raises ValueError naming the bad entry
+        return value
+
+
+class SecuritySettings(BaseModel):
+    """Node-wide admission control and per-address limits."""
+
+    model_config = _STRICT
+
+    #: Peers (CIDRs) whose X-Forwarded-For / Forwarded headers are believed.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    #: Concurrent WebSocket connections from one address (over it: 429 before upgrade).
+    max_connections_per_ip: PositiveInt = 200
+    #: New WebSocket connections from one address (over it: 429 + Retry-After).
+    new_connections_per_ip: RateSettings = RateSettings(rate=10, burst=50)
+    #: HTTP requests (REST) from one address (over it: 429 + Retry-After).
+    rest_requests_per_ip: RateSettings = RateSettings(rate=200, burst=400)
+    #: Failed authentications from one address; when spent, 429 until it refills.
+    auth_failures_per_ip: RateSettings = RateSettings(rate=0.2, burst=20)
+    reputation: ReputationSettings = ReputationSettings()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_proxies(cls, value: list[str]) -> list[str]:
+        parse_networks(value)
+        return value
+
+
 class AdapterSettings(BaseModel):
     """How nodes share state: ``local`` (one node) or ``redis`` (cluster, #5)."""
 
@@ -240,6 +368,7 @@ class Settings(BaseModel):
     server: ServerSettings = ServerSettings()
     adapter: AdapterSettings = AdapterSettings()
     audit: AuditSettings = AuditSettings()
+    security: SecuritySettings = SecuritySettings()
     apps: list[AppSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")

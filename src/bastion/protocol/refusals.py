@@ -88,6 +88,30 @@ class Reason(enum.Enum):
     FRAME_TOO_LARGE = Rule("frame_too_large", "Frame exceeds the size limit", close_code=1009)
     WEBSOCKET_PROTOCOL = Rule("websocket_protocol", "WebSocket protocol violation", close_code=1002)
     INVALID_UTF8 = Rule("invalid_utf8", "Text frame is not valid UTF-8", close_code=1007)
+    UNSIGNED_OVER_QUOTA = Rule(
+        "unsigned_over_quota",
+        "Too many connections of this app have not signed in",
+        close_code=4100,
+    )
+    SIGNIN_DEADLINE = Rule(
+        "signin_deadline", "Connection did not sign in within the deadline", close_code=4009
+    )
+    SIGNIN_TOKEN_INVALID = Rule(
+        "signin_token_invalid", "Invalid or expired sign-in token", close_code=4009
+    )
+    TOKEN_EXPIRED = Rule(
+        "token_expired",
+        "Sign-in token expired and was not renewed",
+        close_code=4009,
+        severity="info",
+    )
+    #: Shared by both doors: close 4100 on a WebSocket, HTTP 429 before an upgrade or on REST.
+    AUTH_FAILURE_LIMIT = Rule(
+        "auth_failure_limit",
+        "Too many failed authentications from this address; retry later",
+        close_code=4100,
+        http_status=429,
+    )
     #: Not the peer's fault: a defect in Bastion; the client sees only this message.
     INTERNAL_ERROR = Rule("internal_error", "Internal server error", close_code=1011)
 
@@ -130,6 +154,21 @@ class Reason(enum.Enum):
     )
     CLIENT_EVENT_RATE = Rule(
         "client_event_rate", "Client event rejected because of rate limit", error_code=4301
+    )
+    CLIENT_EVENT_APP_RATE = Rule(
+        "client_event_app_rate",
+        "Client event rejected because of the app's rate limit",
+        error_code=4301,
+    )
+    CLIENT_EVENT_NOT_ALLOWED = Rule(
+        "client_event_not_allowed",
+        "Client event name is not on the app's allow-list",
+        error_code=4300,
+    )
+    CLIENT_EVENT_SCHEMA = Rule(
+        "client_event_schema",
+        "Client event data does not match the schema for its name",
+        error_code=4300,
     )
     WATCHLIST_TOO_LONG = Rule(
         "watchlist_too_long",
@@ -175,6 +214,12 @@ class Reason(enum.Enum):
         subscription_type="LimitReached",
         http_status=403,
         severity="info",
+    )
+    SUBSCRIBE_RATE = Rule(
+        "subscribe_rate",
+        "Too many subscribe attempts; slow down",
+        subscription_type="LimitReached",
+        http_status=429,
     )
     SUBSCRIBE_NOT_SIGNED_IN = Rule(
         "subscribe_not_signed_in",
@@ -242,6 +287,23 @@ class Reason(enum.Enum):
         "replay_guard_full",
         "Too many recent signed requests to guard against replay; retry later",
         http_status=503,
+    )
+    #: Refused at accept (no HTTP answer), or 403 when a trusted proxy names the address.
+    IP_BLOCKED = Rule("ip_blocked", "Address is blocked", http_status=403)
+    HTTP_IP_CONNECTIONS = Rule(
+        "ip_connection_limit",
+        "Too many concurrent connections from this address",
+        http_status=429,
+    )
+    HTTP_CONNECTION_RATE = Rule(
+        "connection_rate", "Too many new connections from this address", http_status=429
+    )
+    HTTP_IP_RATE = Rule("ip_rate_limited", "Too many requests from this address", http_status=429)
+    HTTP_APP_RATE = Rule("app_rate_limited", "Too many requests for this app", http_status=429)
+    HTTP_QUERY_TOKEN = Rule(
+        "query_token_refused",
+        "This app does not accept tokens in the URL",
+        http_status=400,
     )
     HTTP_ENCRYPTED_MULTI = Rule(
         "encrypted_multi_channel",
