@@ -39,6 +39,8 @@ _SECRET_PARAM = re.compile(
 _KEY_HEX = re.compile(r"(?<![A-Za-z0-9_.-])[A-Za-z0-9_.-]+:[0-9A-Fa-f]{32,}(?![0-9A-Fa-f])")
 #: Bare HMAC-SHA256 hex digests (and any longer hex run): signatures or secrets.
 _HEX64 = re.compile(r"[0-9A-Fa-f]{64,}")
+#: A JSON Web Token: base64url header starting ``{"`` (``eyJ``), payload, signature.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
@@ -49,8 +51,10 @@ def redact(text: str) -> str:
 
     Scrubbed: ``auth_signature=…``, ``auth=…`` (and ``signature``, ``secret``,
     ``password``, ``token``) query or log fragments; ``key:hex`` Pusher auth values;
-    any run of 64 or more hex digits (an HMAC-SHA256 signature, a hex secret).
+    any run of 64 or more hex digits (an HMAC-SHA256 signature, a hex secret);
+    JSON Web Tokens wherever they appear.
     """
+    text = _JWT.sub(REDACTED, text)
     text = _SECRET_PARAM.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
     text = _KEY_HEX.sub(REDACTED, text)
     return _HEX64.sub(REDACTED, text)

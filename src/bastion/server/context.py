@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from websockets.frames import Frame, Opcode
 
@@ -18,7 +18,19 @@ if TYPE_CHECKING:
     from bastion.api.rest import RestApi
     from bastion.server.websocket import WebSocketConnection
 
-__all__ = ["Outbox", "ServerContext", "frame_text"]
+__all__ = ["BlockList", "Outbox", "ServerContext", "frame_text"]
+
+
+class BlockList(Protocol):
+    """Blocked addresses, asked at accept and once a trusted proxy names the client."""
+
+    def check(self, ip: str, now: float) -> bool:
+        """Whether ``ip`` is blocked at wall-clock ``now``.
+
+        A ``True`` answer has already been counted (and, throttled, logged and
+        audited) as an ``ip_blocked`` refusal: the caller only drops the request.
+        """
+        ...
 
 
 def frame_text(text: str) -> bytes:
@@ -95,3 +107,5 @@ class ServerContext:
     connections: set[WebSocketConnection] = field(default_factory=set)
     socket_ids: set[str] = field(default_factory=set)
     draining: bool = False
+    #: Set by the node when IP reputation / blocks are in use.
+    blocklist: BlockList | None = None
