@@ -34,6 +34,7 @@ from pydantic import (
 
 from bastion.errors import ConfigError
 from bastion.security.origins import parse_patterns
+from bastion.security.payload import ClientEventPolicy
 from bastion.security.proxies import parse_networks
 
 __all__ = [
@@ -243,6 +244,20 @@ class AppSettings(BaseModel):
     def _valid_origins(cls, value: list[str] | None) -> list[str] | None:
         if value is not None:
             parse_patterns(value)  # raises ValueError naming the bad entry
+        return value
+
+    @field_validator("client_event_allowlist")
+    @classmethod
+    def _client_event_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or ():
+            if not name.startswith("client-"):
+                raise ValueError(f"{name!r} is not a client event name (they start with client-)")
+        return value
+
+    @field_validator("client_event_schemas")
+    @classmethod
+    def _valid_schemas(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        ClientEventPolicy(None, value)  # raises ValueError naming the event
         return value
 
     @field_validator("secret")

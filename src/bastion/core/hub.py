@@ -35,6 +35,7 @@ from bastion.protocol.names import (
 )
 from bastion.protocol.refusals import Reason
 from bastion.protocol.signing import channel_auth_string, signin_auth_string, verify_auth
+from bastion.security.payload import ClientEventPolicy
 from bastion.security.ratelimit import TokenBucket
 from bastion.security.secrets import SecretSet
 
@@ -150,6 +151,11 @@ class AppState:
         self.cache: dict[str, CachedEvent] = {}
         self.dirty_counts: set[str] = set()
         self.connections = 0
+        # --- client event policy (allow-list, schemas, app-wide bucket) ---
+        self.client_events = ClientEventPolicy(
+            settings.client_event_allowlist, settings.client_event_schemas
+        )
+        self.client_event_bucket: TokenBucket | None = None
 
     @property
     def id(self) -> str:
@@ -426,8 +432,21 @@ class Hub:
             session.bucket = TokenBucket(rate=rate, burst=rate, now=now)
         if session.bucket.take(now) > 0:
             raise Refused(Reason.CLIENT_EVENT_RATE)
+        app_rate = settings.client_events_per_app
+        if app_rate is not None:
+            if app.client_event_bucket is None:
+                app.client_event_bucket = TokenBucket(app_rate.rate, app_rate.burst, now)
+            if app.client_event_bucket.take(now) > 0:
+                raise Refused(Reason.CLIENT_EVENT_APP_RATE)
         if msg.utf8_size(event.data) > settings.max_event_payload_bytes:
             raise Refused(Reason.CLIENT_EVENT_TOO_LARGE)
+        policy = app.client_events
+        if policy.active:
+            if not policy.allows(event.event):
+                raise Refused(Reason.CLIENT_EVENT_NOT_ALLOWED)
+            detail = policy.check_data(event.event, event.data)
+            if detail is not None:
+                raise Refused(Reason.CLIENT_EVENT_SCHEMA, detail)
         user_id = session.channels[event.channel]
         text = msg.channel_event(event.event, event.channel, event.data, user_id)
         self._fan_out(channel, text, session.socket_id)
