@@ -17,6 +17,7 @@ Time-outs everywhere are multiplied by ``BASTION_TEST_TIMEOUT_SCALE`` (see
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ _TESTS_DIR = Path(__file__).resolve().parent
 if str(_TESTS_DIR) not in sys.path:  # `from support...` works however pytest was started
     sys.path.insert(0, str(_TESTS_DIR))
 
+from support import hygiene  # noqa: E402
 from support.server import (  # noqa: E402
     DEFAULT_APP,
     DEFAULT_CONFIG_TOML,
@@ -102,3 +104,36 @@ def bastion(make_bastion: MakeBastion) -> BastionProcess:
 def default_app() -> dict[str, Any]:
     """The credentials and flags of the app in the default config."""
     return dict(DEFAULT_APP)
+
+
+# --- the session-wide secrets grep (support/hygiene.py, tests/test_hygiene.py) -------------
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the hygiene test last: it greps what every other test left behind."""
+    last = [item for item in items if item.path.name == "test_hygiene.py"]
+    items[:] = [item for item in items if item.path.name != "test_hygiene.py"] + last
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hygiene_taps() -> Iterator[hygiene.LogTap]:
+    """Tap every bastion log record and every in-process node's secrets."""
+    from bastion.server import runtime
+
+    tap = hygiene.LogTap()
+    logger = logging.getLogger("bastion")
+    previous_level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)  # what `bastion serve` logs by default
+    logger.addHandler(tap)
+    original_init = runtime.Node.__init__
+
+    def init(self: runtime.Node, settings: Any, *args: Any, **kwargs: Any) -> None:
+        hygiene.remember_settings(settings)
+        original_init(self, settings, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtime.Node, "__init__", init)
+        yield tap
+    logger.removeHandler(tap)
+    logger.setLevel(previous_level)

@@ -186,7 +186,8 @@ async def test_cli_prints_the_events(tmp_path: Path, start_node: StartNode) -> N
 async def test_audit_disabled_writes_nothing(tmp_path: Path, start_node: StartNode) -> None:
     db = tmp_path / "audit.sqlite3"
     node = await start_node(db, enabled=False)
-    assert node.audit is None and not node.refusals.listeners
+    assert node.audit is None
+    assert node._audit_refusal not in node.refusals.listeners
     client = await open_client(node.port)
     await client.send("{")
     await client.recv()

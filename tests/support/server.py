@@ -37,6 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from . import hygiene
 from .timeouts import scaled
 
 __all__ = [
@@ -232,6 +233,7 @@ class _PipeDrain:
 
     def __init__(self, pipe: IO[bytes], name: str, on_line: Any) -> None:
         self._pipe = pipe
+        self._name = name
         self._on_line = on_line
         self.lines: list[str] = []
         self._lock = threading.Lock()
@@ -244,6 +246,8 @@ class _PipeDrain:
                 line = raw.decode("utf-8", errors="replace")
                 with self._lock:
                     self.lines.append(line)
+                if self._name == "stderr":  # where the server's log goes
+                    hygiene.remember_text(f"bastion process {self._name}", line)
                 self._on_line(line)
         except (OSError, ValueError):
             pass  # pipe closed under us at teardown
@@ -277,6 +281,9 @@ def _child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC_DIR), env.get("PYTHONPATH", "")) if p)
     if extra:
         env.update(extra)
+        for key, value in extra.items():
+            if key.startswith("BASTION_") and key.endswith("SECRET"):
+                hygiene.remember_secret(value)
     return env
 
 
@@ -301,6 +308,7 @@ class BastionProcess:
         python: str | None = None,
     ) -> None:
         self.config_path = Path(config_path)
+        hygiene.remember_config_file(self.config_path)
         self.args = [
             python or sys.executable,
             "-m",
@@ -528,7 +536,8 @@ def run_bastion_cli(
     if config_toml_text is not None:
         path = _write_config(config_toml_text, cwd)
         argv = [str(path) if a == "{config}" else a for a in argv]
-    return subprocess.run(
+        hygiene.remember_config_file(path)
+    result = subprocess.run(
         [sys.executable, "-m", "bastion", *argv],
         cwd=str(cwd),
         env=_child_env(env),
@@ -540,3 +549,5 @@ def run_bastion_cli(
         timeout=scaled(30) if timeout is None else timeout,
         check=False,
     )
+    hygiene.remember_text(f"bastion {' '.join(args[:1])} stderr", result.stderr)
+    return result
