@@ -1,16 +1,20 @@
-"""The ``bastion`` command: ``serve``, ``audit``, ``--version``, ``--help``.
+"""The ``bastion`` command: ``serve``, ``audit``, ``block``, ``unblock``, ``blocks``.
 
 Exit codes: 0 after a clean shutdown, 2 for an invalid configuration or usage
-(nothing listens in that case); ``audit`` exits 1 when the log cannot be read.
+(nothing listens in that case); ``audit`` exits 1 when the log cannot be read;
+``block``/``unblock``/``blocks`` exit 2 for an invalid address or one in
+``never_block``, and 1 when the blocks file or the audit log cannot be written.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import secrets
 import sys
 import time
+import uuid
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,10 +23,13 @@ from typing import Any
 import click
 
 from bastion import __version__
-from bastion.config import AppSettings, load_settings, settings_from_mapping
+from bastion.config import AppSettings, Settings, load_settings, settings_from_mapping
 from bastion.errors import ConfigError
-from bastion.security.audit import AuditEvent, parse_time
+from bastion.security.audit import AuditEvent, from_block, from_unblock, parse_time
+from bastion.security.proxies import parse_networks
+from bastion.security.reputation import Block, canonical_ip, parse_duration
 from bastion.store.audit import AuditLogError
+from bastion.store.blocks import BlockStoreError
 
 __all__ = ["main"]
 
@@ -128,7 +135,7 @@ def serve(
     except OSError as exc:
         click.echo(f"bastion: cannot listen: {exc.strerror}", err=True)
         sys.exit(1)
-    except AuditLogError as exc:
+    except (AuditLogError, BlockStoreError) as exc:
         click.echo(f"bastion: {exc}", err=True)
         sys.exit(1)
 
@@ -225,3 +232,151 @@ def audit(
         sys.exit(1)
     for event in events:
         click.echo(json.dumps(asdict(event), sort_keys=True) if as_json else _line(event))
+
+
+# --- blocks ----------------------------------------------------------------------------
+
+#: Seconds ``bastion block`` waits for its audit row to be written.
+_AUDIT_WRITE_SECONDS = 10.0
+
+_config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML configuration file naming the blocks file and the audit log.",
+)
+
+
+class _DurationParam(click.ParamType[float, Any]):
+    """``90``, ``30s``, ``30m``, ``1h``, ``2d``, ``1w`` (seconds, > 0)."""
+
+    name = "duration"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _settings_or_exit(config_path: Path | None) -> Settings:
+    try:
+        return load_settings(config_path)
+    except ConfigError as exc:
+        click.echo(f"bastion: config error: {exc}", err=True)
+        sys.exit(2)
+
+
+def _address_or_exit(text: str) -> str:
+    # Strict: parse_ip would also take the "host:port" forms proxies write.
+    try:
+        ipaddress.ip_address(text.strip())
+    except ValueError:
+        click.echo(f"bastion: not an IP address: {text!r}", err=True)
+        sys.exit(2)
+    address = canonical_ip(text)
+    assert address is not None
+    return address
+
+
+def _write_audit(settings: Settings, event: AuditEvent) -> None:
+    """Write ``event`` to the configured audit log now (nothing when it is disabled)."""
+    if not settings.audit.enabled:
+        return
+    from bastion.store.audit import AuditLog
+
+    audit_log = AuditLog.from_settings(settings.audit)
+    audit_log.record(event)
+    if not audit_log.close(_AUDIT_WRITE_SECONDS) or audit_log.failed or audit_log.dropped:
+        raise AuditLogError(f"the audit event was not written to {settings.audit.path!r}")
+
+
+@main.command()
+@click.argument("ip")
+@click.option(
+    "--ttl",
+    type=_DurationParam(),
+    default="1h",
+    show_default=True,
+    help="How long the block lasts: 30m, 1h, 2d, 1w.",
+)
+@click.option("--reason", default="blocked by an operator", help="Why (kept and audited).")
+@_config_option
+def block(ip: str, ttl: float, reason: str, config_path: Path | None) -> None:
+    """Block IP on every node using the same blocks file (within sync_seconds)."""
+    from bastion.store.blocks import BlockStore
+
+    settings = _settings_or_exit(config_path)
+    address = _address_or_exit(ip)
+    reputation = settings.security.reputation
+    for network in parse_networks(reputation.never_block):
+        if ipaddress.ip_address(address) in network:
+            click.echo(
+                f"bastion: refusing to block {address}: it is in"
+                f" security.reputation.never_block ({network})",
+                err=True,
+            )
+            sys.exit(2)
+    now = time.time()
+    entry = Block(ip=address, until=now + ttl, reason=reason, source="manual", created=now)
+    try:
+        with BlockStore(reputation.store_path) as store:
+            store.block(entry, now=now)
+        _write_audit(settings, from_block(entry, id=uuid.uuid4().hex, time=now))
+    except (BlockStoreError, AuditLogError) as exc:
+        click.echo(f"bastion: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"blocked {address} until {_iso(entry.until)}")
+
+
+@main.command()
+@click.argument("ip")
+@_config_option
+def unblock(ip: str, config_path: Path | None) -> None:
+    """Lift the block of IP (nodes apply it within sync_seconds)."""
+    from bastion.store.blocks import BlockStore
+
+    settings = _settings_or_exit(config_path)
+    address = _address_or_exit(ip)
+    now = time.time()
+    try:
+        with BlockStore(settings.security.reputation.store_path) as store:
+            previous = store.unblock(address, now=now)
+        if previous is not None:
+            event = from_unblock(address, id=uuid.uuid4().hex, time=now, previous=previous)
+            _write_audit(settings, event)
+    except (BlockStoreError, AuditLogError) as exc:
+        click.echo(f"bastion: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"unblocked {address}" if previous is not None else f"{address} was not blocked")
+
+
+@main.command()
+@_config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def blocks(config_path: Path | None, as_json: bool) -> None:
+    """List the blocks in force (no running server needed)."""
+    from bastion.store.blocks import list_active
+
+    settings = _settings_or_exit(config_path)
+    try:
+        active = list_active(settings.security.reputation.store_path, now=time.time())
+    except BlockStoreError as exc:
+        click.echo(f"bastion: {exc}", err=True)
+        sys.exit(1)
+    for entry in active:
+        if as_json:
+            line = {
+                "ip": entry.ip,
+                "until": _iso(entry.until),
+                "source": entry.source,
+                "reason": entry.reason,
+                "created": _iso(entry.created),
+            }
+            click.echo(json.dumps(line, sort_keys=True))
+        else:
+            click.echo(f"{entry.ip:<39} {_iso(entry.until)} {entry.source:<6} {entry.reason}")

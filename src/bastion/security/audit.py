@@ -21,9 +21,19 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from bastion.security.reputation import Block
     from bastion.server.refusals import RefusalRecord
 
-__all__ = ["AuditEvent", "MetadataValue", "Severity", "from_refusal", "parse_time", "redact"]
+__all__ = [
+    "AuditEvent",
+    "MetadataValue",
+    "Severity",
+    "from_block",
+    "from_refusal",
+    "from_unblock",
+    "parse_time",
+    "redact",
+]
 
 Severity = Literal["info", "warning"]
 MetadataValue = str | int | float | bool | None
@@ -130,6 +140,56 @@ def from_refusal(record: RefusalRecord, *, id: str, time: float) -> AuditEvent:
         message=record.detail,
         metadata=metadata,
     )
+
+
+def from_block(block: Block, *, id: str, time: float) -> AuditEvent:
+    """The audit event for a block: ``ip_blocked_auto`` (reputation) or ``ip_blocked_manual``.
+
+    Both are warnings: an automatic block means an address misbehaved enough to be
+    shut out, a manual one is an operator acting on the node's security.
+    """
+    metadata: dict[str, MetadataValue] = {
+        "until": block.until,
+        "until_iso": _iso(block.until),
+        "source": block.source,
+    }
+    if block.source == "auto":
+        metadata["score"] = round(block.score, 3)
+    return AuditEvent(
+        id=id,
+        time=time,
+        type=f"ip_blocked_{block.source}",
+        severity="warning",
+        ip=block.ip,
+        app_id=None,
+        socket_id=None,
+        user_id=None,
+        message=block.reason,
+        metadata=metadata,
+    )
+
+
+def from_unblock(ip: str, *, id: str, time: float, previous: Block | None = None) -> AuditEvent:
+    """The audit event ``ip_unblocked`` for an operator lifting the block of ``ip``."""
+    metadata: dict[str, MetadataValue] = {}
+    if previous is not None:
+        metadata = {"until": previous.until, "source": previous.source, "reason": previous.reason}
+    return AuditEvent(
+        id=id,
+        time=time,
+        type="ip_unblocked",
+        severity="warning",
+        ip=ip,
+        app_id=None,
+        socket_id=None,
+        user_id=None,
+        message="Address unblocked by an operator",
+        metadata=metadata,
+    )
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def parse_time(text: str, *, now: float) -> float:

@@ -15,11 +15,13 @@ from bastion.api.rest import RestApi
 from bastion.config import Settings
 from bastion.core.hub import Hub
 from bastion.metrics import Metrics
-from bastion.security.audit import from_refusal
+from bastion.security.audit import AuditEvent, from_refusal
+from bastion.server.blocklist import NodeBlockList
 from bastion.server.context import Outbox, ServerContext, frame_text
 from bastion.server.http import HttpConnection
 from bastion.server.refusals import RefusalPath, RefusalRecord
 from bastion.store.audit import AuditLog
+from bastion.store.blocks import BlockStore
 
 __all__ = ["Node", "run", "serve"]
 
@@ -47,6 +49,8 @@ class Node:
         self._tick: asyncio.Task[None] | None = None
         #: The audit log, open between start and stop when ``[audit]`` enables it.
         self.audit: AuditLog | None = None
+        #: Blocked addresses and IP reputation, between start and stop.
+        self.blocklist: NodeBlockList | None = None
 
     @property
     def port(self) -> int:
@@ -65,6 +69,7 @@ class Node:
             self.audit = await asyncio.to_thread(AuditLog.from_settings, self.settings.audit)
             self.refusals.listeners.append(self._audit_refusal)
         try:
+            await self._start_blocklist()
             await self.hub.adapter.start()
             self._server = await self.ctx.loop.create_server(
                 lambda: HttpConnection(self.ctx),
@@ -74,6 +79,7 @@ class Node:
                 reuse_address=True,
             )
         except BaseException:
+            await self._stop_blocklist()
             if self.audit is not None:  # do not leave the writer thread behind
                 self.refusals.listeners.remove(self._audit_refusal)
                 await asyncio.to_thread(self.audit.close, AUDIT_FLUSH_SECONDS)
@@ -110,6 +116,8 @@ class Node:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), DRAIN_SECONDS)
         await self.hub.adapter.stop()
+        # Before the audit log closes: a block made during the drain is audited too.
+        await self._stop_blocklist()
         if self.audit is not None:
             # After the drain, so the refusals of the last connections are written too.
             with contextlib.suppress(ValueError):
@@ -121,6 +129,34 @@ class Node:
     def _audit_refusal(self, record: RefusalRecord) -> None:
         assert self.audit is not None
         self.audit.record(from_refusal(record, id=uuid.uuid4().hex, time=time.time()))
+
+    def _audit_event(self, event: AuditEvent) -> None:
+        if self.audit is not None:
+            self.audit.record(event)
+
+    async def _start_blocklist(self) -> None:
+        """Open the blocks file (off the loop: a bad path fails start-up) and load it."""
+        settings = self.settings.security.reputation
+        store = await asyncio.to_thread(BlockStore, settings.store_path)
+        blocklist = NodeBlockList(settings, self.ctx, store, audit=self._audit_event)
+        try:
+            await blocklist.start()
+        except BaseException:
+            await asyncio.to_thread(store.close)
+            raise
+        self.blocklist = blocklist
+        self.ctx.blocklist = blocklist
+        if settings.enabled:
+            self.refusals.listeners.append(blocklist.on_refusal)
+
+    async def _stop_blocklist(self) -> None:
+        blocklist, self.blocklist = self.blocklist, None
+        if blocklist is None:
+            return
+        with contextlib.suppress(ValueError):
+            self.refusals.listeners.remove(blocklist.on_refusal)
+        self.ctx.blocklist = None
+        await blocklist.stop()
 
 
 def warn_unenforced(settings: Settings) -> None:

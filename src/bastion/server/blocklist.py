@@ -1,0 +1,233 @@
+"""The node's blocked addresses: reputation in, O(1) answer at accept, shared through SQLite.
+
+:class:`NodeBlockList` is what :attr:`ServerContext.blocklist` points at.
+
+* :meth:`NodeBlockList.check` is asked at accept (and once a trusted proxy names
+  the client): a dictionary lookup in memory, nothing else. A blocked address is
+  counted as an ``ip_blocked`` refusal every time, but logged and audited at most
+  once a minute per address, so a blocked host hammering us cannot flood either.
+* :meth:`NodeBlockList.on_refusal` listens to the refusal path and feeds
+  :class:`~bastion.security.reputation.Reputation`. A block it produces is in
+  force at once in memory; it is then persisted off the loop, audited
+  (``ip_blocked_auto``), logged at WARNING, and the address's open WebSocket
+  connections are closed with 4100.
+* A sync task reads the store's changes every ``sync_seconds``: manual blocks and
+  unblocks from ``bastion block``/``unblock`` (and, later, other nodes' blocks).
+
+With ``[security.reputation] enabled = false`` nothing is scored, but blocks from
+the store still apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from bastion.config import ReputationSettings
+from bastion.protocol.refusals import Reason
+from bastion.security.audit import AuditEvent, from_block
+from bastion.security.reputation import Block, BlockSet, Reputation, canonical_ip
+from bastion.server.context import ServerContext
+from bastion.server.refusals import RefusalRecord
+from bastion.store.blocks import BlockStore, BlockStoreError
+
+__all__ = ["CLOSE_CODE", "LOG_EVERY_SECONDS", "PRUNE_EVERY_SECONDS", "NodeBlockList"]
+
+log = logging.getLogger("bastion.blocks")
+
+#: Close code for a blocked address's open connections: 4100 tells pusher-js to
+#: reconnect with back-off, and every reconnect is dropped at accept until expiry.
+CLOSE_CODE = 4100
+#: Seconds between log lines and audit rows for one blocked address knocking.
+LOG_EVERY_SECONDS = 60.0
+#: Seconds between prunes of the store's old rows.
+PRUNE_EVERY_SECONDS = 3600.0
+
+
+class NodeBlockList:
+    """Blocked addresses of one node (the :class:`~bastion.server.context.BlockList`).
+
+    Args:
+        settings: ``[security.reputation]``.
+        ctx: the node's shared context (refusal path, open connections, loop).
+        store: the open blocks file.
+        audit: records one audit event (or ``None`` when the audit log is off);
+            called on the loop, must not block.
+        clock: Unix seconds (block expiry is wall-clock, shared with the CLI).
+    """
+
+    def __init__(
+        self,
+        settings: ReputationSettings,
+        ctx: ServerContext,
+        store: BlockStore,
+        audit: Callable[[AuditEvent], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.store = store
+        self.audit = audit
+        self.clock = clock
+        self.reputation = Reputation.from_settings(settings)
+        self.blocks = BlockSet()
+        #: canonical address -> when its ``ip_blocked`` refusal was last logged.
+        self._last_logged: dict[str, float] = {}
+        self._change_id = 0
+        self._sync: asyncio.Task[None] | None = None
+        # Persist tasks in flight; kept so they are not collected and are awaited at stop.
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the blocks in force, then start the sync task."""
+        now = self.clock()
+        # The change id first: a change made between the two reads is read again.
+        self._change_id = await asyncio.to_thread(self.store.last_change_id)
+        for block in await asyncio.to_thread(self.store.active, now=now):
+            if not self._exempt(block.ip):
+                self.blocks.put(block)
+        await asyncio.to_thread(self.store.prune, now=now)
+        if self.blocks:
+            log.info("%d blocked addresses loaded from %s", len(self.blocks), self.store.path)
+        self._sync = asyncio.create_task(self._sync_forever(), name="bastion-blocks-sync")
+
+    async def stop(self) -> None:
+        """Stop syncing, finish pending writes, close the store."""
+        if self._sync is not None:
+            self._sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync
+            self._sync = None
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        await asyncio.to_thread(self.store.close)
+
+    # --- the BlockList protocol ------------------------------------------------------
+
+    def check(self, ip: str, now: float) -> bool:
+        """Whether ``ip`` is blocked at ``now``; a ``True`` is already counted."""
+        if not self.blocks:  # the common case costs one length check
+            return False
+        key = canonical_ip(ip)
+        if key is None:
+            return False
+        block = self.blocks.get(key, now)
+        if block is None:
+            self._last_logged.pop(key, None)
+            return False
+        last = self._last_logged.get(key)
+        if last is None or now - last >= LOG_EVERY_SECONDS or now < last:
+            self._last_logged[key] = now
+            # Counts, logs and audits (through the audit listener) in one place.
+            self.ctx.refusals.record(
+                Reason.IP_BLOCKED,
+                ip=key,
+                detail=f"blocked ({block.source}) until {block.until:.0f}",
+            )
+        else:
+            # Counted every time, like every refusal; only the log and audit are throttled.
+            self.ctx.metrics.refusals[(Reason.IP_BLOCKED.value.slug, "")] += 1
+        return True
+
+    # --- reputation -------------------------------------------------------------------
+
+    def on_refusal(self, record: RefusalRecord) -> None:
+        """Refusal listener: score the address, block it when it crosses the threshold."""
+        if record.ip is None or record.reason is Reason.IP_BLOCKED:
+            return  # no address to score; and a block must not feed itself
+        now = self.clock()
+        block = self.reputation.add(record.ip, record.reason.value.slug, now)
+        if block is not None and self.blocks.add(block, now):
+            log.warning(
+                "address blocked ip=%s until=%.0f score=%.1f last=%s",
+                block.ip,
+                block.until,
+                block.score,
+                record.reason.value.slug,
+            )
+            if self.audit is not None:
+                self.audit(from_block(block, id=uuid.uuid4().hex, time=now))
+            self._persist(block, now)
+            self._close_connections(block.ip)
+
+    def _persist(self, block: Block, now: float) -> None:
+        self._spawn(asyncio.to_thread(self.store.block, block, now=now), block.ip)
+
+    def _spawn(self, work: Coroutine[Any, Any, Any], ip: str) -> None:
+        task = self.ctx.loop.create_task(work)
+        self._pending.add(task)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._pending.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                # In force in memory either way; only other nodes and restarts miss it.
+                log.warning("block of %s not persisted: %s", ip, task.exception())
+
+        task.add_done_callback(done)
+
+    def _close_connections(self, ip: str) -> None:
+        for connection in list(self.ctx.connections):
+            if connection.ip is not None and canonical_ip(connection.ip) == ip:
+                # Soon, not now: we may be inside this very connection's frame handler.
+                self.ctx.loop.call_soon(connection.close, CLOSE_CODE, "Address blocked")
+
+    # --- sync with the store ------------------------------------------------------------
+
+    def _exempt(self, ip: str) -> bool:
+        """A stored block of a ``never_block`` address is not applied: the CLI may have
+        been run with another config, or another node with another list."""
+        if not self.reputation.exempt(ip):
+            return False
+        log.warning("ignoring the stored block of %s: it is in never_block", ip)
+        return True
+
+    async def _sync_forever(self) -> None:
+        last_prune = self.clock()
+        while True:
+            await asyncio.sleep(self.settings.sync_seconds)
+            try:
+                await self.sync()
+                now = self.clock()
+                if now - last_prune >= PRUNE_EVERY_SECONDS or now < last_prune:
+                    last_prune = now
+                    await asyncio.to_thread(self.store.prune, now=now)
+            except BlockStoreError as exc:
+                # A locked or vanished file must not stop the node: retry next round.
+                log.warning("blocks not synced: %s", exc)
+
+    async def sync(self) -> int:
+        """Apply the store's changes since the last sync; returns how many were read."""
+        changes = await asyncio.to_thread(self.store.changes, self._change_id)
+        now = self.clock()
+        for change in changes:
+            self._change_id = max(self._change_id, change.change_id)
+            if change.block is None or not change.block.active(now):
+                if self.blocks.remove(change.ip) is not None:
+                    log.info("address unblocked ip=%s", change.ip)
+                self._last_logged.pop(change.ip, None)
+                if change.block is None:
+                    self.reputation.forget(change.ip)  # an operator forgave it
+                continue
+            if self._exempt(change.ip):
+                continue
+            current = self.blocks.get(change.ip, now)
+            if current != change.block:
+                self.blocks.put(change.block)  # the store's word is final
+                if current is None:
+                    log.warning(
+                        "address blocked ip=%s until=%.0f source=%s",
+                        change.ip,
+                        change.block.until,
+                        change.block.source,
+                    )
+                    self._close_connections(change.ip)
+        for block in self.blocks.prune(now):
+            self._last_logged.pop(block.ip, None)
+        return len(changes)
