@@ -1,8 +1,10 @@
 """Fixtures for the integration tests: a real Bastion node in-process on 127.0.0.1.
 
-* ``make_node(server=..., app=..., extra_apps=...)`` starts a :class:`Node` on an
-  OS-chosen port with the default app (id ``12345``, key ``app-key``, client events
-  on) plus a second app (``67890``/``other-key``); every node is stopped at teardown.
+* ``make_node(server=..., app=..., extra_apps=..., security=...)`` starts a
+  :class:`Node` on an OS-chosen port with the default app (id ``12345``, key
+  ``app-key``, client events on) plus a second app (``67890``/``other-key``); every
+  node is stopped at teardown. ``security`` overrides ``[security]`` keys over
+  :data:`TEST_SECURITY` (every test connects from 127.0.0.1).
 * ``node`` is a node with the defaults.
 * ``connect(node, ...)`` opens a :class:`PusherClient` (closed at teardown).
 * ``sdk`` is the official PyPI ``pusher`` SDK pointed at ``node`` (call it through
@@ -44,10 +46,21 @@ MakeNode = Callable[..., Awaitable[Node]]
 Connect = Callable[..., Awaitable[PusherClient]]
 
 
+#: ``[security]`` for test nodes. Every test connects from 127.0.0.1, so the suite as
+#: a whole is one very busy address: the fuzz tests open far more connections than
+#: the product's new-connection burst, and send bad signatures on purpose far past
+#: its failed-authentication budget. Tests of the limits set their own small values.
+TEST_SECURITY: Mapping[str, Any] = {
+    "new_connections_per_ip": {"rate": 1000, "burst": 10000},
+    "auth_failures_per_ip": {"rate": 1000, "burst": 10000},
+}
+
+
 def node_settings(
     server: Mapping[str, Any] | None = None,
     app: Mapping[str, Any] | None = None,
     extra_apps: list[Mapping[str, Any]] | tuple[Mapping[str, Any], ...] = (),
+    security: Mapping[str, Any] | None = None,
 ) -> Any:
     """Settings for a test node: defaults, overridden by the given mappings."""
     server_settings = {"host": "127.0.0.1", "port": 0, "activity_timeout": 120, **(server or {})}
@@ -60,7 +73,12 @@ def node_settings(
     }
     other = {"id": OTHER_APP_ID, "key": OTHER_APP_KEY, "secret": OTHER_APP_SECRET}
     return settings_from_mapping(
-        {"server": server_settings, "apps": [main, other, *extra_apps]}, environ={}
+        {
+            "server": server_settings,
+            "security": {**TEST_SECURITY, **(security or {})},
+            "apps": [main, other, *extra_apps],
+        },
+        environ={},
     )
 
 
@@ -74,8 +92,9 @@ async def make_node() -> AsyncIterator[MakeNode]:
         server: Mapping[str, Any] | None = None,
         app: Mapping[str, Any] | None = None,
         extra_apps: tuple[Mapping[str, Any], ...] = (),
+        security: Mapping[str, Any] | None = None,
     ) -> Node:
-        node = Node(node_settings(server, app, extra_apps), asyncio.get_running_loop())
+        node = Node(node_settings(server, app, extra_apps, security), asyncio.get_running_loop())
         await node.start()
         nodes.append(node)
         return node

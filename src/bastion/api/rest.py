@@ -5,8 +5,13 @@ Order of checks for every route: the app named by the route's id must exist
 timestamp within ±600 s, ``body_md5`` of the raw bytes, constant-time digest
 compare, any of the app's active secrets during rotation), its signature must
 not have been accepted before (401 ``replayed_request``; one
-:class:`~bastion.security.replay.ReplayGuard` per app), the app must be enabled
-(403), and only then is the body parsed.
+:class:`~bastion.security.replay.ReplayGuard` per app), the app's own
+``rest_requests`` bucket must hold a token (429 ``app_rate_limited`` with
+``Retry-After``; only after the signature and the replay check, so neither a
+stranger nor a replayed request can spend the app's budget), the app must be
+enabled (403), and only then is the body parsed. The per-address limits
+(``ip_rate_limited``, ``auth_failure_limit``) are checked in
+:mod:`bastion.server.http` before a request gets here.
 A multi-event batch is validated whole before any event is delivered.
 Errors are JSON: ``{"error": message, "reason": slug}``.
 """
@@ -20,6 +25,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
+from bastion.config import RateSettings
 from bastion.core.hub import AppState, Hub
 from bastion.errors import Refused
 from bastion.metrics import Metrics
@@ -34,10 +40,11 @@ from bastion.protocol.names import (
 )
 from bastion.protocol.refusals import Reason
 from bastion.protocol.signing import REST_TIMESTAMP_WINDOW, verify_rest_request
+from bastion.security.limits import MemoryRateLimiter, retry_after_seconds
 from bastion.security.replay import ReplayGuard, Verdict
 from bastion.server.refusals import RefusalPath
 
-__all__ = ["HttpRequest", "HttpResponse", "RestApi", "error_response"]
+__all__ = ["HttpRequest", "HttpResponse", "RestApi", "error_response", "rate_limited_response"]
 
 _ROUTE = re.compile(
     r"^/apps/(?P<app_id>[^/]+)/(?:"
@@ -90,12 +97,21 @@ def json_response(value: Any, status: int = 200) -> HttpResponse:
     return HttpResponse(status, dumps(value).encode())
 
 
-def error_response(reason: Reason, detail: str | None = None) -> HttpResponse:
-    """The JSON error body for ``reason``."""
+def error_response(
+    reason: Reason, detail: str | None = None, headers: tuple[tuple[str, str], ...] = ()
+) -> HttpResponse:
+    """The JSON error body for ``reason``, with any extra ``headers``."""
     rule = reason.value
-    return json_response(
-        {"error": detail or rule.message, "reason": rule.slug}, rule.http_status or 400
+    return HttpResponse(
+        rule.http_status or 400,
+        dumps({"error": detail or rule.message, "reason": rule.slug}).encode(),
+        headers=headers,
     )
+
+
+def rate_limited_response(reason: Reason, wait: float) -> HttpResponse:
+    """The error for a spent bucket, with ``Retry-After`` in whole seconds (at least 1)."""
+    return error_response(reason, headers=(("Retry-After", str(retry_after_seconds(wait))),))
 
 
 def _info_attributes(raw: Any) -> frozenset[str]:
@@ -116,6 +132,8 @@ class RestApi:
         self.metrics = metrics
         #: app id → its replay guard (per node: a cluster does not share them).
         self.replay_guards: dict[str, ReplayGuard] = {}
+        #: app id → its ``rest_requests`` settings and bucket (rebuilt if they change).
+        self.app_limiters: dict[str, tuple[RateSettings, MemoryRateLimiter]] = {}
 
     def handle(self, request: HttpRequest, *, now: float) -> HttpResponse:
         """Answer one request; ``now`` is the Unix time used for the signature window."""
@@ -142,6 +160,10 @@ class RestApi:
             if failure is not None:
                 raise Refused(failure)
             self._check_replay(app, request, now)
+            wait = self._app_rate(app, now)
+            if wait > 0:
+                self.refusals.record(Reason.HTTP_APP_RATE, app_id=app.id, ip=request.ip)
+                return rate_limited_response(Reason.HTTP_APP_RATE, wait)
             if not app.settings.enabled:
                 raise Refused(Reason.HTTP_APP_DISABLED)
             return self._route(app, request, match)
@@ -153,6 +175,19 @@ class RestApi:
                 detail=refused.detail,
             )
             return error_response(refused.reason, refused.detail)
+
+    def _app_rate(self, app: AppState, now: float) -> float:
+        """Spend a token of the app's ``rest_requests`` bucket: 0.0, or the wait."""
+        limit = app.settings.rest_requests
+        if limit is None:
+            return 0.0
+        cached = self.app_limiters.get(app.id)
+        if cached is None or cached[0] is not limit:
+            cached = self.app_limiters[app.id] = (
+                limit,
+                MemoryRateLimiter(limit.rate, limit.burst, max_keys=1),
+            )
+        return cached[1].take(app.id, now)
 
     def _check_replay(self, app: AppState, request: HttpRequest, now: float) -> None:
         # Only reached once the signature verified, so both parameters are present

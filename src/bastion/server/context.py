@@ -1,18 +1,36 @@
-"""What every connection of a node shares: settings, hub, refusal path, registry."""
+"""What every connection of a node shares: settings, hub, refusal path, registry.
+
+It also holds the node's per-address limits, built once from ``[security]``:
+the trusted proxies that name a request's client, the WebSocket admission
+(concurrent cap and new-connection bucket per address), the per-address REST
+bucket, and the per-address failed-authentication budget. That budget is spent
+by a refusal-path listener, so every door that fails an authentication (REST
+signatures, channel auth, sign-ins, tokens) spends it in one place.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from websockets.frames import Frame, Opcode
 
-from bastion.config import Settings
+from bastion.config import RateSettings, Settings
 from bastion.core.hub import Hub
+from bastion.errors import Refused
 from bastion.metrics import Metrics
-from bastion.server.refusals import RefusalPath
+from bastion.protocol.refusals import Reason
+from bastion.security.admission import (
+    AUTH_FAILURE_REASONS,
+    WEBSOCKET_AUTH_FAILURE_REASONS,
+    Admission,
+)
+from bastion.security.limits import MemoryRateLimiter, RateLimiter
+from bastion.security.proxies import TrustedProxies
+from bastion.server.refusals import RefusalPath, RefusalRecord
 
 if TYPE_CHECKING:
     from bastion.api.rest import RestApi
@@ -109,3 +127,53 @@ class ServerContext:
     draining: bool = False
     #: Set by the node when IP reputation / blocks are in use.
     blocklist: BlockList | None = None
+    #: Whose forwarding headers name the client (``security.trusted_proxies``).
+    proxies: TrustedProxies = field(init=False)
+    #: WebSocket admission per client address (concurrent cap, new-connection bucket).
+    admission: Admission = field(init=False)
+    #: HTTP requests per client address (``security.rest_requests_per_ip``).
+    rest_requests: RateLimiter = field(init=False)
+    #: Failed authentications per client address (``security.auth_failures_per_ip``).
+    auth_failures: RateLimiter = field(init=False)
+    #: Socket ids with an ``auth_failure_limit`` close already scheduled.
+    _lockouts: set[str] = field(init=False, default_factory=set)
+
+    def __post_init__(self) -> None:
+        security = self.settings.security
+        self.proxies = TrustedProxies(security.trusted_proxies)
+        self.auth_failures = _limiter(security.auth_failures_per_ip)
+        self.rest_requests = _limiter(security.rest_requests_per_ip)
+        self.admission = Admission(
+            max_connections_per_ip=security.max_connections_per_ip,
+            new_connections=_limiter(security.new_connections_per_ip),
+            auth_failures=self.auth_failures,
+        )
+        self.refusals.listeners.append(self._spend_auth_failure)
+
+    def _spend_auth_failure(self, record: RefusalRecord) -> None:
+        """Refusal listener: a failed authentication spends a token of its address."""
+        if record.reason not in AUTH_FAILURE_REASONS or record.ip is None:
+            return
+        wait = self.auth_failures.take(record.ip, time.time())
+        socket_id = record.socket_id
+        if (
+            wait > 0
+            and socket_id is not None
+            and record.reason in WEBSOCKET_AUTH_FAILURE_REASONS
+            and socket_id not in self._lockouts
+        ):
+            # The budget was already spent: this connection goes. Not from here: the
+            # listener runs inside the connection's own refusal, mid-message.
+            self._lockouts.add(socket_id)
+            self.loop.call_soon(self._lock_out, socket_id)
+
+    def _lock_out(self, socket_id: str) -> None:
+        self._lockouts.discard(socket_id)
+        for connection in self.connections:
+            if connection.session.socket_id == socket_id:
+                connection.refuse(Refused(Reason.AUTH_FAILURE_LIMIT))
+                return
+
+
+def _limiter(settings: RateSettings) -> MemoryRateLimiter:
+    return MemoryRateLimiter(settings.rate, settings.burst)

@@ -14,6 +14,21 @@ An app with ``allowed_origins`` refuses a handshake from a foreign Origin with
 ``Access-Control-Allow-Origin`` for an allowed origin, and ``OPTIONS``
 preflights (204, or 403 for a foreign origin). An app without the list gets no
 CORS headers at all. Each app's :class:`OriginPolicy` is built once.
+
+Addresses and per-address limits (``[security]``): a TCP peer on the blocklist
+is dropped at accept, before any byte is parsed. Each request's client address
+is resolved once its head is complete (forwarding headers count only from a
+trusted proxy) and is the address every limit, refusal and audit row uses; an
+address a trusted proxy names that is blocked gets 403 ``ip_blocked``. Plain
+HTTP requests (health checks aside) spend the address's ``rest_requests_per_ip``
+token before anything is routed or verified (429 ``ip_rate_limited``), and an
+address whose failed-authentication budget is spent gets 429
+``auth_failure_limit`` before its signature is checked. An upgrade must pass,
+before the 101: the query-token rule (400 ``query_token_refused`` unless the
+app's ``jwt.allow_query_token``), then the admission (429 ``ip_connection_limit``,
+``connection_rate`` or ``auth_failure_limit``). Every 429 carries ``Retry-After``.
+An admitted upgrade holds one of its address's ``max_connections_per_ip``
+slots until its TCP connection is lost, whichever protocol owns it by then.
 """
 
 from __future__ import annotations
@@ -33,12 +48,14 @@ from websockets.http11 import Request as WsRequest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from bastion.api.rest import HttpRequest, HttpResponse, error_response
+from bastion.api.rest import HttpRequest, HttpResponse, error_response, rate_limited_response
 from bastion.config import AppSettings
 from bastion.core.hub import AppState
 from bastion.protocol import messages as msg
 from bastion.protocol.refusals import Reason
+from bastion.security.admission import Admission
 from bastion.security.origins import OriginPolicy
+from bastion.security.proxies import parse_ip
 from bastion.server.context import ServerContext, frame_text
 from bastion.server.websocket import WebSocketConnection
 
@@ -53,6 +70,8 @@ MAX_HEADERS = 64
 KEEPALIVE_SECONDS = 60.0
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _SUPPORTED_PROTOCOLS = frozenset({"5", "6", "7"})
+#: Paths answered without any limit: load balancers probe them constantly.
+_HEALTH_PATHS = frozenset({"/", "/up", "/healthz"})
 _APP_PATH = re.compile(r"^/apps/(?P<app_id>[^/]+)/")
 _PREFLIGHT_HEADERS = (
     ("Access-Control-Allow-Methods", "GET, POST"),
@@ -77,13 +96,55 @@ def origin_policy(app: AppState) -> OriginPolicy:
     return policy
 
 
+class _Slot:
+    """An admitted connection's hold on one of its address's slots, released once."""
+
+    __slots__ = ("admission", "ip")
+
+    def __init__(self, admission: Admission, ip: str) -> None:
+        self.admission: Admission | None = admission
+        self.ip = ip
+
+    def release(self) -> None:
+        """Give the slot back (later calls do nothing)."""
+        admission, self.admission = self.admission, None
+        if admission is not None:
+            admission.release(self.ip)
+
+
+class _AdmittedConnection(WebSocketConnection):
+    """A WebSocket connection that gives its address's slot back when its TCP ends.
+
+    ``connection_lost`` is the one call the transport always makes, exactly once,
+    to whichever protocol owns it then: a clean close, a timeout, an abort or the
+    peer vanishing all end there.
+    """
+
+    __slots__ = ("slot",)
+
+    slot: _Slot
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection, then release its slot (even if forgetting failed)."""
+        try:
+            super().connection_lost(exc)
+        finally:
+            self.slot.release()
+
+
 class HttpConnection(asyncio.Protocol):
     """Parses HTTP requests on one TCP connection until it upgrades or closes."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.transport: asyncio.Transport | None = None
+        #: The TCP peer's address.
+        self.peer_ip: str | None = None
+        #: The current request's client address: the peer until the head is complete,
+        #: then the address a trusted proxy names, if any.
         self.ip: str | None = None
+        #: The admission slot this connection holds, until it is handed to the WebSocket.
+        self.slot: _Slot | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.head = bytearray()
         self.head_done = False
@@ -103,14 +164,30 @@ class HttpConnection(asyncio.Protocol):
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.ip = peer[0] if isinstance(peer, tuple) else None
+        address = parse_ip(peer[0]) if isinstance(peer, tuple) and peer[0] else None
+        # Normalised (an IPv4-mapped IPv6 peer is its IPv4 address), so every limit
+        # and block sees one spelling of an address.
+        self.peer_ip = self.ip = str(address) if address is not None else None
+        blocklist = self.ctx.blocklist
+        if (
+            blocklist is not None
+            and self.peer_ip is not None
+            and blocklist.check(self.peer_ip, time.time())
+        ):
+            # No answer at all: a blocked host gets nothing to parse or time.
+            self.refused = True
+            self.transport.abort()
+            return
         self._arm(self.ctx.settings.server.handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Stop the timer."""
+        """Stop the timer; give back an admission slot the WebSocket never took over."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; bound the request head; hand off upgrades."""
@@ -140,6 +217,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         """A new request: reset per-request state."""
+        self.ip = self.peer_ip
         self.url = b""
         self.headers = []
         self.body = bytearray()
@@ -156,8 +234,23 @@ class HttpConnection(asyncio.Protocol):
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
-        """The head is complete: check the body size (the timer runs until the body ends)."""
+        """The head is complete: name the client, check the body size.
+
+        The handshake timer keeps running until the body ends.
+        """
         self.head_done = True
+        # Per request: a trusted proxy may send many clients' requests on one connection.
+        self.ip = self.ctx.proxies.client_ip(self.peer_ip, self.headers)
+        blocklist = self.ctx.blocklist
+        if (
+            blocklist is not None
+            and self.ip is not None
+            and self.ip != self.peer_ip
+            and blocklist.check(self.ip, time.time())
+        ):
+            # The blocklist has counted and audited it: no second record here.
+            self._refuse(Reason.IP_BLOCKED, record=False)
+            raise httptools.HttpParserError("blocked")
         length = self._header("content-length")
         if length is not None and _DIGITS.fullmatch(length) and int(length) > self.body_limit:
             self._refuse(Reason.HTTP_BODY_TOO_LARGE)
@@ -229,14 +322,28 @@ class HttpConnection(asyncio.Protocol):
         path = url.path.decode("latin-1")
         query = url.query.decode("latin-1") if url.query else ""
         method = self.parser.get_method().decode("latin-1")
-        if path in ("/", "/up", "/healthz"):
+        if path in _HEALTH_PATHS:
             return HttpResponse(200, b"OK", content_type="text/plain")
+        ctx = self.ctx
         route = _APP_PATH.match(path)
-        app = self.ctx.hub.apps_by_id.get(route["app_id"]) if route is not None else None
+        app = ctx.hub.apps_by_id.get(route["app_id"]) if route is not None else None
+        app_id = app.id if app is not None else None
+        ip = self.ip or ""
+        now = time.time()
+        # Before any HMAC work, so a flood costs a dict lookup each.
+        wait = ctx.rest_requests.take(ip, now)
+        if wait > 0:
+            ctx.refusals.record(Reason.HTTP_IP_RATE, app_id=app_id, ip=self.ip)
+            return rate_limited_response(Reason.HTTP_IP_RATE, wait)
         policy = origin_policy(app) if app is not None else None
         if policy is not None and method == "OPTIONS":
             assert app is not None
             return self._preflight(app, policy)
+        wait = ctx.auth_failures.peek(ip, now)
+        if wait > 0:
+            # Even a correct signature waits: the budget stops guessing, not mistakes.
+            ctx.refusals.record(Reason.AUTH_FAILURE_LIMIT, app_id=app_id, ip=self.ip)
+            return rate_limited_response(Reason.AUTH_FAILURE_LIMIT, wait)
         request = HttpRequest(
             method=method,
             path=path,
@@ -244,7 +351,7 @@ class HttpConnection(asyncio.Protocol):
             body=bytes(self.body),
             ip=self.ip,
         )
-        response = self.ctx.rest.handle(request, now=time.time())
+        response = ctx.rest.handle(request, now=now)
         if policy is not None and policy.restricted:
             response = replace(response, headers=response.headers + self._cors(policy))
         return response
@@ -286,12 +393,26 @@ class HttpConnection(asyncio.Protocol):
         ]
         self.transport.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + response.body)
 
-    def _refuse(self, reason: Reason) -> None:
+    def _refuse(
+        self,
+        reason: Reason,
+        *,
+        app_id: str | None = None,
+        retry_after: float | None = None,
+        record: bool = True,
+    ) -> None:
+        """Answer ``reason`` (with ``Retry-After`` when given) and close."""
         if self.refused:
             return
         self.refused = True
-        self.ctx.refusals.record(reason, ip=self.ip)
-        self._write_response(error_response(reason), keep_alive=False)
+        if record:
+            self.ctx.refusals.record(reason, app_id=app_id, ip=self.ip)
+        response = (
+            error_response(reason)
+            if retry_after is None
+            else rate_limited_response(reason, retry_after)
+        )
+        self._write_response(response, keep_alive=False)
         if self.transport is not None:
             self.transport.close()
 
@@ -345,6 +466,26 @@ class HttpConnection(asyncio.Protocol):
             self._write_response(error_response(Reason.HTTP_ORIGIN_REFUSED), keep_alive=False)
             transport.close()
             return
+        # A blank ``token=`` is dropped by parse_qsl: it carries nothing to refuse.
+        token = params.get("token")
+        if token is not None and app is not None:
+            jwt = app.settings.jwt
+            if jwt is None or not jwt.allow_query_token:
+                # Before the upgrade, and never logged: the URL holds the token.
+                self._refuse(Reason.HTTP_QUERY_TOKEN, app_id=app.id)
+                return
+        ip = self.ip or ""
+        denial = ctx.admission.admit(ip, time.time())
+        if denial is not None:
+            self._refuse(
+                denial.reason,
+                app_id=app.id if app is not None else None,
+                retry_after=denial.retry_after,
+            )
+            return
+        # Held by this protocol until the WebSocket takes it over; connection_lost
+        # gives it back if the upgrade is refused after this point.
+        self.slot = _Slot(ctx.admission, ip)
         handshake = ServerProtocol()
         request = WsRequest(self.url.decode("latin-1"), Headers(self.headers))
         response = handshake.accept(request)
@@ -377,7 +518,12 @@ class HttpConnection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        connection = WebSocketConnection(ctx, transport, proto, app, self.ip)
+        # The keyword only when there is a token, so a connection class without it works.
+        extra = {"query_token": token} if token else {}
+        connection = _AdmittedConnection(ctx, transport, proto, app, self.ip, **extra)
+        slot, self.slot = self.slot, None
+        assert slot is not None
+        connection.slot = slot
         transport.set_protocol(connection)
         connection.start()
         if rest:

@@ -1,0 +1,158 @@
+"""Connection admission: may this address open one more WebSocket now?
+
+Checked before the upgrade (so a refused client gets an HTTP 429 and never an
+open socket), in this order:
+
+1. the address's concurrent connections, against ``max_connections_per_ip``
+   (``ip_connection_limit``): nothing is spent, a slot frees when one closes;
+2. its new-connection bucket, ``new_connections_per_ip`` (``connection_rate``):
+   every attempt past the cap check spends a token, refused or not later;
+3. its failed-authentication budget, ``auth_failures_per_ip``
+   (``auth_failure_limit``): read, never spent here (failures spend it).
+
+An admitted connection holds a slot until :meth:`Admission.release` is called
+for it, exactly once, when it ends. Which refusals count as failed
+authentication is :data:`AUTH_FAILURE_REASONS`.
+
+Pure: addresses and ``now`` in, a decision out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bastion.protocol.refusals import Reason
+from bastion.security.limits import RateLimiter
+
+__all__ = [
+    "AUTH_FAILURE_REASONS",
+    "CONNECTION_CAP_RETRY_SECONDS",
+    "WEBSOCKET_AUTH_FAILURE_REASONS",
+    "Admission",
+    "ConnectionCounter",
+    "Denial",
+]
+
+#: Retry-After for a full per-address cap: no refill time exists, a slot frees
+#: whenever one of the address's connections closes. A few seconds spares the node
+#: a tight retry loop.
+CONNECTION_CAP_RETRY_SECONDS = 5.0
+
+#: Failed authentications on a WebSocket: a guess at a secret, a signature or a
+#: token. A missing auth is a client bug, not a guess, and does not count.
+WEBSOCKET_AUTH_FAILURE_REASONS = frozenset(
+    {Reason.SUBSCRIBE_AUTH_INVALID, Reason.SIGNIN_INVALID, Reason.SIGNIN_TOKEN_INVALID}
+)
+
+#: Every refusal that spends a token of the address's ``auth_failures_per_ip``.
+AUTH_FAILURE_REASONS = WEBSOCKET_AUTH_FAILURE_REASONS | frozenset(
+    {
+        Reason.HTTP_AUTH_MISSING,
+        Reason.HTTP_AUTH_VERSION,
+        Reason.HTTP_AUTH_KEY,
+        Reason.HTTP_TIMESTAMP,
+        Reason.HTTP_BODY_MD5,
+        Reason.HTTP_SIGNATURE,
+        Reason.HTTP_REPLAYED,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """A refused request: why, and the seconds after which trying again may work."""
+
+    reason: Reason
+    retry_after: float
+
+
+class ConnectionCounter:
+    """Concurrent connections per address, capped.
+
+    Memory holds only addresses with an open connection.
+
+    Args:
+        limit: the most connections one address may hold (>= 1).
+    """
+
+    __slots__ = ("_counts", "limit")
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        self.limit = limit
+        self._counts: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        """Addresses holding at least one connection."""
+        return len(self._counts)
+
+    def count(self, ip: str) -> int:
+        """Connections ``ip`` holds now."""
+        return self._counts.get(ip, 0)
+
+    def full(self, ip: str) -> bool:
+        """Whether ``ip`` holds its limit already."""
+        return self._counts.get(ip, 0) >= self.limit
+
+    def acquire(self, ip: str) -> bool:
+        """Take a slot for ``ip``; ``False`` (nothing taken) when it holds its limit."""
+        count = self._counts.get(ip, 0)
+        if count >= self.limit:
+            return False
+        self._counts[ip] = count + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        """Give back one slot of ``ip`` (a release without an acquire is ignored)."""
+        count = self._counts.get(ip, 0)
+        if count <= 1:
+            self._counts.pop(ip, None)
+        else:
+            self._counts[ip] = count - 1
+
+
+class Admission:
+    """Decides whether an address may open one more WebSocket connection.
+
+    Args:
+        max_connections_per_ip: concurrent connections one address may hold.
+        new_connections: the per-address new-connection buckets.
+        auth_failures: the per-address failed-authentication budgets (read only).
+    """
+
+    __slots__ = ("auth_failures", "connections", "new_connections")
+
+    def __init__(
+        self,
+        *,
+        max_connections_per_ip: int,
+        new_connections: RateLimiter,
+        auth_failures: RateLimiter,
+    ) -> None:
+        self.connections = ConnectionCounter(max_connections_per_ip)
+        self.new_connections = new_connections
+        self.auth_failures = auth_failures
+
+    def admit(self, ip: str, now: float) -> Denial | None:
+        """Admit one connection from ``ip`` at ``now``.
+
+        Returns:
+            ``None`` when admitted: a slot is now held, and :meth:`release` must be
+            called once when the connection ends. Otherwise the :class:`Denial`;
+            nothing is held.
+        """
+        if self.connections.full(ip):
+            return Denial(Reason.HTTP_IP_CONNECTIONS, CONNECTION_CAP_RETRY_SECONDS)
+        wait = self.new_connections.take(ip, now)
+        if wait > 0:
+            return Denial(Reason.HTTP_CONNECTION_RATE, wait)
+        wait = self.auth_failures.peek(ip, now)
+        if wait > 0:
+            return Denial(Reason.AUTH_FAILURE_LIMIT, wait)
+        self.connections.acquire(ip)
+        return None
+
+    def release(self, ip: str) -> None:
+        """An admitted connection of ``ip`` ended."""
+        self.connections.release(ip)

@@ -1,0 +1,112 @@
+"""Admission: concurrent cap per address, new-connection bucket, auth-failure budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from bastion.protocol.refusals import Reason
+from bastion.security.admission import (
+    AUTH_FAILURE_REASONS,
+    CONNECTION_CAP_RETRY_SECONDS,
+    WEBSOCKET_AUTH_FAILURE_REASONS,
+    Admission,
+    ConnectionCounter,
+    Denial,
+)
+from bastion.security.limits import MemoryRateLimiter
+
+
+def make(
+    cap: int = 2, rate: float = 1.0, burst: int = 3, failures: int = 2
+) -> tuple[Admission, MemoryRateLimiter]:
+    auth = MemoryRateLimiter(rate=0.5, burst=failures)
+    admission = Admission(
+        max_connections_per_ip=cap,
+        new_connections=MemoryRateLimiter(rate=rate, burst=burst),
+        auth_failures=auth,
+    )
+    return admission, auth
+
+
+def test_counter_caps_and_frees() -> None:
+    counter = ConnectionCounter(2)
+    assert counter.acquire("a") and counter.acquire("a")
+    assert not counter.acquire("a")
+    assert counter.count("a") == 2 and counter.full("a")
+    assert counter.acquire("b")
+    counter.release("a")
+    assert counter.acquire("a")
+
+
+def test_counter_forgets_addresses_without_connections() -> None:
+    counter = ConnectionCounter(3)
+    counter.acquire("a")
+    counter.acquire("b")
+    counter.release("a")
+    counter.release("b")
+    assert len(counter) == 0
+    counter.release("never")  # ignored, never negative
+    assert counter.count("never") == 0 and len(counter) == 0
+
+
+def test_counter_rejects_a_zero_limit() -> None:
+    with pytest.raises(ValueError):
+        ConnectionCounter(0)
+
+
+def test_admits_until_the_concurrent_cap_then_refuses_without_spending() -> None:
+    admission, _ = make(cap=2, rate=1, burst=10)
+    assert admission.admit("a", 0.0) is None
+    assert admission.admit("a", 0.0) is None
+    assert admission.admit("a", 0.0) == Denial(
+        Reason.HTTP_IP_CONNECTIONS, CONNECTION_CAP_RETRY_SECONDS
+    )
+    assert admission.connections.count("a") == 2
+    # The refusal spent no new-connection token: 8 of 10 are left.
+    assert admission.new_connections.available("a", 0.0) == pytest.approx(8)
+    admission.release("a")
+    assert admission.admit("a", 0.0) is None
+    assert admission.admit("b", 0.0) is None  # another address is not affected
+
+
+def test_new_connection_bucket_refuses_with_its_retry_after() -> None:
+    admission, _ = make(cap=100, rate=0.5, burst=3)
+    for _ in range(3):
+        assert admission.admit("a", 0.0) is None
+        admission.release("a")
+    denial = admission.admit("a", 0.0)
+    assert denial is not None
+    assert denial.reason is Reason.HTTP_CONNECTION_RATE
+    assert denial.retry_after == pytest.approx(2.0)
+    assert admission.connections.count("a") == 0  # a denial holds nothing
+    assert admission.admit("a", 2.0) is None
+
+
+def test_spent_auth_failure_budget_refuses_new_connections() -> None:
+    admission, auth = make(cap=100, rate=100, burst=100, failures=2)
+    auth.take("a", 0.0)
+    assert admission.admit("a", 0.0) is None  # one failure left: still admitted
+    auth.take("a", 0.0)
+    denial = admission.admit("a", 0.0)
+    assert denial == Denial(Reason.AUTH_FAILURE_LIMIT, pytest.approx(2.0))
+    assert admission.admit("b", 0.0) is None
+    assert admission.admit("a", 2.0) is None  # refilled one token
+
+
+def test_auth_failure_reasons_cover_guesses_not_client_bugs() -> None:
+    assert WEBSOCKET_AUTH_FAILURE_REASONS <= AUTH_FAILURE_REASONS
+    assert Reason.SUBSCRIBE_AUTH_MISSING not in AUTH_FAILURE_REASONS
+    assert Reason.AUTH_FAILURE_LIMIT not in AUTH_FAILURE_REASONS  # no feedback loop
+    slugs = {reason.value.slug for reason in AUTH_FAILURE_REASONS}
+    assert slugs == {
+        "auth_missing",
+        "auth_version",
+        "auth_key",
+        "auth_timestamp",
+        "body_md5",
+        "auth_signature",
+        "replayed_request",
+        "subscribe_auth_invalid",
+        "signin_invalid",
+        "signin_token_invalid",
+    }

@@ -1,0 +1,108 @@
+"""TrustedProxies: forwarding headers believed only from trusted peers."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bastion.security.proxies import TrustedProxies, parse_ip, parse_networks
+
+PROXY = "10.0.0.1"
+
+
+def test_untrusted_peer_ignores_forwarding_headers() -> None:
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    headers = [("X-Forwarded-For", "198.51.100.7"), ("Forwarded", "for=198.51.100.8")]
+    assert proxies.client_ip("203.0.113.5", headers) == "203.0.113.5"
+
+
+def test_no_trusted_proxies_means_the_peer() -> None:
+    assert TrustedProxies([]).client_ip("127.0.0.1", [("x-forwarded-for", "1.2.3.4")]) == (
+        "127.0.0.1"
+    )
+
+
+def test_trusted_peer_names_the_client_from_the_right() -> None:
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    # A client may prepend anything; only the hop our proxy appended counts.
+    headers = [("X-Forwarded-For", "6.6.6.6, 198.51.100.7, 10.0.0.2")]
+    assert proxies.client_ip(PROXY, headers) == "198.51.100.7"
+
+
+def test_several_xff_headers_read_as_one_list() -> None:
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    headers = [("x-forwarded-for", "198.51.100.1"), ("X-Forwarded-For", "198.51.100.2")]
+    assert proxies.client_ip(PROXY, headers) == "198.51.100.2"
+
+
+def test_forwarded_header_when_there_is_no_xff() -> None:
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    headers = [("Forwarded", 'for="[2001:db8::1]:4711";proto=https, for=10.0.0.3')]
+    assert proxies.client_ip(PROXY, headers) == "2001:db8::1"
+
+
+def test_malformed_entry_stops_the_walk_at_the_last_good_address() -> None:
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    headers = [("X-Forwarded-For", "198.51.100.7, not-an-ip, 10.0.0.2")]
+    assert proxies.client_ip(PROXY, headers) == "10.0.0.2"
+    assert proxies.client_ip(PROXY, [("X-Forwarded-For", "garbage")]) == PROXY
+
+
+def test_ipv4_mapped_peer_is_unwrapped() -> None:
+    assert TrustedProxies([]).client_ip("::ffff:192.0.2.1", []) == "192.0.2.1"
+    assert parse_ip("192.0.2.1:4711") == ipaddress.ip_address("192.0.2.1")
+    assert parse_ip("[2001:db8::1]:80") == ipaddress.ip_address("2001:db8::1")
+    assert parse_ip("nope") is None
+
+
+def test_parse_networks_names_a_bad_entry() -> None:
+    assert parse_networks(["127.0.0.1"]) == (ipaddress.ip_network("127.0.0.1/32"),)
+    with pytest.raises(ValueError, match="'bogus'"):
+        parse_networks(["10.0.0.0/8", "bogus"])
+
+
+# --- properties ------------------------------------------------------------------------
+
+_v4 = st.ip_addresses(v=4).map(str)
+_items = st.one_of(_v4, st.ip_addresses(v=6).map(str), st.text(max_size=12))
+_header_names = st.sampled_from(["X-Forwarded-For", "x-forwarded-for", "Forwarded", "Via"])
+_headers = st.lists(
+    st.tuples(_header_names, st.lists(_items, max_size=4).map(", ".join)), max_size=4
+)
+_networks = st.lists(
+    st.sampled_from(["10.0.0.0/8", "127.0.0.1/32", "192.168.0.0/16", "::1/128"]), max_size=3
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(networks=_networks, peer=_v4, headers=_headers)
+def test_an_untrusted_peer_never_depends_on_headers(
+    networks: list[str], peer: str, headers: list[tuple[str, str]]
+) -> None:
+    proxies = TrustedProxies(networks)
+    if proxies.trusts(parse_ip(peer)):
+        return
+    assert proxies.client_ip(peer, headers) == proxies.client_ip(peer, []) == peer
+
+
+@settings(max_examples=300, deadline=None)
+@given(networks=_networks, peer=_v4, headers=_headers)
+def test_the_answer_is_the_peer_or_an_address_from_the_headers(
+    networks: list[str], peer: str, headers: list[tuple[str, str]]
+) -> None:
+    answer = TrustedProxies(networks).client_ip(peer, headers)
+    assert answer is not None
+    if answer == peer:
+        return
+    address = ipaddress.ip_address(answer)
+    named = {parse_ip(part) for _, value in headers for part in value.replace(";", ",").split(",")}
+    named |= {
+        parse_ip(part.split("=", 1)[1].strip('"'))
+        for _, value in headers
+        for part in value.replace(";", ",").split(",")
+        if "=" in part
+    }
+    assert address in named
