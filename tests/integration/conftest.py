@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pusher
@@ -61,8 +62,13 @@ def node_settings(
     app: Mapping[str, Any] | None = None,
     extra_apps: list[Mapping[str, Any]] | tuple[Mapping[str, Any], ...] = (),
     security: Mapping[str, Any] | None = None,
+    state_dir: Path | None = None,
 ) -> Any:
-    """Settings for a test node: defaults, overridden by the given mappings."""
+    """Settings for a test node: defaults, overridden by the given mappings.
+
+    With ``state_dir``, the audit log and the blocks file live there (unless the
+    overrides name their own paths) instead of the working directory.
+    """
     server_settings = {"host": "127.0.0.1", "port": 0, "activity_timeout": 120, **(server or {})}
     main = {
         "id": APP_ID,
@@ -72,18 +78,23 @@ def node_settings(
         **(app or {}),
     }
     other = {"id": OTHER_APP_ID, "key": OTHER_APP_KEY, "secret": OTHER_APP_SECRET}
-    return settings_from_mapping(
-        {
-            "server": server_settings,
-            "security": {**TEST_SECURITY, **(security or {})},
-            "apps": [main, other, *extra_apps],
-        },
-        environ={},
-    )
+    security_table: dict[str, Any] = {**TEST_SECURITY, **(security or {})}
+    document: dict[str, Any] = {
+        "server": server_settings,
+        "security": security_table,
+        "apps": [main, other, *extra_apps],
+    }
+    if state_dir is not None:
+        document["audit"] = {"path": str(state_dir / "audit.sqlite3")}
+        security_table["reputation"] = {
+            "store_path": str(state_dir / "blocks.sqlite3"),
+            **security_table.get("reputation", {}),
+        }
+    return settings_from_mapping(document, environ={})
 
 
 @pytest.fixture
-async def make_node() -> AsyncIterator[MakeNode]:
+async def make_node(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MakeNode]:
     """Factory: start a node with overrides; every node is stopped at teardown."""
     nodes: list[Node] = []
 
@@ -94,7 +105,10 @@ async def make_node() -> AsyncIterator[MakeNode]:
         extra_apps: tuple[Mapping[str, Any], ...] = (),
         security: Mapping[str, Any] | None = None,
     ) -> Node:
-        node = Node(node_settings(server, app, extra_apps, security), asyncio.get_running_loop())
+        settings = node_settings(
+            server, app, extra_apps, security, state_dir=tmp_path_factory.mktemp("node")
+        )
+        node = Node(settings, asyncio.get_running_loop())
         await node.start()
         nodes.append(node)
         return node

@@ -45,6 +45,7 @@ def audit_settings(db: Path, **audit: Any) -> Any:
         {
             "server": {"host": "127.0.0.1", "port": 0},
             "audit": {"path": str(db), **audit},
+            "security": {"reputation": {"store_path": str(db.with_name("blocks.sqlite3"))}},
             "apps": [
                 {"id": APP_ID, "key": APP_KEY, "secret": APP_SECRET},
                 {"id": OTHER_APP_ID, "key": OTHER_APP_KEY, "secret": OTHER_APP_SECRET},
