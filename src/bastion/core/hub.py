@@ -12,6 +12,7 @@ connections (terminate, notices) go through their ``refuse``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 from bastion.adapters.base import Adapter
 from bastion.config import AppSettings, Settings
 from bastion.core import events as ev
-from bastion.errors import Refused
+from bastion.errors import ConfigError, Refused
 from bastion.protocol import messages as msg
 from bastion.protocol.names import (
     SERVER_TO_USER_PREFIX,
@@ -38,6 +39,7 @@ from bastion.protocol.signing import channel_auth_string, signin_auth_string, ve
 from bastion.security.payload import ClientEventPolicy
 from bastion.security.ratelimit import TokenBucket
 from bastion.security.secrets import SecretSet
+from bastion.security.tokens import Claims, JwtVerifier, TokenError, grants, looks_like_jwt
 
 __all__ = ["AppState", "Channel", "Hub", "Session"]
 
@@ -49,6 +51,18 @@ _ECHO_LIMIT = 200
 
 Frame = Callable[[str], bytes]
 
+#: Longest key file read (a JWKS of a few dozen keys is far smaller).
+_KEY_FILE_LIMIT = 1 << 20
+
+
+def _read_key_file(path: str) -> str:
+    """Read a PEM or JWKS file for :class:`JwtVerifier` (``security/`` does no I/O)."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read(_KEY_FILE_LIMIT + 1)
+    if len(text) > _KEY_FILE_LIMIT:
+        raise ValueError(f"{path} is larger than {_KEY_FILE_LIMIT} bytes")
+    return text
+
 
 class Session:
     """One connection's protocol state, as the hub sees it.
@@ -59,13 +73,22 @@ class Session:
         refuse: runs the refusal path for this connection (may close it).
         channels: channel name → presence user id (``None`` for other channels).
         user_id: the signed-in user id, if any.
+        opened_at: when the connection opened (hub clock), for the sign-in deadline.
+        token_expires_at: when the sign-in token expires (hub clock), JWT sign-ins only.
+        token_warned: whether ``bastion:token_expiring`` was sent for that token.
+        grants: the sign-in token's ``channels`` claim.
     """
 
     __slots__ = (
         "bucket",
         "channels",
+        "grants",
+        "opened_at",
         "refuse",
         "socket_id",
+        "subscribe_bucket",
+        "token_expires_at",
+        "token_warned",
         "user_id",
         "user_info",
         "watchlist",
@@ -77,6 +100,8 @@ class Session:
         socket_id: str,
         write: Callable[[bytes], object],
         refuse: Callable[[Refused], None],
+        *,
+        opened_at: float | None = None,
     ) -> None:
         self.socket_id = socket_id
         self.write = write
@@ -86,6 +111,12 @@ class Session:
         self.user_info: Any = None
         self.watchlist: tuple[str, ...] = ()
         self.bucket: TokenBucket | None = None
+        #: ``None`` until known: the first :meth:`Hub.check_session` then starts the clock.
+        self.opened_at = opened_at
+        self.token_expires_at: float | None = None
+        self.token_warned = False
+        self.grants: tuple[str, ...] = ()
+        self.subscribe_bucket: TokenBucket | None = None
 
 
 class _Member:
@@ -151,6 +182,15 @@ class AppState:
         self.cache: dict[str, CachedEvent] = {}
         self.dirty_counts: set[str] = set()
         self.connections = 0
+        #: Open connections that have not signed in (``max_unsigned_connections``).
+        self.unsigned = 0
+        #: JWT mode: key files are read here, once, so a bad path fails start-up.
+        self.jwt: JwtVerifier | None = None
+        if settings.jwt is not None:
+            try:
+                self.jwt = JwtVerifier.from_settings(settings.jwt, _read_key_file)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"apps[{settings.id}].jwt: {exc}") from None
         # --- client event policy (allow-list, schemas, app-wide bucket) ---
         self.client_events = ClientEventPolicy(
             settings.client_event_allowlist, settings.client_event_schemas
@@ -215,7 +255,11 @@ class Hub:
         limit = app.settings.max_connections
         if limit is not None and app.connections >= limit:
             return Reason.APP_OVER_QUOTA
+        unsigned = app.settings.max_unsigned_connections
+        if unsigned is not None and app.unsigned >= unsigned:
+            return Reason.UNSIGNED_OVER_QUOTA
         app.connections += 1
+        app.unsigned += 1  # every connection opens unsigned
         self.connections += 1
         return None
 
@@ -236,6 +280,8 @@ class Hub:
                 watchers.discard(session)
                 if not watchers:
                     del app.watchers[watched]
+        if session.user_id is None:
+            app.unsigned -= 1
         app.connections -= 1
         self.connections -= 1
 
@@ -245,6 +291,13 @@ class Hub:
         """Join a channel, answering success (or raising a channel-level refusal)."""
         name = request.channel
         echo = name if len(name) <= _ECHO_LIMIT and name.isprintable() else None
+        # First, before any work: bounds channel enumeration and auth-endpoint amplification.
+        now = self._clock()
+        if session.subscribe_bucket is None:
+            rate = app.settings.subscribe_attempts
+            session.subscribe_bucket = TokenBucket(rate.rate, rate.burst, now)
+        if session.subscribe_bucket.take(now) > 0:
+            raise Refused(Reason.SUBSCRIBE_RATE, channel=echo)
         if not is_valid_channel_name(name, app.settings.max_channel_name_length):
             raise Refused(Reason.SUBSCRIBE_INVALID_CHANNEL, channel=echo)
         channel_type = classify_channel(name)
@@ -264,23 +317,11 @@ class Hub:
         user_id: str | None = None
         user_info: Any = None
         if channel_type.needs_auth:
-            if not request.auth:
-                raise Refused(Reason.SUBSCRIBE_AUTH_MISSING, channel=name)
-            channel_data = request.channel_data
-            if channel_type.kind is ChannelKind.PRESENCE and channel_data is None:
-                if session.user_id is None:
-                    raise Refused(Reason.SUBSCRIBE_CHANNEL_DATA, channel=name)
-                # Signed-in user joining without channel_data: pusher-js does this.
-                user_id, user_info = session.user_id, session.user_info
-            message = channel_auth_string(
-                session.socket_id,
-                name,
-                channel_data if channel_type.kind is ChannelKind.PRESENCE else None,
-            )
-            if not verify_auth(request.auth, app.settings.key, self._active_secrets(app), message):
-                raise Refused(Reason.SUBSCRIBE_AUTH_INVALID, channel=name)
-            if channel_type.kind is ChannelKind.PRESENCE and channel_data is not None:
-                user_id, user_info = self._parse_channel_data(channel_data, name)
+            granted = self._token_grant(app, session, request, channel_type, now)
+            if granted is not None:
+                user_id, user_info = granted
+            else:
+                user_id, user_info = self._hmac_grant(app, session, request, channel_type)
             if user_id is not None:
                 size = msg.utf8_size(user_info)
                 if size > app.settings.max_presence_member_bytes:
@@ -324,6 +365,90 @@ class Hub:
                 session.write(self._frame(msg.cache_miss(name)))
                 self._emit(ev.CacheMiss(app.id, name))
         self._count_changed(app, channel)
+
+    def _hmac_grant(
+        self, app: AppState, session: Session, request: msg.Subscribe, channel_type: ChannelType
+    ) -> tuple[str | None, Any]:
+        """Authorize by the auth endpoint's HMAC; the presence member, if any."""
+        name = request.channel
+        if not request.auth:
+            raise Refused(Reason.SUBSCRIBE_AUTH_MISSING, channel=name)
+        user_id: str | None = None
+        user_info: Any = None
+        channel_data = request.channel_data
+        if channel_type.kind is ChannelKind.PRESENCE and channel_data is None:
+            if session.user_id is None:
+                raise Refused(Reason.SUBSCRIBE_CHANNEL_DATA, channel=name)
+            # Signed-in user joining without channel_data: pusher-js does this.
+            user_id, user_info = session.user_id, session.user_info
+        message = channel_auth_string(
+            session.socket_id,
+            name,
+            channel_data if channel_type.kind is ChannelKind.PRESENCE else None,
+        )
+        if not verify_auth(request.auth, app.settings.key, self._active_secrets(app), message):
+            raise Refused(Reason.SUBSCRIBE_AUTH_INVALID, channel=name)
+        if channel_type.kind is ChannelKind.PRESENCE and channel_data is not None:
+            user_id, user_info = self._parse_channel_data(channel_data, name)
+        return user_id, user_info
+
+    def _token_grant(
+        self,
+        app: AppState,
+        session: Session,
+        request: msg.Subscribe,
+        channel_type: ChannelType,
+        now: float,
+    ) -> tuple[str | None, Any] | None:
+        """Authorize by a JWT grant; ``None`` when no token applies (HMAC decides).
+
+        Two ways: the subscribe's ``auth`` is itself a token (a *ticket*), or it is
+        empty and the connection's sign-in token grants the channel. Encrypted
+        channels are left to HMAC: the client needs the auth endpoint's
+        ``shared_secret`` for them anyway.
+        """
+        verifier = app.jwt
+        kind = channel_type.kind
+        if verifier is None or kind not in (ChannelKind.PRIVATE, ChannelKind.PRESENCE):
+            return None
+        name = request.channel
+        auth = request.auth
+        if auth and looks_like_jwt(auth):
+            try:
+                claims = verifier.verify(auth, self._wall_clock())
+            except TokenError as error:
+                detail = f"Channel token refused: {error.check}"
+                raise Refused(Reason.SUBSCRIBE_AUTH_INVALID, detail, channel=name) from None
+            if not grants(claims.channels, name):
+                detail = "Channel token does not grant this channel"
+                raise Refused(Reason.SUBSCRIBE_AUTH_INVALID, detail, channel=name)
+            if claims.socket_id is not None and claims.socket_id != session.socket_id:
+                detail = "Channel token is bound to another socket_id"
+                raise Refused(Reason.SUBSCRIBE_AUTH_INVALID, detail, channel=name)
+            if not is_valid_presence_user_id(claims.sub):
+                detail = "Channel token sub is not a valid presence user_id"
+                raise Refused(Reason.SUBSCRIBE_AUTH_INVALID, detail, channel=name)
+            user_id, user_info = claims.sub, claims.user_info
+        elif (
+            not auth
+            and session.user_id is not None
+            and session.token_expires_at is not None
+            and now < session.token_expires_at
+            and grants(session.grants, name)
+        ):
+            user_id, user_info = session.user_id, session.user_info
+        else:
+            return None
+        if kind is not ChannelKind.PRESENCE:
+            return None, None
+        if request.channel_data is not None:
+            # Not signed by anyone here; tolerated only when it names the token's
+            # user (a pusher-js app may send it so the client knows "me").
+            stated, _ = self._parse_channel_data(request.channel_data, name)
+            if stated != user_id:
+                detail = "Token sub does not match channel_data.user_id"
+                raise Refused(Reason.SUBSCRIBE_AUTH_INVALID, detail, channel=name)
+        return user_id, user_info
 
     @staticmethod
     def _parse_channel_data(channel_data: str, channel: str) -> tuple[str, Any]:
@@ -460,10 +585,21 @@ class Hub:
     # --- sign-in and watchlists ------------------------------------------------------
 
     def signin(self, app: AppState, session: Session, request: msg.Signin) -> None:
-        """Sign the connection in as the user in ``user_data``."""
-        message = signin_auth_string(session.socket_id, request.user_data)
-        if not verify_auth(request.auth, app.settings.key, self._active_secrets(app), message):
-            raise Refused(Reason.SIGNIN_INVALID)
+        """Sign the connection in as the user in ``user_data``.
+
+        The ``auth`` is the auth endpoint's HMAC, or, for an app in JWT mode, a
+        token whose ``sub`` must be ``user_data.id``. With a token, nothing else in
+        ``user_data`` is trusted (a token does not sign it): ``user_info`` and the
+        watchlist come from the token's claims.
+        """
+        verifier = app.jwt
+        claims: Claims | None = None
+        if verifier is not None and looks_like_jwt(request.auth):
+            claims = self._verify_signin_token(verifier, session, request.auth)
+        else:
+            message = signin_auth_string(session.socket_id, request.user_data)
+            if not verify_auth(request.auth, app.settings.key, self._active_secrets(app), message):
+                raise Refused(Reason.SIGNIN_INVALID)
         try:
             user = msg.loads(request.user_data)
         except Refused:
@@ -471,25 +607,120 @@ class Hub:
         user_id = user.get("id") if isinstance(user, dict) else None
         if not isinstance(user_id, str) or not is_valid_user_id(user_id):
             raise Refused(Reason.SIGNIN_DATA_INVALID)
+        if claims is not None and claims.sub != user_id:
+            raise Refused(Reason.SIGNIN_TOKEN_INVALID, "sub does not match user_data.id")
         if session.user_id is not None and session.user_id != user_id:
             raise Refused(Reason.SIGNIN_CONFLICT)
-        raw_watchlist = user.get("watchlist") or []
+        raw_watchlist: Any
+        if claims is not None:
+            raw_watchlist, user_info = list(claims.watchlist), claims.user_info
+        else:
+            raw_watchlist, user_info = user.get("watchlist") or [], user.get("user_info")
         if not isinstance(raw_watchlist, list) or not all(
             isinstance(item, str) and is_valid_user_id(item) for item in raw_watchlist
         ):
             raise Refused(Reason.SIGNIN_DATA_INVALID)
+        self._signed_in(app, session, user_id, user_info, raw_watchlist, request.user_data, claims)
 
+    def signin_token(self, app: AppState, session: Session, token: str) -> None:
+        """Sign the connection in with a bare token (the URL's ``?token=``).
+
+        ``user_data`` is made from the claims (``id`` = ``sub``, ``user_info``) and
+        echoed in ``pusher:signin_success`` as for a ``pusher:signin``.
+        """
+        verifier = app.jwt
+        if verifier is None:
+            raise Refused(Reason.SIGNIN_TOKEN_INVALID, "App does not accept tokens")
+        claims = self._verify_signin_token(verifier, session, token)
+        if not is_valid_user_id(claims.sub):
+            raise Refused(Reason.SIGNIN_TOKEN_INVALID, "sub is not a valid user id")
+        if session.user_id is not None and session.user_id != claims.sub:
+            raise Refused(Reason.SIGNIN_CONFLICT)
+        user: dict[str, Any] = {"id": claims.sub}
+        if claims.user_info is not None:
+            user["user_info"] = claims.user_info
+        watchlist = list(claims.watchlist)
+        if not all(is_valid_user_id(item) for item in watchlist):
+            raise Refused(Reason.SIGNIN_DATA_INVALID)
+        self._signed_in(
+            app, session, claims.sub, claims.user_info, watchlist, msg.dumps(user), claims
+        )
+
+    def _verify_signin_token(self, verifier: JwtVerifier, session: Session, token: str) -> Claims:
+        try:
+            claims = verifier.verify(token, self._wall_clock())
+        except TokenError as error:
+            # The detail names the check, never the token.
+            raise Refused(
+                Reason.SIGNIN_TOKEN_INVALID, f"Sign-in token refused: {error.check}"
+            ) from None
+        if claims.socket_id is not None and claims.socket_id != session.socket_id:
+            raise Refused(
+                Reason.SIGNIN_TOKEN_INVALID, "Sign-in token is bound to another socket_id"
+            )
+        return claims
+
+    def _signed_in(
+        self,
+        app: AppState,
+        session: Session,
+        user_id: str,
+        user_info: Any,
+        watchlist: list[str],
+        user_data: str,
+        claims: Claims | None,
+    ) -> None:
         first_time = session.user_id is None
+        if first_time:
+            app.unsigned -= 1
         session.user_id = user_id
-        session.user_info = user.get("user_info")
+        session.user_info = user_info
+        # A fresh sign-in replaces the previous one's token, expiry and grants (an
+        # HMAC sign-in has none of them).
+        session.token_warned = False
+        if claims is None:
+            session.token_expires_at = None
+            session.grants = ()
+        else:
+            # exp is wall-clock; the session deadline is on the hub's monotonic clock.
+            session.token_expires_at = self._clock() + (claims.exp - self._wall_clock())
+            session.grants = claims.channels
         sockets = app.users.setdefault(user_id, {})
         came_online = not sockets
         sockets[session.socket_id] = session
-        session.write(self._frame(msg.signin_success(request.user_data)))
+        session.write(self._frame(msg.signin_success(user_data)))
         if came_online:
             self._notify_watchers(app, user_id, "online")
-        if first_time and raw_watchlist:
-            self._watch(app, session, raw_watchlist)
+        if first_time and watchlist:
+            self._watch(app, session, watchlist)
+
+    def check_session(self, app: AppState, session: Session, now: float) -> None:
+        """Enforce the sign-in deadline and the sign-in token's expiry (called each tick).
+
+        ``now`` is the hub clock. Sends ``bastion:token_expiring`` once per token when
+        it is within ``expiry_warning_seconds`` of ``exp``; refuses the connection
+        (``TOKEN_EXPIRED``) once ``exp + expiry_grace_seconds`` has passed, and
+        (``SIGNIN_DEADLINE``) when it has not signed in ``signin_deadline_seconds``
+        after it opened.
+        """
+        if session.user_id is None:
+            deadline = app.settings.signin_deadline_seconds
+            if deadline is not None:
+                if session.opened_at is None:
+                    session.opened_at = now
+                elif now - session.opened_at >= deadline:
+                    session.refuse(Refused(Reason.SIGNIN_DEADLINE))
+            return
+        expires_at = session.token_expires_at
+        jwt_settings = app.settings.jwt
+        if expires_at is None or jwt_settings is None:
+            return
+        remaining = expires_at - now
+        if remaining <= -jwt_settings.expiry_grace_seconds:
+            session.refuse(Refused(Reason.TOKEN_EXPIRED))
+        elif remaining <= jwt_settings.expiry_warning_seconds and not session.token_warned:
+            session.token_warned = True
+            session.write(self._frame(msg.token_expiring(max(0, math.ceil(remaining)))))
 
     def _watch(self, app: AppState, session: Session, watchlist: list[str]) -> None:
         limit = app.settings.max_watchlist_size

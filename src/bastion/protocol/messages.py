@@ -47,6 +47,7 @@ __all__ = [
     "subscription_count",
     "subscription_error",
     "subscription_succeeded",
+    "token_expiring",
     "utf8_size",
     "watchlist_events",
 ]
@@ -338,3 +339,13 @@ def watchlist_events(events: list[tuple[str, list[str]]]) -> str:
     """``pusher_internal:watchlist_events`` as pusher-js's watchlist facade reads it."""
     data = dumps({"events": [{"name": name, "user_ids": ids} for name, ids in events]})
     return dumps({"event": "pusher_internal:watchlist_events", "data": data})
+
+
+def token_expiring(expires_in: int) -> str:
+    """``bastion:token_expiring``: sign in again with a fresh token within ``expires_in`` s.
+
+    Not a ``pusher_internal:`` event, so pusher-js hands it to ``pusher.bind``
+    (global) handlers with ``data`` parsed to ``{"expires_in": N}``.
+    """
+    data = dumps({"expires_in": expires_in})
+    return dumps({"event": "bastion:token_expiring", "data": data})

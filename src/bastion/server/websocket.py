@@ -47,6 +47,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     __slots__ = (
         "_fragments",
+        "_query_token",
         "app",
         "ctx",
         "ip",
@@ -66,6 +67,8 @@ class WebSocketConnection(asyncio.Protocol):
         proto: ServerProtocol,
         app: AppState,
         ip: str | None,
+        *,
+        query_token: str | None = None,
     ) -> None:
         self.ctx = ctx
         self.transport = transport
@@ -75,11 +78,14 @@ class WebSocketConnection(asyncio.Protocol):
         self.state = ConnectionState.OPEN
         self.last_seen = ctx.loop.time()
         self.ping_sent_at: float | None = None
+        #: The URL's ``?token=`` (apps with ``jwt.allow_query_token`` only), used once
+        #: by :meth:`start` and dropped: never logged, never kept.
+        self._query_token = query_token
         self._fragments: list[bytes] | None = None
         #: Bytes queued this loop iteration (see Outbox): one chunk, or a list.
         self.pending: bytes | list[bytes] | None = None
         socket_id = new_socket_id(ctx.socket_ids)
-        self.session = Session(socket_id, self.write, self.refuse)
+        self.session = Session(socket_id, self.write, self.refuse, opened_at=self.last_seen)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -94,6 +100,12 @@ class WebSocketConnection(asyncio.Protocol):
         self.send(
             msg.connection_established(self.session.socket_id, ctx.settings.server.activity_timeout)
         )
+        token, self._query_token = self._query_token, None
+        if token is not None:
+            try:
+                ctx.hub.signin_token(self.app, self.session, token)
+            except Refused as refused:
+                self.refuse(refused)
 
     def write(self, data: bytes) -> None:
         """Queue pre-framed bytes; they go out with this iteration's other writes."""
@@ -300,7 +312,14 @@ class WebSocketConnection(asyncio.Protocol):
     # --- heartbeat -----------------------------------------------------------------
 
     def check_liveness(self, now: float, activity_timeout: float, pong_timeout: float) -> None:
-        """Ping a silent client; close with 4201 when a ping went unanswered."""
+        """Ping a silent client; close with 4201 when a ping went unanswered.
+
+        Also, on the same tick, the session's deadlines: the sign-in deadline and
+        the sign-in token's expiry warning and close (``Hub.check_session``).
+        """
+        if self.state is not ConnectionState.OPEN:
+            return
+        self.ctx.hub.check_session(self.app, self.session, now)
         if self.state is not ConnectionState.OPEN:
             return
         if self.ping_sent_at is not None:

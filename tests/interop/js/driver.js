@@ -347,3 +347,88 @@ rl.on('line', (line) => {
 });
 rl.on('close', shutdown);
 out({ type: 'ready', pid: process.pid });
+
+// ------------------------------------------------------------------ scenario: JWT mode
+// Bastion's JWT mode as a pusher-js app uses it (tests/interop/test_pusherjs_jwt.py):
+//
+//   {"cmd": "jwt_connect", "client": "a", "token": "<sign-in JWT>", "userData": {"id": "alice"},
+//    "channelAuth": {"private-x": {"auth": "<ticket JWT>"}}}
+//       a pusher-js client whose userAuthentication.customHandler answers the token
+//       (as the app's back end would mint it) and whose channelAuthorization
+//       customHandler answers channelAuth[channel], or {auth: ""} (a grant of the
+//       sign-in token) for any other channel. `bastion:token_expiring` arrives through
+//       pusher.bind() and is reported as {"kind": "global", "event", "data"}.
+//   {"cmd": "jwt_renew", "client": "a", "token": "<fresh JWT>"}
+//       renews the sign-in: pusher.send_event('pusher:signin', {auth, user_data}), what
+//       an app does when it receives bastion:token_expiring.
+//
+// The client is registered like any other, so subscribe/signin/members/state work on it.
+
+function jwtConnect(msg) {
+  const t = requireTarget();
+  const name = msg.client;
+  if (clients.has(name)) throw new Error(`client ${name} already exists`);
+  const state = { token: msg.token, userData: msg.userData, channelAuth: msg.channelAuth || {} };
+  const pusher = new PusherClient(t.key, {
+    cluster: 'x',
+    wsHost: '127.0.0.1',
+    wsPort: t.port,
+    forceTLS: false,
+    enabledTransports: ['ws'],
+    channelAuthorization: {
+      customHandler: (params, callback) => {
+        emitEvent('auth', name, { what: 'channel', channel: params.channelName, socketId: params.socketId });
+        callback(null, state.channelAuth[params.channelName] || { auth: '' });
+      },
+    },
+    userAuthentication: {
+      customHandler: (params, callback) => {
+        emitEvent('auth', name, { what: 'user', socketId: params.socketId });
+        callback(null, { auth: state.token, user_data: JSON.stringify(state.userData) });
+      },
+    },
+  });
+  clients.set(name, { pusher: pusher, state: state });
+  pusher.connection.bind('state_change', (s) => {
+    emitEvent('state', name, { previous: s.previous, current: s.current,
+      socketId: pusher.connection.socket_id || null });
+  });
+  pusher.connection.bind('error', (err) => {
+    emitEvent('conn_error', name, { error: plain(err) });
+  });
+  pusher.connection.bind('message', (m) => {
+    emitEvent('message', name, { event: m.event, channel: m.channel === undefined ? null : m.channel,
+      data: plain(m.data), user_id: m.user_id === undefined ? null : m.user_id });
+  });
+  pusher.bind('bastion:token_expiring', (data) => {
+    emitEvent('global', name, { event: 'bastion:token_expiring', data: plain(data) });
+  });
+  return new Promise((resolve, reject) => {
+    const onChange = (s) => {
+      if (s.current === 'connected') {
+        pusher.connection.unbind('state_change', onChange);
+        resolve({ socketId: pusher.connection.socket_id });
+      } else if (s.current === 'failed') {
+        pusher.connection.unbind('state_change', onChange);
+        reject(new Error('pusher-js connection failed'));
+      }
+    };
+    pusher.connection.bind('state_change', onChange);
+  });
+}
+
+function jwtRenew(msg) {
+  const c = getClient(msg.client);
+  c.state.token = msg.token;
+  c.pusher.send_event('pusher:signin', { auth: msg.token, user_data: JSON.stringify(c.state.userData) });
+  return {};
+}
+
+// `handle` is a function binding: wrap it so the new commands join the existing ones.
+const handleBeforeJwt = handle;
+// eslint-disable-next-line no-func-assign
+handle = async function handleWithJwt(msg) {
+  if (msg.cmd === 'jwt_connect') return jwtConnect(msg);
+  if (msg.cmd === 'jwt_renew') return jwtRenew(msg);
+  return handleBeforeJwt(msg);
+};
