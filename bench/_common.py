@@ -36,11 +36,25 @@ APP_KEY = "bench-key"
 APP_SECRET = "bench-secret-0123456789abcdef"
 CHANNEL = "bench"
 BENCH_DIR = Path(__file__).resolve().parent
+_TMP = Path(tempfile.gettempdir())
 
 CONFIG_TOML = f"""\
 [server]
 host = "{HOST}"
 port = 0
+
+# Every client of a benchmark is on loopback: the per-address limits would measure
+# themselves, not the server, so they are raised out of the way (and noted in the README).
+[security]
+max_connections_per_ip = 1000000
+new_connections_per_ip = {{ rate = 1000000, burst = 1000000 }}
+rest_requests_per_ip = {{ rate = 1000000, burst = 1000000 }}
+
+[audit]
+path = "{_TMP / "bastion-bench-audit.sqlite3"}"
+
+[security.reputation]
+store_path = "{_TMP / "bastion-bench-blocks.sqlite3"}"
 
 [[apps]]
 id = "{APP_ID}"
