@@ -115,8 +115,13 @@ async def test_refusals_are_persisted_and_secrets_never_are(
 
     events = query(db)
     by_type = {event.type: event for event in events}
-    assert sorted(by_type) == ["auth_signature", "malformed_json", "subscribe_auth_invalid"]
-    assert len(events) == 3
+    assert sorted(by_type) == [
+        "auth_signature",
+        "config_loaded",
+        "malformed_json",
+        "subscribe_auth_invalid",
+    ]
+    assert len(events) == 4
     for event in events:
         assert event.ip == "127.0.0.1"
         assert event.app_id == APP_ID
@@ -195,3 +200,29 @@ async def test_audit_disabled_writes_nothing(tmp_path: Path, start_node: StartNo
     await client.close()
     await node.stop()
     assert not db.exists()
+
+
+async def test_each_start_records_its_config_and_names_what_changed(tmp_path: Path) -> None:
+    db = tmp_path / "audit.sqlite3"
+    loop = asyncio.get_running_loop()
+
+    async def start_and_stop(settings: Any) -> None:
+        node = Node(settings, loop)
+        await node.start()
+        await node.stop()
+
+    await start_and_stop(audit_settings(db))
+    await start_and_stop(audit_settings(db))
+    looser = audit_settings(db).model_copy(deep=True)
+    data = looser.model_dump()
+    data["apps"][0]["max_client_events_per_second"] = 500
+    for app in data["apps"]:
+        app["secret"] = app["secret"].get_secret_value()
+    await start_and_stop(settings_from_mapping(data, environ={}))
+
+    third, second, first = query(db, type="config_loaded")
+    assert first.severity == "info" and "no earlier configuration" in first.message
+    assert second.severity == "info" and second.message.endswith("unchanged since the last start")
+    assert third.severity == "warning"
+    assert third.message == f"Configuration changed: apps.{APP_ID}"
+    assert third.metadata["changed"] == f"apps.{APP_ID}"

@@ -40,6 +40,8 @@ _HIDDEN = "<hidden>"
 def _scrub(value: Any) -> Any:
     if isinstance(value, SecretStr):
         return _HIDDEN
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # 30 and 30.0 are the same setting (a default vs the file's value)
     if isinstance(value, dict):
         return {str(k): _scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

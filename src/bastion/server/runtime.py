@@ -16,11 +16,13 @@ from bastion.config import Settings
 from bastion.core.hub import Hub
 from bastion.metrics import Metrics
 from bastion.security.audit import AuditEvent, from_refusal
+from bastion.security.config_audit import CONFIG_LOADED, config_event, fingerprints
 from bastion.server.blocklist import NodeBlockList
 from bastion.server.context import Outbox, ServerContext, frame_text
 from bastion.server.http import HttpConnection
 from bastion.server.refusals import RefusalPath, RefusalRecord
-from bastion.store.audit import AuditLog
+from bastion.store.audit import AuditLog, AuditLogError
+from bastion.store.audit import query as query_audit
 from bastion.store.blocks import BlockStore
 
 __all__ = ["Node", "run", "serve"]
@@ -68,6 +70,7 @@ class Node:
             # listening, so a refusal is never missed and a bad path fails start-up.
             self.audit = await asyncio.to_thread(AuditLog.from_settings, self.settings.audit)
             self.refusals.listeners.append(self._audit_refusal)
+            await asyncio.to_thread(self._audit_config, self.audit)
         try:
             await self._start_blocklist()
             await self.hub.adapter.start()
@@ -125,6 +128,20 @@ class Node:
             audit, self.audit = self.audit, None
             if not await asyncio.to_thread(audit.close, AUDIT_FLUSH_SECONDS):
                 log.warning("audit log did not flush within %.0f s", AUDIT_FLUSH_SECONDS)
+
+    def _audit_config(self, audit: AuditLog) -> None:
+        """Record the configuration this node starts with, naming what changed."""
+        try:
+            last = query_audit(self.settings.audit.path, type=CONFIG_LOADED, limit=1)
+        except AuditLogError:
+            last = []
+        previous = last[0].metadata if last else None
+        event = config_event(
+            fingerprints(self.settings), previous, id=uuid.uuid4().hex, time=time.time()
+        )
+        audit.record(event)
+        if event.severity == "warning":
+            log.warning("%s", event.message)
 
     def _audit_refusal(self, record: RefusalRecord) -> None:
         assert self.audit is not None
