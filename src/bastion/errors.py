@@ -8,9 +8,16 @@ configuration, a programming error) stops start-up loudly::
 
     BastionError
     ├── ConfigError                 local: invalid settings; start-up exits 2
+    ├── AuditLogError               local: the audit log cannot be opened or read
+    │                               (bastion.store.audit); start-up exits 1
+    ├── BlockStoreError             local: the blocks file cannot be opened or written
+    │                               (bastion.store.blocks); start-up exits 1
     └── PeerError                   remote: the client or caller did something wrong
-        └── Refused                 carries a Reason (see bastion.protocol.refusals);
-                                    the one refusal path turns it into a code/status
+        ├── Refused                 carries a Reason (see bastion.protocol.refusals);
+        │                           the one refusal path turns it into a code/status
+        └── TokenError              a JWT failed one named check
+                                    (bastion.security.tokens); the hub turns it into
+                                    a Refused with that check as the detail
 
 The mapping from a :class:`~bastion.protocol.refusals.Reason` to a WebSocket
 close code, a ``pusher:error`` code or an HTTP status lives in one table:

@@ -251,3 +251,65 @@ def test_protocol_md_states_the_numbers_the_code_uses() -> None:
     ]
     for fact in facts:
         assert fact in text, f"docs/protocol.md no longer says: {fact!r}"
+
+
+# --- security.md --------------------------------------------------------------------
+
+#: Reasons that are security controls of their own: security.md must name each.
+SECURITY_SLUGS = {
+    Reason.HTTP_ORIGIN_REFUSED,
+    Reason.IP_BLOCKED,
+    Reason.HTTP_IP_CONNECTIONS,
+    Reason.HTTP_CONNECTION_RATE,
+    Reason.AUTH_FAILURE_LIMIT,
+    Reason.HTTP_QUERY_TOKEN,
+    Reason.UNSIGNED_OVER_QUOTA,
+    Reason.SUBSCRIBE_RATE,
+    Reason.SIGNIN_TOKEN_INVALID,
+    Reason.TOKEN_EXPIRED,
+    Reason.SIGNIN_DEADLINE,
+    Reason.CLIENT_EVENT_RATE,
+    Reason.CLIENT_EVENT_APP_RATE,
+    Reason.CLIENT_EVENT_NOT_ALLOWED,
+    Reason.CLIENT_EVENT_SCHEMA,
+    Reason.HTTP_IP_RATE,
+    Reason.HTTP_APP_RATE,
+    Reason.HTTP_REPLAYED,
+    Reason.HTTP_REPLAY_GUARD_FULL,
+    Reason.FRAME_TOO_LARGE,
+    Reason.HTTP_BODY_TOO_LARGE,
+    Reason.HTTP_HEADERS_TOO_LARGE,
+}
+
+
+@pytest.mark.parametrize("reason", sorted(SECURITY_SLUGS, key=lambda r: r.name), ids=str)
+def test_security_md_names_each_control_with_its_code(reason: Reason) -> None:
+    text = _read("security.md")
+    rule = reason.value
+    rows = [line for line in text.splitlines() if f"`{rule.slug}`" in line]
+    assert rows, f"security.md does not name {rule.slug}"
+    codes = [c for c in (rule.close_code, rule.error_code, rule.http_status) if c is not None]
+    assert any(f"**{code}**" in row for row in rows for code in codes), (
+        f"security.md never states the code of {rule.slug} ({codes}) next to it"
+    )
+
+
+def test_security_md_mentions_every_security_setting() -> None:
+    text = _read("security.md")
+    names = [*SecuritySettings.model_fields, *ReputationSettings.model_fields]
+    names += [
+        "allowed_origins",
+        "reject_missing_origin",
+        "subscribe_attempts",
+        "client_events_per_app",
+        "client_event_allowlist",
+        "client_event_schemas",
+        "rest_requests",
+        "max_unsigned_connections",
+        "signin_deadline_seconds",
+        "previous_secrets",
+    ]
+    skip = {"reputation", "enabled", "threshold", "half_life_seconds", "block_seconds"}
+    skip |= {"store_path", "sync_seconds"}  # described in prose and configuration.md
+    missing = [name for name in names if name not in skip and f"`{name}`" not in text]
+    assert not missing, f"security.md does not mention {missing}"
