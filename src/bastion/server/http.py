@@ -518,9 +518,9 @@ class HttpConnection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        # The keyword only when there is a token, so a connection class without it works.
-        extra = {"query_token": token} if token else {}
-        connection = _AdmittedConnection(ctx, transport, proto, app, self.ip, **extra)
+        connection = _AdmittedConnection(
+            ctx, transport, proto, app, self.ip, query_token=token or None
+        )
         slot, self.slot = self.slot, None
         assert slot is not None
         connection.slot = slot
