@@ -171,3 +171,15 @@ async def test_official_sdk_signing_with_either_secret(make_node, connect, secre
     await client.subscribed(channel, auth["auth"])
     assert await asyncio.to_thread(sdk.trigger, channel, "rotated", {"ok": True}) == {}
     await client.expect("rotated", channel)
+
+
+async def test_full_replay_guard_fails_closed_at_the_configured_size(make_node) -> None:
+    node = await make_node(app={"replay_guard_max_entries": 2})
+    answers = []
+    for seconds_ago in (1, 2, 3):  # three distinct signatures for the same content
+        reply = await rest(
+            node.port, "POST", EVENTS, timestamp=time.time() - seconds_ago, raw_body=_trigger_body()
+        )
+        answers.append(reply.status)
+    assert answers == [200, 200, 503]
+    assert node.metrics.refusal_count("replay_guard_full") == 1

@@ -196,7 +196,9 @@ class RestApi:
         guard = self.replay_guards.get(app.id)
         if guard is None:
             guard = self.replay_guards[app.id] = ReplayGuard(
-                window_seconds=REST_TIMESTAMP_WINDOW, repeat_grace_seconds=REPEAT_GRACE_SECONDS
+                window_seconds=REST_TIMESTAMP_WINDOW,
+                max_entries=app.settings.replay_guard_max_entries,
+                repeat_grace_seconds=REPEAT_GRACE_SECONDS,
             )
         verdict = guard.check(params["auth_signature"], int(params["auth_timestamp"]), now)
         if verdict is Verdict.REPLAYED:
