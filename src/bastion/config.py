@@ -49,6 +49,7 @@ __all__ = [
     "SecuritySettings",
     "ServerSettings",
     "Settings",
+    "WebhookDeliverySettings",
     "WebhookSettings",
     "load_settings",
     "settings_from_mapping",
@@ -90,6 +91,8 @@ class WebhookSettings(BaseModel):
 
     url: str
     event_types: list[WebhookEventType] = Field(default_factory=lambda: list(WEBHOOK_EVENT_TYPES))
+    #: Only events on channels starting with one of these; unset: every channel.
+    channel_prefixes: list[str] | None = None
 
     @field_validator("url")
     @classmethod
@@ -226,6 +229,8 @@ class AppSettings(BaseModel):
     #: JSON Web Tokens for sign-in and channel grants (``[apps.jwt]``).
     jwt: JwtSettings | None = None
     webhooks: list[WebhookSettings] = Field(default_factory=list)
+    #: Refuse to deliver this app's webhooks to loopback, private or link-local addresses.
+    webhooks_refuse_private: bool = False
 
     @field_validator("id")
     @classmethod
@@ -316,6 +321,34 @@ class AuditSettings(BaseModel):
     max_rows: PositiveInt = 1_000_000
 
 
+class WebhookDeliverySettings(BaseModel):
+    """How webhooks are queued, batched and delivered (``[webhooks]``)."""
+
+    model_config = _STRICT
+
+    #: SQLite file of the durable queue (pending and dead-lettered deliveries).
+    queue_path: str = "bastion-webhooks.sqlite3"
+    #: Events in one request at most.
+    batch_max_events: Annotated[int, Field(gt=0, le=1000)] = 50
+    #: Milliseconds an event may wait for others to join its request.
+    batch_max_ms: Annotated[int, Field(ge=0, le=60_000)] = 200
+    #: Seconds a channel_vacated / member_removed waits for the channel or user to return.
+    vacated_delay_seconds: Annotated[float, Field(ge=0, le=60)] = 3
+    #: Seconds one delivery attempt may take (connect, send, answer).
+    timeout_seconds: PositiveFloat = 10
+    #: Requests in flight to one endpoint at once.
+    concurrency_per_endpoint: Annotated[int, Field(gt=0, le=100)] = 4
+    #: First retry delay, seconds; doubled each attempt (with jitter) up to ``retry_max_seconds``.
+    retry_initial_seconds: PositiveFloat = 1
+    retry_max_seconds: PositiveFloat = 300
+    #: A delivery still failing this many seconds after it was queued goes to the dead letters.
+    give_up_after_seconds: PositiveFloat = 86_400
+    #: Pending deliveries kept at most; past it new ones are dropped, counted and audited.
+    max_pending: PositiveInt = 100_000
+    #: Days dead letters and delivered rows are kept.
+    retention_days: PositiveInt = 7
+
+
 class ReputationSettings(BaseModel):
     """IP reputation: refusals add decaying points; past the threshold the IP is blocked."""
 
@@ -386,6 +419,7 @@ class Settings(BaseModel):
     adapter: AdapterSettings = AdapterSettings()
     audit: AuditSettings = AuditSettings()
     security: SecuritySettings = SecuritySettings()
+    webhooks: WebhookDeliverySettings = WebhookDeliverySettings()
     apps: list[AppSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ from bastion.config import (
     RetiringSecret,
     SecuritySettings,
     ServerSettings,
+    WebhookDeliverySettings,
     WebhookSettings,
     settings_from_mapping,
 )
@@ -50,6 +51,7 @@ CONFIG_SECTIONS: dict[str, type[BaseModel]] = {
     "`[apps.jwt]`": JwtSettings,
     "`[security]`": SecuritySettings,
     "`[security.reputation]`": ReputationSettings,
+    "`[webhooks]`": WebhookDeliverySettings,
 }
 
 _NAME_CELL = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
