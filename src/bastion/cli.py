@@ -1,9 +1,12 @@
-"""The ``bastion`` command: ``serve``, ``audit``, ``block``, ``unblock``, ``blocks``.
+"""The ``bastion`` command: ``serve``, ``audit``, ``block``, ``unblock``, ``blocks``, ``webhooks``.
 
 Exit codes: 0 after a clean shutdown, 2 for an invalid configuration or usage
-(nothing listens in that case); ``audit`` exits 1 when the log cannot be read;
+(nothing listens in that case), 1 when the audit log, the blocks file or the
+webhook queue cannot be opened at start-up; ``audit`` exits 1 when the log cannot be read;
 ``block``/``unblock``/``blocks`` exit 2 for an invalid address or one in
-``never_block``, and 1 when the blocks file or the audit log cannot be written.
+``never_block``, and 1 when the blocks file or the audit log cannot be written;
+``webhooks failed``/``webhooks retry`` exit 1 when the queue file cannot be read
+or written, and ``webhooks retry`` exits 1 when an id is not a dead letter.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from bastion.security.proxies import parse_networks
 from bastion.security.reputation import Block, canonical_ip, parse_duration
 from bastion.store.audit import AuditLogError
 from bastion.store.blocks import BlockStoreError
+from bastion.store.webhook_queue import WebhookQueueError
 
 __all__ = ["main"]
 
@@ -135,7 +139,7 @@ def serve(
     except OSError as exc:
         click.echo(f"bastion: cannot listen: {exc.strerror}", err=True)
         sys.exit(1)
-    except (AuditLogError, BlockStoreError) as exc:
+    except (AuditLogError, BlockStoreError, WebhookQueueError) as exc:
         click.echo(f"bastion: {exc}", err=True)
         sys.exit(1)
 
@@ -380,3 +384,107 @@ def blocks(config_path: Path | None, as_json: bool) -> None:
             click.echo(json.dumps(line, sort_keys=True))
         else:
             click.echo(f"{entry.ip:<39} {_iso(entry.until)} {entry.source:<6} {entry.reason}")
+
+
+# --- webhooks --------------------------------------------------------------------------
+
+
+def _url_without_query(url: str) -> str:
+    # The query string may carry a receiver's token: never printed.
+    from bastion.webhooks.dispatcher import safe_url
+
+    return safe_url(url)
+
+
+@main.group()
+def webhooks() -> None:
+    """Inspect and retry webhook dead letters (no running server needed)."""
+
+
+@webhooks.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML configuration file whose [webhooks] queue_path is read.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="At most N dead letters.",
+)
+def failed(config_path: Path | None, as_json: bool, limit: int) -> None:
+    """List dead letters, most recently given up first."""
+    from bastion.store.webhook_queue import list_dead_letters
+
+    settings = _settings_or_exit(config_path)
+    try:
+        letters = list_dead_letters(settings.webhooks.queue_path, limit=limit)
+    except WebhookQueueError as exc:
+        click.echo(f"bastion: {exc}", err=True)
+        sys.exit(1)
+    for letter in letters:
+        url = _url_without_query(letter.url)
+        if as_json:
+            line = {
+                "id": letter.id,
+                "app_id": letter.app_id,
+                "url": url,
+                "attempts": letter.attempts,
+                "last_error": letter.last_error,
+                "created": _iso(letter.created_at),
+                "died": _iso(letter.died_at),
+            }
+            click.echo(json.dumps(line, sort_keys=True))
+        else:
+            click.echo(
+                f"{letter.id:>8} app={letter.app_id} {url} attempts={letter.attempts}"
+                f" created={_iso(letter.created_at)} died={_iso(letter.died_at)}"
+                f" error={letter.last_error or '-'}"
+            )
+
+
+@webhooks.command()
+@click.argument("ids", nargs=-1, type=click.IntRange(min=1))
+@click.option("--all", "retry_all", is_flag=True, help="Retry every dead letter.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML configuration file whose [webhooks] queue_path is read.",
+)
+def retry(ids: tuple[int, ...], retry_all: bool, config_path: Path | None) -> None:
+    """Move dead letters ID... (or --all) back to the queue, due now.
+
+    A running node sends them within a second or two; otherwise the next start does.
+    """
+    from bastion.store.webhook_queue import WebhookQueue
+
+    if bool(ids) == retry_all:
+        click.echo("bastion: give dead letter ids or --all (not both)", err=True)
+        sys.exit(2)
+    settings = _settings_or_exit(config_path)
+    delivery = settings.webhooks
+    if not Path(delivery.queue_path).exists():
+        # Opening would create an empty queue file where the operator did not expect one.
+        click.echo(f"bastion: no webhook queue at {delivery.queue_path!r}", err=True)
+        sys.exit(1)
+    try:
+        with WebhookQueue.open(
+            delivery.queue_path,
+            max_pending=delivery.max_pending,
+            retention_days=delivery.retention_days,
+        ) as queue:
+            moved = queue.retry_dead(None if retry_all else ids, now=time.time())
+    except WebhookQueueError as exc:
+        click.echo(f"bastion: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"retrying {len(moved)} dead letter{'s' if len(moved) != 1 else ''}")
+    missing = sorted(set(ids) - set(moved))
+    for id in missing:
+        click.echo(f"bastion: {id} is not a dead letter", err=True)
+    if missing:
+        sys.exit(1)

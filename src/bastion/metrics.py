@@ -12,7 +12,7 @@ __all__ = ["Metrics"]
 
 
 class Metrics:
-    """Counters for connections, messages and refusals."""
+    """Counters for connections, messages, refusals and webhook deliveries."""
 
     def __init__(self) -> None:
         #: (refusal slug, app id or "") → count.
@@ -25,6 +25,19 @@ class Metrics:
         self.messages_in: Counter[str] = Counter()
         #: app id → REST events published.
         self.events_published: Counter[str] = Counter()
+        # --- webhooks (bastion.webhooks.dispatcher; dropped: the producer) ---
+        #: app id → deliveries answered with a 2xx.
+        self.webhooks_delivered: Counter[str] = Counter()
+        #: app id → attempts that failed (network error, time-out, non-2xx, refused).
+        self.webhook_attempts_failed: Counter[str] = Counter()
+        #: app id → deliveries moved to the dead letters.
+        self.webhooks_dead: Counter[str] = Counter()
+        #: app id → deliveries dropped because the queue held ``max_pending`` rows.
+        self.webhooks_dropped: Counter[str] = Counter()
+        #: Pending rows in the queue at the dispatcher's last count (a gauge).
+        self.webhook_queue_pending = 0
+        #: Attempts in flight right now (a gauge).
+        self.webhooks_in_flight = 0
 
     def refusal_count(self, slug: str) -> int:
         """Refusals with ``slug`` across every app."""
