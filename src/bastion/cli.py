@@ -18,6 +18,7 @@ import secrets
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -144,10 +145,12 @@ def serve(
         sys.exit(1)
 
 
-class _TimeParam(click.ParamType[float, Any]):
-    """``30m``, ``1h``, ``2d``, ``1w``, an ISO 8601 time or Unix seconds."""
+class _SecondsParam(click.ParamType[float, Any]):
+    """A command-line value parsed into seconds by ``parse`` (its ValueError is the message)."""
 
-    name = "time"
+    def __init__(self, name: str, parse: Callable[[str], float]) -> None:
+        self.name = name
+        self._parse = parse
 
     def convert(
         self, value: object, param: click.Parameter | None, ctx: click.Context | None
@@ -155,9 +158,13 @@ class _TimeParam(click.ParamType[float, Any]):
         if isinstance(value, float):
             return value
         try:
-            return parse_time(str(value), now=time.time())
+            return self._parse(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+
+
+#: ``30m``, ``1h``, ``2d``, ``1w`` ago, an ISO 8601 time or Unix seconds.
+_TIME = _SecondsParam("time", lambda text: parse_time(text, now=time.time()))
 
 
 def _iso(seconds: float) -> str:
@@ -188,8 +195,8 @@ def _line(event: AuditEvent) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Read this SQLite file instead of the configured one.",
 )
-@click.option("--since", type=_TimeParam(), help="From this time: 30m, 1h, 2d, 1w or ISO 8601.")
-@click.option("--until", type=_TimeParam(), help="Before this time (same forms as --since).")
+@click.option("--since", type=_TIME, help="From this time: 30m, 1h, 2d, 1w or ISO 8601.")
+@click.option("--until", type=_TIME, help="Before this time (same forms as --since).")
 @click.option("--type", "event_type", metavar="SLUG", help="Only this refusal slug.")
 @click.option("--severity", type=click.Choice(["info", "warning"]), help="Only this severity.")
 @click.option("--ip", help="Only events from this IP address.")
@@ -251,20 +258,8 @@ _config_option = click.option(
 )
 
 
-class _DurationParam(click.ParamType[float, Any]):
-    """``90``, ``30s``, ``30m``, ``1h``, ``2d``, ``1w`` (seconds, > 0)."""
-
-    name = "duration"
-
-    def convert(
-        self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float:
-        if isinstance(value, float):
-            return value
-        try:
-            return parse_duration(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
+#: ``90``, ``30s``, ``30m``, ``1h``, ``2d``, ``1w`` (seconds, > 0).
+_DURATION = _SecondsParam("duration", parse_duration)
 
 
 def _settings_or_exit(config_path: Path | None) -> Settings:
@@ -303,7 +298,7 @@ def _write_audit(settings: Settings, event: AuditEvent) -> None:
 @click.argument("ip")
 @click.option(
     "--ttl",
-    type=_DurationParam(),
+    type=_DURATION,
     default="1h",
     show_default=True,
     help="How long the block lasts: 30m, 1h, 2d, 1w.",
