@@ -24,6 +24,9 @@ from bastion.server.refusals import RefusalPath, RefusalRecord
 from bastion.store.audit import AuditLog, AuditLogError
 from bastion.store.audit import query as query_audit
 from bastion.store.blocks import BlockStore
+from bastion.store.webhook_queue import WebhookQueue
+from bastion.webhooks.dispatcher import WebhookDispatcher
+from bastion.webhooks.producer import WebhookProducer
 
 __all__ = ["Node", "run", "serve"]
 
@@ -33,6 +36,9 @@ log = logging.getLogger("bastion.server")
 DRAIN_SECONDS = 5.0
 #: Seconds a stop waits for the audit writer to flush what is queued.
 AUDIT_FLUSH_SECONDS = 10.0
+#: Seconds a stop waits for webhook attempts in flight; what is left stays pending
+#: in the queue and is sent after the next start.
+WEBHOOK_STOP_SECONDS = 5.0
 
 
 class Node:
@@ -53,6 +59,11 @@ class Node:
         self.audit: AuditLog | None = None
         #: Blocked addresses and IP reputation, between start and stop.
         self.blocklist: NodeBlockList | None = None
+        #: The durable webhook queue, its producer and dispatcher, between start and
+        #: stop, when some app has webhooks.
+        self.webhook_queue: WebhookQueue | None = None
+        self.webhook_producer: WebhookProducer | None = None
+        self.webhook_dispatcher: WebhookDispatcher | None = None
 
     @property
     def port(self) -> int:
@@ -72,6 +83,7 @@ class Node:
             self.refusals.listeners.append(self._audit_refusal)
             await asyncio.to_thread(self._audit_config, self.audit)
         try:
+            await self._start_webhooks()
             await self._start_blocklist()
             await self.hub.adapter.start()
             self._server = await self.ctx.loop.create_server(
@@ -83,6 +95,7 @@ class Node:
             )
         except BaseException:
             await self._stop_blocklist()
+            await self._stop_webhooks()
             if self.audit is not None:  # do not leave the writer thread behind
                 self.refusals.listeners.remove(self._audit_refusal)
                 await asyncio.to_thread(self.audit.close, AUDIT_FLUSH_SECONDS)
@@ -118,6 +131,10 @@ class Node:
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), DRAIN_SECONDS)
+        # After the drain: the last connections' channels have vacated (their held
+        # channel_vacated are sent now, not dropped); before the audit log closes, so
+        # a drop is audited.
+        await self._stop_webhooks()
         await self.hub.adapter.stop()
         # Before the audit log closes: a block made during the drain is audited too.
         await self._stop_blocklist()
@@ -151,6 +168,57 @@ class Node:
         if self.audit is not None:
             self.audit.record(event)
 
+    async def _start_webhooks(self) -> None:
+        """Open the queue (off the loop: a bad path fails start-up), start delivering.
+
+        Only when some app has webhooks, so a node without any writes no queue file.
+        """
+        if not any(app.webhooks for app in self.settings.apps):
+            return
+        settings = self.settings.webhooks
+        queue = await asyncio.to_thread(
+            WebhookQueue.open,
+            settings.queue_path,
+            max_pending=settings.max_pending,
+            retention_days=settings.retention_days,
+        )
+        dispatcher = WebhookDispatcher(
+            settings, queue, self.hub.apps_by_id, self.metrics, audit=self._audit_event
+        )
+        try:
+            # Sends what an earlier run left pending, right away.
+            await dispatcher.start()
+        except BaseException:
+            await asyncio.to_thread(queue.close)
+            raise
+        producer = WebhookProducer(
+            settings,
+            self.settings.apps,
+            queue,
+            self.ctx.loop,
+            wake=dispatcher.wake,
+            metrics=self.metrics,
+            audit=self._audit_event,
+        )
+        self.webhook_queue = queue
+        self.webhook_dispatcher = dispatcher
+        self.webhook_producer = producer
+        self.hub.listeners.append(producer.on_event)
+
+    async def _stop_webhooks(self) -> None:
+        """Write what is held or batched, let attempts in flight finish, close the queue."""
+        producer, self.webhook_producer = self.webhook_producer, None
+        dispatcher, self.webhook_dispatcher = self.webhook_dispatcher, None
+        queue, self.webhook_queue = self.webhook_queue, None
+        if producer is not None:
+            with contextlib.suppress(ValueError):
+                self.hub.listeners.remove(producer.on_event)
+            await producer.flush()
+        if dispatcher is not None:
+            await dispatcher.stop(WEBHOOK_STOP_SECONDS)
+        if queue is not None:
+            await asyncio.to_thread(queue.close)
+
     async def _start_blocklist(self) -> None:
         """Open the blocks file (off the loop: a bad path fails start-up) and load it."""
         settings = self.settings.security.reputation
@@ -183,9 +251,6 @@ def warn_unenforced(settings: Settings) -> None:
             "adapter.driver=%s is accepted but not implemented yet: running as a single node",
             settings.adapter.driver,
         )
-    for app in settings.apps:
-        if app.webhooks:
-            log.warning("app %s: webhooks are accepted but not delivered yet", app.id)
 
 
 async def run(settings: Settings, on_ready: Callable[[str, int], None] | None = None) -> None:

@@ -432,3 +432,31 @@ handle = async function handleWithJwt(msg) {
   if (msg.cmd === 'jwt_renew') return jwtRenew(msg);
   return handleBeforeJwt(msg);
 };
+
+// ------------------------------------------------------------------ scenario: webhooks
+// Bastion's webhooks as an app's receiver checks them with the Node SDK
+// (tests/interop/test_webhooks_sdk.py):
+//
+//   {"cmd": "webhook", "headers": {"X-Pusher-Key": "...", ...}, "rawBody": "<body text>"}
+//       → {"isValid": bool, "events": [...] | null, "timeMs": number | null}
+//       pusher.webhook({headers, rawBody}) with the headers' names lower-cased (as
+//       Node's http module gives them), then isValid(), getEvents(), getTime().
+
+function webhookCheck(msg) {
+  const headers = {};
+  for (const [name, value] of Object.entries(msg.headers || {})) headers[name.toLowerCase()] = value;
+  const webhook = makeSdk({}).webhook({ headers: headers, rawBody: msg.rawBody });
+  const valid = webhook.isValid();
+  return {
+    isValid: valid,
+    events: valid ? plain(webhook.getEvents()) : null,
+    timeMs: valid ? webhook.getTime().getTime() : null,
+  };
+}
+
+const handleBeforeWebhook = handle;
+// eslint-disable-next-line no-func-assign
+handle = async function handleWithWebhook(msg) {
+  if (msg.cmd === 'webhook') return webhookCheck(msg);
+  return handleBeforeWebhook(msg);
+};
