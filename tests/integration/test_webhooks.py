@@ -506,8 +506,7 @@ async def test_stop_sends_held_vacated_and_a_restart_delivers_them(
     receiver.fail_next(1000, status=503)  # nothing more is delivered before the stop
     await node.stop()  # drains the connection: "leaving" vacates, and is written
 
-    with receiver._lock:  # no API for it: answer 200 again from now on
-        receiver._failures.clear()
+    receiver.clear_failures()  # answer 200 from now on
     await start_node(hooks, delivery={"vacated_delay_seconds": 60})  # same queue file
     received = await wait_for(receiver, has({"name": "channel_vacated", "channel": "leaving"}))
     assert names_on(received, "leaving")[-1] == "channel_vacated"

@@ -180,8 +180,7 @@ def test_pending_webhooks_survive_sigkill_and_are_delivered_after_restart(
     first.stop()
 
     attempts_before_restart = len(receiver.received)
-    with receiver._lock:  # the receiver has no "heal" call: answer 200 from now on
-        receiver._failures.clear()
+    receiver.clear_failures()  # answer 200 from now on
     second = make_bastion(**config)  # the same queue file
 
     delivered = receiver.wait_for(

@@ -104,6 +104,11 @@ class WebhookReceiver:
         with self._lock:
             self._failures.extend([status] * count)
 
+    def clear_failures(self) -> None:
+        """Answer 200 from now on (drop any failures still queued by :meth:`fail_next`)."""
+        with self._lock:
+            self._failures.clear()
+
     def _next_status(self) -> int:
         with self._lock:
             return self._failures.pop(0) if self._failures else 200
