@@ -40,6 +40,8 @@ def test_every_control_is_on_in_the_example() -> None:
     assert locked.jwt is not None and locked.jwt.audience and locked.jwt.issuer
     assert not locked.jwt.allow_query_token
     assert locked.signin_deadline_seconds is not None and locked.reject_missing_origin
+    assert locked.webhooks_refuse_private and locked.webhooks
+    assert all(hook.url.startswith("https://") for hook in locked.webhooks)
 
 
 def test_example_secrets_are_placeholders_that_say_so() -> None:
