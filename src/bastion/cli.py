@@ -29,7 +29,13 @@ import click
 from bastion import __version__
 from bastion.config import AppSettings, Settings, load_settings, settings_from_mapping
 from bastion.errors import ConfigError
-from bastion.security.audit import AuditEvent, from_block, from_unblock, parse_time
+from bastion.security.audit import (
+    AuditEvent,
+    from_block,
+    from_unblock,
+    parse_time,
+    webhook_retry_event,
+)
 from bastion.security.proxies import parse_networks
 from bastion.security.reputation import Block, canonical_ip, parse_duration
 from bastion.store.audit import AuditLogError
@@ -474,7 +480,10 @@ def retry(ids: tuple[int, ...], retry_all: bool, config_path: Path | None) -> No
             retention_days=delivery.retention_days,
         ) as queue:
             moved = queue.retry_dead(None if retry_all else ids, now=time.time())
-    except WebhookQueueError as exc:
+        if moved:
+            event = webhook_retry_event(list(moved), id=uuid.uuid4().hex, time=time.time())
+            _write_audit(settings, event)
+    except (WebhookQueueError, AuditLogError) as exc:
         click.echo(f"bastion: {exc}", err=True)
         sys.exit(1)
     click.echo(f"retrying {len(moved)} dead letter{'s' if len(moved) != 1 else ''}")

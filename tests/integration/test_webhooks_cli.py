@@ -226,3 +226,20 @@ url = "http://127.0.0.1:9/hook"
     result = CliRunner().invoke(main, ["serve", "--config", str(config)])
     assert result.exit_code == 1, result.output
     assert "no-such-dir" in result.output and "webhook queue" in result.output
+
+
+def test_retry_is_audited(tmp_path: Path) -> None:
+    from bastion.store.audit import query
+
+    config = write_config(tmp_path)
+    audit = tmp_path / "audit.sqlite3"
+    text = config.read_text(encoding="utf-8").replace(
+        "[audit]\nenabled = false", f'[audit]\npath = "{audit}"'
+    )
+    config.write_text(text, encoding="utf-8")
+    first, second = dead_letters(tmp_path, ["https://a.example.com/h", "https://b.example.com/h"])
+    assert cli("webhooks", "retry", str(second), str(first), "--config", str(config)).exit_code == 0
+    (event,) = query(audit, type="webhook_retried")
+    assert event.severity == "info"
+    assert event.metadata["count"] == 2
+    assert sorted(event.metadata["ids"].split(",")) == sorted([str(first), str(second)])

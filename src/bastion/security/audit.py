@@ -33,6 +33,7 @@ __all__ = [
     "from_unblock",
     "parse_time",
     "redact",
+    "webhook_retry_event",
 ]
 
 Severity = Literal["info", "warning"]
@@ -185,6 +186,23 @@ def from_unblock(ip: str, *, id: str, time: float, previous: Block | None = None
         user_id=None,
         message="Address unblocked by an operator",
         metadata=metadata,
+    )
+
+
+def webhook_retry_event(ids: list[int], *, id: str, time: float) -> AuditEvent:
+    """The audit event ``webhook_retried``: an operator put dead letters back in the queue."""
+    shown = ",".join(str(delivery) for delivery in ids[:50])
+    return AuditEvent(
+        id=id,
+        time=time,
+        type="webhook_retried",
+        severity="info",
+        ip=None,
+        app_id=None,
+        socket_id=None,
+        user_id=None,
+        message=f"{len(ids)} webhook dead letter(s) queued again by an operator",
+        metadata={"count": len(ids), "ids": shown + (",..." if len(ids) > 50 else "")},
     )
 
 
