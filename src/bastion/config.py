@@ -407,7 +407,32 @@ class AdapterSettings(BaseModel):
     model_config = _STRICT
 
     driver: Literal["local", "redis"] = "local"
+    #: ``redis://[:password@]host:port/db`` or ``rediss://`` for TLS; a secret if it has a password.
     url: str | None = None
+    #: Prefix of every Redis key and pub/sub channel, so clusters can share one Redis.
+    prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = "bastion"
+    #: Key authenticating bus messages between nodes (HMAC-SHA256). Unset: derived from
+    #: the apps' secrets, which every node of a cluster shares.
+    cluster_secret: SecretStr | None = None
+    #: Seconds between a node's liveness heartbeats.
+    heartbeat_seconds: PositiveFloat = 2
+    #: Longest back-off between reconnection attempts after Redis is lost, seconds.
+    reconnect_max_seconds: PositiveFloat = 5
+
+    @field_validator("cluster_secret")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> AdapterSettings:
+        if self.driver == "redis" and self.url is None:
+            raise ValueError("url is required when driver is redis")
+        if self.url is not None and not re.match(r"^(redis|rediss|unix)://", self.url):
+            raise ValueError("url must start with redis://, rediss:// or unix://")
+        return self
 
 
 class Settings(BaseModel):
