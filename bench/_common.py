@@ -466,3 +466,75 @@ class CpuSampler:
             "steal_s": round(d["steal"], 2),
             "idle_s": round(d["idle"], 2),
         }
+
+
+# --- several worker processes (bench/cluster.py) ------------------------------------
+
+
+def cluster_config(redis_url: str, prefix: str) -> str:
+    """:data:`CONFIG_TOML` with the Redis adapter (``prefix`` keeps runs apart)."""
+    return CONFIG_TOML.replace(
+        "\n[[apps]]",
+        f'\n[adapter]\ndriver = "redis"\nurl = "{redis_url}"\nprefix = "{prefix}"\n\n[[apps]]',
+        1,
+    )
+
+
+@contextlib.contextmanager
+def bastion_workers(workers: int, config: str = CONFIG_TOML):
+    """Start `python -m bastion serve --workers N`; yield (process, port, worker PIDs).
+
+    With one worker there is no supervisor: the server process is the worker.
+    """
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(config)
+        path = f.name
+    cmd = [sys.executable, "-m", "bastion", "serve", "--config", path]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
+    server = ServerProcess(cmd, "bastion listening on http://", None)
+    try:
+        line = server.start()
+        port = int(line.rsplit(":", 1)[1].strip("/"))
+        pids = [server.pid]
+        if workers > 1:
+            # The supervisor logs each worker's PID before it prints the listening line.
+            log = server.stderr_tail(1 << 20)
+            pids = [
+                int(log.split(f"worker {i} listening (pid ", 1)[1].split(")", 1)[0])
+                for i in range(workers)
+            ]
+        yield server, port, pids
+    finally:
+        server.stop(timeout=40.0)
+        os.unlink(path)
+
+
+def connection_owners(server_port: int, pids: list[int]) -> dict[int, int]:
+    """Client port -> PID of the process holding the server side of that connection.
+
+    Read from the kernel: the server side of each loopback connection to
+    ``server_port`` in /proc/net/tcp, its socket inode in one process's /proc/PID/fd.
+    """
+    inode_of: dict[str, int] = {}
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if int(local.rsplit(":", 1)[1], 16) == server_port:
+                inode_of[fields[9]] = int(remote.rsplit(":", 1)[1], 16)
+    owners: dict[int, int] = {}
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"{fd_dir}/{fd}")
+                if target.startswith("socket:["):
+                    client_port = inode_of.get(target[8:-1])
+                    if client_port is not None:
+                        owners[client_port] = pid
+    return owners
+
+
+def local_port(transport: asyncio.BaseTransport) -> int:
+    return int(transport.get_extra_info("sockname")[1])

@@ -2,7 +2,8 @@
 
 Exit codes: 0 after a clean shutdown, 2 for an invalid configuration or usage
 (nothing listens in that case), 1 when the audit log, the blocks file or the
-webhook queue cannot be opened at start-up; ``audit`` exits 1 when the log cannot be read;
+webhook queue cannot be opened at start-up (``serve --workers N``: also when a worker
+keeps crashing); ``audit`` exits 1 when the log cannot be read;
 ``block``/``unblock``/``blocks`` exit 2 for an invalid address or one in
 ``never_block``, and 1 when the blocks file or the audit log cannot be written;
 ``webhooks failed``/``webhooks retry`` exit 1 when the queue file cannot be read
@@ -15,6 +16,7 @@ import ipaddress
 import json
 import logging
 import secrets
+import socket
 import sys
 import time
 import uuid
@@ -102,10 +104,32 @@ def main() -> None:
     default="info",
     show_default=True,
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),  # = workers.MAX_WORKERS; not imported: keeps --help light
+    default=1,
+    show_default=True,
+    help="Worker processes sharing the port (SO_REUSEPORT); more than 1 needs"
+    ' adapter.driver = "redis".',
+)
+# Set by the supervisor of `--workers N` on the workers it starts; not for operators.
+@click.option("--worker-of", "worker_of", type=int, hidden=True)
+@click.option("--worker-index", "worker_index", type=click.IntRange(0), default=0, hidden=True)
 def serve(
-    config_path: Path | None, dev: bool, host: str | None, port: int | None, log_level: str
+    config_path: Path | None,
+    dev: bool,
+    host: str | None,
+    port: int | None,
+    log_level: str,
+    workers: int,
+    worker_of: int | None,
+    worker_index: int,
 ) -> None:
     """Start a server and run until SIGINT or SIGTERM."""
+    if worker_of is not None:
+        from bastion.server.workers import run_worker
+
+        sys.exit(run_worker(worker_of, worker_index, log_level))
     logging.basicConfig(
         level=log_level.upper(),
         stream=sys.stderr,
@@ -128,6 +152,17 @@ def serve(
     except ConfigError as exc:
         click.echo(f"bastion: config error: {exc}", err=True)
         sys.exit(2)
+    if workers > 1 and settings.adapter.driver != "redis":
+        # Each worker would deliver only to its own subscribers: a silent split brain.
+        click.echo(
+            f'bastion: --workers {workers} needs adapter.driver = "redis" (got'
+            f" {settings.adapter.driver!r}): workers share events only through the bus",
+            err=True,
+        )
+        sys.exit(2)
+    if workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        click.echo("bastion: --workers needs SO_REUSEPORT, which this platform lacks", err=True)
+        sys.exit(2)
     if not settings.apps:
         logging.getLogger("bastion").warning(
             "no apps configured: every connection will be refused (add [[apps]] or use --dev)"
@@ -142,6 +177,10 @@ def serve(
         sys.stdout.flush()
 
     try:
+        if workers > 1:
+            from bastion.server.workers import supervise
+
+            sys.exit(supervise(settings, workers, on_ready, log_level=log_level))
         serve_forever(settings, on_ready)
     except OSError as exc:
         click.echo(f"bastion: cannot listen: {exc.strerror}", err=True)
