@@ -531,3 +531,30 @@ def retry(ids: tuple[int, ...], retry_all: bool, config_path: Path | None) -> No
         click.echo(f"bastion: {id} is not a dead letter", err=True)
     if missing:
         sys.exit(1)
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="TOML configuration file to check.",
+)
+def doctor(config_path: Path) -> None:
+    """Check a configuration against the production checklist.
+
+    Prints one PASS / WARN / FAIL line per check (never a secret's value) and
+    exits 1 when any check fails, 2 when the file is not a valid configuration.
+    """
+    from bastion.security.doctor import examine, worst
+
+    settings = _settings_or_exit(config_path)
+    findings = examine(settings)
+    for finding in findings:
+        click.echo(f"{finding.level.upper():<4}  {finding.check}: {finding.message}")
+    verdict = worst(findings)
+    counts = {level: sum(f.level == level for f in findings) for level in ("pass", "warn", "fail")}
+    click.echo(f"{counts['pass']} passed, {counts['warn']} warnings, {counts['fail']} failed")
+    if verdict == "fail":
+        sys.exit(1)

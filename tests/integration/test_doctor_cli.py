@@ -1,0 +1,46 @@
+"""bastion doctor on the shipped example: its placeholders fail, strong secrets pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from bastion.cli import main
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "bastion.example.toml"
+STRONG = {
+    "BASTION_APPS__0__SECRET": "5d41402abc4b2a76b9719d911017c592ae2f8c1e9a0b7d3c6f4e1a2b3c4d5e6f",
+    "BASTION_APPS__1__SECRET": "7c6a180b36896a0a8c02787eeafb0e4c1f9e8d7c6b5a49382716f5e4d3c2b1a0",
+    "BASTION_APPS__1__JWT__SECRET": (
+        "e4da3b7fbbce2345d7772b0674a318d5c1b2a3f4e5d6c7b8a9f0e1d2c3b4a596"
+    ),
+}
+
+
+def test_the_example_fails_on_its_placeholders_without_printing_them() -> None:
+    result = CliRunner().invoke(main, ["doctor", "--config", str(EXAMPLE)], env={})
+    assert result.exit_code == 1, result.output
+    failures = [line for line in result.output.splitlines() if line.startswith("FAIL")]
+    assert [line.split(":")[0] for line in failures] == [
+        "FAIL  apps.12345.secret",
+        "FAIL  apps.67890.secret",
+        "FAIL  apps.67890.jwt.secret",
+    ]
+    assert "replace-me" not in result.output
+    assert result.output.rstrip().endswith("3 failed")
+
+
+def test_strong_secrets_from_the_environment_pass() -> None:
+    result = CliRunner().invoke(main, ["doctor", "--config", str(EXAMPLE)], env=STRONG)
+    assert result.exit_code == 0, result.output
+    assert "FAIL" not in result.output
+    for secret in STRONG.values():
+        assert secret not in result.output
+
+
+def test_an_invalid_file_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nport = 'x'\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["doctor", "--config", str(bad)], env={})
+    assert result.exit_code == 2 and "server.port" in result.output
