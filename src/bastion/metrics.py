@@ -38,6 +38,20 @@ class Metrics:
         self.webhook_queue_pending = 0
         #: Attempts in flight right now (a gauge).
         self.webhooks_in_flight = 0
+        # --- the cluster bus (bastion.adapters.redis) ---
+        #: 1 while the node is connected to the bus, else 0 (a gauge).
+        self.bus_connected = 0
+        #: Times the bus connection was (re-)established.
+        self.bus_connects = 0
+        #: app id → events written to the bus.
+        self.bus_published: Counter[str] = Counter()
+        #: app id → events from other nodes handed to local delivery.
+        self.bus_received: Counter[str] = Counter()
+        #: reason → events not sent or not delivered: ``disconnected`` and ``backlog``
+        #: (outgoing, bus down or slow), ``stale`` and ``replayed`` (incoming).
+        self.bus_dropped: Counter[str] = Counter()
+        #: reason → incoming bus messages refused as forged or malformed.
+        self.bus_forged: Counter[str] = Counter()
 
     def refusal_count(self, slug: str) -> int:
         """Refusals with ``slug`` across every app."""

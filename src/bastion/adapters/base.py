@@ -4,20 +4,50 @@ The hub always delivers to its own local subscribers first, then hands the
 event to the adapter so that other nodes can deliver it to theirs. The ``local``
 adapter (one node) does nothing more; the ``redis`` adapter (#5) publishes on
 the bus and subscribes to a channel's bus topic only while the node has local
-interest in it. Presence, counts and the REST queries move behind this seam in
-#5 as cluster-wide operations with a deadline; until then the hub answers them
-from its own state, which *is* the whole cluster for a single node.
+interest in it. Events from other nodes come back through the :data:`Deliver`
+callback the node attaches (``Hub.deliver_remote``), for local delivery only.
+Presence, counts and the REST queries move behind this seam later in #5 as
+cluster-wide operations with a deadline; until then the hub answers them from
+its own state, which *is* the whole cluster for a single node.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
-__all__ = ["Adapter"]
+__all__ = ["Adapter", "Deliver"]
+
+
+class Deliver(Protocol):
+    """Hands an event received from another node to this node's subscribers."""
+
+    def __call__(
+        self,
+        app_id: str,
+        channel: str,
+        event: str,
+        data: Any,
+        exclude_socket_id: str | None,
+        user_id: str | None,
+        *,
+        client: bool = False,
+    ) -> None:
+        """Deliver locally; never publish again."""
 
 
 class Adapter(Protocol):
     """What the hub needs from the cluster bus. Methods must not block."""
+
+    @property
+    def node_id(self) -> str:
+        """This node's id on the bus (unique per process start)."""
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the bus is connected (always ``True`` for one node)."""
+
+    def attach(self, deliver: Deliver) -> None:
+        """Where events received from other nodes go (set once, before :meth:`start`)."""
 
     async def start(self) -> None:
         """Connect to the bus (if any)."""
@@ -30,10 +60,17 @@ class Adapter(Protocol):
         app_id: str,
         channel: str,
         event: str,
-        data: str,
+        data: Any,
         exclude_socket_id: str | None,
+        user_id: str | None = None,
+        *,
+        client: bool = False,
     ) -> None:
-        """Send an event already delivered locally to the other nodes."""
+        """Send an event already delivered locally to the other nodes.
+
+        ``user_id`` is the sender's presence user id (client events on presence
+        channels); ``client`` marks a client event (it never updates a cache).
+        """
 
     def interest_on(self, app_id: str, channel: str) -> None:
         """This node gained its first local subscriber of ``channel``."""

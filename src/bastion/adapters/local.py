@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import uuid
+from typing import Any
+
+from bastion.adapters.base import Deliver
+
 __all__ = ["LocalAdapter"]
 
 
 class LocalAdapter:
     """Implements :class:`bastion.adapters.base.Adapter` for one node."""
+
+    def __init__(self) -> None:
+        self._node_id = uuid.uuid4().hex
+
+    @property
+    def node_id(self) -> str:
+        """A random id (nobody else ever sees it)."""
+        return self._node_id
+
+    @property
+    def healthy(self) -> bool:
+        """There is no bus to lose."""
+        return True
+
+    def attach(self, deliver: Deliver) -> None:
+        """Nothing ever arrives from elsewhere."""
 
     async def start(self) -> None:
         """Nothing to connect to."""
@@ -19,8 +40,11 @@ class LocalAdapter:
         app_id: str,
         channel: str,
         event: str,
-        data: str,
+        data: Any,
         exclude_socket_id: str | None,
+        user_id: str | None = None,
+        *,
+        client: bool = False,
     ) -> None:
         """Local subscribers already have it."""
 

@@ -575,6 +575,10 @@ class Hub:
         user_id = session.channels[event.channel]
         text = msg.channel_event(event.event, event.channel, event.data, user_id)
         self._fan_out(channel, text, session.socket_id)
+        # Other nodes' subscribers too; the sender is excluded there by socket id.
+        self.adapter.publish(
+            app.id, event.channel, event.event, event.data, session.socket_id, user_id, client=True
+        )
         if self.listeners:
             self._emit(
                 ev.ClientEventSent(
@@ -757,22 +761,61 @@ class Hub:
     ) -> None:
         """Deliver an event to every local subscriber of each channel, then to the bus."""
         for name in channels:
-            if name.startswith(SERVER_TO_USER_PREFIX):
-                sockets = app.users.get(name[len(SERVER_TO_USER_PREFIX) :])
-                if sockets:
-                    frame = self._frame(msg.channel_event(event, name, data))
-                    for socket_id, session in sockets.items():
-                        if socket_id != exclude_socket_id:
-                            session.write(frame)
-                            self.deliveries += 1
-            else:
-                if classify_channel(name).cached:
-                    expires = self._clock() + app.settings.cache_ttl
-                    app.cache[name] = CachedEvent(event, data, expires)
-                channel = app.channels.get(name)
-                if channel is not None:
-                    self._fan_out(channel, msg.channel_event(event, name, data), exclude_socket_id)
+            self._deliver_local(app, name, event, data, exclude_socket_id, None, client=False)
             self.adapter.publish(app.id, name, event, data, exclude_socket_id)
+
+    def deliver_remote(
+        self,
+        app_id: str,
+        channel: str,
+        event: str,
+        data: Any,
+        exclude_socket_id: str | None,
+        user_id: str | None,
+        *,
+        client: bool = False,
+    ) -> None:
+        """Deliver an event another node published, to local subscribers only.
+
+        The same frames as a local publish or client event (a server event also
+        refreshes a cache channel's cache); never handed back to the adapter, so
+        nothing loops. ``data`` is a server event's string or a client event's
+        decoded JSON value. An unknown app (another node's configuration differs)
+        is ignored, and so is a server event whose data is not a string.
+        """
+        app = self.apps_by_id.get(app_id)
+        if app is not None and (client or isinstance(data, str)):
+            self._deliver_local(
+                app, channel, event, data, exclude_socket_id, user_id, client=client
+            )
+
+    def _deliver_local(
+        self,
+        app: AppState,
+        name: str,
+        event: str,
+        data: Any,
+        exclude_socket_id: str | None,
+        user_id: str | None,
+        *,
+        client: bool,
+    ) -> None:
+        if name.startswith(SERVER_TO_USER_PREFIX):
+            sockets = app.users.get(name[len(SERVER_TO_USER_PREFIX) :])
+            if sockets:
+                frame = self._frame(msg.channel_event(event, name, data))
+                for socket_id, session in sockets.items():
+                    if socket_id != exclude_socket_id:
+                        session.write(frame)
+                        self.deliveries += 1
+            return
+        if not client and classify_channel(name).cached:
+            expires = self._clock() + app.settings.cache_ttl
+            app.cache[name] = CachedEvent(event, data, expires)
+        channel = app.channels.get(name)
+        if channel is not None:
+            text = msg.channel_event(event, name, data, user_id)
+            self._fan_out(channel, text, exclude_socket_id)
 
     def terminate_user(self, app: AppState, user_id: str) -> int:
         """Close every connection signed in as ``user_id``; returns how many."""

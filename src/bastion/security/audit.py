@@ -25,9 +25,11 @@ if TYPE_CHECKING:
     from bastion.server.refusals import RefusalRecord
 
 __all__ = [
+    "BUS_MESSAGE_FORGED",
     "AuditEvent",
     "MetadataValue",
     "Severity",
+    "bus_forged_event",
     "from_block",
     "from_refusal",
     "from_unblock",
@@ -203,6 +205,31 @@ def webhook_retry_event(ids: list[int], *, id: str, time: float) -> AuditEvent:
         user_id=None,
         message=f"{len(ids)} webhook dead letter(s) queued again by an operator",
         metadata={"count": len(ids), "ids": shown + (",..." if len(ids) > 50 else "")},
+    )
+
+
+#: The audit type of a bus message refused by its MAC or its shape.
+BUS_MESSAGE_FORGED = "bus_message_forged"
+
+
+def bus_forged_event(reason: str, size: int, *, id: str, time: float) -> AuditEvent:
+    """The audit event ``bus_message_forged``: a bus message failed its checks.
+
+    A warning: whoever can write to Redis without the cluster key tried to inject an
+    event (or a node runs with a different key). There is no peer address on the bus;
+    the payload is never recorded, only the ``reason`` slug and its size in bytes.
+    """
+    return AuditEvent(
+        id=id,
+        time=time,
+        type=BUS_MESSAGE_FORGED,
+        severity="warning",
+        ip=None,
+        app_id=None,
+        socket_id=None,
+        user_id=None,
+        message=f"Bus message refused ({reason}): not delivered",
+        metadata={"reason": reason, "bytes": size},
     )
 
 

@@ -10,7 +10,9 @@ import time
 import uuid
 from collections.abc import Callable
 
+from bastion.adapters.base import Adapter
 from bastion.adapters.local import LocalAdapter
+from bastion.adapters.redis import RedisAdapter
 from bastion.api.rest import RestApi
 from bastion.config import Settings
 from bastion.core.hub import Hub
@@ -48,7 +50,8 @@ class Node:
         self.settings = settings
         self.metrics = Metrics()
         self.refusals = RefusalPath(self.metrics)
-        self.hub = Hub(settings, frame_text, loop.time, LocalAdapter())
+        self.hub = Hub(settings, frame_text, loop.time, self._make_adapter())
+        self.hub.adapter.attach(self.hub.deliver_remote)
         self.rest = RestApi(self.hub, self.refusals, self.metrics)
         self.ctx = ServerContext(
             settings, self.hub, self.refusals, self.metrics, loop, self.rest, Outbox(loop)
@@ -64,6 +67,16 @@ class Node:
         self.webhook_queue: WebhookQueue | None = None
         self.webhook_producer: WebhookProducer | None = None
         self.webhook_dispatcher: WebhookDispatcher | None = None
+
+    def _make_adapter(self) -> Adapter:
+        """The cluster bus ``[adapter]`` asks for."""
+        settings = self.settings
+        if settings.adapter.driver == "redis":
+            # Forged bus messages are audited through the audit log once it is open.
+            return RedisAdapter(
+                settings.adapter, settings.apps, metrics=self.metrics, audit=self._audit_event
+            )
+        return LocalAdapter()
 
     @property
     def port(self) -> int:
@@ -246,10 +259,13 @@ class Node:
 
 def warn_unenforced(settings: Settings) -> None:
     """Say loudly which accepted settings this release does not act on yet."""
-    if settings.adapter.driver != "local":
+    if settings.adapter.driver == "redis":
+        # The bus carries publishes, client events and server-to-user events; the
+        # rest of #5 is not cluster-wide yet, and an operator must know it.
         log.warning(
-            "adapter.driver=%s is accepted but not implemented yet: running as a single node",
-            settings.adapter.driver,
+            "adapter.driver=redis: events reach every node, but presence members, "
+            "subscription counts, channel queries, occupied/vacated webhooks and rate "
+            "limits are still per node"
         )
 
 

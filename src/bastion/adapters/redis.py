@@ -1,0 +1,513 @@
+"""The Redis adapter: nodes share publishes over Redis pub/sub.
+
+Topics (``prefix`` from ``[adapter]``):
+
+* ``{prefix}:ch:{app_id}:{channel}`` — one per channel, subscribed only while this
+  node has a local subscriber of it (``interest_on`` / ``interest_off``);
+* ``{prefix}:users:{app_id}`` — server-to-user events (``#server-to-user-{id}``),
+  subscribed always: they go by sign-in, which the bus does not track.
+
+Every message is signed with the cluster key (see :mod:`bastion.adapters.bus`).
+A receiver drops its own echoes, duplicates (replays) and stale messages, refuses
+(counts and audits) forged or malformed ones, and hands the rest to the hub for
+local delivery only.
+
+Outage: one supervisor task connects, subscribes to every topic of current interest,
+and runs a reader, a writer, a subscription syncer and a heartbeat. When any of them
+fails (Redis gone, a command timed out, no answer to the heartbeat), the session is
+torn down, :attr:`RedisAdapter.healthy` goes ``False`` and the supervisor reconnects
+with exponential back-off (plus jitter) up to ``reconnect_max_seconds``. Publishes
+while disconnected are dropped and counted, never queued: the node keeps serving
+its local clients, and a late event would arrive out of order anyway. The outgoing
+queue is bounded too (a slow Redis drops, counted as ``backlog``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from bastion.adapters import bus
+from bastion.adapters.base import Deliver
+from bastion.config import AdapterSettings, AppSettings
+from bastion.metrics import Metrics
+from bastion.protocol.names import SERVER_TO_USER_PREFIX
+from bastion.security.audit import AuditEvent, bus_forged_event, redact
+from bastion.security.ratelimit import TokenBucket
+
+__all__ = ["RedisAdapter", "describe_url"]
+
+log = logging.getLogger("bastion.bus")
+
+#: Seconds to open a TCP (or TLS) connection to Redis before the attempt fails.
+CONNECT_TIMEOUT = 5.0
+#: Seconds one command (publish batch, subscribe) may take before the session is lost.
+COMMAND_TIMEOUT = 5.0
+#: Seconds ``start`` waits for the first connection before serving without it.
+START_WAIT = 5.0
+#: Seconds ``stop`` waits for the session to close.
+STOP_WAIT = 5.0
+#: First back-off after a failure, seconds (doubles up to ``reconnect_max_seconds``).
+INITIAL_BACKOFF = 0.1
+#: Outgoing messages waiting for the writer; past it publishes are dropped (``backlog``).
+MAX_PENDING = 10_000
+#: Messages written in one pipeline.
+BATCH = 500
+#: Topics in one SUBSCRIBE / UNSUBSCRIBE command.
+SUBSCRIBE_CHUNK = 500
+#: Incoming messages older (or newer) than this, by the sender's clock, are dropped:
+#: bounds how long a captured message can be replayed. Nodes need NTP-synced clocks.
+REPLAY_WINDOW_MS = 60_000
+#: Message ids remembered to drop replays inside the window (oldest forgotten first).
+SEEN_IDS = 100_000
+#: Heartbeats without any answer from Redis before the session is declared dead.
+MISSED_HEARTBEATS = 3
+#: Audit records for forged messages: refill per second and burst (the count is exact).
+FORGED_AUDIT_RATE = 1.0
+FORGED_AUDIT_BURST = 20.0
+
+
+def describe_url(url: str) -> str:
+    """``host:port/db`` (or the socket path) of a Redis URL: never its password."""
+    try:
+        parts = urlsplit(url)
+        if parts.scheme == "unix":
+            return f"unix:{parts.path}"
+        host = parts.hostname or "localhost"
+        port = parts.port or 6379
+    except ValueError:
+        return "redis (unparsable url)"
+    db = parts.path.lstrip("/") or "0"
+    return f"{parts.scheme}://{host}:{port}/{db}"
+
+
+class _SessionLost(Exception):
+    """The bus session must be rebuilt (heartbeat unanswered)."""
+
+
+class RedisAdapter:
+    """Implements :class:`bastion.adapters.base.Adapter` over Redis pub/sub.
+
+    Args:
+        settings: the ``[adapter]`` settings (``url`` must be set).
+        apps: the node's apps (their secrets derive the key without ``cluster_secret``;
+            their payload limits bound an incoming message).
+        metrics: the node's metrics, if any.
+        audit: records an audit event (forged bus messages), if any.
+        node_id: this node's id on the bus (random by default).
+        wall_clock: Unix seconds (message timestamps).
+        max_pending: bound of the outgoing queue.
+    """
+
+    def __init__(
+        self,
+        settings: AdapterSettings,
+        apps: Sequence[AppSettings],
+        *,
+        metrics: Metrics | None = None,
+        audit: Callable[[AuditEvent], None] | None = None,
+        node_id: str | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
+        if settings.url is None:
+            raise ValueError("adapter.url is required for the redis adapter")
+        self._url = settings.url
+        self._where = describe_url(settings.url)
+        self._prefix = settings.prefix
+        self._heartbeat = settings.heartbeat_seconds
+        self._reconnect_max = settings.reconnect_max_seconds
+        secret = settings.cluster_secret
+        self._key = bus.cluster_key(
+            secret.get_secret_value() if secret is not None else None,
+            [app.secret.get_secret_value() for app in apps],
+        )
+        # JSON escaping can grow data up to 6x; names and ids add a little.
+        largest = max((app.max_event_payload_bytes for app in apps), default=10_240)
+        self._max_bytes = 6 * largest + 16_384
+        self._node_id = node_id or uuid.uuid4().hex
+        self._metrics = metrics
+        self._audit = audit
+        self._wall_clock = wall_clock
+        self._max_pending = max_pending
+        self._deliver: Deliver | None = None
+        #: Topics this node wants; the users topics always.
+        self._interest: set[str] = {self._users_topic(app.id) for app in apps}
+        #: Topics subscribed on the current session.
+        self._subscribed: set[str] = set()
+        self._outbox: deque[tuple[str, bytes]] = deque()
+        self._seen: OrderedDict[str, int] = OrderedDict()
+        self._forged_bucket = TokenBucket(FORGED_AUDIT_RATE, FORGED_AUDIT_BURST, 0.0)
+        self._healthy = False
+        self._task: asyncio.Task[None] | None = None
+        self._wake_writer: asyncio.Event | None = None
+        self._wake_syncer: asyncio.Event | None = None
+        self._attempted: asyncio.Event | None = None
+
+    # --- the Adapter protocol ----------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        """This node's id on the bus."""
+        return self._node_id
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the bus session is up (subscribed and able to publish)."""
+        return self._healthy
+
+    def attach(self, deliver: Deliver) -> None:
+        """Events from other nodes go to ``deliver`` (``Hub.deliver_remote``)."""
+        self._deliver = deliver
+
+    async def start(self) -> None:
+        """Start the supervisor; wait (bounded) for the first connection attempt.
+
+        A Redis that is down does not fail the start: the node serves its local
+        clients and keeps reconnecting (start order in a deployment must not matter).
+        """
+        if self._task is not None:
+            return
+        self._wake_writer = asyncio.Event()
+        self._wake_syncer = asyncio.Event()
+        self._attempted = asyncio.Event()
+        self._task = asyncio.create_task(self._supervise(), name="bastion-bus")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._attempted.wait(), START_WAIT)
+        if not self._healthy:
+            log.warning(
+                "redis bus %s unreachable at start: serving local clients only, reconnecting",
+                self._where,
+            )
+
+    async def stop(self) -> None:
+        """Stop the supervisor and close the connections (bounded by ``STOP_WAIT``)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(task, STOP_WAIT)
+        self._set_healthy(False)
+        self._drop_outbox()
+
+    def publish(
+        self,
+        app_id: str,
+        channel: str,
+        event: str,
+        data: Any,
+        exclude_socket_id: str | None,
+        user_id: str | None = None,
+        *,
+        client: bool = False,
+    ) -> None:
+        """Queue one signed message for the other nodes; drop it when the bus is down."""
+        if not self._healthy:
+            self._count_dropped("disconnected")
+            return
+        if len(self._outbox) >= self._max_pending:
+            self._count_dropped("backlog")
+            return
+        message = bus.BusMessage(
+            origin=self._node_id,
+            id=uuid.uuid4().hex,
+            sent_at=int(self._wall_clock() * 1000),
+            app_id=app_id,
+            channel=channel,
+            event=event,
+            data=data,
+            exclude_socket_id=exclude_socket_id,
+            user_id=user_id,
+            client=client,
+        )
+        self._outbox.append((self._topic(app_id, channel), bus.encode(message, self._key)))
+        if self._wake_writer is not None:
+            self._wake_writer.set()
+
+    def interest_on(self, app_id: str, channel: str) -> None:
+        """Subscribe to the channel's topic (soon, on the syncer)."""
+        self._interest.add(self._channel_topic(app_id, channel))
+        if self._wake_syncer is not None:
+            self._wake_syncer.set()
+
+    def interest_off(self, app_id: str, channel: str) -> None:
+        """Unsubscribe from the channel's topic (soon, on the syncer)."""
+        self._interest.discard(self._channel_topic(app_id, channel))
+        if self._wake_syncer is not None:
+            self._wake_syncer.set()
+
+    # --- topics ----------------------------------------------------------------------------
+
+    def _channel_topic(self, app_id: str, channel: str) -> str:
+        # App ids cannot hold ":", so the topic splits back unambiguously.
+        return f"{self._prefix}:ch:{app_id}:{channel}"
+
+    def _users_topic(self, app_id: str) -> str:
+        return f"{self._prefix}:users:{app_id}"
+
+    def _topic(self, app_id: str, channel: str) -> str:
+        if channel.startswith(SERVER_TO_USER_PREFIX):
+            return self._users_topic(app_id)
+        return self._channel_topic(app_id, channel)
+
+    # --- the session -----------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        delay = INITIAL_BACKOFF
+        failures = 0
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # any failure ends the session, never the node
+                was_healthy = self._healthy
+                self._set_healthy(False)
+                if was_healthy:
+                    delay, failures = INITIAL_BACKOFF, 0
+                    log.warning(
+                        "redis bus %s lost (%s): serving local clients only, reconnecting",
+                        self._where,
+                        _describe(error),
+                    )
+                else:
+                    failures += 1
+                    # Every attempt at DEBUG; a reminder at WARNING now and then.
+                    level = logging.WARNING if failures % 20 == 0 else logging.DEBUG
+                    log.log(
+                        level,
+                        "redis bus %s still unreachable after %d attempts (%s)",
+                        self._where,
+                        failures,
+                        _describe(error),
+                    )
+            finally:
+                self._set_healthy(False)
+                self._drop_outbox()
+                if self._attempted is not None:
+                    self._attempted.set()
+            # Jitter so that a cluster does not reconnect in lock-step after an outage.
+            await asyncio.sleep(delay * (1 + random.random() / 2))
+            delay = min(delay * 2, self._reconnect_max)
+
+    async def _session(self) -> None:
+        client: aioredis.Redis = aioredis.from_url(
+            self._url,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=COMMAND_TIMEOUT,
+            socket_keepalive=True,
+            health_check_interval=0,
+            # Reconnection is ours (with back-off and resubscription), never redis-py's.
+            retry=Retry(NoBackoff(), 0),
+        )
+        # redis-py leaves the PubSub methods untyped.
+        pubsub: Any = client.pubsub(ignore_subscribe_messages=True)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await client.ping()
+            await pubsub.connect()
+            self._subscribed = set()
+            await self._sync(pubsub)
+            self._set_healthy(True)
+            log.info("redis bus %s connected (node %s)", self._where, self._node_id)
+            if self._attempted is not None:
+                self._attempted.set()
+            last_seen = [asyncio.get_running_loop().time()]
+            tasks = [
+                _spawn(self._reader(pubsub, last_seen)),
+                _spawn(self._writer(client)),
+                _spawn(self._syncer(pubsub)),
+                _spawn(self._heartbeat_loop(pubsub, last_seen)),
+            ]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                error = task.exception()
+                if error is not None:
+                    raise error
+            raise _SessionLost("a bus task ended")
+        finally:
+            try:
+                for task in tasks:
+                    task.cancel()
+                if tasks:
+                    # asyncio.wait never raises the tasks' errors, but does let a
+                    # cancellation of this task (stop) through.
+                    await asyncio.wait(tasks)
+                    for task in tasks:
+                        if not task.cancelled():
+                            task.exception()  # retrieved: no "never retrieved" noise
+            finally:
+                # Even when stop cancelled the wait above: never leak the sockets.
+                self._subscribed = set()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pubsub.aclose(), COMMAND_TIMEOUT)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.aclose(), COMMAND_TIMEOUT)
+
+    async def _reader(self, pubsub: Any, last_seen: list[float]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            last_seen[0] = loop.time()
+            if message is not None and message.get("type") == "message":
+                self._receive(message["channel"], message["data"])
+
+    async def _writer(self, client: aioredis.Redis) -> None:
+        assert self._wake_writer is not None
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer.clear()
+            while self._outbox:
+                batch = [self._outbox.popleft() for _ in range(min(len(self._outbox), BATCH))]
+                pipe = client.pipeline(transaction=False)
+                for topic, payload in batch:
+                    pipe.publish(topic, payload)
+                try:
+                    await asyncio.wait_for(pipe.execute(), COMMAND_TIMEOUT)
+                except BaseException:
+                    self._count_dropped("disconnected", len(batch))
+                    raise
+                if self._metrics is not None:
+                    for topic, _ in batch:
+                        self._metrics.bus_published[_app_of(topic, self._prefix)] += 1
+
+    async def _syncer(self, pubsub: Any) -> None:
+        assert self._wake_syncer is not None
+        while True:
+            await self._wake_syncer.wait()
+            self._wake_syncer.clear()
+            await self._sync(pubsub)
+
+    async def _sync(self, pubsub: Any) -> None:
+        """Make the subscribed topics what the node has interest in."""
+        wanted = set(self._interest)
+        joining = sorted(wanted - self._subscribed)
+        leaving = sorted(self._subscribed - wanted)
+        for start in range(0, len(joining), SUBSCRIBE_CHUNK):
+            chunk = joining[start : start + SUBSCRIBE_CHUNK]
+            await asyncio.wait_for(pubsub.subscribe(*chunk), COMMAND_TIMEOUT)
+            self._subscribed.update(chunk)
+        for start in range(0, len(leaving), SUBSCRIBE_CHUNK):
+            chunk = leaving[start : start + SUBSCRIBE_CHUNK]
+            await asyncio.wait_for(pubsub.unsubscribe(*chunk), COMMAND_TIMEOUT)
+            self._subscribed.difference_update(chunk)
+
+    async def _heartbeat_loop(self, pubsub: Any, last_seen: list[float]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            if loop.time() - last_seen[0] > MISSED_HEARTBEATS * self._heartbeat:
+                raise _SessionLost("no answer to the heartbeat")
+            # The PONG comes back through the reader, which marks the session alive.
+            await asyncio.wait_for(pubsub.ping(), COMMAND_TIMEOUT)
+
+    # --- receiving -------------------------------------------------------------------------
+
+    def _receive(self, topic: bytes, payload: bytes) -> None:
+        try:
+            message = bus.decode(payload, self._key, self._max_bytes)
+        except bus.BusMessageError as error:
+            self._forged(error.reason, len(payload))
+            return
+        if message.origin == self._node_id:
+            return  # our own publish, already delivered locally
+        if topic != self._topic(message.app_id, message.channel).encode():
+            # Authentic but re-published on another topic: not what its sender sent.
+            self._forged("wrong_topic", len(payload))
+            return
+        now_ms = int(self._wall_clock() * 1000)
+        if abs(now_ms - message.sent_at) > REPLAY_WINDOW_MS:
+            self._count_dropped("stale")
+            return
+        if not self._remember(message.id, message.sent_at, now_ms):
+            self._count_dropped("replayed")
+            return
+        if self._metrics is not None:
+            self._metrics.bus_received[message.app_id] += 1
+        if self._deliver is None:
+            return
+        try:
+            self._deliver(
+                message.app_id,
+                message.channel,
+                message.event,
+                message.data,
+                message.exclude_socket_id,
+                message.user_id,
+                client=message.client,
+            )
+        except Exception:  # a delivery bug must not end the bus session
+            log.exception("delivering a bus message failed")
+
+    def _remember(self, message_id: str, sent_at: int, now_ms: int) -> bool:
+        """Record ``message_id``; ``False`` when it was seen (a replay)."""
+        seen = self._seen
+        if message_id in seen:
+            return False
+        seen[message_id] = sent_at
+        # Forget ids that left the window (nobody can replay them now), and the
+        # oldest past the bound.
+        while seen:
+            oldest_id, oldest_at = next(iter(seen.items()))
+            if len(seen) > SEEN_IDS or now_ms - oldest_at > REPLAY_WINDOW_MS:
+                del seen[oldest_id]
+            else:
+                break
+        return True
+
+    def _forged(self, reason: str, size: int) -> None:
+        if self._metrics is not None:
+            self._metrics.bus_forged[reason] += 1
+        now = time.monotonic()
+        if self._forged_bucket.take(now) > 0:
+            return  # counted; audit and log are rate-limited against a flood
+        log.warning("redis bus %s: refused a bus message (%s)", self._where, reason)
+        if self._audit is not None:
+            self._audit(bus_forged_event(reason, size, id=uuid.uuid4().hex, time=time.time()))
+
+    # --- state -----------------------------------------------------------------------------
+
+    def _set_healthy(self, healthy: bool) -> None:
+        if healthy and not self._healthy and self._metrics is not None:
+            self._metrics.bus_connects += 1
+        self._healthy = healthy
+        if self._metrics is not None:
+            self._metrics.bus_connected = int(healthy)
+
+    def _drop_outbox(self) -> None:
+        if self._outbox:
+            self._count_dropped("disconnected", len(self._outbox))
+            self._outbox.clear()
+
+    def _count_dropped(self, reason: str, count: int = 1) -> None:
+        if self._metrics is not None:
+            self._metrics.bus_dropped[reason] += count
+
+
+def _spawn(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    return asyncio.create_task(coroutine)
+
+
+def _app_of(topic: str, prefix: str) -> str:
+    """The app id in a topic (``{prefix}:ch:{app}:…`` or ``{prefix}:users:{app}``)."""
+    parts = topic[len(prefix) + 1 :].split(":", 2)
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _describe(error: BaseException) -> str:
+    """An error's class and text, scrubbed and short (it may echo server replies)."""
+    text = redact(str(error))[:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
