@@ -43,6 +43,7 @@ __all__ = [
     "AppSettings",
     "AuditSettings",
     "JwtSettings",
+    "MetricsSettings",
     "RateSettings",
     "ReputationSettings",
     "RetiringSecret",
@@ -349,6 +350,31 @@ class WebhookDeliverySettings(BaseModel):
     retention_days: PositiveInt = 7
 
 
+class MetricsSettings(BaseModel):
+    """The Prometheus endpoint ``/metrics`` on the main port."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    #: Peers (CIDRs) that may scrape without a token; the TCP peer, never a forwarded address.
+    allow_from: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    #: Bearer token that lets any other peer scrape (``Authorization: Bearer ...``).
+    token: SecretStr | None = None
+
+    @field_validator("allow_from")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        parse_networks(value)
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return value
+
+
 class ReputationSettings(BaseModel):
     """IP reputation: refusals add decaying points; past the threshold the IP is blocked."""
 
@@ -445,6 +471,7 @@ class Settings(BaseModel):
     audit: AuditSettings = AuditSettings()
     security: SecuritySettings = SecuritySettings()
     webhooks: WebhookDeliverySettings = WebhookDeliverySettings()
+    metrics: MetricsSettings = MetricsSettings()
     apps: list[AppSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")

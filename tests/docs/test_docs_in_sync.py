@@ -26,6 +26,7 @@ from bastion.config import (
     AppSettings,
     AuditSettings,
     JwtSettings,
+    MetricsSettings,
     ReputationSettings,
     RetiringSecret,
     SecuritySettings,
@@ -52,6 +53,7 @@ CONFIG_SECTIONS: dict[str, type[BaseModel]] = {
     "`[security]`": SecuritySettings,
     "`[security.reputation]`": ReputationSettings,
     "`[webhooks]`": WebhookDeliverySettings,
+    "`[metrics]`": MetricsSettings,
 }
 
 _NAME_CELL = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")

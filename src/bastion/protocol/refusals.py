@@ -305,6 +305,11 @@ class Reason(enum.Enum):
         "This app does not accept tokens in the URL",
         http_status=400,
     )
+    METRICS_FORBIDDEN = Rule(
+        "metrics_forbidden",
+        "Metrics are available to allowed addresses or with the metrics token",
+        http_status=403,
+    )
     HTTP_ENCRYPTED_MULTI = Rule(
         "encrypted_multi_channel",
         "Encrypted channels cannot be triggered together with other channels",
