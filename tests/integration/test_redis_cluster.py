@@ -438,3 +438,20 @@ async def test_a_node_starts_without_redis_and_connects_when_it_comes_up(
     warnings = [r.getMessage() for r in logs.caplog.records if r.name == "bastion.bus"]
     assert any("unreachable at start" in text for text in warnings)
     assert not any("@" in text for text in warnings)  # never a URL's credentials
+
+
+async def test_subscribed_means_events_from_other_nodes_arrive(
+    make_cluster: MakeCluster, clients: Any, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No waiting for PUBSUB NUMSUB here: subscription_succeeded itself must mean
+    # that the node listens on the bus, so an event triggered on another node the
+    # moment the client is told it is subscribed is never missed. The fallback is
+    # pushed out of reach: every answer here must come from a Redis confirmation.
+    monkeypatch.setattr("bastion.adapters.redis.READY_WAIT", 3600.0)
+    a, b = await make_cluster(2, prefix=prefix)
+    on_a = await clients(a)
+    for n in range(20):
+        channel = f"fresh-{n}"
+        await on_a.subscribed(channel)
+        await trigger(b, channel, "first", str(n))
+        assert (await on_a.expect("first", channel))["data"] == str(n)

@@ -1177,3 +1177,33 @@ def test_signin_ids_must_fit_the_channel_charset(world: World) -> None:
     # A signed-in id names the #server-to-user- channel, so it follows channel rules.
     client = world.client()
     assert world.refused_signin(client, {"id": "alice smith"}) is Reason.SIGNIN_DATA_INVALID
+
+
+class _PendingAdapter(LocalAdapter):
+    """The local adapter, except that subscribe answers wait until ``release()``."""
+
+    def __init__(self) -> None:
+        self.waiting: list[Any] = []
+
+    def when_ready(self, app_id: str, channel: str, callback: Any) -> None:
+        self.waiting.append(callback)
+
+    def release(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for callback in waiting:
+            callback()
+
+
+def test_subscribe_is_answered_only_when_the_adapter_is_ready() -> None:
+    adapter = _PendingAdapter()
+    settings = settings_from_mapping({"apps": [{"id": "1", "key": "k", "secret": "s"}]}, environ={})
+    hub = Hub(settings, CountingFrame(), Clock(), adapter)
+    app = hub.apps_by_id["1"]
+    early, late = Client("1.1"), Client("1.2")
+    hub.subscribe(app, early.session, msg.Subscribe("news"))
+    assert early.frames() == [] and len(adapter.waiting) == 1
+    hub.subscribe(app, late.session, msg.Subscribe("gone"))
+    hub.unsubscribe(app, late.session, "gone")  # left before the bus was ready
+    adapter.release()
+    assert early.events() == ["pusher_internal:subscription_succeeded"]
+    assert late.events() == []  # no success for a channel it already left

@@ -13,6 +13,7 @@ its own state, which *is* the whole cluster for a single node.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 __all__ = ["Adapter", "Deliver"]
@@ -77,3 +78,12 @@ class Adapter(Protocol):
 
     def interest_off(self, app_id: str, channel: str) -> None:
         """This node lost its last local subscriber of ``channel``."""
+
+    def when_ready(self, app_id: str, channel: str, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once other nodes' events on ``channel`` reach this node.
+
+        The hub answers a subscribe from it, so a client is never told it is
+        subscribed while events published elsewhere could still miss it. Called at
+        once when there is no bus, when the bus is down, or when the topic is
+        already confirmed; never later than a short bound otherwise.
+        """

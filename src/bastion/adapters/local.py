@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from bastion.adapters.base import Deliver
@@ -53,3 +54,7 @@ class LocalAdapter:
 
     def interest_off(self, app_id: str, channel: str) -> None:
         """No bus topic to leave."""
+
+    def when_ready(self, app_id: str, channel: str, callback: Callable[[], None]) -> None:
+        """Nothing to wait for: every subscriber is local."""
+        callback()

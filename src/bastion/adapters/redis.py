@@ -74,6 +74,8 @@ REPLAY_WINDOW_MS = 60_000
 SEEN_IDS = 100_000
 #: Heartbeats without any answer from Redis before the session is declared dead.
 MISSED_HEARTBEATS = 3
+#: Longest a subscribe answer waits for its topic's SUBSCRIBE to be confirmed, seconds.
+READY_WAIT = 2.0
 #: Audit records for forged messages: refill per second and burst (the count is exact).
 FORGED_AUDIT_RATE = 1.0
 FORGED_AUDIT_BURST = 20.0
@@ -147,6 +149,10 @@ class RedisAdapter:
         self._interest: set[str] = {self._users_topic(app.id) for app in apps}
         #: Topics subscribed on the current session.
         self._subscribed: set[str] = set()
+        #: Topics whose SUBSCRIBE Redis confirmed on the current session.
+        self._confirmed: set[str] = set()
+        #: topic → subscribe answers waiting for its confirmation.
+        self._waiters: dict[str, list[Callable[[], None]]] = {}
         self._outbox: deque[tuple[str, bytes]] = deque()
         self._seen: OrderedDict[str, int] = OrderedDict()
         self._forged_bucket = TokenBucket(FORGED_AUDIT_RATE, FORGED_AUDIT_BURST, 0.0)
@@ -249,6 +255,30 @@ class RedisAdapter:
         if self._wake_syncer is not None:
             self._wake_syncer.set()
 
+    def when_ready(self, app_id: str, channel: str, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the channel's topic is confirmed (bounded by READY_WAIT)."""
+        topic = self._channel_topic(app_id, channel)
+        if not self._healthy or topic in self._confirmed or topic not in self._interest:
+            # Down: delivery is local only anyway, so waiting would only delay the answer.
+            callback()
+            return
+        waiters = self._waiters.setdefault(topic, [])
+        waiters.append(callback)
+        if len(waiters) == 1:
+            # Never keep a client waiting on a slow or lost confirmation.
+            asyncio.get_running_loop().call_later(READY_WAIT, self._release, topic)
+
+    def _release(self, topic: str) -> None:
+        for callback in self._waiters.pop(topic, ()):
+            try:
+                callback()
+            except Exception:  # one answer's defect must not stop the others
+                log.exception("answering a subscribe failed")
+
+    def _release_all(self) -> None:
+        for topic in list(self._waiters):
+            self._release(topic)
+
     # --- topics ----------------------------------------------------------------------------
 
     def _channel_topic(self, app_id: str, channel: str) -> str:
@@ -314,7 +344,7 @@ class RedisAdapter:
             retry=Retry(NoBackoff(), 0),
         )
         # redis-py leaves the PubSub methods untyped.
-        pubsub: Any = client.pubsub(ignore_subscribe_messages=True)
+        pubsub: Any = client.pubsub(ignore_subscribe_messages=False)
         tasks: list[asyncio.Task[None]] = []
         try:
             await client.ping()
@@ -360,10 +390,19 @@ class RedisAdapter:
     async def _reader(self, pubsub: Any, last_seen: list[float]) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
             last_seen[0] = loop.time()
-            if message is not None and message.get("type") == "message":
+            if message is None:
+                continue
+            kind = message.get("type")
+            if kind == "message":
                 self._receive(message["channel"], message["data"])
+            elif kind == "subscribe":
+                topic = _text(message["channel"])
+                self._confirmed.add(topic)
+                self._release(topic)
+            elif kind == "unsubscribe":
+                self._confirmed.discard(_text(message["channel"]))
 
     async def _writer(self, client: aioredis.Redis) -> None:
         assert self._wake_writer is not None
@@ -484,6 +523,10 @@ class RedisAdapter:
         if healthy and not self._healthy and self._metrics is not None:
             self._metrics.bus_connects += 1
         self._healthy = healthy
+        if not healthy:
+            # Nothing will be confirmed on a dead session; answer whoever waits.
+            self._confirmed = set()
+            self._release_all()
         if self._metrics is not None:
             self._metrics.bus_connected = int(healthy)
 
@@ -511,3 +554,7 @@ def _describe(error: BaseException) -> str:
     """An error's class and text, scrubbed and short (it may echo server replies)."""
     text = redact(str(error))[:200]
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value

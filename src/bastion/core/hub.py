@@ -352,18 +352,27 @@ class Hub:
                 self._emit(ev.MemberAdded(app.id, name, user_id))
             else:
                 member.sockets.add(session.socket_id)
-            session.write(self._frame(msg.subscription_succeeded(name, channel.presence_data())))
-        else:
-            session.write(self._frame(msg.subscription_succeeded(name)))
 
-        if channel_type.cached:
-            cached = app.cache.get(name)
-            if cached is not None and cached.expires_at > self._clock():
-                session.write(self._frame(msg.channel_event(cached.event, name, cached.data)))
+        def answer() -> None:
+            if session.channels.get(name, "") != user_id or app.channels.get(name) is not channel:
+                return  # unsubscribed (or closed) before the bus was ready
+            if user_id is not None:
+                data = channel.presence_data()
+                session.write(self._frame(msg.subscription_succeeded(name, data)))
             else:
-                app.cache.pop(name, None)
-                session.write(self._frame(msg.cache_miss(name)))
-                self._emit(ev.CacheMiss(app.id, name))
+                session.write(self._frame(msg.subscription_succeeded(name)))
+            if channel_type.cached:
+                cached = app.cache.get(name)
+                if cached is not None and cached.expires_at > self._clock():
+                    session.write(self._frame(msg.channel_event(cached.event, name, cached.data)))
+                else:
+                    app.cache.pop(name, None)
+                    session.write(self._frame(msg.cache_miss(name)))
+                    self._emit(ev.CacheMiss(app.id, name))
+
+        # Success only once other nodes' events can reach this channel: with a bus,
+        # after its SUBSCRIBE is confirmed; with the local adapter, at once.
+        self.adapter.when_ready(app.id, name, answer)
         self._count_changed(app, channel)
 
     def _hmac_grant(
