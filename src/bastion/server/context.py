@@ -33,6 +33,7 @@ from bastion.security.proxies import TrustedProxies
 from bastion.server.refusals import RefusalPath, RefusalRecord
 
 if TYPE_CHECKING:
+    from bastion.api.ops import Ops
     from bastion.api.rest import RestApi
     from bastion.server.websocket import WebSocketConnection
 
@@ -127,6 +128,8 @@ class ServerContext:
     draining: bool = False
     #: Set by the node when IP reputation / blocks are in use.
     blocklist: BlockList | None = None
+    #: ``/metrics`` and ``/readyz``, set by the node (they read more than this context).
+    ops: Ops | None = None
     #: Whose forwarding headers name the client (``security.trusted_proxies``).
     proxies: TrustedProxies = field(init=False)
     #: WebSocket admission per client address (concurrent cap, new-connection bucket).

@@ -29,6 +29,11 @@ app's ``jwt.allow_query_token``), then the admission (429 ``ip_connection_limit`
 ``connection_rate`` or ``auth_failure_limit``). Every 429 carries ``Retry-After``.
 An admitted upgrade holds one of its address's ``max_connections_per_ip``
 slots until its TCP connection is lost, whichever protocol owns it by then.
+
+``GET /readyz`` and ``GET /metrics`` (when ``[metrics] enabled``) are answered by
+:class:`~bastion.api.ops.Ops` before any app route and without the REST bucket;
+the metrics access check uses the TCP peer, never the forwarded address. A refused
+scrape (403 ``metrics_forbidden``) or another method (405) spends the bucket.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from websockets.http11 import Request as WsRequest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from bastion.api.ops import Ops
 from bastion.api.rest import HttpRequest, HttpResponse, error_response, rate_limited_response
 from bastion.config import AppSettings
 from bastion.core.hub import AppState
@@ -72,6 +78,10 @@ _DIGITS = re.compile(r"[0-9]{1,18}")
 _SUPPORTED_PROTOCOLS = frozenset({"5", "6", "7"})
 #: Paths answered without any limit: load balancers probe them constantly.
 _HEALTH_PATHS = frozenset({"/", "/up", "/healthz"})
+#: Readiness (always) and the Prometheus exposition (``[metrics] enabled``): exempt from
+#: the per-address bucket unless refused (bastion.api.ops).
+_READY_PATH = "/readyz"
+_METRICS_PATH = "/metrics"
 _APP_PATH = re.compile(r"^/apps/(?P<app_id>[^/]+)/")
 _PREFLIGHT_HEADERS = (
     ("Access-Control-Allow-Methods", "GET, POST"),
@@ -325,6 +335,11 @@ class HttpConnection(asyncio.Protocol):
         if path in _HEALTH_PATHS:
             return HttpResponse(200, b"OK", content_type="text/plain")
         ctx = self.ctx
+        ops = ctx.ops
+        if ops is not None and (path == _READY_PATH or (path == _METRICS_PATH and ops.enabled)):
+            # Before the app routes and the per-address bucket: a probe or an allowed
+            # scraper is never limited. Disabled metrics fall through to the 404.
+            return self._ops(ops, path, method)
         route = _APP_PATH.match(path)
         app = ctx.hub.apps_by_id.get(route["app_id"]) if route is not None else None
         app_id = app.id if app is not None else None
@@ -355,6 +370,34 @@ class HttpConnection(asyncio.Protocol):
         if policy is not None and policy.restricted:
             response = replace(response, headers=response.headers + self._cors(policy))
         return response
+
+    def _ops(self, ops: Ops, path: str, method: str) -> HttpResponse:
+        """Answer ``/readyz`` or ``/metrics`` (see :mod:`bastion.api.ops`)."""
+        if path == _METRICS_PATH:
+            authorization = [value for key, value in self.headers if key.lower() == "authorization"]
+            # The TCP peer, never self.ip: a forwarded address is a claim, and a client
+            # behind a trusted proxy could name loopback.
+            if not ops.may_scrape(self.peer_ip, authorization):
+                return self._refuse_ops(Reason.METRICS_FORBIDDEN)
+        if method != "GET":
+            return self._refuse_ops(Reason.HTTP_METHOD, headers=(("Allow", "GET"),))
+        return ops.exposition() if path == _METRICS_PATH else ops.readiness()
+
+    def _refuse_ops(
+        self, reason: Reason, headers: tuple[tuple[str, str], ...] = ()
+    ) -> HttpResponse:
+        """Refuse an operations request, spending the address's REST token first.
+
+        Only refused requests spend it: each refusal is logged, so without the bucket
+        a stranger could flood the log through an unlimited path.
+        """
+        ip = self.ip or ""
+        wait = self.ctx.rest_requests.take(ip, time.time())
+        if wait > 0:
+            self.ctx.refusals.record(Reason.HTTP_IP_RATE, ip=self.ip)
+            return rate_limited_response(Reason.HTTP_IP_RATE, wait)
+        self.ctx.refusals.record(reason, ip=self.ip)
+        return error_response(reason, headers=headers)
 
     def _cors(self, policy: OriginPolicy) -> tuple[tuple[str, str], ...]:
         """CORS headers for a restricted app's response: the origin only if allowed."""

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from bastion.adapters.base import Adapter
 from bastion.adapters.local import LocalAdapter
 from bastion.adapters.redis import RedisAdapter
+from bastion.api.ops import Ops
 from bastion.api.rest import RestApi
 from bastion.config import Settings
 from bastion.core.hub import Hub
@@ -67,6 +68,8 @@ class Node:
         self.webhook_queue: WebhookQueue | None = None
         self.webhook_producer: WebhookProducer | None = None
         self.webhook_dispatcher: WebhookDispatcher | None = None
+        # Last: the endpoints read the attributes above at request time.
+        self.ctx.ops = Ops(self)
 
     def _make_adapter(self) -> Adapter:
         """The cluster bus ``[adapter]`` asks for."""

@@ -1,0 +1,460 @@
+"""Operations endpoints: the Prometheus exposition (``/metrics``) and readiness (``/readyz``).
+
+:class:`Ops` is built once per node and answers both; the listener
+(:mod:`bastion.server.http`) routes the two paths here before any app route and
+exempts them from the per-address REST bucket for scrapers that pass the access
+check (a refused scrape spends it like any request).
+
+Exposition. A :class:`NodeCollector` reads the node's
+:class:`~bastion.metrics.Metrics`, its hub and its blocklist *at scrape time*:
+nothing is counted twice and nothing lives in the process-wide default registry,
+so several nodes in one process (the tests, the benchmarks) never collide. Label
+values are app ids this node knows (anything else is counted under ``app=""``),
+refusal slugs, close codes and fixed bus reasons; a value that is not a short
+lower-case word becomes ``other``. Never a secret, token, user id, address or
+client text.
+
+Access to ``/metrics`` (``[metrics]``): the TCP *peer* address must be in
+``allow_from`` (a forwarded address is never used: a client behind a trusted proxy
+could name loopback), or the request must carry ``Authorization: Bearer <token>``
+equal to ``token``, compared in constant time. The token is never logged.
+
+Readiness. ``/readyz`` is 200 while the node can take traffic and 503 otherwise,
+naming each check: ``serving`` (not draining), ``audit`` (when ``[audit]`` is on:
+the log is open, and no failed batch was first seen by a probe within the last
+:data:`AUDIT_FAILURE_WINDOW_SECONDS`), ``bus`` (with the redis driver: connected)
+and ``webhook_queue`` (when some app has webhooks: the queue is open). Each
+check's value is ``"ok"`` or a fixed word, never a path or an exception's text,
+because the endpoint is unauthenticated like ``/healthz``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import CollectorRegistry
+
+from bastion.api.rest import HttpResponse
+from bastion.config import Settings
+from bastion.metrics import Metrics
+from bastion.security.admission import AUTH_FAILURE_REASONS
+from bastion.security.proxies import parse_ip, parse_networks
+
+__all__ = [
+    "AUDIT_FAILURE_WINDOW_SECONDS",
+    "AUTH_FAILURE_SLUGS",
+    "RATE_LIMIT_SLUGS",
+    "NodeCollector",
+    "NodeView",
+    "Ops",
+]
+
+#: Seconds after a failed audit batch during which the node reports not ready. A
+#: lost audit trail is a security fault, but one SQLite hiccup must not keep the
+#: node out of rotation until a restart.
+AUDIT_FAILURE_WINDOW_SECONDS = 60.0
+
+#: Refusal slugs counted by ``bastion_auth_failures_total``.
+AUTH_FAILURE_SLUGS = frozenset(reason.value.slug for reason in AUTH_FAILURE_REASONS)
+
+#: Refusal slugs counted by ``bastion_rate_limit_hits_total``.
+RATE_LIMIT_SLUGS = frozenset(
+    {
+        "client_event_rate",
+        "client_event_app_rate",
+        "subscribe_rate",
+        "ip_rate_limited",
+        "app_rate_limited",
+        "connection_rate",
+        "ip_connection_limit",
+        "auth_failure_limit",
+    }
+)
+
+_PREFIX = "bastion_"
+#: What a slug or bus reason looks like; anything else is exported as ``other``.
+_WORD = re.compile(r"[a-z0-9_]{1,64}")
+_NO_STORE = (("Cache-Control", "no-store"),)
+
+
+# --- what Ops reads from a node (bastion.server.runtime.Node satisfies these) ---------
+
+
+class _AppView(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def connections(self) -> int: ...
+
+
+class _AdapterView(Protocol):
+    @property
+    def healthy(self) -> bool: ...
+
+
+class _HubView(Protocol):
+    @property
+    def apps_by_id(self) -> Mapping[str, _AppView]: ...
+
+    @property
+    def deliveries(self) -> int: ...
+
+    @property
+    def adapter(self) -> _AdapterView: ...
+
+
+class _ContextView(Protocol):
+    @property
+    def draining(self) -> bool: ...
+
+
+class _BlockSetView(Protocol):
+    def active(self, now: float) -> Sequence[object]: ...
+
+
+class _BlockListView(Protocol):
+    @property
+    def blocks(self) -> _BlockSetView: ...
+
+
+class _AuditView(Protocol):
+    @property
+    def dropped(self) -> int: ...
+
+    @property
+    def failed(self) -> int: ...
+
+
+class NodeView(Protocol):
+    """What the endpoints read from a running node (:class:`~bastion.server.runtime.Node`)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def hub(self) -> _HubView: ...
+
+    @property
+    def ctx(self) -> _ContextView: ...
+
+    @property
+    def audit(self) -> _AuditView | None: ...
+
+    @property
+    def blocklist(self) -> _BlockListView | None: ...
+
+    @property
+    def webhook_queue(self) -> object | None: ...
+
+    @property
+    def webhook_dispatcher(self) -> object | None: ...
+
+
+# --- the exposition -------------------------------------------------------------------
+
+
+def _word(value: str) -> str:
+    return value if _WORD.fullmatch(value) else "other"
+
+
+class NodeCollector:
+    """A prometheus-client collector reading one node's counters at scrape time.
+
+    Args:
+        node: the node whose counters are exported.
+        wall_clock: Unix seconds (block expiry is wall-clock).
+    """
+
+    def __init__(self, node: NodeView, wall_clock: Callable[[], float] = time.time) -> None:
+        self.node = node
+        self.wall_clock = wall_clock
+
+    def collect(self) -> Iterator[Metric]:
+        """Every ``bastion_*`` family, read from the node now."""
+        node = self.node
+        metrics = node.metrics
+        apps = node.hub.apps_by_id
+        app_ids = sorted(apps)
+
+        def app_of(app_id: str) -> str:
+            # Only ids from our own configuration become labels: a bug that put a
+            # client's text in an app id must not reach the scrape.
+            return app_id if app_id in apps else ""
+
+        def per_app(name: str, doc: str, counter: Mapping[str, int]) -> CounterMetricFamily:
+            totals: Counter[str] = Counter(dict.fromkeys(app_ids, 0))
+            for app_id, count in counter.items():
+                totals[app_of(app_id)] += count
+            family = CounterMetricFamily(_PREFIX + name, doc, labels=["app"])
+            for app_id, count in sorted(totals.items()):
+                family.add_metric([app_id], count)
+            return family
+
+        def per_word(name: str, doc: str, counter: Mapping[str, int]) -> CounterMetricFamily:
+            totals: Counter[str] = Counter()
+            for reason, count in counter.items():
+                totals[_word(reason)] += count
+            family = CounterMetricFamily(_PREFIX + name, doc, labels=["reason"])
+            for reason, count in sorted(totals.items()):
+                family.add_metric([reason], count)
+            return family
+
+        # --- connections and traffic ---
+        current = GaugeMetricFamily(
+            _PREFIX + "connections_current", "WebSocket connections open now.", labels=["app"]
+        )
+        for app_id in app_ids:
+            current.add_metric([app_id], apps[app_id].connections)
+        yield current
+        yield per_app(
+            "connections_opened",
+            "WebSocket connections admitted.",
+            metrics.connections_opened,
+        )
+        closed_totals: Counter[tuple[str, str]] = Counter()
+        for (app_id, code), count in metrics.connections_closed.items():
+            closed_totals[(app_of(app_id), str(int(code)))] += count
+        closed = CounterMetricFamily(
+            _PREFIX + "connections_closed",
+            "WebSocket connections closed, by close code.",
+            labels=["app", "code"],
+        )
+        for labels, count in sorted(closed_totals.items()):
+            closed.add_metric(list(labels), count)
+        yield closed
+        yield per_app("messages_in", "Client frames received.", metrics.messages_in)
+        yield per_app(
+            "events_published", "Events published through the REST API.", metrics.events_published
+        )
+        yield CounterMetricFamily(
+            _PREFIX + "deliveries",
+            "Event frames written to local subscribers.",
+            value=node.hub.deliveries,
+        )
+
+        # --- refusals ---
+        refusals: Counter[tuple[str, str]] = Counter()
+        for (slug, app_id), count in metrics.refusals.items():
+            refusals[(_word(slug), app_of(app_id))] += count
+        family = CounterMetricFamily(
+            _PREFIX + "refusals",
+            "Refusals, by reason slug (docs/errors.md) and app.",
+            labels=["reason", "app"],
+        )
+        for labels, count in sorted(refusals.items()):
+            family.add_metric(list(labels), count)
+        yield family
+        auth: Counter[str] = Counter()
+        for (slug, app_id), count in refusals.items():
+            if slug in AUTH_FAILURE_SLUGS:
+                auth[app_id] += count
+        family = CounterMetricFamily(
+            _PREFIX + "auth_failures",
+            "Failed authentications (signatures, channel auth, sign-ins, tokens).",
+            labels=["app"],
+        )
+        for app_id, count in sorted(auth.items()):
+            family.add_metric([app_id], count)
+        yield family
+        family = CounterMetricFamily(
+            _PREFIX + "rate_limit_hits",
+            "Requests, connections and frames refused by a rate limit.",
+            labels=["reason", "app"],
+        )
+        for (slug, app_id), count in sorted(refusals.items()):
+            if slug in RATE_LIMIT_SLUGS:
+                family.add_metric([slug, app_id], count)
+        yield family
+        blocklist = node.blocklist
+        if blocklist is not None:
+            yield GaugeMetricFamily(
+                _PREFIX + "blocked_ips",
+                "Addresses blocked on this node now (automatic and manual).",
+                value=len(blocklist.blocks.active(self.wall_clock())),
+            )
+
+        # --- webhooks ---
+        yield per_app(
+            "webhooks_delivered",
+            "Webhook deliveries answered with a 2xx.",
+            metrics.webhooks_delivered,
+        )
+        yield per_app(
+            "webhook_attempts_failed",
+            "Webhook attempts that failed (network, time-out, non-2xx, refused address).",
+            metrics.webhook_attempts_failed,
+        )
+        yield per_app(
+            "webhooks_dead", "Webhook deliveries moved to the dead letters.", metrics.webhooks_dead
+        )
+        yield per_app(
+            "webhooks_dropped",
+            "Webhook deliveries dropped because the queue was full.",
+            metrics.webhooks_dropped,
+        )
+        yield GaugeMetricFamily(
+            _PREFIX + "webhook_queue_pending",
+            "Pending webhook deliveries at the dispatcher's last count.",
+            value=metrics.webhook_queue_pending,
+        )
+        yield GaugeMetricFamily(
+            _PREFIX + "webhooks_in_flight",
+            "Webhook attempts in flight.",
+            value=metrics.webhooks_in_flight,
+        )
+
+        # --- the cluster bus ---
+        if node.settings.adapter.driver == "redis":
+            # Only with a bus: a 0 on a single node would read as "bus down".
+            yield GaugeMetricFamily(
+                _PREFIX + "bus_connected",
+                "1 while the node is connected to the cluster bus.",
+                value=metrics.bus_connected,
+            )
+        yield CounterMetricFamily(
+            _PREFIX + "bus_connects",
+            "Times the bus connection was (re-)established.",
+            value=metrics.bus_connects,
+        )
+        yield per_app("bus_published", "Events written to the cluster bus.", metrics.bus_published)
+        yield per_app(
+            "bus_received", "Events from other nodes delivered locally.", metrics.bus_received
+        )
+        yield per_word(
+            "bus_dropped", "Bus events not sent or not delivered, by reason.", metrics.bus_dropped
+        )
+        yield per_word(
+            "bus_forged",
+            "Incoming bus messages refused as forged or malformed.",
+            metrics.bus_forged,
+        )
+
+        # --- the audit log ---
+        audit = node.audit
+        if audit is not None:
+            yield CounterMetricFamily(
+                _PREFIX + "audit_events_dropped",
+                "Audit events dropped because the audit queue was full.",
+                value=audit.dropped,
+            )
+            yield CounterMetricFamily(
+                _PREFIX + "audit_events_failed",
+                "Audit events lost because their batch failed to write.",
+                value=audit.failed,
+            )
+
+
+# --- the endpoints ----------------------------------------------------------------------
+
+
+class Ops:
+    """Answers ``/metrics`` and ``/readyz`` for one node.
+
+    Args:
+        node: the node (settings, counters, hub, audit log, queue, blocklist).
+        clock: monotonic seconds (the audit failure window).
+        wall_clock: Unix seconds (block expiry).
+    """
+
+    def __init__(
+        self,
+        node: NodeView,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.node = node
+        self.clock = clock
+        settings = node.settings.metrics
+        self.enabled = settings.enabled
+        self._allow_from = parse_networks(settings.allow_from)
+        # Bytes once: compare_digest refuses non-ASCII str, and a header may carry any.
+        self._token = (
+            settings.token.get_secret_value().encode("utf-8")
+            if settings.token is not None
+            else None
+        )
+        # Our own registry: the process-wide default would be shared by every node here.
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(NodeCollector(node, wall_clock))
+        #: The audit log's ``failed`` count at the last probe, and when it last grew.
+        self._audit_failed = 0
+        self._audit_failed_at: float | None = None
+
+    # --- /metrics -----------------------------------------------------------------
+
+    def may_scrape(self, peer_ip: str | None, authorization: Iterable[str]) -> bool:
+        """Whether this request may read ``/metrics``.
+
+        Args:
+            peer_ip: the TCP peer's address, never a forwarded one.
+            authorization: every ``Authorization`` header value of the request;
+                more than one is refused, as an ambiguous request.
+        """
+        if not self.enabled:
+            return False
+        address = parse_ip(peer_ip) if peer_ip else None
+        if address is not None and any(address in net for net in self._allow_from):
+            return True
+        values = list(authorization)
+        if self._token is None or len(values) != 1:
+            return False
+        scheme, _, credentials = values[0].strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(credentials.strip().encode("utf-8"), self._token)
+
+    def exposition(self) -> HttpResponse:
+        """The Prometheus text exposition of the node's counters, read now."""
+        return HttpResponse(
+            200, generate_latest(self.registry), content_type=CONTENT_TYPE_LATEST, headers=_NO_STORE
+        )
+
+    # --- /readyz ------------------------------------------------------------------
+
+    def checks(self) -> dict[str, str]:
+        """Each readiness check that applies to this node: ``"ok"`` or why not."""
+        node = self.node
+        settings = node.settings
+        checks = {"serving": "draining" if node.ctx.draining else "ok"}
+        if settings.audit.enabled:
+            checks["audit"] = self._audit_check()
+        if settings.adapter.driver == "redis":
+            checks["bus"] = "ok" if node.hub.adapter.healthy else "disconnected"
+        if any(app.webhooks for app in settings.apps):
+            open_ = node.webhook_queue is not None and node.webhook_dispatcher is not None
+            checks["webhook_queue"] = "ok" if open_ else "closed"
+        return checks
+
+    def _audit_check(self) -> str:
+        audit = self.node.audit
+        if audit is None:
+            return "closed"
+        now = self.clock()
+        failed = audit.failed
+        if failed > self._audit_failed:
+            self._audit_failed_at = now
+        self._audit_failed = failed
+        if self._audit_failed_at is not None:
+            if now - self._audit_failed_at < AUDIT_FAILURE_WINDOW_SECONDS:
+                return "write_failed"
+            self._audit_failed_at = None
+        return "ok"
+
+    def readiness(self) -> HttpResponse:
+        """200 ``{"ready": true, "checks": {...}}``, or 503 with the same shape."""
+        checks = self.checks()
+        ready = all(value == "ok" for value in checks.values())
+        body = json.dumps({"ready": ready, "checks": checks}, sort_keys=True).encode()
+        return HttpResponse(200 if ready else 503, body, headers=_NO_STORE)
