@@ -22,20 +22,20 @@ Schema (WAL mode)::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, cast
 
 from bastion.config import AuditSettings
 from bastion.errors import BastionError
 from bastion.security.audit import AuditEvent, MetadataValue, Severity
+from bastion.store import sqlite
 
 __all__ = ["AuditLog", "AuditLogError", "query"]
 
@@ -67,7 +67,6 @@ _INSERT: Final = (
 _COLUMNS: Final = "id, time, type, severity, ip, app_id, socket_id, user_id, message, metadata"
 
 #: Seconds a connection waits on another writer's lock before giving up.
-_BUSY_SECONDS: Final = 5.0
 
 _STOP: Final = object()
 
@@ -77,22 +76,8 @@ class AuditLogError(BastionError):
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    connection = sqlite3.connect(path, timeout=_BUSY_SECONDS, isolation_level=None)
-    connection.execute("PRAGMA journal_mode=WAL")
-    # WAL + NORMAL: a power cut may lose the last batch, never corrupt the file.
-    connection.execute("PRAGMA synchronous=NORMAL")
-    return connection
-
-
-@contextlib.contextmanager
-def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
-    connection.execute("COMMIT")
+    # NORMAL: a power cut may lose the last batch, never corrupt the file.
+    return sqlite.connect(path)
 
 
 def _row(event: AuditEvent) -> tuple[object, ...]:
@@ -116,7 +101,7 @@ def prune(connection: sqlite3.Connection, *, now: float, retention_days: int, ma
     Returns:
         How many rows were deleted.
     """
-    with _transaction(connection):
+    with sqlite.transaction(connection):
         cutoff = now - retention_days * 86_400
         deleted = connection.execute("DELETE FROM audit_events WHERE time < ?", (cutoff,)).rowcount
         (count,) = connection.execute("SELECT count(*) FROM audit_events").fetchone()
@@ -290,7 +275,7 @@ class AuditLog:
 
     def _write(self, connection: sqlite3.Connection, batch: list[AuditEvent]) -> None:
         try:
-            with _transaction(connection):
+            with sqlite.transaction(connection):
                 connection.executemany(_INSERT, [_row(event) for event in batch])
         except sqlite3.Error as exc:
             self.failed += len(batch)
@@ -363,13 +348,7 @@ def query(
     sql = f"SELECT {_COLUMNS} FROM audit_events{where} ORDER BY time DESC, rowid DESC LIMIT ?"  # noqa: S608 - clauses are constants
     params.append(max(limit, 0))
     try:
-        connection = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=_BUSY_SECONDS
-        )
-        try:
-            rows = connection.execute(sql, params).fetchall()
-        finally:
-            connection.close()
+        rows = sqlite.read_rows(path, sql, params) or []
     except sqlite3.Error as exc:
         raise AuditLogError(f"cannot read the audit log {str(path)!r}: {exc}") from None
     return [_event(row) for row in rows]

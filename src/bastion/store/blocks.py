@@ -30,6 +30,7 @@ from typing import Any, Final, cast
 
 from bastion.errors import BastionError
 from bastion.security.reputation import Block, BlockSource
+from bastion.store import sqlite
 
 __all__ = ["KEEP_SECONDS", "BlockChange", "BlockStore", "BlockStoreError", "list_active"]
 
@@ -37,7 +38,6 @@ __all__ = ["KEEP_SECONDS", "BlockChange", "BlockStore", "BlockStoreError", "list
 KEEP_SECONDS: Final = 86_400.0
 
 #: Seconds a connection waits on another writer's lock before giving up.
-_BUSY_SECONDS: Final = 5.0
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS blocks (
@@ -88,17 +88,9 @@ def _block(row: tuple[Any, ...]) -> Block:
     )
 
 
-def _connect(path: str, *, read_only: bool = False) -> sqlite3.Connection:
-    if read_only:
-        uri = f"{Path(path).resolve().as_uri()}?mode=ro"
-        return sqlite3.connect(uri, uri=True, timeout=_BUSY_SECONDS, check_same_thread=False)
-    connection = sqlite3.connect(
-        path, timeout=_BUSY_SECONDS, isolation_level=None, check_same_thread=False
-    )
-    connection.execute("PRAGMA journal_mode=WAL")
-    # WAL + NORMAL: a power cut may lose the last write, never corrupt the file.
-    connection.execute("PRAGMA synchronous=NORMAL")
-    return connection
+def _connect(path: str) -> sqlite3.Connection:
+    # NORMAL: a power cut may lose the last write, never corrupt the file.
+    return sqlite.connect(path, check_same_thread=False)
 
 
 class BlockStore:
@@ -138,15 +130,9 @@ class BlockStore:
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            connection = self._connection
             try:
-                connection.execute("BEGIN IMMEDIATE")
-                try:
+                with sqlite.transaction(self._connection) as connection:
                     yield connection
-                except BaseException:
-                    connection.execute("ROLLBACK")
-                    raise
-                connection.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise BlockStoreError(
                     f"cannot write the blocks file {self.path!r}: {exc}"
@@ -277,19 +263,15 @@ def list_active(path: str | Path, *, now: float) -> list[Block]:
     Raises:
         BlockStoreError: the file exists but is not a readable blocks file.
     """
-    file = Path(path)
-    if not file.exists():
-        return []
     try:
-        connection = _connect(str(file), read_only=True)
-        try:
-            rows = connection.execute(
-                f"SELECT {_COLUMNS} FROM blocks WHERE active = 1 AND until > ?"  # noqa: S608
-                " ORDER BY until, ip",
-                (now,),
-            ).fetchall()
-        finally:
-            connection.close()
+        rows = sqlite.read_rows(
+            path,
+            f"SELECT {_COLUMNS} FROM blocks WHERE active = 1 AND until > ?"  # noqa: S608
+            " ORDER BY until, ip",
+            (now,),
+        )
     except sqlite3.Error as exc:
-        raise BlockStoreError(f"cannot read the blocks file {str(file)!r}: {exc}") from None
+        raise BlockStoreError(f"cannot read the blocks file {str(path)!r}: {exc}") from None
+    if rows is None:
+        return []
     return [_block(row) for row in rows]

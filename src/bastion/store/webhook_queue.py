@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bastion.errors import BastionError
+from bastion.store import sqlite
 
 __all__ = [
     "DeadLetter",
@@ -61,7 +62,6 @@ __all__ = [
 ]
 
 #: Seconds a connection waits on another writer's lock before giving up.
-_BUSY_SECONDS: Final = 5.0
 _DAY: Final = 86_400.0
 
 _SCHEMA: Final = """
@@ -168,18 +168,10 @@ def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
     )
 
 
-def _connect(path: str, *, read_only: bool = False) -> sqlite3.Connection:
-    if read_only:
-        uri = f"{Path(path).resolve().as_uri()}?mode=ro"
-        return sqlite3.connect(uri, uri=True, timeout=_BUSY_SECONDS, check_same_thread=False)
-    connection = sqlite3.connect(
-        path, timeout=_BUSY_SECONDS, isolation_level=None, check_same_thread=False
-    )
-    connection.execute("PRAGMA journal_mode=WAL")
+def _connect(path: str) -> sqlite3.Connection:
     # FULL, not NORMAL: an enqueue that returned must survive power loss, because the
     # producer forgets the events once they are stored.
-    connection.execute("PRAGMA synchronous=FULL")
-    return connection
+    return sqlite.connect(path, synchronous="FULL", check_same_thread=False)
 
 
 class WebhookQueue:
@@ -238,15 +230,9 @@ class WebhookQueue:
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         # Caller holds self._lock.
-        connection = self._connection
         try:
-            connection.execute("BEGIN IMMEDIATE")
-            try:
+            with sqlite.transaction(self._connection) as connection:
                 yield connection
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
         except sqlite3.Error as exc:
             raise WebhookQueueError(
                 f"cannot write the webhook queue {self.path!r}: {exc}"
@@ -457,19 +443,15 @@ def list_dead_letters(path: str | Path, *, limit: int = 100) -> list[DeadLetter]
     Raises:
         WebhookQueueError: the file exists but is not a readable queue file.
     """
-    file = Path(path)
-    if not file.exists():
-        return []
     try:
-        connection = _connect(str(file), read_only=True)
-        try:
-            rows = connection.execute(
-                f"SELECT {_DEAD_COLUMNS} FROM deliveries WHERE state = 'dead'"  # noqa: S608
-                " ORDER BY finished_at DESC, id DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
-        finally:
-            connection.close()
+        rows = sqlite.read_rows(
+            path,
+            f"SELECT {_DEAD_COLUMNS} FROM deliveries WHERE state = 'dead'"  # noqa: S608
+            " ORDER BY finished_at DESC, id DESC LIMIT ?",
+            (limit,),
+        )
     except sqlite3.Error as exc:
-        raise WebhookQueueError(f"cannot read the webhook queue {str(file)!r}: {exc}") from None
+        raise WebhookQueueError(f"cannot read the webhook queue {str(path)!r}: {exc}") from None
+    if rows is None:
+        return []
     return [_dead_letter(row) for row in rows]
