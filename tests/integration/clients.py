@@ -53,6 +53,7 @@ __all__ = [
     "open_ws",
     "read_until_closed",
     "rest",
+    "served",
     "signed_target",
 ]
 
@@ -490,3 +491,22 @@ def make_sdk(
     # Loopback only: never let an environment proxy setting reroute the SDK.
     client._pusher_client.http.session.trust_env = False
     return client
+
+
+async def served(port: int) -> bool:
+    """Whether a new TCP connection gets an HTTP answer (False: dropped, no byte back)."""
+    try:
+        reader, writer = await within(asyncio.open_connection("127.0.0.1", port))
+    except OSError:
+        return False
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        try:
+            data = await within(reader.read())
+        except OSError:  # reset: dropped
+            return False
+        return data.startswith(b"HTTP/1.1 ")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()

@@ -93,10 +93,31 @@ def node_settings(
     return settings_from_mapping(document, environ={})
 
 
+RunNode = Callable[[Any], Awaitable[Node]]
+
+
 @pytest.fixture
-async def make_node(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MakeNode]:
-    """Factory: start a node with overrides; every node is stopped at teardown."""
+async def run_node() -> AsyncIterator[RunNode]:
+    """Factory: ``await run_node(settings)`` starts a node; all are stopped at teardown."""
     nodes: list[Node] = []
+
+    async def factory(settings: Any) -> Node:
+        node = Node(settings, asyncio.get_running_loop())
+        await node.start()
+        nodes.append(node)
+        return node
+
+    yield factory
+    for node in nodes:
+        if not node.ctx.draining:  # a test may have drained it already
+            await node.stop()
+
+
+@pytest.fixture
+async def make_node(
+    tmp_path_factory: pytest.TempPathFactory, run_node: RunNode
+) -> AsyncIterator[MakeNode]:
+    """Factory: start a node with overrides; every node is stopped at teardown."""
 
     async def factory(
         *,
@@ -108,15 +129,9 @@ async def make_node(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[M
         settings = node_settings(
             server, app, extra_apps, security, state_dir=tmp_path_factory.mktemp("node")
         )
-        node = Node(settings, asyncio.get_running_loop())
-        await node.start()
-        nodes.append(node)
-        return node
+        return await run_node(settings)
 
     yield factory
-    for node in nodes:
-        if not node.ctx.draining:  # a test may have drained it already
-            await node.stop()
 
 
 @pytest.fixture

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from bastion.server.runtime import Node
 
-from .clients import APP_ID, RawWebSocket, make_sdk, open_client
+from .clients import APP_ID, RawWebSocket, make_sdk, open_client, served
 from .conftest import MakeNode
 from .test_admission import upgrade
 from .test_protocol import subscribe_with_sdk
-from .test_reputation import served
 
 SLOW = {"rate": 0.001}  # tokens per second: nothing refills during a test
 

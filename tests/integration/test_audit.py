@@ -34,6 +34,7 @@ from .clients import (
     open_client,
     signed_target,
 )
+from .conftest import RunNode
 
 EVENTS = f"/apps/{APP_ID}/events"
 TRIGGER = json.dumps({"name": "e", "channels": ["c"], "data": "{}"}).encode()
@@ -59,19 +60,12 @@ StartNode = Callable[..., Awaitable[Node]]
 
 
 @pytest.fixture
-async def start_node() -> AsyncIterator[StartNode]:
-    nodes: list[Node] = []
+async def start_node(run_node: RunNode) -> AsyncIterator[StartNode]:
 
     async def factory(db: Path, **audit: Any) -> Node:
-        node = Node(audit_settings(db, **audit), asyncio.get_running_loop())
-        await node.start()
-        nodes.append(node)
-        return node
+        return await run_node(audit_settings(db, **audit))
 
     yield factory
-    for node in nodes:
-        if not node.ctx.draining:
-            await node.stop()
 
 
 def file_bytes(db: Path) -> bytes:

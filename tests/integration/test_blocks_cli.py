@@ -10,7 +10,6 @@ deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,8 +24,9 @@ from bastion.server.runtime import Node
 from bastion.store.audit import query
 from bastion.store.blocks import list_active
 
-from .clients import APP_ID, APP_KEY, APP_SECRET, open_client
-from .timeouts import scaled, within
+from .clients import APP_ID, APP_KEY, APP_SECRET, open_client, served
+from .conftest import RunNode
+from .timeouts import poll
 
 
 def write_config(
@@ -153,46 +153,12 @@ StartNode = Callable[[Path], Awaitable[Node]]
 
 
 @pytest.fixture
-async def start_node() -> AsyncIterator[StartNode]:
-    nodes: list[Node] = []
+async def start_node(run_node: RunNode) -> AsyncIterator[StartNode]:
 
     async def factory(config: Path) -> Node:
-        node = Node(load_settings(config, environ={}), asyncio.get_running_loop())
-        await node.start()
-        nodes.append(node)
-        return node
+        return await run_node(load_settings(config, environ={}))
 
     yield factory
-    for node in nodes:
-        if not node.ctx.draining:
-            await node.stop()
-
-
-async def served(port: int) -> bool:
-    """Whether a new TCP connection gets an HTTP answer (False: dropped, no byte back)."""
-    try:
-        reader, writer = await within(asyncio.open_connection("127.0.0.1", port))
-    except OSError:
-        return False
-    try:
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        try:
-            data = await within(reader.read())
-        except OSError:  # reset: dropped
-            return False
-        return data.startswith(b"HTTP/1.1 ")
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
-async def poll(predicate: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
-    """Wait until ``predicate()`` holds, failing after ``scaled(seconds)``."""
-    deadline = time.monotonic() + scaled(seconds)
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def dropped(port: int) -> bool:

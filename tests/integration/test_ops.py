@@ -20,7 +20,7 @@ from bastion.config import MetricsSettings, WebhookDeliverySettings
 from bastion.server.runtime import Node
 
 from .clients import APP_ID, APP_SECRET, OTHER_APP_SECRET, HttpResult, http_request
-from .conftest import Connect, MakeNode, node_settings
+from .conftest import Connect, MakeNode, RunNode, node_settings
 
 TOKEN = "scrape-token-0123456789abcdefghijklmnop"
 BEARER = f"Authorization: Bearer {TOKEN}"
@@ -29,7 +29,7 @@ MakeOpsNode = Callable[..., Awaitable[Node]]
 
 
 @pytest.fixture
-async def make_ops_node(tmp_path: Path) -> AsyncIterator[MakeOpsNode]:
+async def make_ops_node(tmp_path: Path, run_node: RunNode) -> AsyncIterator[MakeOpsNode]:
     """Factory: a node with ``[metrics]``, ``[security]`` and main-app overrides.
 
     Its audit log, blocks file and webhook queue live under ``tmp_path``.
@@ -51,15 +51,11 @@ async def make_ops_node(tmp_path: Path) -> AsyncIterator[MakeOpsNode]:
                 "webhooks": WebhookDeliverySettings(queue_path=str(state / "webhooks.sqlite3")),
             }
         )
-        node = Node(settings, asyncio.get_running_loop())
-        await node.start()
+        node = await run_node(settings)
         nodes.append(node)
         return node
 
     yield factory
-    for node in nodes:
-        if not node.ctx.draining:
-            await node.stop()
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

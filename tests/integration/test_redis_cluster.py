@@ -37,7 +37,7 @@ from .clients import (
     open_client,
     rest,
 )
-from .conftest import TEST_SECURITY, LogCheck
+from .conftest import TEST_SECURITY, LogCheck, RunNode
 from .timeouts import within
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
@@ -61,7 +61,7 @@ async def until(predicate: Callable[[], Any], seconds: float = 5.0) -> None:
 
 
 @pytest.fixture
-async def make_cluster(tmp_path: Path) -> AsyncIterator[MakeCluster]:
+async def make_cluster(tmp_path: Path, run_node: RunNode) -> AsyncIterator[MakeCluster]:
     """Factory: ``await make_cluster(n, url=..., prefix=...)`` → n started nodes."""
     nodes: list[Node] = []
 
@@ -90,16 +90,12 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[MakeCluster]:
                     {"id": OTHER_APP_ID, "key": OTHER_APP_KEY, "secret": OTHER_APP_SECRET},
                 ],
             }
-            node = Node(settings_from_mapping(document, environ={}), asyncio.get_running_loop())
-            await node.start()
+            node = await run_node(settings_from_mapping(document, environ={}))
             nodes.append(node)
             started.append(node)
         return started
 
     yield factory
-    for node in nodes:
-        if not node.ctx.draining:
-            await node.stop()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ block expiry, and it is polled with a bounded, scaled deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,9 +28,11 @@ from .clients import (
     APP_SECRET,
     http_request,
     open_client,
+    served,
     signed_target,
 )
-from .timeouts import scaled, within
+from .conftest import RunNode
+from .timeouts import poll
 
 EVENTS = f"/apps/{APP_ID}/events"
 TRIGGER = json.dumps({"name": "e", "channels": ["c"], "data": "{}"}).encode()
@@ -60,46 +61,12 @@ StartNode = Callable[..., Awaitable[Node]]
 
 
 @pytest.fixture
-async def start_node(tmp_path: Path) -> AsyncIterator[StartNode]:
-    nodes: list[Node] = []
+async def start_node(tmp_path: Path, run_node: RunNode) -> AsyncIterator[StartNode]:
 
     async def factory(**reputation: Any) -> Node:
-        node = Node(reputation_settings(tmp_path, **reputation), asyncio.get_running_loop())
-        await node.start()
-        nodes.append(node)
-        return node
+        return await run_node(reputation_settings(tmp_path, **reputation))
 
     yield factory
-    for node in nodes:
-        if not node.ctx.draining:
-            await node.stop()
-
-
-async def served(port: int) -> bool:
-    """Whether a new TCP connection gets an HTTP answer (False: dropped, no byte back)."""
-    try:
-        reader, writer = await within(asyncio.open_connection("127.0.0.1", port))
-    except OSError:
-        return False
-    try:
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        try:
-            data = await within(reader.read())
-        except OSError:  # reset: dropped
-            return False
-        return data.startswith(b"HTTP/1.1 ")
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
-async def poll(predicate: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
-    """Wait until ``predicate()`` holds, failing after ``scaled(seconds)``."""
-    deadline = time.monotonic() + scaled(seconds)
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def bad_signature(port: int) -> int:

@@ -25,7 +25,7 @@ from bastion.server.runtime import Node
 from bastion.store.audit import query as query_audit
 
 from .clients import APP_ID, APP_KEY, APP_SECRET, PusherClient, make_sdk, open_client
-from .conftest import TEST_SECURITY
+from .conftest import TEST_SECURITY, RunNode
 from .timeouts import scaled
 
 StartNode = Callable[..., Awaitable[Node]]
@@ -93,13 +93,15 @@ def second_receiver() -> Iterator[WebhookReceiver]:
 
 @pytest.fixture
 async def start_node(
-    tmp_path: Path, receiver: WebhookReceiver, second_receiver: WebhookReceiver
+    tmp_path: Path,
+    receiver: WebhookReceiver,
+    second_receiver: WebhookReceiver,
+    run_node: RunNode,
 ) -> AsyncIterator[StartNode]:
     """Factory: ``await start_node(hooks, delivery=..., state=...)``; stopped at teardown.
 
     Depends on the receivers so the nodes stop before the receivers close.
     """
-    nodes: list[Node] = []
 
     async def factory(
         hooks: list[Mapping[str, Any]],
@@ -109,15 +111,9 @@ async def start_node(
         state: Path | None = None,
     ) -> Node:
         settings = webhook_settings(state or tmp_path, hooks, delivery, app)
-        node = Node(settings, asyncio.get_running_loop())
-        await node.start()
-        nodes.append(node)
-        return node
+        return await run_node(settings)
 
     yield factory
-    for node in nodes:
-        if not node.ctx.draining:
-            await node.stop()
 
 
 @pytest.fixture

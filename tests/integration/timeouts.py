@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-__all__ = ["DEFAULT_WAIT", "scaled", "within"]
+__all__ = ["DEFAULT_WAIT", "poll", "scaled", "within"]
 
 T = TypeVar("T")
 
@@ -27,3 +28,11 @@ def scaled(seconds: float) -> float:
 async def within(awaitable: Awaitable[T], seconds: float = DEFAULT_WAIT) -> T:
     """Await ``awaitable``, failing the test after ``scaled(seconds)``."""
     return await asyncio.wait_for(awaitable, scaled(seconds))
+
+
+async def poll(predicate: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds, failing after ``scaled(seconds)``."""
+    deadline = time.monotonic() + scaled(seconds)
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
