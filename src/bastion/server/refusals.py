@@ -64,6 +64,8 @@ class RefusalPath:
                 ip or "-",
                 socket_id or "-",
                 text,
+                # The same facts as fields, for `--log-format json` (the text is unchanged).
+                extra={"reason": rule.slug, "app_id": app_id, "ip": ip, "socket_id": socket_id},
             )
         if self.listeners:
             record = RefusalRecord(reason, app_id, ip, socket_id, user_id, text)

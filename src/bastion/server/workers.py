@@ -4,6 +4,7 @@ Process model. The parent (the *supervisor*) validates the configuration, picks
 the port, and starts N children by re-executing the same interpreter::
 
     python -m bastion serve --worker-of PARENT_PID --worker-index I --log-level L
+        --log-format F [--log-level-for NAME=LEVEL ...]
 
 Re-executing (rather than ``fork`` or a ``multiprocessing`` spawn) gives each worker
 a fresh interpreter with no inherited event loop, threads or open SQLite handles,
@@ -27,7 +28,8 @@ it until it exits.
 A worker reports readiness with one line on its stdout (a pipe to the
 supervisor); once all N are ready the supervisor prints the one
 ``bastion listening on http://HOST:PORT`` line. Other stdout lines are relayed;
-stderr (the logs, prefixed ``[worker I]``) is inherited.
+stderr (the logs, in the supervisor's format and levels, each line carrying the
+worker index: ``[worker I]`` or ``"worker": I``) is inherited.
 
 Signals. Workers run in their own session, so a terminal's Ctrl-C reaches only the
 supervisor, which forwards SIGINT or SIGTERM to every worker: each drains as a
@@ -58,12 +60,13 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import uvloop
 from pydantic import SecretStr
 
+from bastion import logs
 from bastion.config import Settings, settings_from_mapping
 from bastion.errors import ConfigError
 from bastion.store.audit import AuditLogError
@@ -187,6 +190,8 @@ class Supervisor:
         workers: how many worker processes (2 or more).
         on_ready: called once with ``(host, port)`` when every worker listens.
         log_level: the workers' ``--log-level``.
+        log_format: the workers' ``--log-format`` (``console`` or ``json``).
+        log_levels: the workers' ``--log-level-for`` (logger name to level).
     """
 
     def __init__(
@@ -196,6 +201,8 @@ class Supervisor:
         on_ready: Callable[[str, int], None],
         *,
         log_level: str = "info",
+        log_format: logs.LogFormat = "console",
+        log_levels: Mapping[str, str] | None = None,
     ) -> None:
         self._payload = settings_payload(settings)
         self.host = settings.server.host
@@ -203,6 +210,8 @@ class Supervisor:
         self._count = workers
         self._on_ready = on_ready
         self._log_level = log_level
+        self._log_format = log_format
+        self._log_levels = dict(log_levels or {})
         self._workers = [_Worker(index) for index in range(workers)]
         self._watchers: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -292,6 +301,13 @@ class Supervisor:
             str(worker.index),
             "--log-level",
             self._log_level,
+            "--log-format",
+            self._log_format,
+            *(
+                arg
+                for name, level in self._log_levels.items()
+                for arg in ("--log-level-for", f"{name}={level}")
+            ),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             # Own session: a terminal's Ctrl-C goes to the supervisor only, which
@@ -431,13 +447,24 @@ def supervise(
     on_ready: Callable[[str, int], None],
     *,
     log_level: str = "info",
+    log_format: logs.LogFormat = "console",
+    log_levels: Mapping[str, str] | None = None,
 ) -> int:
     """Run ``workers`` worker processes until SIGINT or SIGTERM; return the exit status.
+
+    The logging options are handed to every worker (see :class:`Supervisor`).
 
     Raises:
         OSError: the port could not be reserved (``port = 0``).
     """
-    supervisor = Supervisor(settings, workers, on_ready, log_level=log_level)
+    supervisor = Supervisor(
+        settings,
+        workers,
+        on_ready,
+        log_level=log_level,
+        log_format=log_format,
+        log_levels=log_levels,
+    )
     return asyncio.run(supervisor.run())
 
 
@@ -479,18 +506,21 @@ def _exit_with_supervisor(fd: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run_worker(parent_pid: int, index: int, log_level: str) -> int:
+def run_worker(
+    parent_pid: int,
+    index: int,
+    log_level: str,
+    log_format: logs.LogFormat = "console",
+    log_levels: Mapping[str, str] | None = None,
+) -> int:
     """Be worker ``index`` of the supervisor ``parent_pid``; return the exit status.
 
     Reads the settings from stdin, serves on :class:`ReusePortLoop` until SIGINT or
-    SIGTERM (or until the supervisor goes away), and prints one ready line.
+    SIGTERM (or until the supervisor goes away), and prints one ready line. Logs as
+    :func:`bastion.logs.configure` with the supervisor's format and levels.
     """
     # The index in every line, so that N interleaved logs can be told apart.
-    logging.basicConfig(
-        level=log_level.upper(),
-        stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s [worker {index}] %(name)s %(message)s",
-    )
+    logs.configure(log_level, log_format, log_levels or {}, worker=index)
     if os.getppid() != parent_pid:
         # Internal option: only a supervisor starts workers (it would wait on stdin).
         print("bastion: --worker-of is set only by `bastion serve --workers`", file=sys.stderr)
