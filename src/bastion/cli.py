@@ -1,13 +1,14 @@
 """The ``bastion`` command: ``serve``, ``audit``, ``block``, ``unblock``, ``blocks``, ``webhooks``.
 
 Exit codes: 0 after a clean shutdown, 2 for an invalid configuration or usage
-(nothing listens in that case), 1 when the audit log, the blocks file or the
-webhook queue cannot be opened at start-up (``serve --workers N``: also when a worker
-keeps crashing); ``audit`` exits 1 when the log cannot be read;
-``block``/``unblock``/``blocks`` exit 2 for an invalid address or one in
-``never_block``, and 1 when the blocks file or the audit log cannot be written;
-``webhooks failed``/``webhooks retry`` exit 1 when the queue file cannot be read
-or written, and ``webhooks retry`` exits 1 when an id is not a dead letter.
+(nothing listens in that case), 1 when the audit log, the blocks file, the
+webhook queue or the TLS certificate and key cannot be opened at start-up
+(``serve --workers N``: also when a worker keeps crashing); ``audit`` exits 1
+when the log cannot be read; ``block``/``unblock``/``blocks`` exit 2 for an
+invalid address or one in ``never_block``, and 1 when the blocks file or the
+audit log cannot be written; ``webhooks failed``/``webhooks retry`` exit 1 when
+the queue file cannot be read or written, and ``webhooks retry`` exits 1 when an
+id is not a dead letter.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 import click
 
-from bastion import __version__
+from bastion import __version__, logs
 from bastion.config import AppSettings, Settings, load_settings, settings_from_mapping
 from bastion.errors import ConfigError
 from bastion.security.audit import (
@@ -88,6 +89,20 @@ def main() -> None:
     """Bastion: a security-first, Pusher-compatible real-time WebSocket server."""
 
 
+def _log_levels(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    """``--log-level-for NAME=LEVEL`` values as one mapping (the last one for a name wins)."""
+    levels: dict[str, str] = {}
+    for value in values:
+        try:
+            name, level = logs.parse_level_for(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+        levels[name] = level
+    return levels
+
+
 @main.command()
 @click.option(
     "--config",
@@ -103,6 +118,21 @@ def main() -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
     show_default=True,
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    default="console",
+    show_default=True,
+    help="console: text lines; json: one JSON object per line (both redacted).",
+)
+@click.option(
+    "--log-level-for",
+    "log_levels",
+    metavar="NAME=LEVEL",
+    multiple=True,
+    callback=_log_levels,
+    help="Level of one logger and its children, e.g. websockets=error (repeatable).",
 )
 @click.option(
     "--workers",
@@ -121,6 +151,8 @@ def serve(
     host: str | None,
     port: int | None,
     log_level: str,
+    log_format: logs.LogFormat,
+    log_levels: dict[str, str],
     workers: int,
     worker_of: int | None,
     worker_index: int,
@@ -129,12 +161,8 @@ def serve(
     if worker_of is not None:
         from bastion.server.workers import run_worker
 
-        sys.exit(run_worker(worker_of, worker_index, log_level))
-    logging.basicConfig(
-        level=log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+        sys.exit(run_worker(worker_of, worker_index, log_level, log_format, log_levels))
+    logs.configure(log_level, log_format, log_levels)
     try:
         settings = load_settings(config_path)
         if host is not None or port is not None or (dev and not settings.apps):
@@ -169,23 +197,38 @@ def serve(
         )
 
     from bastion.server.runtime import serve as serve_forever
+    from bastion.server.tls import TlsError, server_context
+
+    scheme = "http" if settings.server.tls is None else "https"
 
     def on_ready(bound_host: str, bound_port: int) -> None:
         if dev:
             click.echo(_dev_banner(settings.apps[0], bound_host, bound_port))
-        click.echo(f"bastion listening on http://{bound_host}:{bound_port}")
+        click.echo(f"bastion listening on {scheme}://{bound_host}:{bound_port}")
         sys.stdout.flush()
 
     try:
         if workers > 1:
             from bastion.server.workers import supervise
 
-            sys.exit(supervise(settings, workers, on_ready, log_level=log_level))
+            if settings.server.tls is not None:
+                # Checked once here, so a bad file is one clear error, not N crashing workers.
+                server_context(settings.server.tls)
+            sys.exit(
+                supervise(
+                    settings,
+                    workers,
+                    on_ready,
+                    log_level=log_level,
+                    log_format=log_format,
+                    log_levels=log_levels,
+                )
+            )
         serve_forever(settings, on_ready)
     except OSError as exc:
         click.echo(f"bastion: cannot listen: {exc.strerror}", err=True)
         sys.exit(1)
-    except (AuditLogError, BlockStoreError, WebhookQueueError) as exc:
+    except (AuditLogError, BlockStoreError, WebhookQueueError, TlsError) as exc:
         click.echo(f"bastion: {exc}", err=True)
         sys.exit(1)
 

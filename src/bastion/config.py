@@ -50,6 +50,7 @@ __all__ = [
     "SecuritySettings",
     "ServerSettings",
     "Settings",
+    "TlsSettings",
     "WebhookDeliverySettings",
     "WebhookSettings",
     "load_settings",
@@ -286,6 +287,30 @@ class AppSettings(BaseModel):
         return int(self.max_presence_member_size_kb * 1024)
 
 
+class TlsSettings(BaseModel):
+    """TLS served by the node itself (``[server.tls]``): ``wss://`` and ``https://``.
+
+    The files are read when the node starts (a missing, unreadable or mismatched
+    file fails start-up there), not when the settings are loaded.
+    """
+
+    model_config = _STRICT
+
+    #: PEM certificate chain: the server certificate first, then intermediates.
+    cert: str
+    #: PEM private key of the certificate (unencrypted; keep the file ``0600``).
+    key: str
+    #: Oldest TLS version accepted.
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    @field_validator("cert", "key")
+    @classmethod
+    def _non_empty_path(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a file path, not empty")
+        return value
+
+
 class ServerSettings(BaseModel):
     """The listener: address, heartbeats and per-connection bounds."""
 
@@ -306,6 +331,8 @@ class ServerSettings(BaseModel):
     max_request_body_kb: PositiveInt = 1024
     #: Concurrent WebSocket connections on this node (over it: close 4100).
     max_connections: PositiveInt | None = None
+    #: Serve TLS on the port (``wss://``, ``https://``); unset: plain TCP.
+    tls: TlsSettings | None = None
 
 
 class AuditSettings(BaseModel):

@@ -31,6 +31,7 @@ from bastion.config import (
     RetiringSecret,
     SecuritySettings,
     ServerSettings,
+    TlsSettings,
     WebhookDeliverySettings,
     WebhookSettings,
     settings_from_mapping,
@@ -44,6 +45,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 #: configuration.md section heading → the model its table documents.
 CONFIG_SECTIONS: dict[str, type[BaseModel]] = {
     "`[server]`": ServerSettings,
+    "`[server.tls]`": TlsSettings,
     "`[adapter]`": AdapterSettings,
     "`[[apps]]`": AppSettings,
     "`[[apps.webhooks]]`": WebhookSettings,

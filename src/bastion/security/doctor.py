@@ -81,12 +81,18 @@ def _transport(settings: Settings) -> Iterator[Finding]:
                 "listens on loopback but security.trusted_proxies is empty: behind a proxy "
                 "every client shares the proxy's address, limits and blocks",
             )
+    elif settings.server.tls is not None:
+        yield Finding(
+            "pass",
+            "transport",
+            f"server.host {host!r} serves TLS itself ({settings.server.tls.min_version} or newer)",
+        )
     else:
         yield Finding(
             "warn",
             "transport",
-            f"server.host {host!r} is reachable from the network without TLS: put a TLS "
-            "proxy in front and listen on loopback",
+            f"server.host {host!r} is reachable from the network without TLS: set "
+            "[server.tls], or put a TLS proxy in front and listen on loopback",
         )
 
 

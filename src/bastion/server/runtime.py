@@ -24,6 +24,7 @@ from bastion.server.blocklist import NodeBlockList
 from bastion.server.context import Outbox, ServerContext, frame_text
 from bastion.server.http import HttpConnection
 from bastion.server.refusals import RefusalPath, RefusalRecord
+from bastion.server.tls import server_context
 from bastion.store.audit import AuditLog, AuditLogError
 from bastion.store.audit import query as query_audit
 from bastion.store.blocks import BlockStore
@@ -92,6 +93,8 @@ class Node:
         """Bind and start serving."""
         warn_unenforced(self.settings)
         server = self.settings.server
+        # First: a bad certificate or key fails start-up before any store is opened.
+        tls = None if server.tls is None else await asyncio.to_thread(server_context, server.tls)
         if self.settings.audit.enabled:
             # Opening runs retention over the whole file: keep it off the loop. Before
             # listening, so a refusal is never missed and a bad path fails start-up.
@@ -108,6 +111,11 @@ class Node:
                 port=server.port,
                 backlog=4096,
                 reuse_address=True,
+                ssl=tls,
+                # A client that opens TCP and stalls the TLS handshake (or its
+                # closing) holds a socket for this long at most, as for the HTTP head.
+                ssl_handshake_timeout=server.handshake_timeout if tls is not None else None,
+                ssl_shutdown_timeout=server.handshake_timeout if tls is not None else None,
             )
         except BaseException:
             await self._stop_blocklist()
