@@ -14,6 +14,8 @@ configuration, a programming error) stops start-up loudly::
     │                               (bastion.store.blocks); start-up exits 1
     ├── WebhookQueueError           local: the webhook queue cannot be opened, read or
     │                               written (bastion.store.webhook_queue); start-up exits 1
+    ├── TlsError                    local: the TLS certificate or key cannot be used
+    │                               (bastion.server.tls); start-up exits 1
     └── PeerError                   remote: the client or caller did something wrong
         ├── Refused                 carries a Reason (see bastion.protocol.refusals);
         │                           the one refusal path turns it into a code/status

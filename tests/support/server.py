@@ -62,7 +62,7 @@ SRC_DIR = REPO_ROOT / "src"
 
 #: The line the server prints (flushed) once its listener is bound.
 LISTENING_RE = re.compile(
-    r"bastion listening on (?P<url>http://(?P<host>[^\s/]+?):(?P<port>\d+))\s*$"
+    r"bastion listening on (?P<url>https?://(?P<host>[^\s/]+?):(?P<port>\d+))\s*$"
 )
 
 #: What pusher-js appends to ``/app/{key}`` (protocol 7, see the spec §1).

@@ -69,6 +69,7 @@ from pydantic import SecretStr
 from bastion import logs
 from bastion.config import Settings, settings_from_mapping
 from bastion.errors import ConfigError
+from bastion.server.tls import TlsError
 from bastion.store.audit import AuditLogError
 from bastion.store.blocks import BlockStoreError
 from bastion.store.webhook_queue import WebhookQueueError
@@ -547,7 +548,7 @@ def run_worker(
     except OSError as exc:
         print(f"bastion: worker {index}: cannot listen: {exc.strerror}", file=sys.stderr)
         return 1
-    except (AuditLogError, BlockStoreError, WebhookQueueError) as exc:
+    except (AuditLogError, BlockStoreError, WebhookQueueError, TlsError) as exc:
         print(f"bastion: worker {index}: {exc}", file=sys.stderr)
         return 1
     return 0
