@@ -40,6 +40,7 @@ from bastion.security.proxies import parse_networks
 __all__ = [
     "WEBHOOK_EVENT_TYPES",
     "AdapterSettings",
+    "AdminSettings",
     "AppSettings",
     "AuditSettings",
     "JwtSettings",
@@ -377,6 +378,30 @@ class WebhookDeliverySettings(BaseModel):
     retention_days: PositiveInt = 7
 
 
+class AdminSettings(BaseModel):
+    """The security admin API under ``/api/security`` (off until a token is set)."""
+
+    model_config = _STRICT
+
+    #: Bearer token for every admin call; unset: the admin API answers 404.
+    token: SecretStr | None = None
+    #: TCP peers (CIDRs) allowed to call it at all; the token is required as well.
+    allow_from: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+
+    @field_validator("allow_from")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        parse_networks(value)
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return value
+
+
 class MetricsSettings(BaseModel):
     """The Prometheus endpoint ``/metrics`` on the main port."""
 
@@ -499,6 +524,7 @@ class Settings(BaseModel):
     security: SecuritySettings = SecuritySettings()
     webhooks: WebhookDeliverySettings = WebhookDeliverySettings()
     metrics: MetricsSettings = MetricsSettings()
+    admin: AdminSettings = AdminSettings()
     apps: list[AppSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")

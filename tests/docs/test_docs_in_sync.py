@@ -23,6 +23,7 @@ from pydantic_core import PydanticUndefined
 
 from bastion.config import (
     AdapterSettings,
+    AdminSettings,
     AppSettings,
     AuditSettings,
     JwtSettings,
@@ -56,6 +57,7 @@ CONFIG_SECTIONS: dict[str, type[BaseModel]] = {
     "`[security.reputation]`": ReputationSettings,
     "`[webhooks]`": WebhookDeliverySettings,
     "`[metrics]`": MetricsSettings,
+    "`[admin]`": AdminSettings,
 }
 
 _NAME_CELL = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")

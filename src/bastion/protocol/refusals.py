@@ -305,6 +305,11 @@ class Reason(enum.Enum):
         "This app does not accept tokens in the URL",
         http_status=400,
     )
+    ADMIN_UNAUTHORIZED = Rule(
+        "admin_unauthorized",
+        "The admin API needs a valid bearer token from an allowed address",
+        http_status=401,
+    )
     METRICS_FORBIDDEN = Rule(
         "metrics_forbidden",
         "Metrics are available to allowed addresses or with the metrics token",
