@@ -13,6 +13,12 @@
   connections are closed with 4100.
 * A sync task reads the store's changes every ``sync_seconds``: manual blocks and
   unblocks from ``bastion block``/``unblock`` (and, later, other nodes' blocks).
+* :meth:`NodeBlockList.block_manual` / :meth:`NodeBlockList.unblock_manual` are an
+  operator acting through the admin API (:mod:`bastion.api.admin`): in force on
+  this node at once, audited (``ip_blocked_manual`` / ``ip_unblocked``) like the
+  CLI, and written to the shared store off the loop, so other nodes apply them
+  within their ``sync_seconds``. Store writes run one at a time, in the order
+  they were made, so a block followed at once by its unblock never lands reversed.
 
 With ``[security.reputation] enabled = false`` nothing is scored, but blocks from
 the store still apply.
@@ -30,7 +36,7 @@ from typing import Any
 
 from bastion.config import ReputationSettings
 from bastion.protocol.refusals import Reason
-from bastion.security.audit import AuditEvent, from_block
+from bastion.security.audit import AuditEvent, from_block, from_unblock
 from bastion.security.reputation import Block, BlockSet, Reputation, canonical_ip
 from bastion.server.context import ServerContext
 from bastion.server.refusals import RefusalRecord
@@ -82,6 +88,8 @@ class NodeBlockList:
         self._sync: asyncio.Task[None] | None = None
         # Persist tasks in flight; kept so they are not collected and are awaited at stop.
         self._pending: set[asyncio.Task[Any]] = set()
+        #: Serialises store writes so they land in the order they were made.
+        self._writes = asyncio.Lock()
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -158,7 +166,87 @@ class NodeBlockList:
             self._close_connections(block.ip)
 
     def _persist(self, block: Block, now: float) -> None:
-        self._spawn(asyncio.to_thread(self.store.block, block, now=now), block.ip)
+        self._spawn(self._write_block(block, now), block.ip)
+
+    async def _write_block(self, block: Block, now: float) -> None:
+        async with self._writes:
+            await asyncio.to_thread(self.store.block, block, now=now)
+
+    # --- an operator (the admin API) ---------------------------------------------------
+
+    def active_blocks(self) -> list[Block]:
+        """Every block in force on this node now, soonest to end first."""
+        return self.blocks.active(self.clock())
+
+    def block_manual(self, ip: str, ttl_seconds: float, reason: str) -> Block:
+        """Block ``ip`` for ``ttl_seconds`` on an operator's word.
+
+        In force on this node at once (its open connections are closed with
+        :data:`CLOSE_CODE`), audited ``ip_blocked_manual``, then written to the
+        shared store off the loop. An operator's block replaces any block in force.
+
+        Args:
+            ip: the address (any spelling :func:`canonical_ip` accepts).
+            ttl_seconds: how long the block lasts (> 0).
+            reason: why (kept and audited; redacted in the audit log).
+
+        Raises:
+            ValueError: ``ip`` is not an address, is in ``never_block``, or the
+                TTL is not positive.
+        """
+        key = canonical_ip(ip)
+        if key is None:
+            raise ValueError("not an IP address")
+        if self.reputation.exempt(key):
+            raise ValueError("the address is in security.reputation.never_block")
+        if not ttl_seconds > 0:
+            raise ValueError("the TTL must be positive")
+        now = self.clock()
+        block = Block(ip=key, until=now + ttl_seconds, reason=reason, source="manual", created=now)
+        self.blocks.put(block)
+        self._last_logged.pop(key, None)
+        log.warning("address blocked ip=%s until=%.0f source=manual", key, block.until)
+        if self.audit is not None:
+            self.audit(from_block(block, id=uuid.uuid4().hex, time=now))
+        self._persist(block, now)
+        self._close_connections(key)
+        return block
+
+    def unblock_manual(self, ip: str) -> Block | None:
+        """Lift the block of ``ip`` on an operator's word.
+
+        Lifted on this node at once and its reputation score forgotten; the store
+        is written off the loop. Audited ``ip_unblocked`` when a block was lifted
+        (here, or only in the store when this node had not synced it yet).
+
+        Returns:
+            The block this node had in force, or ``None``.
+
+        Raises:
+            ValueError: ``ip`` is not an address.
+        """
+        key = canonical_ip(ip)
+        if key is None:
+            raise ValueError("not an IP address")
+        now = self.clock()
+        previous = self.blocks.remove(key)
+        if previous is not None and not previous.active(now):
+            previous = None
+        self._last_logged.pop(key, None)
+        self.reputation.forget(key)
+        if previous is not None:
+            log.info("address unblocked ip=%s source=manual", key)
+            if self.audit is not None:
+                self.audit(from_unblock(key, id=uuid.uuid4().hex, time=now, previous=previous))
+        self._spawn(self._write_unblock(key, now, audited=previous is not None), key)
+        return previous
+
+    async def _write_unblock(self, ip: str, now: float, *, audited: bool) -> None:
+        async with self._writes:
+            stored = await asyncio.to_thread(self.store.unblock, ip, now=now)
+        if stored is not None and not audited and self.audit is not None:
+            # A block this node had not synced yet (from the CLI or another node).
+            self.audit(from_unblock(ip, id=uuid.uuid4().hex, time=now, previous=stored))
 
     def _spawn(self, work: Coroutine[Any, Any, Any], ip: str) -> None:
         task = self.ctx.loop.create_task(work)

@@ -34,6 +34,12 @@ slots until its TCP connection is lost, whichever protocol owns it by then.
 :class:`~bastion.api.ops.Ops` before any app route and without the REST bucket;
 the metrics access check uses the TCP peer, never the forwarded address. A refused
 scrape (403 ``metrics_forbidden``) or another method (405) spends the bucket.
+
+``/api/security/*`` is the security admin API (:mod:`bastion.api.admin`), routed
+before the app routes and the bucket once ``[admin] token`` is set (unset, the
+paths fall through to the app routes' 404). A call from a TCP peer outside
+``[admin] allow_from`` or without the bearer token is refused 401
+``admin_unauthorized`` and spends the bucket; an authorised call does not.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from websockets.http11 import Request as WsRequest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from bastion.api.admin import ADMIN_PREFIX, AdminApi, AdminNodeView
 from bastion.api.ops import Ops
 from bastion.api.rest import HttpRequest, HttpResponse, error_response, rate_limited_response
 from bastion.config import AppSettings
@@ -88,6 +95,20 @@ _PREFLIGHT_HEADERS = (
     ("Access-Control-Allow-Headers", "Content-Type"),
     ("Access-Control-Max-Age", "600"),
 )
+
+#: Each node's admin API, built on first use (keyed by the node's Ops).
+_ADMINS: weakref.WeakKeyDictionary[Ops, AdminApi] = weakref.WeakKeyDictionary()
+#: RFC 6750: a 401 names the scheme it wants.
+_ADMIN_CHALLENGE = (("WWW-Authenticate", 'Bearer realm="bastion-admin"'),)
+
+
+def admin_api(ops: Ops) -> AdminApi:
+    """The admin API of the node behind ``ops`` (cached per node)."""
+    admin = _ADMINS.get(ops)
+    if admin is None:
+        admin = _ADMINS[ops] = AdminApi(cast(AdminNodeView, ops.node), ops)
+    return admin
+
 
 #: Each app's policy, built on first use; rebuilt only if the app's settings object changes.
 _POLICIES: weakref.WeakKeyDictionary[AppState, tuple[AppSettings, OriginPolicy]] = (
@@ -340,6 +361,11 @@ class HttpConnection(asyncio.Protocol):
             # Before the app routes and the per-address bucket: a probe or an allowed
             # scraper is never limited. Disabled metrics fall through to the 404.
             return self._ops(ops, path, method)
+        if ops is not None and (path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")):
+            admin = admin_api(ops)
+            if admin.enabled:
+                # Disabled: fall through to the app routes' 404, like any unknown path.
+                return self._admin(admin, path, query, method)
         route = _APP_PATH.match(path)
         app = ctx.hub.apps_by_id.get(route["app_id"]) if route is not None else None
         app_id = app.id if app is not None else None
@@ -382,6 +408,25 @@ class HttpConnection(asyncio.Protocol):
         if method != "GET":
             return self._refuse_ops(Reason.HTTP_METHOD, headers=(("Allow", "GET"),))
         return ops.exposition() if path == _METRICS_PATH else ops.readiness()
+
+    def _admin(self, admin: AdminApi, path: str, query: str, method: str) -> HttpResponse:
+        """Answer ``/api/security/*`` (see :mod:`bastion.api.admin`)."""
+        authorization = [value for key, value in self.headers if key.lower() == "authorization"]
+        # The TCP peer, never self.ip (a forwarded address is a claim). Checked before
+        # the path and the method: a stranger learns nothing about the routes.
+        if not admin.authorized(self.peer_ip, authorization):
+            response = self._refuse_ops(Reason.ADMIN_UNAUTHORIZED, headers=_ADMIN_CHALLENGE)
+            # The 401 and a 429 alike: an admin answer is never cached.
+            return replace(response, headers=(*response.headers, ("Cache-Control", "no-store")))
+        try:
+            return admin.handle(method, path, query, bytes(self.body))
+        except Exception:
+            # As for any request (the trace stays in our log), with the admin headers.
+            log.exception("internal error handling an admin request")
+            self.ctx.refusals.record(Reason.HTTP_INTERNAL_ERROR, ip=self.ip)
+            return error_response(
+                Reason.HTTP_INTERNAL_ERROR, headers=(("Cache-Control", "no-store"),)
+            )
 
     def _refuse_ops(
         self, reason: Reason, headers: tuple[tuple[str, str], ...] = ()
