@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bastion.security.ratelimit import _SLACK_SECONDS as SLACK_SECONDS
 from bastion.security.ratelimit import TokenBucket
 
 
@@ -99,10 +100,13 @@ def test_a_bucket_created_in_the_future_does_not_refill_until_then() -> None:
 
 # --- properties -----------------------------------------------------------------------
 
-#: Upper bound on what one grant may exceed the exact budget by (float slack).
-GRANT_SLACK = 1e-5
+#: Highest rate the properties draw, tokens per second.
+MAX_RATE = 1_000
+#: Upper bound on what one grant may exceed the exact budget by: the bucket's float
+#: slack is a time (SLACK_SECONDS), so in tokens it grows with the rate.
+GRANT_SLACK = MAX_RATE * SLACK_SECONDS + 1e-9
 
-rates = st.floats(min_value=0.01, max_value=1_000, allow_nan=False)
+rates = st.floats(min_value=0.01, max_value=MAX_RATE, allow_nan=False)
 bursts = st.floats(min_value=1, max_value=1_000, allow_nan=False)
 steps = st.lists(
     st.tuples(
@@ -169,8 +173,10 @@ def test_waiting_retry_after_then_taking_succeeds(
     assert first_retry > 0
     now += partial * first_retry  # part of the way to the next grant
     retry_after = bucket.take(now, cost)
-    if retry_after == 0.0:  # only the float slack may grant it early
-        assert (1 - partial) * first_retry * rate <= GRANT_SLACK
+    if retry_after == 0.0:
+        # Only the float slack may grant it early: it is a time (SLACK_SECONDS, plus
+        # 1e-9 of a token), so the wait left must have been within it.
+        assert (1 - partial) * first_retry <= SLACK_SECONDS + 1e-9 / rate + 1e-12
         return
     assert math.isfinite(retry_after)
     assert retry_after <= cost / rate * (1 + 1e-9)
