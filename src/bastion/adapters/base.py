@@ -6,6 +6,10 @@ adapter (one node) does nothing more; the ``redis`` adapter (#5) publishes on
 the bus and subscribes to a channel's bus topic only while the node has local
 interest in it. Events from other nodes come back through the :data:`Deliver`
 callback the node attaches (``Hub.deliver_remote``), for local delivery only.
+An adapter may also *decide occupancy* (:attr:`Adapter.decides_occupancy`): then
+``channel_occupied`` / ``channel_vacated`` are decided once for the whole cluster
+by the adapter, which reports them through the :data:`Emit` callback the hub
+attaches, and the hub does not emit them itself.
 Presence, counts and the REST queries move behind this seam later in #5 as
 cluster-wide operations with a deadline; until then the hub answers them from
 its own state, which *is* the whole cluster for a single node.
@@ -14,9 +18,15 @@ its own state, which *is* the whole cluster for a single node.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-__all__ = ["Adapter", "Deliver"]
+if TYPE_CHECKING:
+    from bastion.core.events import HubEvent
+
+__all__ = ["Adapter", "Deliver", "Emit"]
+
+#: Reports a hub event decided by the adapter (``Hub._emit``); never blocks.
+Emit = Callable[["HubEvent"], None]
 
 
 class Deliver(Protocol):
@@ -47,8 +57,15 @@ class Adapter(Protocol):
     def healthy(self) -> bool:
         """Whether the bus is connected (always ``True`` for one node)."""
 
+    @property
+    def decides_occupancy(self) -> bool:
+        """Whether the adapter, not the hub, emits ``ChannelOccupied`` / ``ChannelVacated``."""
+
     def attach(self, deliver: Deliver) -> None:
         """Where events received from other nodes go (set once, before :meth:`start`)."""
+
+    def attach_events(self, emit: Emit) -> None:
+        """Where events the adapter decides go (the hub sets it when it is built)."""
 
     async def start(self) -> None:
         """Connect to the bus (if any)."""

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from bastion.adapters.base import Deliver
+from bastion.adapters.base import Deliver, Emit
 
 __all__ = ["LocalAdapter"]
 
@@ -27,8 +27,16 @@ class LocalAdapter:
         """There is no bus to lose."""
         return True
 
+    @property
+    def decides_occupancy(self) -> bool:
+        """The hub decides: its own subscribers are the whole cluster."""
+        return False
+
     def attach(self, deliver: Deliver) -> None:
         """Nothing ever arrives from elsewhere."""
+
+    def attach_events(self, emit: Emit) -> None:
+        """Nothing is decided here."""
 
     async def start(self) -> None:
         """Nothing to connect to."""

@@ -7,6 +7,16 @@ Topics (``prefix`` from ``[adapter]``):
 * ``{prefix}:users:{app_id}`` — server-to-user events (``#server-to-user-{id}``),
   subscribed always: they go by sign-in, which the bus does not track.
 
+Occupancy (``channel_occupied`` / ``channel_vacated``) is decided once for the
+cluster in Redis (:mod:`bastion.adapters.occupancy`): the syncer runs one atomic
+script per change of this node's interest, in order, by desired state (a quick
+subscribe, unsubscribe, subscribe of one channel ends with the node's field set
+and no event), and reports the channels this node was the first or the last
+holder of. Every heartbeat the node refreshes its liveness key and reaps the
+nodes whose key expired, reporting the channels only they held as vacated. After
+a reconnection the node re-asserts its interest (an ``occupied`` may be reported
+again if Redis lost its data); while the bus is down nothing is decided.
+
 Every message is signed with the cluster key (see :mod:`bastion.adapters.bus`).
 A receiver drops its own echoes, duplicates (replays) and stale messages, refuses
 (counts and audits) forged or malformed ones, and hands the rest to the hub for
@@ -40,8 +50,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from bastion.adapters import bus
-from bastion.adapters.base import Deliver
+from bastion.adapters.base import Deliver, Emit
+from bastion.adapters.occupancy import Occupancy
 from bastion.config import AdapterSettings, AppSettings
+from bastion.core import events as ev
 from bastion.metrics import Metrics
 from bastion.protocol.names import SERVER_TO_USER_PREFIX
 from bastion.security.audit import AuditEvent, bus_forged_event, redact
@@ -76,6 +88,10 @@ SEEN_IDS = 100_000
 MISSED_HEARTBEATS = 3
 #: Longest a subscribe answer waits for its topic's SUBSCRIBE to be confirmed, seconds.
 READY_WAIT = 2.0
+#: Seconds a clean stop may spend removing this node's share of the occupancy.
+LEAVE_WAIT = 2.0
+#: The liveness key lives this many heartbeats without a refresh.
+LIVENESS_HEARTBEATS = 3
 #: Audit records for forged messages: refill per second and burst (the count is exact).
 FORGED_AUDIT_RATE = 1.0
 FORGED_AUDIT_BURST = 20.0
@@ -145,6 +161,15 @@ class RedisAdapter:
         self._wall_clock = wall_clock
         self._max_pending = max_pending
         self._deliver: Deliver | None = None
+        self._emit: Emit | None = None
+        #: ``{app_id}:{channel}`` entries this node has local interest in (desired).
+        self._occ_wanted: set[str] = set()
+        #: Entries Redis records for this node, as far as this session knows.
+        self._occ_held: set[str] = set()
+        #: Re-read ``_occ_held`` from Redis before the next reconcile (we were reaped).
+        self._occ_reload = False
+        #: Set when the syncer has nothing left to do (a clean stop waits for it).
+        self._settled: asyncio.Event | None = None
         #: Topics this node wants; the users topics always.
         self._interest: set[str] = {self._users_topic(app.id) for app in apps}
         #: Topics subscribed on the current session.
@@ -174,9 +199,18 @@ class RedisAdapter:
         """Whether the bus session is up (subscribed and able to publish)."""
         return self._healthy
 
+    @property
+    def decides_occupancy(self) -> bool:
+        """Occupied/vacated are decided here, once for the cluster."""
+        return True
+
     def attach(self, deliver: Deliver) -> None:
         """Events from other nodes go to ``deliver`` (``Hub.deliver_remote``)."""
         self._deliver = deliver
+
+    def attach_events(self, emit: Emit) -> None:
+        """Occupied/vacated decided for the cluster go to ``emit`` (the hub's listeners)."""
+        self._emit = emit
 
     async def start(self) -> None:
         """Start the supervisor; wait (bounded) for the first connection attempt.
@@ -188,6 +222,7 @@ class RedisAdapter:
             return
         self._wake_writer = asyncio.Event()
         self._wake_syncer = asyncio.Event()
+        self._settled = asyncio.Event()
         self._attempted = asyncio.Event()
         self._task = asyncio.create_task(self._supervise(), name="bastion-bus")
         with contextlib.suppress(TimeoutError):
@@ -199,15 +234,47 @@ class RedisAdapter:
             )
 
     async def stop(self) -> None:
-        """Stop the supervisor and close the connections (bounded by ``STOP_WAIT``)."""
-        task, self._task = self._task, None
+        """Leave the cluster, stop the supervisor and close the connections.
+
+        With the bus up, interest changes still pending are written first, then the
+        node removes its share of the occupancy (reporting the channels it was the
+        last holder of) and its liveness key. With the bus down, the survivors reap
+        the node once its liveness key expires.
+        """
+        task = self._task
         if task is None:
             return
+        leave = self._healthy
+        if leave and self._settled is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._settled.wait(), LEAVE_WAIT)
+        self._task = None
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(task, STOP_WAIT)
         self._set_healthy(False)
         self._drop_outbox()
+        if leave:
+            try:
+                await asyncio.wait_for(self._leave(), LEAVE_WAIT)
+            except Exception as error:  # survivors reap what is left
+                log.warning(
+                    "redis bus %s: leaving the cluster failed (%s); survivors will reap",
+                    self._where,
+                    _describe(error),
+                )
+
+    async def _leave(self) -> None:
+        client = self._client()
+        try:
+            occupancy = self._occupancy(client)
+            for entry in sorted(await occupancy.held()):
+                if await occupancy.off(entry):
+                    self._report(ev.ChannelVacated, entry)
+            await occupancy.leave()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), COMMAND_TIMEOUT)
 
     def publish(
         self,
@@ -246,12 +313,18 @@ class RedisAdapter:
     def interest_on(self, app_id: str, channel: str) -> None:
         """Subscribe to the channel's topic (soon, on the syncer)."""
         self._interest.add(self._channel_topic(app_id, channel))
-        if self._wake_syncer is not None:
-            self._wake_syncer.set()
+        self._occ_wanted.add(f"{app_id}:{channel}")
+        self._wake()
 
     def interest_off(self, app_id: str, channel: str) -> None:
         """Unsubscribe from the channel's topic (soon, on the syncer)."""
         self._interest.discard(self._channel_topic(app_id, channel))
+        self._occ_wanted.discard(f"{app_id}:{channel}")
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._settled is not None:
+            self._settled.clear()
         if self._wake_syncer is not None:
             self._wake_syncer.set()
 
@@ -333,7 +406,7 @@ class RedisAdapter:
             await asyncio.sleep(delay * (1 + random.random() / 2))
             delay = min(delay * 2, self._reconnect_max)
 
-    async def _session(self) -> None:
+    def _client(self) -> aioredis.Redis:
         client: aioredis.Redis = aioredis.from_url(
             self._url,
             socket_connect_timeout=CONNECT_TIMEOUT,
@@ -343,6 +416,15 @@ class RedisAdapter:
             # Reconnection is ours (with back-off and resubscription), never redis-py's.
             retry=Retry(NoBackoff(), 0),
         )
+        return client
+
+    def _occupancy(self, client: aioredis.Redis) -> Occupancy:
+        ttl_ms = max(1, int(LIVENESS_HEARTBEATS * self._heartbeat * 1000))
+        return Occupancy(client, self._prefix, self._node_id, ttl_ms)
+
+    async def _session(self) -> None:
+        client = self._client()
+        occupancy = self._occupancy(client)
         # redis-py leaves the PubSub methods untyped.
         pubsub: Any = client.pubsub(ignore_subscribe_messages=False)
         tasks: list[asyncio.Task[None]] = []
@@ -351,6 +433,12 @@ class RedisAdapter:
             await pubsub.connect()
             self._subscribed = set()
             await self._sync(pubsub)
+            # Register, then re-assert this node's interest: what the last session
+            # left in Redis is the starting point (channels left during an outage
+            # are vacated now; a reaped node starts from nothing).
+            await asyncio.wait_for(occupancy.beat(), COMMAND_TIMEOUT)
+            self._occ_reload = True
+            await self._reconcile(occupancy)
             self._set_healthy(True)
             log.info("redis bus %s connected (node %s)", self._where, self._node_id)
             if self._attempted is not None:
@@ -359,8 +447,9 @@ class RedisAdapter:
             tasks = [
                 _spawn(self._reader(pubsub, last_seen)),
                 _spawn(self._writer(client)),
-                _spawn(self._syncer(pubsub)),
+                _spawn(self._syncer(pubsub, occupancy)),
                 _spawn(self._heartbeat_loop(pubsub, last_seen)),
+                _spawn(self._liveness_loop(occupancy)),
             ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -423,12 +512,73 @@ class RedisAdapter:
                     for topic, _ in batch:
                         self._metrics.bus_published[_app_of(topic, self._prefix)] += 1
 
-    async def _syncer(self, pubsub: Any) -> None:
+    async def _syncer(self, pubsub: Any, occupancy: Occupancy) -> None:
         assert self._wake_syncer is not None
         while True:
+            if not self._wake_syncer.is_set() and self._settled is not None:
+                self._settled.set()
             await self._wake_syncer.wait()
             self._wake_syncer.clear()
             await self._sync(pubsub)
+            await self._reconcile(occupancy)
+
+    async def _reconcile(self, occupancy: Occupancy) -> None:
+        """Make Redis record this node's interest as it is now, one change at a time.
+
+        By desired state: an entry is written only if it still differs when its
+        turn comes, so a channel left and joined again meanwhile costs nothing.
+        Changes made during a pass wake the syncer for another one.
+        """
+        if self._occ_reload:
+            self._occ_reload = False
+            self._occ_held = await asyncio.wait_for(occupancy.held(), COMMAND_TIMEOUT)
+        held = self._occ_held
+        for entry in sorted(held - self._occ_wanted):
+            if entry in self._occ_wanted or entry not in held:
+                continue
+            vacated = await asyncio.wait_for(occupancy.off(entry), COMMAND_TIMEOUT)
+            held.discard(entry)
+            if vacated:
+                self._report(ev.ChannelVacated, entry)
+        for entry in sorted(self._occ_wanted - held):
+            if entry not in self._occ_wanted or entry in held:
+                continue
+            occupied = await asyncio.wait_for(occupancy.on(entry), COMMAND_TIMEOUT)
+            held.add(entry)
+            if occupied:
+                self._report(ev.ChannelOccupied, entry)
+
+    async def _liveness_loop(self, occupancy: Occupancy) -> None:
+        assert self._wake_syncer is not None
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            if await asyncio.wait_for(occupancy.beat(), COMMAND_TIMEOUT):
+                # Our registration was gone: survivors took us for dead and removed
+                # our share (reporting it vacated). Start again from what Redis has.
+                log.warning("redis bus %s: this node was reaped; re-asserting", self._where)
+                self._occ_reload = True
+                self._wake()
+            for dead in await asyncio.wait_for(occupancy.dead_nodes(), COMMAND_TIMEOUT):
+                vacated = await asyncio.wait_for(occupancy.reap(dead), COMMAND_TIMEOUT)
+                log.info(
+                    "redis bus %s: reaped node %s (%d channels vacated)",
+                    self._where,
+                    dead,
+                    len(vacated),
+                )
+                for entry in vacated:
+                    self._report(ev.ChannelVacated, entry)
+
+    def _report(self, kind: type[ev.ChannelOccupied] | type[ev.ChannelVacated], entry: str) -> None:
+        """Hand an occupancy decision to the hub's listeners (never raises)."""
+        if self._emit is None:
+            return
+        # App ids cannot hold ":", so the entry splits back unambiguously.
+        app_id, _, channel = entry.partition(":")
+        try:
+            self._emit(kind(app_id, channel))
+        except Exception:  # a listener's defect must not end the bus session
+            log.exception("reporting %s failed", kind.__name__)
 
     async def _sync(self, pubsub: Any) -> None:
         """Make the subscribed topics what the node has interest in."""

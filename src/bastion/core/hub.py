@@ -236,6 +236,10 @@ class Hub:
         self.apps_by_key: dict[str, AppState] = {}
         self.apps_by_id: dict[str, AppState] = {}
         self.listeners: list[Callable[[ev.HubEvent], None]] = []
+        # A cluster adapter decides occupied/vacated once for every node; the hub
+        # then leaves them to it (everything else stays per node).
+        self._emits_occupancy = not adapter.decides_occupancy
+        adapter.attach_events(self._emit)
         self.deliveries = 0
         self.connections = 0
         self.max_connections = settings.server.max_connections
@@ -337,7 +341,8 @@ class Hub:
         if channel is None:
             channel = app.channels[name] = Channel(name, channel_type)
             self.adapter.interest_on(app.id, name)
-            self._emit(ev.ChannelOccupied(app.id, name))
+            if self._emits_occupancy:
+                self._emit(ev.ChannelOccupied(app.id, name))
         channel.subscribers[session.socket_id] = session
         session.channels[name] = user_id
 
@@ -496,7 +501,8 @@ class Hub:
             del app.channels[name]
             app.dirty_counts.discard(name)
             self.adapter.interest_off(app.id, name)
-            self._emit(ev.ChannelVacated(app.id, name))
+            if self._emits_occupancy:
+                self._emit(ev.ChannelVacated(app.id, name))
         else:
             self._count_changed(app, channel)
         return True

@@ -155,11 +155,13 @@ class Node:
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), DRAIN_SECONDS)
+        # The adapter first: with a cluster, the vacated of channels this node held
+        # last is decided in Redis after the drain, and must still reach the webhooks.
+        await self.hub.adapter.stop()
         # After the drain: the last connections' channels have vacated (their held
         # channel_vacated are sent now, not dropped); before the audit log closes, so
         # a drop is audited.
         await self._stop_webhooks()
-        await self.hub.adapter.stop()
         # Before the audit log closes: a block made during the drain is audited too.
         await self._stop_blocklist()
         if self.audit is not None:
@@ -274,9 +276,9 @@ def warn_unenforced(settings: Settings) -> None:
         # The bus carries publishes, client events and server-to-user events; the
         # rest of #5 is not cluster-wide yet, and an operator must know it.
         log.warning(
-            "adapter.driver=redis: events reach every node, but presence members, "
-            "subscription counts, channel queries, occupied/vacated webhooks and rate "
-            "limits are still per node"
+            "adapter.driver=redis: events and occupied/vacated are cluster-wide, but "
+            "presence members, subscription counts, channel queries and rate limits "
+            "are still per node"
         )
 
 
