@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -85,6 +86,23 @@ _APP_KEY = re.compile(r"^[A-Za-z0-9_\-.]{1,128}$")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+def _networks(value: list[str]) -> list[str]:
+    parse_networks(value)  # raises ValueError naming the bad entry
+    return value
+
+
+def _long_secret(value: SecretStr) -> SecretStr:
+    if len(value.get_secret_value()) < 32:
+        raise ValueError("must be at least 32 characters")
+    return value
+
+
+#: A list of CIDRs (a bare address is a /32 or /128), checked at load.
+Networks = Annotated[list[str], AfterValidator(_networks)]
+#: A key or token of 32 characters or more.
+LongSecret = Annotated[SecretStr, AfterValidator(_long_secret)]
 
 
 class WebhookSettings(BaseModel):
@@ -384,22 +402,9 @@ class AdminSettings(BaseModel):
     model_config = _STRICT
 
     #: Bearer token for every admin call; unset: the admin API answers 404.
-    token: SecretStr | None = None
+    token: LongSecret | None = None
     #: TCP peers (CIDRs) allowed to call it at all; the token is required as well.
-    allow_from: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
-
-    @field_validator("allow_from")
-    @classmethod
-    def _valid_networks(cls, value: list[str]) -> list[str]:
-        parse_networks(value)
-        return value
-
-    @field_validator("token")
-    @classmethod
-    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < 32:
-            raise ValueError("must be at least 32 characters")
-        return value
+    allow_from: Networks = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
 
 
 class MetricsSettings(BaseModel):
@@ -409,22 +414,9 @@ class MetricsSettings(BaseModel):
 
     enabled: bool = True
     #: Peers (CIDRs) that may scrape without a token; the TCP peer, never a forwarded address.
-    allow_from: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    allow_from: Networks = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     #: Bearer token that lets any other peer scrape (``Authorization: Bearer ...``).
-    token: SecretStr | None = None
-
-    @field_validator("allow_from")
-    @classmethod
-    def _valid_networks(cls, value: list[str]) -> list[str]:
-        parse_networks(value)
-        return value
-
-    @field_validator("token")
-    @classmethod
-    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < 32:
-            raise ValueError("must be at least 32 characters")
-        return value
+    token: LongSecret | None = None
 
 
 class ReputationSettings(BaseModel):
@@ -440,19 +432,13 @@ class ReputationSettings(BaseModel):
     #: How long an automatic block lasts, seconds.
     block_seconds: PositiveInt = 900
     #: Addresses never blocked, automatically or by hand (CIDRs).
-    never_block: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    never_block: Networks = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     #: Points per refusal slug, overriding the built-in weights (0 ignores a slug).
     points: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     #: SQLite file holding blocks, shared with ``bastion block`` / ``unblock`` / ``blocks``.
     store_path: str = "bastion-blocks.sqlite3"
     #: Seconds between reads of blocks written by the CLI (or other nodes).
     sync_seconds: PositiveFloat = 2
-
-    @field_validator("never_block")
-    @classmethod
-    def _valid_networks(cls, value: list[str]) -> list[str]:
-        parse_networks(value)  # raises ValueError naming the bad entry
-        return value
 
 
 class SecuritySettings(BaseModel):
@@ -461,7 +447,7 @@ class SecuritySettings(BaseModel):
     model_config = _STRICT
 
     #: Peers (CIDRs) whose X-Forwarded-For / Forwarded headers are believed.
-    trusted_proxies: list[str] = Field(default_factory=list)
+    trusted_proxies: Networks = Field(default_factory=list)
     #: Concurrent WebSocket connections from one address (over it: 429 before upgrade).
     max_connections_per_ip: PositiveInt = 200
     #: New WebSocket connections from one address (over it: 429 + Retry-After).
@@ -471,12 +457,6 @@ class SecuritySettings(BaseModel):
     #: Failed authentications from one address; when spent, 429 until it refills.
     auth_failures_per_ip: RateSettings = RateSettings(rate=0.2, burst=20)
     reputation: ReputationSettings = ReputationSettings()
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _valid_proxies(cls, value: list[str]) -> list[str]:
-        parse_networks(value)
-        return value
 
 
 class AdapterSettings(BaseModel):
@@ -491,18 +471,11 @@ class AdapterSettings(BaseModel):
     prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")] = "bastion"
     #: Key authenticating bus messages between nodes (HMAC-SHA256). Unset: derived from
     #: the apps' secrets, which every node of a cluster shares.
-    cluster_secret: SecretStr | None = None
+    cluster_secret: LongSecret | None = None
     #: Seconds between a node's liveness heartbeats.
     heartbeat_seconds: PositiveFloat = 2
     #: Longest back-off between reconnection attempts after Redis is lost, seconds.
     reconnect_max_seconds: PositiveFloat = 5
-
-    @field_validator("cluster_secret")
-    @classmethod
-    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < 32:
-            raise ValueError("must be at least 32 characters")
-        return value
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> AdapterSettings:
