@@ -11,6 +11,9 @@
   :func:`asyncio.to_thread`: it blocks, and the server runs on this loop).
 * ``logs`` captures every ``bastion`` record from INFO up and checks the hygiene
   rules: no record above WARNING, no stack trace.
+* ``make_cluster(n, prefix=...)`` starts n nodes on the shared Redis with the redis
+  adapter; ``prefix`` is a key prefix no other test uses, ``shared_redis`` a plain
+  client of that Redis, ``clients(node)`` a connected client closed at teardown.
 * ``still_serving`` asserts a fresh client can subscribe and receive a REST event.
 """
 
@@ -22,9 +25,11 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pusher
 import pytest
+import redis.asyncio as aioredis
 
 from bastion.config import settings_from_mapping
 from bastion.server.runtime import Node
@@ -224,3 +229,78 @@ def still_serving(
         assert event["data"] == '{"ok": true}'
 
     return check
+
+
+# --- clusters over the shared Redis (test_redis_cluster.py, test_cluster_occupancy.py) ---
+
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+
+MakeCluster = Callable[..., Awaitable[list[Node]]]
+
+
+@pytest.fixture
+async def make_cluster(tmp_path: Path, run_node: RunNode) -> AsyncIterator[MakeCluster]:
+    """Factory: ``await make_cluster(n, url=..., prefix=...)`` → n started nodes."""
+    nodes: list[Node] = []
+
+    async def factory(
+        count: int, *, url: str = SHARED_REDIS, prefix: str, **adapter: Any
+    ) -> list[Node]:
+        started = []
+        for _ in range(count):
+            state = tmp_path / f"node-{len(nodes)}"
+            state.mkdir()
+            document: dict[str, Any] = {
+                "server": {"host": "127.0.0.1", "port": 0, "activity_timeout": 120},
+                "adapter": {"driver": "redis", "url": url, "prefix": prefix, **adapter},
+                "audit": {"path": str(state / "audit.sqlite3")},
+                "security": {
+                    **TEST_SECURITY,
+                    "reputation": {"store_path": str(state / "blocks.sqlite3")},
+                },
+                "apps": [
+                    {
+                        "id": APP_ID,
+                        "key": APP_KEY,
+                        "secret": APP_SECRET,
+                        "enable_client_messages": True,
+                    },
+                    {"id": OTHER_APP_ID, "key": OTHER_APP_KEY, "secret": OTHER_APP_SECRET},
+                ],
+            }
+            node = await run_node(settings_from_mapping(document, environ={}))
+            nodes.append(node)
+            started.append(node)
+        return started
+
+    yield factory
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Callable[[Node], Awaitable[PusherClient]]]:
+    """Factory: a connected client on a node (closed at teardown)."""
+    opened: list[PusherClient] = []
+
+    async def factory(node: Node) -> PusherClient:
+        client = await open_client(node.port)
+        opened.append(client)
+        return client
+
+    yield factory
+    for client in opened:
+        with contextlib.suppress(OSError, TimeoutError):
+            await client.close()
+
+
+@pytest.fixture
+async def shared_redis() -> AsyncIterator[aioredis.Redis]:
+    """A plain client of the shared Redis (for NUMSUB and forged publishes)."""
+    client = aioredis.from_url(SHARED_REDIS)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix no other test uses."""
+    return f"test-{uuid4().hex}"

@@ -23,16 +23,8 @@ from bastion.core import events as ev
 from bastion.server.runtime import Node
 
 from .clients import APP_ID, APP_KEY, APP_SECRET, PusherClient, open_client
-from .conftest import TEST_SECURITY
-from .test_redis_cluster import (  # noqa: F401  (fixtures)
-    SHARED_REDIS,
-    MakeCluster,
-    clients,
-    make_cluster,
-    prefix,
-    shared_redis,
-    until,
-)
+from .conftest import SHARED_REDIS, TEST_SECURITY, MakeCluster
+from .test_redis_cluster import until
 
 Clients = Callable[[Node], Awaitable[PusherClient]]
 HEARTBEAT = 0.2
@@ -66,7 +58,7 @@ class Recorder:
 
 
 @pytest.fixture
-async def cluster(make_cluster: MakeCluster, prefix: str) -> AsyncIterator[list[Node]]:  # noqa: F811
+async def cluster(make_cluster: MakeCluster, prefix: str) -> AsyncIterator[list[Node]]:
     """Three nodes with a fast heartbeat."""
     yield await make_cluster(3, prefix=prefix, heartbeat_seconds=HEARTBEAT)
 
@@ -89,9 +81,9 @@ async def settle(recorder: Recorder, client: PusherClient, marker: str) -> None:
 
 async def test_occupied_and_vacated_once_for_the_cluster(
     cluster: list[Node],
-    clients: Clients,  # noqa: F811
-    shared_redis: aioredis.Redis,  # noqa: F811
-    prefix: str,  # noqa: F811
+    clients: Clients,
+    shared_redis: aioredis.Redis,
+    prefix: str,
 ) -> None:
     a, b, _ = cluster
     recorder = Recorder(cluster)
@@ -120,9 +112,9 @@ async def test_occupied_and_vacated_once_for_the_cluster(
 
 async def test_a_quick_subscribe_unsubscribe_subscribe_ends_occupied(
     cluster: list[Node],
-    clients: Clients,  # noqa: F811
-    shared_redis: aioredis.Redis,  # noqa: F811
-    prefix: str,  # noqa: F811
+    clients: Clients,
+    shared_redis: aioredis.Redis,
+    prefix: str,
 ) -> None:
     a = cluster[0]
     recorder = Recorder(cluster)
@@ -145,9 +137,9 @@ async def test_a_quick_subscribe_unsubscribe_subscribe_ends_occupied(
 
 async def test_a_node_that_dies_is_reaped_by_one_survivor(
     cluster: list[Node],
-    clients: Clients,  # noqa: F811
-    shared_redis: aioredis.Redis,  # noqa: F811
-    prefix: str,  # noqa: F811
+    clients: Clients,
+    shared_redis: aioredis.Redis,
+    prefix: str,
 ) -> None:
     a, b, _ = cluster
     recorder = Recorder(cluster)
@@ -176,9 +168,9 @@ async def test_a_node_that_dies_is_reaped_by_one_survivor(
 
 async def test_a_clean_stop_vacates_what_only_it_held(
     cluster: list[Node],
-    clients: Clients,  # noqa: F811
-    shared_redis: aioredis.Redis,  # noqa: F811
-    prefix: str,  # noqa: F811
+    clients: Clients,
+    shared_redis: aioredis.Redis,
+    prefix: str,
 ) -> None:
     a, b, _ = cluster
     recorder = Recorder(cluster)
@@ -202,12 +194,12 @@ async def test_a_clean_stop_vacates_what_only_it_held(
 
 
 async def test_a_sigkilled_server_is_reaped_by_one_survivor(
-    make_cluster: MakeCluster,  # noqa: F811
+    make_cluster: MakeCluster,
     make_bastion: Callable[..., BastionProcess],
     tmp_path: Path,
-    clients: Clients,  # noqa: F811
-    shared_redis: aioredis.Redis,  # noqa: F811
-    prefix: str,  # noqa: F811
+    clients: Clients,
+    shared_redis: aioredis.Redis,
+    prefix: str,
 ) -> None:
     survivors = await make_cluster(2, prefix=prefix, heartbeat_seconds=HEARTBEAT)
     recorder = Recorder(survivors)
@@ -260,7 +252,7 @@ async def _not(value: Awaitable[Any]) -> bool:
 async def test_a_clean_stop_sends_the_vacated_webhook(
     tmp_path: Path,
     run_node: Any,
-    prefix: str,  # noqa: F811
+    prefix: str,
 ) -> None:
     # The vacated of a channel only this node held is decided in Redis after the
     # drain; the node must keep its webhooks until then, so it is queued (and sent

@@ -10,10 +10,8 @@ adapter's health), each bounded by :func:`timeouts.within`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import uuid4
 
@@ -21,7 +19,6 @@ import pytest
 import redis.asyncio as aioredis
 from support.redis_server import RedisServer
 
-from bastion.config import settings_from_mapping
 from bastion.server.runtime import Node
 from bastion.store.audit import query as query_audit
 
@@ -29,20 +26,12 @@ from .clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
-    OTHER_APP_ID,
-    OTHER_APP_KEY,
-    OTHER_APP_SECRET,
     PusherClient,
     hmac_hex,
-    open_client,
     rest,
 )
-from .conftest import TEST_SECURITY, LogCheck, RunNode
+from .conftest import LogCheck, MakeCluster
 from .timeouts import within
-
-SHARED_REDIS = "redis://127.0.0.1:6379/0"
-
-MakeCluster = Callable[..., Awaitable[list[Node]]]
 
 
 async def until(predicate: Callable[[], Any], seconds: float = 5.0) -> None:
@@ -58,74 +47,6 @@ async def until(predicate: Callable[[], Any], seconds: float = 5.0) -> None:
             await asyncio.sleep(0.01)  # a poll interval, not a synchronisation
 
     await within(poll(), seconds)
-
-
-@pytest.fixture
-async def make_cluster(tmp_path: Path, run_node: RunNode) -> AsyncIterator[MakeCluster]:
-    """Factory: ``await make_cluster(n, url=..., prefix=...)`` → n started nodes."""
-    nodes: list[Node] = []
-
-    async def factory(
-        count: int, *, url: str = SHARED_REDIS, prefix: str, **adapter: Any
-    ) -> list[Node]:
-        started = []
-        for _ in range(count):
-            state = tmp_path / f"node-{len(nodes)}"
-            state.mkdir()
-            document: dict[str, Any] = {
-                "server": {"host": "127.0.0.1", "port": 0, "activity_timeout": 120},
-                "adapter": {"driver": "redis", "url": url, "prefix": prefix, **adapter},
-                "audit": {"path": str(state / "audit.sqlite3")},
-                "security": {
-                    **TEST_SECURITY,
-                    "reputation": {"store_path": str(state / "blocks.sqlite3")},
-                },
-                "apps": [
-                    {
-                        "id": APP_ID,
-                        "key": APP_KEY,
-                        "secret": APP_SECRET,
-                        "enable_client_messages": True,
-                    },
-                    {"id": OTHER_APP_ID, "key": OTHER_APP_KEY, "secret": OTHER_APP_SECRET},
-                ],
-            }
-            node = await run_node(settings_from_mapping(document, environ={}))
-            nodes.append(node)
-            started.append(node)
-        return started
-
-    yield factory
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Callable[[Node], Awaitable[PusherClient]]]:
-    """Factory: a connected client on a node (closed at teardown)."""
-    opened: list[PusherClient] = []
-
-    async def factory(node: Node) -> PusherClient:
-        client = await open_client(node.port)
-        opened.append(client)
-        return client
-
-    yield factory
-    for client in opened:
-        with contextlib.suppress(OSError, TimeoutError):
-            await client.close()
-
-
-@pytest.fixture
-async def shared_redis() -> AsyncIterator[aioredis.Redis]:
-    """A plain client of the shared Redis (for NUMSUB and forged publishes)."""
-    client = aioredis.from_url(SHARED_REDIS)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def prefix() -> str:
-    """A key prefix no other test uses."""
-    return f"test-{uuid4().hex}"
 
 
 def topic(prefix: str, channel: str, app_id: str = APP_ID) -> str:
