@@ -1,8 +1,13 @@
 """Keyed rate limits: one token bucket per key (an address, an app), bounded in memory.
 
 :class:`RateLimiter` is the interface the server uses; :class:`MemoryRateLimiter`
-implements it for one node, and a cluster-wide implementation (Redis) will
-implement the same three calls. Keys are opaque strings.
+implements it for one node; :class:`bastion.security.shared_limits.SharedLimiter`
+implements it for a cluster (a local view kept in step with Redis by
+:mod:`bastion.adapters.cluster_limits`). Keys are opaque strings.
+
+A :class:`LimiterFactory` is the seam between the two: whoever owns a limit asks
+the factory for its limiter by a stable name (see :data:`LIMITER_NAMES`), and the
+node decides which implementation answers. :func:`memory_limiters` is the default.
 
 Memory is bounded by ``max_keys``. A bucket that has refilled to its burst
 carries no state (a new bucket would start the same), so those are dropped
@@ -17,14 +22,33 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
 from bastion.security.ratelimit import _SLACK_SECONDS, TokenBucket
 
-__all__ = ["DEFAULT_MAX_KEYS", "MemoryRateLimiter", "RateLimiter", "retry_after_seconds"]
+__all__ = [
+    "DEFAULT_MAX_KEYS",
+    "LIMITER_NAMES",
+    "LimiterFactory",
+    "MemoryRateLimiter",
+    "RateLimiter",
+    "memory_limiters",
+    "retry_after_seconds",
+]
 
 #: Buckets a per-address limiter keeps at most (a few MB), by default.
 DEFAULT_MAX_KEYS = 100_000
+
+#: The limits a node asks a :class:`LimiterFactory` for, by name. A name is part of
+#: the Redis key of a cluster-wide bucket, so it must not change between releases.
+LIMITER_NAMES = {
+    "new_conn_ip": "security.new_connections_per_ip",
+    "rest_ip": "security.rest_requests_per_ip",
+    "auth_fail_ip": "security.auth_failures_per_ip",
+    "rest_app": "apps.rest_requests",
+    "client_events_app": "apps.client_events_per_app",
+}
 
 
 def retry_after_seconds(wait: float) -> int:
@@ -52,6 +76,33 @@ class RateLimiter(Protocol):
     def available(self, key: str, now: float) -> float:
         """Tokens ``key`` could use at ``now``."""
         ...
+
+
+class LimiterFactory(Protocol):
+    """Builds the limiter of one named limit (the seam between one node and a cluster)."""
+
+    def __call__(
+        self, name: str, rate: float, burst: float, max_keys: int, clock: Callable[[], float]
+    ) -> RateLimiter:
+        """A limiter of ``rate`` tokens a second and ``burst`` at most per key.
+
+        Args:
+            name: which limit (a key of :data:`LIMITER_NAMES`).
+            rate: tokens added per second (> 0).
+            burst: capacity per key (>= 1).
+            max_keys: the most keys held in memory at once.
+            clock: the clock the caller passes as ``now`` (a cluster-wide limiter
+                reads it when an answer from other nodes arrives; never called here).
+        """
+        ...
+
+
+def memory_limiters(
+    name: str, rate: float, burst: float, max_keys: int, clock: Callable[[], float]
+) -> RateLimiter:
+    """The default :class:`LimiterFactory`: a :class:`MemoryRateLimiter` (one node)."""
+    del name, clock  # one node needs neither
+    return MemoryRateLimiter(rate, burst, max_keys)
 
 
 class MemoryRateLimiter:

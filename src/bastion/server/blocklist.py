@@ -22,6 +22,12 @@
 
 With ``[security.reputation] enabled = false`` nothing is scored, but blocks from
 the store still apply.
+
+The store is the SQLite blocks file (nodes on one host), or with ``[adapter]
+driver = "redis"`` the cluster's Redis (:mod:`bastion.store.redis_blocks`, nodes on
+any host): :func:`open_block_store` picks it. A Redis that is down at start does
+not fail start-up: the node starts with no blocks from the store and the sync
+task reads them all once Redis answers.
 """
 
 from __future__ import annotations
@@ -32,17 +38,25 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
 
-from bastion.config import ReputationSettings
+from bastion.config import ReputationSettings, Settings
 from bastion.protocol.refusals import Reason
 from bastion.security.audit import AuditEvent, from_block, from_unblock
 from bastion.security.reputation import Block, BlockSet, Reputation, canonical_ip
 from bastion.server.context import ServerContext
 from bastion.server.refusals import RefusalRecord
-from bastion.store.blocks import BlockStore, BlockStoreError
+from bastion.store.blocks import BlockChange, BlockStore, BlockStoreError
+from bastion.store.redis_blocks import RedisBlockStore
 
-__all__ = ["CLOSE_CODE", "LOG_EVERY_SECONDS", "PRUNE_EVERY_SECONDS", "NodeBlockList"]
+__all__ = [
+    "CLOSE_CODE",
+    "LOG_EVERY_SECONDS",
+    "PRUNE_EVERY_SECONDS",
+    "BlockBackend",
+    "NodeBlockList",
+    "open_block_store",
+]
 
 log = logging.getLogger("bastion.blocks")
 
@@ -53,6 +67,37 @@ CLOSE_CODE = 4100
 LOG_EVERY_SECONDS = 60.0
 #: Seconds between prunes of the store's old rows.
 PRUNE_EVERY_SECONDS = 3600.0
+
+
+class BlockBackend(Protocol):
+    """What a node needs of a block store (the SQLite file or Redis); synchronous."""
+
+    @property
+    def path(self) -> str:
+        """Where the blocks are, for log lines (never a password)."""
+        ...
+
+    def block(self, block: Block, *, now: float) -> bool: ...
+    def unblock(self, ip: str, *, now: float) -> Block | None: ...
+    def active(self, *, now: float) -> list[Block]: ...
+    def last_change_id(self) -> int: ...
+    def changes(self, since: int, *, limit: int = 10_000) -> list[BlockChange]: ...
+    def prune(self, *, now: float, keep_seconds: float = ...) -> int: ...
+    def close(self) -> None: ...
+
+
+def open_block_store(settings: Settings) -> BlockBackend:
+    """The blocks shared by the nodes: Redis with the redis adapter, else the file.
+
+    Blocking (the file is opened and created): call it off the loop.
+
+    Raises:
+        BlockStoreError: the blocks file cannot be opened.
+    """
+    adapter = settings.adapter
+    if adapter.driver == "redis" and adapter.url is not None:
+        return RedisBlockStore(adapter.url, adapter.prefix)
+    return BlockStore(settings.security.reputation.store_path)
 
 
 class NodeBlockList:
@@ -71,7 +116,7 @@ class NodeBlockList:
         self,
         settings: ReputationSettings,
         ctx: ServerContext,
-        store: BlockStore,
+        store: BlockBackend,
         audit: Callable[[AuditEvent], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -96,12 +141,19 @@ class NodeBlockList:
     async def start(self) -> None:
         """Load the blocks in force, then start the sync task."""
         now = self.clock()
-        # The change id first: a change made between the two reads is read again.
-        self._change_id = await asyncio.to_thread(self.store.last_change_id)
-        for block in await asyncio.to_thread(self.store.active, now=now):
-            if not self._exempt(block.ip):
-                self.blocks.put(block)
-        await asyncio.to_thread(self.store.prune, now=now)
+        try:
+            # The change id first: a change made between the two reads is read again.
+            self._change_id = await asyncio.to_thread(self.store.last_change_id)
+            for block in await asyncio.to_thread(self.store.active, now=now):
+                if not self._exempt(block.ip):
+                    self.blocks.put(block)
+            await asyncio.to_thread(self.store.prune, now=now)
+        except BlockStoreError as exc:
+            if not isinstance(self.store, RedisBlockStore):
+                raise  # a bad blocks file fails start-up
+            # Redis down: serve now; the sync task reads every change once it is back.
+            self._change_id = 0
+            log.warning("blocks not loaded at start (%s); syncing when redis is back", exc)
         if self.blocks:
             log.info("%d blocked addresses loaded from %s", len(self.blocks), self.store.path)
         self._sync = asyncio.create_task(self._sync_forever(), name="bastion-blocks-sync")
