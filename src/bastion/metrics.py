@@ -52,6 +52,9 @@ class Metrics:
         self.bus_dropped: Counter[str] = Counter()
         #: reason → incoming bus messages refused as forged or malformed.
         self.bus_forged: Counter[str] = Counter()
+        # --- live configuration reloads (bastion.server.reload) ---
+        #: result → reloads: ``applied``, ``unchanged``, ``restart_required``, ``invalid``.
+        self.config_reloads: Counter[str] = Counter()
 
     def refusal_count(self, slug: str) -> int:
         """Refusals with ``slug`` across every app."""

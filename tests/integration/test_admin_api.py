@@ -292,11 +292,12 @@ async def test_config_dump_has_no_secret(start_node: StartNode) -> None:
     assert config["apps"][0]["jwt"]["secret"] == "[redacted]"
 
 
-async def test_put_config_is_501(start_node: StartNode) -> None:
+async def test_put_config_needing_a_restart_is_409(start_node: StartNode) -> None:
     node = await start_node()
     result = await call(node, "PUT", "config", {"server": {"port": 1}})
-    assert result.status == 501
-    assert "not implemented" in result.json()["error"]
+    assert result.status == 409
+    assert result.json()["fields"] == ["server.port"]
+    assert node.settings.server.port == 0  # nothing applied
 
 
 async def test_the_token_is_never_logged(

@@ -15,6 +15,7 @@ from bastion.api.admin import REDACTED, AdminApi, AdminNodeView, redacted_config
 from bastion.api.openapi import openapi_document
 from bastion.api.ops import Ops
 from bastion.config import Settings, settings_from_mapping
+from bastion.server.reload import ReloadResult, RestartRequired, changed_fields
 
 TOKEN = "admin-token-0123456789abcdefghijklmnopq"
 APP_SECRET = "app-secret-0123456789-unit"
@@ -107,7 +108,7 @@ def test_openapi_document_is_openapi_31_with_every_route() -> None:
         "description": document["components"]["securitySchemes"]["bearerAuth"]["description"],
     }
     assert document["security"] == [{"bearerAuth": []}]
-    assert "501" in paths["/api/security/config"]["put"]["responses"]
+    assert {"200", "400", "409"} <= set(paths["/api/security/config"]["put"]["responses"])
     for schema in document["components"]["schemas"].values():
         jsonschema.Draft202012Validator.check_schema(schema)
 
@@ -281,10 +282,110 @@ def test_unknown_route_and_wrong_method(admin: AdminApi) -> None:
     assert ("Allow", "GET") in response.headers
 
 
-def test_put_config_is_501(admin: AdminApi) -> None:
-    status, body = call(admin, "PUT", "config", body=b'{"server": {}}')
-    assert status == 501
-    assert "not implemented" in body["error"]
+class PutRecorder:
+    """A stand-in node for ``PUT config``: records what it was asked to apply."""
+
+    def __init__(self, settings: Settings, refuse: tuple[str, ...] = ()) -> None:
+        self.settings = settings
+        self.blocklist = None
+        self.audit = None
+        self.refuse = refuse
+        self.applied: list[Settings] = []
+        self.failed: list[list[str]] = []
+
+    def apply_config(self, settings: Settings) -> ReloadResult:
+        if self.refuse:
+            raise RestartRequired(self.refuse)
+        self.applied.append(settings)
+        return ReloadResult(tuple(changed_fields(self.settings, settings)))
+
+    def reload_failed(self, source: str, fields: list[str]) -> None:
+        self.failed.append(fields)
+
+
+def put_admin(node: PutRecorder) -> AdminApi:
+    ops = cast(Ops, SimpleNamespace(checks=dict))
+    return AdminApi(cast(AdminNodeView, node), ops, wall_clock=lambda: 1e9)
+
+
+def local_every_secret_settings() -> Settings:
+    """Every kind of secret, on the local adapter (the redis URL stays redacted-testable)."""
+    return every_secret_settings().model_copy(
+        update={"adapter": every_secret_settings().adapter.model_copy(update={"driver": "local"})}
+    )
+
+
+def test_put_config_round_trips_get_config_keeping_every_secret() -> None:
+    node = PutRecorder(local_every_secret_settings())
+    admin = put_admin(node)
+    _, document = call(admin, "GET", "config")
+    status, body = call(admin, "PUT", "config", body=json.dumps(document).encode())
+    assert (status, body) == (200, {"changed": [], "closed_connections": 0})
+    assert node.applied == [node.settings]  # every [redacted] kept its running value
+
+
+def test_put_config_merges_a_partial_document() -> None:
+    node = PutRecorder(local_every_secret_settings())
+    admin = put_admin(node)
+    patch = {
+        "apps": [{"id": "1", "allowed_origins": ["https://app.example.com"]}],
+        "security": {"rest_requests_per_ip": {"rate": 5, "burst": 10}},
+    }
+    status, body = call(admin, "PUT", "config", body=json.dumps(patch).encode())
+    assert status == 200
+    assert body["changed"] == [
+        "security.rest_requests_per_ip.rate",
+        "security.rest_requests_per_ip.burst",
+        "apps.1.allowed_origins",
+    ]
+    (applied,) = node.applied
+    app = applied.apps[0]
+    assert app.allowed_origins == ["https://app.example.com"]
+    assert app.secret.get_secret_value() == APP_SECRET
+    assert app.previous_secrets == node.settings.apps[0].previous_secrets
+    assert applied.admin == node.settings.admin
+
+
+@pytest.mark.parametrize(
+    ("patch", "fields"),
+    [
+        ({"server": {"port": "6001"}}, ["server.port"]),
+        ({"apps": [{"id": "1", "max_connections": 0}]}, ["apps.0.max_connections"]),
+        ({"apps": [{"id": "2", "key": "k2"}]}, ["apps.0.secret"]),
+    ],
+)
+def test_put_config_names_invalid_fields_never_values(
+    patch: dict[str, Any], fields: list[str]
+) -> None:
+    node = PutRecorder(local_every_secret_settings())
+    status, body = call(put_admin(node), "PUT", "config", body=json.dumps(patch).encode())
+    assert (status, body["reason"], body["fields"]) == (400, "invalid_config", fields)
+    assert node.applied == [] and node.failed == [fields]
+    assert not any(secret in json.dumps(body) for secret in SECRETS)
+
+
+@pytest.mark.parametrize(
+    ("body", "parameter"),
+    [
+        (b"[1]", "body"),
+        (b"{not json", "body"),
+        (b'{"server": {"no_such_key": 1}}', "server"),
+        (b'{"apps": [{"id": "9", "key": "k9", "secret": "[redacted]"}]}', "apps.0.secret"),
+    ],
+)
+def test_put_config_refuses_bad_documents(body: bytes, parameter: str) -> None:
+    node = PutRecorder(local_every_secret_settings())
+    status, answer = call(put_admin(node), "PUT", "config", body=body)
+    assert (status, answer["parameter"]) == (400, parameter)
+    assert "no_such_key" not in answer["error"]  # the client's text is never echoed
+    assert node.applied == [] and node.failed == [[parameter]]
+
+
+def test_put_config_restart_required_is_409_naming_fields() -> None:
+    node = PutRecorder(local_every_secret_settings(), refuse=("server.port",))
+    patch = b'{"server": {"port": 7001}}'
+    status, body = call(put_admin(node), "PUT", "config", body=patch)
+    assert (status, body["reason"], body["fields"]) == (409, "restart_required", ["server.port"])
 
 
 def test_report_range_is_validated(admin: AdminApi) -> None:

@@ -95,3 +95,50 @@ def test_the_shipped_example_fails_only_on_its_placeholder_secrets() -> None:
     findings = examine(settings_from_mapping(data, environ={}))
     failures = {f.check for f in findings if f.level == "fail"}
     assert failures == {"apps.12345.secret", "apps.67890.secret", "apps.67890.jwt.secret"}
+
+
+ADMIN_TOKEN = "admin-token-0123456789abcdefghijklmnopq"
+METRICS_TOKEN = "metrics-token-0123456789abcdefghijklmn"
+CERT = {"cert": "/etc/bastion/fullchain.pem", "key": "/etc/bastion/privkey.pem"}
+
+
+def test_admin_token_open_to_the_network_without_tls_fails() -> None:
+    bad = _settings(
+        server={"host": "0.0.0.0"},
+        security={},
+        admin={"token": ADMIN_TOKEN, "allow_from": ["127.0.0.1/32", "10.0.0.0/8"]},
+    )
+    findings = examine(bad)
+    finding = _by_check(findings)["admin"]
+    assert finding.level == "fail" and worst(findings) == "fail"
+    assert "10.0.0.0/8" in finding.message and "[server.tls]" in finding.message
+    assert ADMIN_TOKEN not in finding.message
+
+
+def test_admin_token_passes_on_loopback_over_tls_or_behind_a_proxy() -> None:
+    remote = {"token": ADMIN_TOKEN, "allow_from": ["10.0.0.0/8"]}
+    good = [
+        # loopback peers only (the default allow_from), even on a public address
+        _settings(server={"host": "0.0.0.0"}, security={}, admin={"token": ADMIN_TOKEN}),
+        # remote peers, but TLS served by the node
+        _settings(server={"host": "0.0.0.0", "tls": CERT}, security={}, admin=remote),
+        # remote peers through a TLS-terminating proxy
+        _settings(server={"host": "0.0.0.0"}, admin=remote),
+        # a loopback listener cannot be reached from 10/8 at all
+        _settings(security={}, admin=remote),
+    ]
+    for settings in good:
+        assert _by_check(examine(settings))["admin"].level == "pass", settings.admin
+    off = _by_check(examine(_settings()))["admin"]
+    assert off.level == "pass" and "off" in off.message
+
+
+def test_metrics_token_in_clear_fails_and_over_tls_passes() -> None:
+    exposed = _settings(server={"host": "0.0.0.0"}, security={}, metrics={"token": METRICS_TOKEN})
+    finding = _by_check(examine(exposed))["metrics.token"]
+    assert finding.level == "fail" and METRICS_TOKEN not in finding.message
+    tls = _settings(
+        server={"host": "0.0.0.0", "tls": CERT}, security={}, metrics={"token": METRICS_TOKEN}
+    )
+    assert _by_check(examine(tls))["metrics.token"].level == "pass"
+    assert "metrics.token" not in _by_check(examine(_settings()))

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
+from bastion.security.proxies import parse_networks
+
 if TYPE_CHECKING:
     from bastion.config import AppSettings, Settings
 
@@ -96,6 +98,47 @@ def _transport(settings: Settings) -> Iterator[Finding]:
         )
 
 
+def _tokens_in_clear(settings: Settings) -> Iterator[Finding]:
+    """Admin and metrics bearer tokens must not cross the network in clear.
+
+    A token is exposed when peers off this host may send it (the admin API:
+    ``allow_from`` admits a non-loopback network; ``/metrics``: any peer may
+    present the token) to a node reachable from the network (``server.host`` not
+    loopback) that neither serves TLS itself (``[server.tls]``) nor sits behind a
+    TLS-terminating proxy (``security.trusted_proxies``).
+    """
+    server, security = settings.server, settings.security
+    in_clear = not _is_loopback(server.host) and server.tls is None and not security.trusted_proxies
+    admin = settings.admin
+    if admin.token is None:
+        yield Finding("pass", "admin", "off: no token, the admin API answers 404")
+    else:
+        remote = [str(net) for net in parse_networks(admin.allow_from) if not net.is_loopback]
+        if remote and in_clear:
+            yield Finding(
+                "fail",
+                "admin",
+                f"admin.allow_from admits {', '.join(remote)} on {server.host!r} without TLS: "
+                "the bearer token would cross the network in clear; set [server.tls], or "
+                "listen on loopback behind a TLS proxy (security.trusted_proxies)",
+            )
+        elif remote:
+            yield Finding("pass", "admin", "token set; remote peers reach it over TLS only")
+        else:
+            yield Finding("pass", "admin", "token set; callable from loopback only")
+    metrics = settings.metrics
+    if metrics.enabled and metrics.token is not None:
+        if in_clear:
+            yield Finding(
+                "fail",
+                "metrics.token",
+                f"any peer may scrape /metrics with the token on {server.host!r} without TLS: "
+                "it would cross the network in clear; set [server.tls] or use a TLS proxy",
+            )
+        else:
+            yield Finding("pass", "metrics.token", "never sent in clear over the network")
+
+
 def _app_secrets(app: AppSettings) -> Iterator[Finding]:
     check = f"apps.{app.id}.secret"
     problem = _secret_problem(app.secret.get_secret_value())
@@ -158,6 +201,7 @@ def _app_limits(app: AppSettings) -> Iterator[Finding]:
 def examine(settings: Settings) -> list[Finding]:
     """Every finding for ``settings``, in a stable order."""
     findings = list(_transport(settings))
+    findings.extend(_tokens_in_clear(settings))
     if not settings.apps:
         findings.append(Finding("fail", "apps", "no apps configured"))
     for app in settings.apps:

@@ -37,6 +37,15 @@ single node does (close code 4200, flush the audit log and webhook queue). The
 supervisor exits once every worker has stopped, killing any still running after
 :data:`STOP_SECONDS`.
 
+Reload. On SIGHUP the supervisor reads the configuration again (``--config``
+and ``BASTION_*``, as at start), checks it (an invalid file, or a change that needs
+a restart, is logged naming the fields, and nothing changes), and writes it as one
+more JSON line to every worker's stdin pipe; the worker's pipe reader hands it to
+its event loop (it raises SIGHUP on itself), which applies it live
+(:mod:`bastion.server.reload`). A worker started or restarted later gets the new
+settings too. Sending the workers SIGHUP directly, rather than the new settings,
+would not do: they have no file to read, and they must all run the same settings.
+
 Restarts. A worker that exits while no stop was asked for is restarted with the
 same index after a back-off (:func:`restart_delay`: 0.5 s doubling to 10 s); more
 than :data:`MAX_RESTARTS_PER_WINDOW` restarts of one worker within
@@ -193,6 +202,8 @@ class Supervisor:
         log_level: the workers' ``--log-level``.
         log_format: the workers' ``--log-format`` (``console`` or ``json``).
         log_levels: the workers' ``--log-level-for`` (logger name to level).
+        reload: reads the settings again on SIGHUP (``None``: nothing to reload);
+            raises ConfigError when they are invalid.
     """
 
     def __init__(
@@ -204,7 +215,10 @@ class Supervisor:
         log_level: str = "info",
         log_format: logs.LogFormat = "console",
         log_levels: Mapping[str, str] | None = None,
+        reload: Callable[[], Settings] | None = None,
     ) -> None:
+        self._settings = settings
+        self._reload = reload
         self._payload = settings_payload(settings)
         self.host = settings.server.host
         self.port = settings.server.port
@@ -245,6 +259,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         reserved: socket.socket | None = None
         try:
             if self.port == 0:
@@ -262,7 +277,7 @@ class Supervisor:
         finally:
             # Cancelled or failed half-way: no worker may outlive its supervisor.
             self._signal_all(signal.SIGTERM)
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             if reserved is not None:
                 reserved.close()
@@ -276,6 +291,41 @@ class Supervisor:
         log.info("stopping %d workers on %s", self._count, signal.Signals(signum).name)
         self._signal = signal.Signals(signum)
         self._stop.set()
+
+    def _on_reload(self) -> None:
+        """SIGHUP: read the settings again and hand them to every worker."""
+        if self._reload is None:
+            log.warning("SIGHUP: nothing to reload (started without --config)")
+            return
+        try:
+            settings = self._reload()
+        except ConfigError as exc:  # names fields, never values (bastion.config)
+            log.error("configuration not reloaded: %s", exc)
+            return
+        from bastion.server.reload import changed_fields, restart_fields
+
+        changed = changed_fields(self._settings, settings)
+        if not changed:
+            log.info("configuration reloaded: unchanged")
+            return
+        restart = restart_fields(self._settings, changed)
+        if restart:
+            log.error("configuration not reloaded: needs a restart: %s", ", ".join(restart))
+            return
+        payload = settings_payload(settings)
+        payload["server"]["port"] = self.port
+        self._settings, self._payload = settings, payload
+        line = json.dumps(payload).encode() + b"\n"
+        sent = 0
+        for worker in self._workers:
+            process = worker.process
+            if process is None or process.returncode is not None or process.stdin is None:
+                continue
+            if process.stdin.is_closing():
+                continue
+            process.stdin.write(line)
+            sent += 1
+        log.warning("configuration reloaded, sent to %d workers: %s", sent, ", ".join(changed))
 
     def _fail(self, code: int) -> None:
         if not self._stop.is_set():
@@ -450,10 +500,12 @@ def supervise(
     log_level: str = "info",
     log_format: logs.LogFormat = "console",
     log_levels: Mapping[str, str] | None = None,
+    reload: Callable[[], Settings] | None = None,
 ) -> int:
     """Run ``workers`` worker processes until SIGINT or SIGTERM; return the exit status.
 
-    The logging options are handed to every worker (see :class:`Supervisor`).
+    The logging options are handed to every worker, and SIGHUP reloads with
+    ``reload`` (see :class:`Supervisor`).
 
     Raises:
         OSError: the port could not be reserved (``port = 0``).
@@ -465,6 +517,7 @@ def supervise(
         log_level=log_level,
         log_format=log_format,
         log_levels=log_levels,
+        reload=reload,
     )
     return asyncio.run(supervisor.run())
 
@@ -486,25 +539,57 @@ class ReusePortLoop(uvloop.Loop):
         return await super().create_server(*args, **kwargs)
 
 
-def _read_line(fd: int, limit: int) -> bytes:
-    """Read the supervisor's one line from ``fd`` (it writes nothing after it)."""
+def _read_line(fd: int, limit: int) -> tuple[bytes, bytes]:
+    """Read the supervisor's first line from ``fd``; also return what followed it."""
     data = bytearray()
-    while len(data) < limit and not data.endswith(b"\n"):
+    while len(data) < limit and b"\n" not in data:
         chunk = os.read(fd, 65536)
         if not chunk:
             break
         data += chunk
-    return bytes(data)
+    line, newline, rest = bytes(data).partition(b"\n")
+    return line + newline, rest
 
 
-def _exit_with_supervisor(fd: int) -> None:
-    """Block until the supervisor's pipe closes, then drain like on SIGTERM."""
+class _LatestSettings:
+    """The last settings the supervisor sent, for the worker's SIGHUP handler."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def __call__(self) -> Settings:
+        return self.settings
+
+
+def _exit_with_supervisor(fd: int, rest: bytes, latest: _LatestSettings, index: int) -> None:
+    """Read reloads from the supervisor's pipe; when it closes, drain like on SIGTERM."""
     # Raw os.read, not sys.stdin: a thread blocked inside a buffered reader aborts
     # the interpreter at shutdown.
+    pending = bytearray(rest)
     with contextlib.suppress(OSError):
-        while os.read(fd, 65536):
-            pass  # the supervisor writes nothing after the settings
+        while True:
+            while b"\n" in pending:
+                line, _, tail = bytes(pending).partition(b"\n")
+                pending = bytearray(tail)
+                _take_reload(line, latest, index)
+            if len(pending) > _MAX_SETTINGS_BYTES:
+                pending.clear()  # never a settings line: drop it
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            pending += chunk
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _take_reload(line: bytes, latest: _LatestSettings, index: int) -> None:
+    """A new settings line from the supervisor: keep it, and let the loop apply it."""
+    try:
+        latest.settings = settings_from_mapping(json.loads(line), environ={})
+    except (ValueError, TypeError, ConfigError) as exc:
+        log.error("worker %d: bad settings from the supervisor: %s", index, exc)
+        return
+    # The loop applies it from its SIGHUP handler (signals are its thread-safe door).
+    os.kill(os.getpid(), signal.SIGHUP)
 
 
 def run_worker(
@@ -527,15 +612,18 @@ def run_worker(
         print("bastion: --worker-of is set only by `bastion serve --workers`", file=sys.stderr)
         return 2
     stdin = sys.stdin.fileno()
+    line, rest = _read_line(stdin, _MAX_SETTINGS_BYTES)
     try:
-        settings = settings_from_mapping(
-            json.loads(_read_line(stdin, _MAX_SETTINGS_BYTES)), environ={}
-        )
+        settings = settings_from_mapping(json.loads(line), environ={})
     except (ValueError, TypeError, ConfigError) as exc:
         print(f"bastion: worker {index}: bad settings from the supervisor: {exc}", file=sys.stderr)
         return 2
+    latest = _LatestSettings(settings)
     threading.Thread(
-        target=_exit_with_supervisor, args=(stdin,), name="supervisor-watch", daemon=True
+        target=_exit_with_supervisor,
+        args=(stdin, rest, latest, index),
+        name="supervisor-watch",
+        daemon=True,
     ).start()
 
     from bastion.server.runtime import run
@@ -544,7 +632,10 @@ def run_worker(
         print(f"bastion worker {index} ready on http://{host}:{port}", flush=True)
 
     try:
-        uvloop.run(run(settings, on_ready), loop_factory=ReusePortLoop)
+        uvloop.run(
+            run(settings, on_ready, reload=latest, reload_source="supervisor"),
+            loop_factory=ReusePortLoop,
+        )
     except OSError as exc:
         print(f"bastion: worker {index}: cannot listen: {exc.strerror}", file=sys.stderr)
         return 1
