@@ -24,7 +24,7 @@ from support.timeouts import scaled
 
 from .node_driver import INTEROP_DIR, NodeDriver
 
-REQUIRED_NODE_PACKAGES = ("pusher-js", "pusher", "tweetnacl")
+REQUIRED_NODE_PACKAGES = ("pusher-js", "pusher", "tweetnacl", "playwright-core")
 MIN_NODE_MAJOR = 18
 
 

@@ -1,0 +1,103 @@
+"""The operator dashboard: a static page at ``/dashboard`` over the admin API.
+
+Three files ship inside this package (``index.html``, ``app.js``, ``app.css``);
+there is no build step and nothing is fetched from anywhere else. The page is a
+login form for the ``[admin] token``: the script keeps the token in
+``sessionStorage`` and calls ``/api/security/*`` with it, so the page itself holds
+no secret and needs no token to load.
+
+The listener (:mod:`bastion.server.http`) routes here only when the admin API is
+on (``[admin] token`` set) and the TCP peer is in ``[admin] allow_from``; anyone
+else gets the 404 of an unknown path. Only ``GET`` and ``HEAD`` are answered.
+
+Every answer carries :data:`SECURITY_HEADERS`: a Content-Security-Policy that
+allows only this origin's script, style and ``fetch`` (no inline code at all, no
+frames, no form posts), ``nosniff``, no referrer, and ``no-store``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from importlib import resources
+
+from bastion.api.rest import HttpResponse
+
+__all__ = [
+    "CONTENT_SECURITY_POLICY",
+    "DASHBOARD_PATH",
+    "METHODS",
+    "SECURITY_HEADERS",
+    "dashboard_response",
+    "is_dashboard_path",
+    "with_security_headers",
+]
+
+#: Where the page lives; its assets are beside it.
+DASHBOARD_PATH = "/dashboard"
+#: The methods the page answers; anything else is 405.
+METHODS = frozenset({"GET", "HEAD"})
+
+CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "connect-src 'self'",
+        "img-src 'self' data:",
+        "frame-ancestors 'none'",
+        "base-uri 'none'",
+        "form-action 'none'",
+    )
+)
+
+SECURITY_HEADERS: tuple[tuple[str, str], ...] = (
+    ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Cache-Control", "no-store"),
+)
+
+#: Request path -> (file in this package, content type).
+_FILES: dict[str, tuple[str, str]] = {
+    DASHBOARD_PATH: ("index.html", "text/html; charset=utf-8"),
+    DASHBOARD_PATH + "/": ("index.html", "text/html; charset=utf-8"),
+    DASHBOARD_PATH + "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    DASHBOARD_PATH + "/app.css": ("app.css", "text/css; charset=utf-8"),
+}
+
+
+def is_dashboard_path(path: str) -> bool:
+    """Whether ``path`` is the page or one of its assets (nothing else under it)."""
+    return path in _FILES
+
+
+@functools.cache
+def _read(name: str) -> bytes:
+    """A shipped file's bytes, read once."""
+    return resources.files(__name__).joinpath(name).read_bytes()
+
+
+def with_security_headers(response: HttpResponse) -> HttpResponse:
+    """``response`` with the dashboard's headers added (an error answer, say)."""
+    names = {name.lower() for name, _ in SECURITY_HEADERS}
+    kept = tuple(item for item in response.headers if item[0].lower() not in names)
+    return replace(response, headers=kept + SECURITY_HEADERS)
+
+
+def dashboard_response(method: str, path: str) -> HttpResponse:
+    """The page or asset at ``path`` for a ``GET`` or ``HEAD``.
+
+    Args:
+        method: ``GET`` or ``HEAD`` (the caller answers other methods 405).
+        path: a path for which :func:`is_dashboard_path` is true.
+    """
+    name, content_type = _FILES[path]
+    body = _read(name)
+    return HttpResponse(
+        200,
+        b"" if method == "HEAD" else body,
+        content_type=content_type,
+        headers=SECURITY_HEADERS,
+    )
