@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import pytest
 import redis.asyncio as aioredis
+from support.pki import make_pki
 from support.redis_server import RedisServer
 
 from bastion.server.runtime import Node
@@ -27,6 +29,7 @@ from .clients import (
     APP_KEY,
     APP_SECRET,
     PusherClient,
+    data_of,
     hmac_hex,
     rest,
 )
@@ -166,7 +169,12 @@ async def test_presence_client_event_carries_the_user_id_across_nodes(
         await client.subscribed(channel, auth=auth, channel_data=data)
     await until(lambda: _equals(numsub(shared_redis, topic(prefix, channel)), 2))
     await sender.send({"event": "client-wave", "channel": channel, "data": {}})
-    event = await receiver.expect("client-wave", channel)
+    event = await receiver.recv()
+    if event["event"] == "pusher_internal:member_added":
+        # Presence is cluster-wide: alice may join bob's view after his member list.
+        assert data_of(event)["user_id"] == "alice"
+        event = await receiver.recv()
+    assert event["event"] == "client-wave" and event["channel"] == channel
     assert event["user_id"] == "alice"
 
 
@@ -372,3 +380,27 @@ async def test_subscribed_means_events_from_other_nodes_arrive(
         await on_a.subscribed(channel)
         await trigger(b, channel, "first", str(n))
         assert (await on_a.expect("first", channel))["data"] == str(n)
+
+
+async def test_nodes_talk_over_tls_redis_with_a_password(
+    make_cluster: MakeCluster, clients: Any, prefix: str, tmp_path: Path, logs: LogCheck
+) -> None:
+    password = "redis-password-0123456789abcdef"
+    with RedisServer(password=password, tls=make_pki(tmp_path)) as server:
+        assert server.url.startswith("rediss://")
+        a, b = await make_cluster(2, url=server.url, prefix=prefix)
+        assert a.hub.adapter.healthy and b.hub.adapter.healthy
+        listener = await clients(b)
+        await listener.subscribed("secure-news")
+        private = aioredis.from_url(server.url)
+        try:
+            await until(lambda: _equals(numsub(private, topic(prefix, "secure-news")), 1))
+            # The cluster's shared state is there too (over the same TLS connection).
+            assert await private.smembers(f"{prefix}:chans:{APP_ID}") == {b"secure-news"}
+        finally:
+            await private.aclose()
+        await trigger(a, "secure-news", "hello", '{"tls":true}')
+        event = await listener.expect("hello", "secure-news")
+        assert event["data"] == '{"tls":true}'
+    logs.assert_clean()
+    assert not any(password in record.getMessage() for record in logs.caplog.records)

@@ -21,10 +21,13 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from types import TracebackType
+from urllib.parse import quote, urlencode
 
+from .pki import Pki
 from .timeouts import scaled
 
 __all__ = ["RedisServer", "free_port"]
@@ -44,18 +47,47 @@ def free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process on 127.0.0.1 (started by :meth:`start`)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, *, password: str | None = None, tls: Pki | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH")
         self.binary = binary
         self.port = port if port is not None else free_port()
+        self.password = password
+        #: TLS only (``rediss://``), with this certificate; clients trust its CA.
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``redis://127.0.0.1:PORT/0``, or ``rediss://`` (verifying the test CA)."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        query = urlencode({"ssl_cert_reqs": "required", "ssl_ca_certs": str(self.tls.ca)})
+        return f"rediss://{auth}127.0.0.1:{self.port}/0?{query}"
+
+    def _listen_args(self) -> list[str]:
+        args = ["--requirepass", self.password] if self.password else []
+        if self.tls is None:
+            return [*args, "--port", str(self.port)]
+        return [
+            *args,
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            str(self.tls.cert),
+            "--tls-key-file",
+            str(self.tls.key),
+            "--tls-ca-cert-file",
+            str(self.tls.ca),
+            "--tls-auth-clients",
+            "no",
+        ]
 
     def start(self) -> None:
         """Start (again) on :attr:`port`; returns once it accepts connections."""
@@ -64,8 +96,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 self.binary,
-                "--port",
-                str(self.port),
+                *self._listen_args(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -95,9 +126,14 @@ class RedisServer:
 
     def _answers(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
+                conn = raw
+                if self.tls is not None:
+                    context = ssl.create_default_context(cafile=str(self.tls.ca))
+                    conn = context.wrap_socket(raw, server_hostname="127.0.0.1")
                 conn.sendall(b"PING\r\n")
-                return conn.recv(16).startswith(b"+PONG")
+                # Up, whether or not it wants a password first.
+                return conn.recv(16).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 

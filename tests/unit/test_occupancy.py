@@ -8,7 +8,7 @@ from uuid import uuid4
 import pytest
 import redis.asyncio as aioredis
 
-from bastion.adapters.occupancy import Occupancy
+from bastion.adapters.occupancy import Occupancy, Reaped, member_tag, split_tag
 
 URL = "redis://127.0.0.1:6379/0"
 TTL_MS = 60_000
@@ -86,8 +86,8 @@ async def test_a_dead_node_is_reaped_once_reporting_only_its_own_channels(
     assert await b.dead_nodes() == []
     await client.delete(f"{prefix}:node:a")  # its liveness key expired
     assert await b.dead_nodes() == ["a"] and await c.dead_nodes() == ["a"]
-    assert await b.reap("a") == ["1:only-a", "2:also-a"]
-    assert await c.reap("a") == []  # the other survivor finds nothing left
+    assert await b.reap("a") == Reaped(["1:only-a", "2:also-a"], [], [])
+    assert await c.reap("a") == Reaped([], [], [])  # the other survivor finds nothing left
     assert await client.hkeys(f"{prefix}:occ:1:shared") == [b"b"]
     assert await client.exists(f"{prefix}:occ:1:only-a", f"{prefix}:nodeocc:a") == 0
     assert await client.smembers(f"{prefix}:nodes") == {b"b", b"c"}
@@ -98,7 +98,7 @@ async def test_a_node_alive_again_is_not_reaped(client: aioredis.Redis, prefix: 
     a, b = node(client, prefix, "a"), node(client, prefix, "b")
     await a.beat()
     await a.on("1:news")
-    assert await b.reap("a") == []  # its key exists: the script changes nothing
+    assert await b.reap("a") == Reaped([], [], [])  # its key exists: nothing changes
     assert await a.held() == {"1:news"}
     assert await client.smembers(f"{prefix}:nodes") == {b"a"}
 
@@ -110,7 +110,7 @@ async def test_a_reaped_node_learns_it_from_its_next_beat(
     await a.beat()
     await a.on("1:news")
     await client.delete(f"{prefix}:node:a")
-    assert await b.reap("a") == ["1:news"]
+    assert (await b.reap("a")).vacated == ["1:news"]
     assert await a.beat() is True
     assert await a.held() == set()
     assert await a.on("1:news") is True  # re-asserted: occupied again, after the vacated
@@ -121,3 +121,95 @@ async def test_scripts_survive_a_script_flush(client: aioredis.Redis, prefix: st
     assert await a.on("1:news") is True
     await client.script_flush()
     assert await a.off("1:news") is True  # EVALSHA falls back to loading the script
+
+
+async def test_the_channel_set_follows_occupancy(client: aioredis.Redis, prefix: str) -> None:
+    a, b = node(client, prefix, "a"), node(client, prefix, "b")
+    await a.on("1:news")
+    await b.on("1:news")
+    await b.on("1:presence-room")
+    await a.on("2:other-app")
+    assert await a.channels("1") == ["news", "presence-room"]
+    assert await a.channels("2") == ["other-app"]
+    await a.off("1:news")
+    assert await a.channels("1") == ["news", "presence-room"]  # b still holds it
+    await b.off("1:news")
+    assert await b.channels("1") == ["presence-room"]
+
+
+async def test_counts_add_up_over_nodes_and_never_resurrect(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    a, b = node(client, prefix, "a"), node(client, prefix, "b")
+    await a.on("1:news")
+    await b.on("1:news")
+    await a.counts({"1:news": 3})
+    await b.counts({"1:news": 2})
+    assert await a.channel_info(["1:news", "1:empty"]) == [(True, 5, 0), (False, 0, 0)]
+    await a.off("1:news")
+    await a.counts({"1:news": 7})  # late: a holds nothing, so nothing is written
+    assert await a.channel_info(["1:news"]) == [(True, 2, 0)]
+    assert await a.on("1:news") is False  # re-joining starts its count at 1
+    assert await b.channel_info(["1:news"]) == [(True, 3, 0)]
+
+
+async def test_a_member_is_added_and_removed_once_for_the_cluster(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    a, b = node(client, prefix, "a"), node(client, prefix, "b")
+    tag = member_tag("1:presence-room", "alice")
+    assert split_tag(tag) == ("1", "presence-room", "alice")
+    assert await a.member_on(tag, '{"name":"A"}') is True
+    assert await a.member_on(tag, '{"name":"A"}') is False  # idempotent
+    assert await b.member_on(tag, '{"name":"other"}') is False  # present already
+    assert await a.members("1:presence-room") == {"alice": '{"name":"A"}'}
+    assert await a.channel_info(["1:presence-room"]) == [(False, 0, 1)]
+    assert await a.member_off(tag) is False  # still on b
+    assert await a.member_off(tag) is False  # a holds nothing: decides nothing
+    assert await b.member_off(tag) is True
+    assert await a.members("1:presence-room") == {}
+    assert await a.held_members() == set() and await b.held_members() == set()
+
+
+async def test_users_come_online_and_go_offline_once(client: aioredis.Redis, prefix: str) -> None:
+    a, b = node(client, prefix, "a"), node(client, prefix, "b")
+    assert await a.user_on("1\nalice") is True
+    assert await b.user_on("1\nalice") is False
+    assert await a.online("1", ["alice", "bob"]) == {"alice"}
+    assert await a.online("2", ["alice"]) == set()  # per app
+    assert await a.user_off("1\nalice") is False
+    assert await b.user_off("1\nalice") is True
+    assert await a.online("1", ["alice"]) == set()
+
+
+async def test_reaping_removes_the_members_and_users_only_the_dead_node_had(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    a, b, c = (node(client, prefix, name) for name in "abc")
+    for each in (a, b, c):
+        await each.beat()
+    only_a = member_tag("1:presence-room", "alice")
+    shared = member_tag("1:presence-room", "bob")
+    await a.on("1:presence-room")
+    await b.on("1:presence-room")
+    await a.member_on(only_a, '"A"')
+    await a.member_on(shared, '"B"')
+    await b.member_on(shared, '"B"')
+    await a.user_on("1\nalice")
+    await a.user_on("1\nbob")
+    await b.user_on("1\nbob")
+    await client.delete(f"{prefix}:node:a")
+    reaped = await c.reap("a")
+    assert reaped == Reaped([], [only_a], ["1\nalice"])
+    assert await b.reap("a") == Reaped([], [], [])  # exactly one survivor decides
+    assert await b.members("1:presence-room") == {"bob": '"B"'}
+    assert await b.online("1", ["alice", "bob"]) == {"bob"}
+    assert await client.exists(f"{prefix}:nodepres:a", f"{prefix}:nodeusers:a") == 0
+
+
+async def test_a_cache_event_is_read_with_its_ttl(client: aioredis.Redis, prefix: str) -> None:
+    a = node(client, prefix, "a")
+    assert await a.cached("1:cache-news") is None
+    await client.set(f"{prefix}:cache:1:cache-news", '["update", "{}"]', px=30_000)
+    found = await a.cached("1:cache-news")
+    assert found is not None and found[:2] == ("update", "{}") and 0 < found[2] <= 30_000

@@ -6,24 +6,51 @@ adapter (one node) does nothing more; the ``redis`` adapter (#5) publishes on
 the bus and subscribes to a channel's bus topic only while the node has local
 interest in it. Events from other nodes come back through the :data:`Deliver`
 callback the node attaches (``Hub.deliver_remote``), for local delivery only.
-An adapter may also *decide occupancy* (:attr:`Adapter.decides_occupancy`): then
-``channel_occupied`` / ``channel_vacated`` are decided once for the whole cluster
-by the adapter, which reports them through the :data:`Emit` callback the hub
-attaches, and the hub does not emit them itself.
-Presence, counts and the REST queries move behind this seam later in #5 as
-cluster-wide operations with a deadline; until then the hub answers them from
-its own state, which *is* the whole cluster for a single node.
+A *clustered* adapter (:attr:`Adapter.clustered`) also owns the state that spans
+nodes: ``channel_occupied`` / ``channel_vacated`` and presence ``member_added`` /
+``member_removed`` are decided once for the whole cluster by the adapter, which
+reports the hub events through the :data:`Emit` callback the hub attaches and
+delivers the member frames through :data:`Deliver` (the hub then does neither);
+subscriber counts, presence members and cache channels' last events are recorded
+where every node can read them, and the REST queries ask the adapter
+(:meth:`Adapter.channel_states`, :meth:`Adapter.user_ids`,
+:meth:`Adapter.cached`) within a deadline. Otherwise (one node) the hub decides
+and answers from its own state, which *is* the whole cluster.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from bastion.core.events import HubEvent
 
-__all__ = ["Adapter", "Deliver", "Emit"]
+__all__ = ["Adapter", "ChannelState", "ClusterUnavailable", "Deliver", "Emit"]
+
+#: Internal events a clustered adapter delivers through :data:`Deliver`: never
+#: publishable by REST (reserved prefix) nor by clients (``client-`` only), and
+#: bus messages are authenticated, so only a node can send them.
+MEMBER_ADDED = "pusher_internal:member_added"
+MEMBER_REMOVED = "pusher_internal:member_removed"
+TERMINATE = "pusher_internal:terminate_connections"
+WATCH_ONLINE = "pusher_internal:user_online"
+WATCH_OFFLINE = "pusher_internal:user_offline"
+
+
+class ClusterUnavailable(Exception):
+    """A cluster-wide query could not be answered (bus down or past its deadline)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelState:
+    """A channel as the whole cluster sees it."""
+
+    occupied: bool
+    subscription_count: int
+    user_count: int
+
 
 #: Reports a hub event decided by the adapter (``Hub._emit``); never blocks.
 Emit = Callable[["HubEvent"], None]
@@ -58,8 +85,8 @@ class Adapter(Protocol):
         """Whether the bus is connected (always ``True`` for one node)."""
 
     @property
-    def decides_occupancy(self) -> bool:
-        """Whether the adapter, not the hub, emits ``ChannelOccupied`` / ``ChannelVacated``."""
+    def clustered(self) -> bool:
+        """Whether the adapter, not the hub, decides occupancy and presence events."""
 
     def attach(self, deliver: Deliver) -> None:
         """Where events received from other nodes go (set once, before :meth:`start`)."""
@@ -104,3 +131,65 @@ class Adapter(Protocol):
         once when there is no bus, when the bus is down, or when the topic is
         already confirmed; never later than a short bound otherwise.
         """
+
+    # --- cluster state (a clustered adapter; no-ops for one node) ------------------------
+
+    def count(self, app_id: str, channel: str, subscribers: int) -> None:
+        """This node's subscriber count of ``channel`` changed (it still has some)."""
+
+    def member_on(
+        self, app_id: str, channel: str, user_id: str, user_info: Any, socket_id: str
+    ) -> None:
+        """``user_id`` became present on this node (its first local socket, ``socket_id``)."""
+
+    def member_off(self, app_id: str, channel: str, user_id: str) -> None:
+        """``user_id``'s last local socket left ``channel``."""
+
+    def members(
+        self, app_id: str, channel: str, callback: Callable[[dict[str, Any] | None], None]
+    ) -> None:
+        """Call back with the cluster's members (user id → info), ``None`` when unknown."""
+
+    def cache(self, app_id: str, channel: str, event: str, data: str, ttl_seconds: int) -> None:
+        """Record a cache channel's last event for every node."""
+
+    def cached_event(
+        self, app_id: str, channel: str, callback: Callable[[tuple[str, str] | None, bool], None]
+    ) -> None:
+        """Call back with a cache channel's last event and whether the cluster answered."""
+
+    def terminate_user(self, app_id: str, user_id: str) -> None:
+        """Close ``user_id``'s connections on the other nodes."""
+
+    def user_presence(self, app_id: str, user_id: str, online: bool) -> None:
+        """``user_id``'s first local connection signed in / last one closed."""
+
+    def online_users(
+        self, app_id: str, user_ids: list[str], callback: Callable[[set[str] | None], None]
+    ) -> None:
+        """Call back with those of ``user_ids`` signed in anywhere, ``None`` when unknown."""
+
+    async def channel_states(
+        self, app_id: str, names: list[str] | None, prefix: str = ""
+    ) -> dict[str, ChannelState]:
+        """The cluster's view of ``names`` (or of every occupied channel with ``prefix``).
+
+        Raises:
+            ClusterUnavailable: the bus is down or did not answer in time.
+        """
+        ...
+
+    async def user_ids(self, app_id: str, channel: str) -> list[str]:
+        """The users present in a presence channel anywhere in the cluster."""
+        ...
+
+    async def cached(self, app_id: str, channel: str) -> tuple[str, str, int] | None:
+        """A cache channel's last event ``(event, data, ttl_ms)`` in the cluster."""
+        ...
+
+    async def claim_signature(
+        self, app_id: str, signature: str, grace_seconds: float, ttl_seconds: float
+    ) -> bool | None:
+        """Whether a signed REST request is new to the cluster (or a repeat within
+        ``grace_seconds``); ``None`` when the cluster cannot say (bus down)."""
+        ...

@@ -1,20 +1,32 @@
-"""Cluster-wide channel occupancy in Redis: the Lua scripts and their wrappers.
+"""Cluster-wide channel state in Redis: the Lua scripts and their wrappers.
 
-Keys (``prefix`` from ``[adapter]``; an entry is ``{app_id}:{channel}``):
+Keys (``prefix`` from ``[adapter]``; an entry is ``{app_id}:{channel}``; a member
+tag is ``{entry}\n{user_id}``, and neither part can hold a newline):
 
-* ``{prefix}:occ:{app_id}:{channel}`` — a hash whose fields are the ids of the
-  nodes with local interest in the channel (the value is unused);
+* ``{prefix}:occ:{entry}`` — a hash whose fields are the ids of the nodes with
+  local subscribers of the channel, each valued with that node's subscriber count;
+* ``{prefix}:chans:{app_id}`` — the set of the app's channels occupied anywhere
+  (the REST ``/channels`` query reads it instead of scanning the key space);
 * ``{prefix}:nodeocc:{node_id}`` — a set of the entries that node holds, so the
   node's share can be removed when it dies;
+* ``{prefix}:pu:{entry}`` — a presence channel's members: user id → ``user_info``
+  as JSON (the first node to add the user sets it);
+* ``{prefix}:pn:{entry}`` — user id → how many nodes have the user present;
+* ``{prefix}:nodepres:{node_id}`` — the member tags that node holds;
+* ``{prefix}:uo:{app_id}`` — signed-in user id → how many nodes have it signed in
+  (watchlists' online / offline), and ``{prefix}:nodeusers:{node_id}`` the
+  ``{app_id}\n{user_id}`` tags that node holds;
 * ``{prefix}:node:{node_id}`` — the node's liveness key, refreshed every
   heartbeat with a TTL of three heartbeats;
 * ``{prefix}:nodes`` — the set of node ids that registered liveness.
 
 Each change runs as one script, so "was this node the first / the last holder" is
 decided atomically across the cluster: a channel is occupied exactly when its hash
-goes from 0 to 1 field, and vacated exactly when it goes from 1 to 0. The reap
-script removes a dead node's fields and deletes its set in the same atomic step,
-so when several survivors reap the same node, exactly one gets the vacated channels.
+goes from 0 to 1 field, and vacated exactly when it goes from 1 to 0; a member is
+added exactly when its node count goes from 0 to 1, and removed when it goes back
+to 0. The reap script removes a dead node's channel fields and member tags and
+deletes its sets in the same atomic step, so when several survivors reap the same
+node, exactly one gets the vacated channels and the removed members.
 
 The scripts compute keys from set members, so they need a single Redis (or a
 primary with replicas), not Redis Cluster.
@@ -22,45 +34,168 @@ primary with replicas), not Redis Cluster.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
-__all__ = ["Occupancy"]
+__all__ = ["Occupancy", "Reaped", "member_tag", "split_tag"]
 
-#: KEYS: occ hash, node's set. ARGV: node id, entry. Returns 1 when the hash went 0 → 1.
+#: KEYS: occ hash, node's set, app's channel set. ARGV: node id, entry, channel.
+#: Returns 1 when the hash went 0 → 1.
 _ON = """
 local before = redis.call('HLEN', KEYS[1])
-redis.call('HSET', KEYS[1], ARGV[1], '1')
+redis.call('HSETNX', KEYS[1], ARGV[1], '1')
 redis.call('SADD', KEYS[2], ARGV[2])
-if before == 0 then return 1 end
+if before == 0 then
+  redis.call('SADD', KEYS[3], ARGV[3])
+  return 1
+end
 return 0
 """
 
-#: KEYS: occ hash, node's set. ARGV: node id, entry. Returns 1 when the hash went 1 → 0.
+#: KEYS: occ hash, node's set, app's channel set. ARGV: node id, entry, channel.
+#: Returns 1 when the hash went 1 → 0.
 _OFF = """
 local removed = redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('SREM', KEYS[2], ARGV[2])
-if removed == 1 and redis.call('HLEN', KEYS[1]) == 0 then return 1 end
+if removed == 1 and redis.call('HLEN', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[3], ARGV[3])
+  return 1
+end
 return 0
 """
 
-#: KEYS: dead node's set, nodes set, dead node's liveness key. ARGV: dead id, occ key
-#: prefix. Returns the entries that the dead node was the last holder of; nothing
-#: (and no change) when the node is alive again.
+#: KEYS: occ hash. ARGV: node id, count. Sets this node's subscriber count, only
+#: while the node holds the channel (a late count never resurrects a field).
+_COUNT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return 0
+"""
+
+#: KEYS: members hash, node counts hash, node's tag set. ARGV: tag, user id, info
+#: JSON. Returns 1 when the user became present in the cluster.
+_MEMBER_ON = """
+if redis.call('SADD', KEYS[3], ARGV[1]) == 0 then return 0 end
+redis.call('HSETNX', KEYS[1], ARGV[2], ARGV[3])
+if redis.call('HINCRBY', KEYS[2], ARGV[2], 1) == 1 then return 1 end
+return 0
+"""
+
+#: KEYS: members hash, node counts hash, node's tag set. ARGV: tag, user id.
+#: Returns 1 when the user left the cluster.
+_MEMBER_OFF = """
+if redis.call('SREM', KEYS[3], ARGV[1]) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then
+  redis.call('HDEL', KEYS[2], ARGV[2])
+  redis.call('HDEL', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+#: KEYS: users hash, node's user tag set. ARGV: tag, user id. Returns 1 when the
+#: user signed in for the first time in the cluster.
+_USER_ON = """
+if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[1], ARGV[2], 1) == 1 then return 1 end
+return 0
+"""
+
+#: KEYS: users hash, node's user tag set. ARGV: tag, user id. Returns 1 when the
+#: user's last connection in the cluster closed.
+_USER_OFF = """
+if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+if redis.call('HINCRBY', KEYS[1], ARGV[2], -1) <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+#: KEYS: dead node's entry set, nodes set, dead node's liveness key, dead node's
+#: tag set, dead node's user tag set. ARGV: dead id, key prefix (``{prefix}:``).
+#: Returns the entries the dead node was the last holder of, the tags of the
+#: members only it had and the user tags only it had signed in; nothing (and no
+#: change) when the node is alive again.
 _REAP = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return {} end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {{}, {}, {}} end
+local offline = {}
+for _, tag in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  local cut = string.find(tag, '\\n', 1, true)
+  local users = ARGV[2] .. 'uo:' .. string.sub(tag, 1, cut - 1)
+  local user = string.sub(tag, cut + 1)
+  if redis.call('HINCRBY', users, user, -1) <= 0 then
+    redis.call('HDEL', users, user)
+    table.insert(offline, tag)
+  end
+end
+local removed = {}
+for _, tag in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  local cut = string.find(tag, '\\n', 1, true)
+  local entry = string.sub(tag, 1, cut - 1)
+  local user = string.sub(tag, cut + 1)
+  local counts = ARGV[2] .. 'pn:' .. entry
+  if redis.call('HINCRBY', counts, user, -1) <= 0 then
+    redis.call('HDEL', counts, user)
+    redis.call('HDEL', ARGV[2] .. 'pu:' .. entry, user)
+    table.insert(removed, tag)
+  end
+end
 local vacated = {}
 for _, entry in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local key = ARGV[2] .. entry
+  local key = ARGV[2] .. 'occ:' .. entry
   if redis.call('HDEL', key, ARGV[1]) == 1 and redis.call('HLEN', key) == 0 then
+    local cut = string.find(entry, ':', 1, true)
+    local app = string.sub(entry, 1, cut - 1)
+    redis.call('SREM', ARGV[2] .. 'chans:' .. app, string.sub(entry, cut + 1))
     table.insert(vacated, entry)
   end
 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[4], KEYS[5])
 redis.call('SREM', KEYS[2], ARGV[1])
-return vacated
+return {vacated, removed, offline}
 """
+
+
+#: KEYS: the signature's key. ARGV: repeat grace (ms), time to live (ms). Returns 1
+#: when the signed request may proceed: first seen, or repeated within the grace
+#: (the SDKs' same-second identical requests); 0 for a replay. Redis's clock.
+_CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local first = redis.call('GET', KEYS[1])
+if not first then
+  redis.call('SET', KEYS[1], now, 'PX', ARGV[2])
+  return 1
+end
+if now - tonumber(first) <= tonumber(ARGV[1]) then return 1 end
+return 0
+"""
+
+
+def member_tag(entry: str, user_id: str) -> str:
+    """The tag of ``user_id`` present in ``entry`` (``{app_id}:{channel}``)."""
+    return f"{entry}\n{user_id}"
+
+
+def split_tag(tag: str) -> tuple[str, str, str]:
+    """``(app_id, channel, user_id)`` of a member tag."""
+    entry, _, user_id = tag.partition("\n")
+    app_id, _, channel = entry.partition(":")
+    return app_id, channel, user_id
+
+
+@dataclass(frozen=True, slots=True)
+class Reaped:
+    """What reaping a dead node decided: entries vacated, member and user tags gone."""
+
+    vacated: list[str]
+    removed: list[str]
+    offline: list[str]
 
 
 def _text(value: bytes | str) -> str:
@@ -68,7 +203,7 @@ def _text(value: bytes | str) -> str:
 
 
 class Occupancy:
-    """The occupancy and liveness operations of one node on one Redis connection.
+    """The cluster-state operations of one node on one Redis connection.
 
     Args:
         client: the Redis client of the current bus session.
@@ -84,7 +219,13 @@ class Occupancy:
         self._ttl_ms = ttl_ms
         self._on = client.register_script(_ON)
         self._off = client.register_script(_OFF)
+        self._count = client.register_script(_COUNT)
+        self._member_on = client.register_script(_MEMBER_ON)
+        self._member_off = client.register_script(_MEMBER_OFF)
+        self._user_on = client.register_script(_USER_ON)
+        self._user_off = client.register_script(_USER_OFF)
         self._reap = client.register_script(_REAP)
+        self._claim = client.register_script(_CLAIM)
 
     # --- keys ----------------------------------------------------------------------------
 
@@ -92,9 +233,37 @@ class Occupancy:
         """The hash of the nodes holding ``entry`` (``{app_id}:{channel}``)."""
         return f"{self._prefix}:occ:{entry}"
 
+    def channels_key(self, app_id: str) -> str:
+        """The set of the app's channels occupied anywhere in the cluster."""
+        return f"{self._prefix}:chans:{app_id}"
+
     def node_set_key(self, node_id: str) -> str:
         """The set of entries ``node_id`` holds."""
         return f"{self._prefix}:nodeocc:{node_id}"
+
+    def members_key(self, entry: str) -> str:
+        """A presence channel's members: user id → user_info JSON."""
+        return f"{self._prefix}:pu:{entry}"
+
+    def member_counts_key(self, entry: str) -> str:
+        """A presence channel's user id → number of nodes where the user is present."""
+        return f"{self._prefix}:pn:{entry}"
+
+    def node_members_key(self, node_id: str) -> str:
+        """The member tags ``node_id`` holds."""
+        return f"{self._prefix}:nodepres:{node_id}"
+
+    def users_key(self, app_id: str) -> str:
+        """The app's signed-in users: user id → number of nodes."""
+        return f"{self._prefix}:uo:{app_id}"
+
+    def node_users_key(self, node_id: str) -> str:
+        """The ``{app_id}\\n{user_id}`` tags ``node_id`` has signed in."""
+        return f"{self._prefix}:nodeusers:{node_id}"
+
+    def cache_key(self, entry: str) -> str:
+        """A cache channel's last event (JSON ``[event, data]``, expiring with its TTL)."""
+        return f"{self._prefix}:cache:{entry}"
 
     def liveness_key(self, node_id: str) -> str:
         """The key ``node_id`` keeps alive while it runs."""
@@ -112,26 +281,144 @@ class Occupancy:
         members: Any = await self._client.smembers(self.node_set_key(self._node_id))
         return {_text(member) for member in members}
 
+    def _entry_keys(self, entry: str) -> tuple[list[str], list[str]]:
+        app_id, _, channel = entry.partition(":")
+        keys = [self.occ_key(entry), self.node_set_key(self._node_id), self.channels_key(app_id)]
+        return keys, [self._node_id, entry, channel]
+
     async def on(self, entry: str) -> bool:
         """Record this node's interest in ``entry``; ``True`` when it became occupied."""
-        keys = [self.occ_key(entry), self.node_set_key(self._node_id)]
-        result: Any = await self._on(keys=keys, args=[self._node_id, entry])
+        keys, args = self._entry_keys(entry)
+        result: Any = await self._on(keys=keys, args=args)
         return int(result) == 1
 
     async def off(self, entry: str) -> bool:
         """Remove this node's interest in ``entry``; ``True`` when it became vacated."""
-        keys = [self.occ_key(entry), self.node_set_key(self._node_id)]
-        result: Any = await self._off(keys=keys, args=[self._node_id, entry])
+        keys, args = self._entry_keys(entry)
+        result: Any = await self._off(keys=keys, args=args)
+        return int(result) == 1
+
+    async def counts(self, counts: dict[str, int]) -> None:
+        """Record this node's subscriber count of each held entry (one round trip)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for entry, count in counts.items():
+                await self._count(
+                    keys=[self.occ_key(entry)], args=[self._node_id, count], client=pipe
+                )
+            await pipe.execute()
+
+    # --- this node's presence members ------------------------------------------------------
+
+    async def held_members(self) -> set[str]:
+        """The member tags Redis records for this node."""
+        members: Any = await self._client.smembers(self.node_members_key(self._node_id))
+        return {_text(member) for member in members}
+
+    def _member_keys(self, tag: str) -> tuple[list[str], str]:
+        entry, _, user_id = tag.partition("\n")
+        keys = [
+            self.members_key(entry),
+            self.member_counts_key(entry),
+            self.node_members_key(self._node_id),
+        ]
+        return keys, user_id
+
+    async def member_on(self, tag: str, user_info_json: str) -> bool:
+        """Record a member present on this node; ``True`` when new to the cluster."""
+        keys, user_id = self._member_keys(tag)
+        result: Any = await self._member_on(keys=keys, args=[tag, user_id, user_info_json])
+        return int(result) == 1
+
+    async def member_off(self, tag: str) -> bool:
+        """Remove a member of this node; ``True`` when it left the cluster."""
+        keys, user_id = self._member_keys(tag)
+        result: Any = await self._member_off(keys=keys, args=[tag, user_id])
+        return int(result) == 1
+
+    # --- this node's signed-in users -------------------------------------------------------
+
+    async def held_users(self) -> set[str]:
+        """The user tags Redis records for this node."""
+        members: Any = await self._client.smembers(self.node_users_key(self._node_id))
+        return {_text(member) for member in members}
+
+    async def user_on(self, tag: str) -> bool:
+        """Record a user signed in on this node; ``True`` when new to the cluster."""
+        app_id, _, user_id = tag.partition("\n")
+        keys = [self.users_key(app_id), self.node_users_key(self._node_id)]
+        result: Any = await self._user_on(keys=keys, args=[tag, user_id])
+        return int(result) == 1
+
+    async def user_off(self, tag: str) -> bool:
+        """Remove a user of this node; ``True`` when its last connection closed."""
+        app_id, _, user_id = tag.partition("\n")
+        keys = [self.users_key(app_id), self.node_users_key(self._node_id)]
+        result: Any = await self._user_off(keys=keys, args=[tag, user_id])
+        return int(result) == 1
+
+    async def online(self, app_id: str, user_ids: list[str]) -> set[str]:
+        """Those of ``user_ids`` signed in anywhere in the cluster."""
+        if not user_ids:
+            return set()
+        counts: Any = await self._client.hmget(self.users_key(app_id), user_ids)
+        return {user for user, count in zip(user_ids, counts, strict=True) if count}
+
+    # --- queries (any node) ------------------------------------------------------------------
+
+    async def members(self, entry: str) -> dict[str, str]:
+        """A presence channel's members in the cluster: user id → user_info JSON."""
+        raw: Any = await self._client.hgetall(self.members_key(entry))
+        return {_text(user): _text(info) for user, info in raw.items()}
+
+    async def channel_info(self, entries: list[str]) -> list[tuple[bool, int, int]]:
+        """``(occupied, subscription_count, user_count)`` of each entry (one round trip)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.hvals(self.occ_key(entry))
+                pipe.hlen(self.members_key(entry))
+            replies: Any = await pipe.execute()
+        result = []
+        for index in range(len(entries)):
+            counts, users = replies[2 * index], replies[2 * index + 1]
+            result.append((bool(counts), sum(int(count) for count in counts), int(users)))
+        return result
+
+    async def channels(self, app_id: str) -> list[str]:
+        """The app's channels occupied anywhere in the cluster."""
+        members: Any = await self._client.smembers(self.channels_key(app_id))
+        return sorted(_text(member) for member in members)
+
+    async def cached(self, entry: str) -> tuple[str, str, int] | None:
+        """A cache channel's last event and its remaining TTL (ms), if any."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.get(self.cache_key(entry))
+            pipe.pttl(self.cache_key(entry))
+            value, ttl = await pipe.execute()
+        if value is None:
+            return None
+        event, data = json.loads(value)
+        return str(event), str(data), max(0, int(ttl))
+
+    # --- the replay guard -------------------------------------------------------------------
+
+    def replay_key(self, app_id: str, signature: str) -> str:
+        """The key remembering a signed REST request's signature."""
+        return f"{self._prefix}:replay:{app_id}:{signature}"
+
+    async def claim(self, app_id: str, signature: str, grace_ms: int, ttl_ms: int) -> bool:
+        """``True`` when this signature may proceed anywhere in the cluster."""
+        keys = [self.replay_key(app_id, signature)]
+        result: Any = await self._claim(keys=keys, args=[grace_ms, max(1, ttl_ms)])
         return int(result) == 1
 
     # --- liveness ------------------------------------------------------------------------
 
     async def beat(self) -> bool:
         """Refresh this node's liveness; ``True`` when it was not registered (or reaped)."""
-        pipe = self._client.pipeline(transaction=True)
-        pipe.set(self.liveness_key(self._node_id), b"1", px=self._ttl_ms)
-        pipe.sadd(self.nodes_key, self._node_id)
-        _, added = await pipe.execute()
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.set(self.liveness_key(self._node_id), b"1", px=self._ttl_ms)
+            pipe.sadd(self.nodes_key, self._node_id)
+            _, added = await pipe.execute()
         return int(added) == 1
 
     async def dead_nodes(self) -> list[str]:
@@ -140,21 +427,32 @@ class Occupancy:
         others = sorted(_text(m) for m in members if _text(m) != self._node_id)
         if not others:
             return []
-        pipe = self._client.pipeline(transaction=False)
-        for other in others:
-            pipe.exists(self.liveness_key(other))
-        alive = await pipe.execute()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for other in others:
+                pipe.exists(self.liveness_key(other))
+            alive = await pipe.execute()
         return [other for other, exists in zip(others, alive, strict=True) if not exists]
 
-    async def reap(self, dead: str) -> list[str]:
-        """Remove a dead node's share; the entries it was the last holder of."""
-        keys = [self.node_set_key(dead), self.nodes_key, self.liveness_key(dead)]
-        result: Any = await self._reap(keys=keys, args=[dead, f"{self._prefix}:occ:"])
-        return sorted(_text(entry) for entry in result)
+    async def reap(self, dead: str) -> Reaped:
+        """Remove a dead node's share: the entries and members only it held."""
+        keys = [
+            self.node_set_key(dead),
+            self.nodes_key,
+            self.liveness_key(dead),
+            self.node_members_key(dead),
+            self.node_users_key(dead),
+        ]
+        result: Any = await self._reap(keys=keys, args=[dead, f"{self._prefix}:"])
+        vacated, removed, offline = result
+        return Reaped(
+            sorted(_text(entry) for entry in vacated),
+            sorted(_text(tag) for tag in removed),
+            sorted(_text(tag) for tag in offline),
+        )
 
     async def leave(self) -> None:
         """Unregister this node (a clean stop, after its entries are removed)."""
-        pipe = self._client.pipeline(transaction=True)
-        pipe.delete(self.liveness_key(self._node_id))
-        pipe.srem(self.nodes_key, self._node_id)
-        await pipe.execute()
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.liveness_key(self._node_id))
+            pipe.srem(self.nodes_key, self._node_id)
+            await pipe.execute()

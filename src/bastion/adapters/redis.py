@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -50,16 +51,29 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from bastion.adapters import bus
-from bastion.adapters.base import Deliver, Emit
-from bastion.adapters.occupancy import Occupancy
+from bastion.adapters.base import (
+    MEMBER_ADDED,
+    MEMBER_REMOVED,
+    TERMINATE,
+    WATCH_OFFLINE,
+    WATCH_ONLINE,
+    ChannelState,
+    ClusterUnavailable,
+    Deliver,
+    Emit,
+)
+from bastion.adapters.occupancy import Occupancy, member_tag, split_tag
 from bastion.config import AdapterSettings, AppSettings
 from bastion.core import events as ev
 from bastion.metrics import Metrics
+from bastion.protocol import messages as msg
 from bastion.protocol.names import SERVER_TO_USER_PREFIX
 from bastion.security.audit import AuditEvent, bus_forged_event, redact
 from bastion.security.ratelimit import TokenBucket
 
 __all__ = ["RedisAdapter", "describe_url"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("bastion.bus")
 
@@ -95,6 +109,10 @@ LIVENESS_HEARTBEATS = 3
 #: Audit records for forged messages: refill per second and burst (the count is exact).
 FORGED_AUDIT_RATE = 1.0
 FORGED_AUDIT_BURST = 20.0
+#: Seconds a cluster-wide read (REST query, presence members, cache) may take.
+QUERY_WAIT = 2.0
+#: Seconds a query waits for this node's own pending changes to reach Redis first.
+SETTLE_WAIT = 0.5
 
 
 def describe_url(url: str) -> str:
@@ -168,6 +186,20 @@ class RedisAdapter:
         self._occ_held: set[str] = set()
         #: Re-read ``_occ_held`` from Redis before the next reconcile (we were reaped).
         self._occ_reload = False
+        #: Presence members on this node (desired): tag → (user_info JSON, first socket).
+        self._pres_wanted: dict[str, tuple[str, str | None]] = {}
+        #: Member tags Redis records for this node, as far as this session knows.
+        self._pres_held: set[str] = set()
+        #: ``{app_id}\n{user_id}`` of users signed in on this node (desired, held).
+        self._users_wanted: set[str] = set()
+        self._users_held: set[str] = set()
+        #: entry → this node's subscriber count; entries whose count Redis lacks.
+        self._counts: dict[str, int] = {}
+        self._counts_dirty: set[str] = set()
+        #: entry → a cache channel's last event to record (the latest wins).
+        self._cache_out: dict[str, tuple[str, str, int]] = {}
+        #: The current session's state operations (``None`` while disconnected).
+        self._state: Occupancy | None = None
         #: Set when the syncer has nothing left to do (a clean stop waits for it).
         self._settled: asyncio.Event | None = None
         #: Topics this node wants; the users topics always.
@@ -186,6 +218,8 @@ class RedisAdapter:
         self._wake_writer: asyncio.Event | None = None
         self._wake_syncer: asyncio.Event | None = None
         self._attempted: asyncio.Event | None = None
+        #: Cluster reads in flight (kept so they are not garbage-collected).
+        self._reads: set[asyncio.Task[None]] = set()
 
     # --- the Adapter protocol ----------------------------------------------------------
 
@@ -200,8 +234,8 @@ class RedisAdapter:
         return self._healthy
 
     @property
-    def decides_occupancy(self) -> bool:
-        """Occupied/vacated are decided here, once for the cluster."""
+    def clustered(self) -> bool:
+        """Occupancy and presence are decided here, once for the cluster."""
         return True
 
     def attach(self, deliver: Deliver) -> None:
@@ -268,6 +302,14 @@ class RedisAdapter:
         client = self._client()
         try:
             occupancy = self._occupancy(client)
+            # What the drain did not already remove (normally nothing).
+            for tag in sorted(await occupancy.held_users()):
+                if await occupancy.user_off(tag):
+                    await self._publish_now(client, self._user_frame(tag, online=False))
+            for tag in sorted(await occupancy.held_members()):
+                if await occupancy.member_off(tag):
+                    await self._publish_now(client, self._member_frame(tag, None))
+                    self._report_member(tag, added=False)
             for entry in sorted(await occupancy.held()):
                 if await occupancy.off(entry):
                     self._report(ev.ChannelVacated, entry)
@@ -294,6 +336,23 @@ class RedisAdapter:
         if len(self._outbox) >= self._max_pending:
             self._count_dropped("backlog")
             return
+        self._outbox.append(
+            self._encode(app_id, channel, event, data, exclude_socket_id, user_id, client)
+        )
+        if self._wake_writer is not None:
+            self._wake_writer.set()
+
+    def _encode(
+        self,
+        app_id: str,
+        channel: str,
+        event: str,
+        data: Any,
+        exclude_socket_id: str | None,
+        user_id: str | None = None,
+        client: bool = False,
+    ) -> tuple[str, bytes]:
+        """A signed bus message and its topic."""
         message = bus.BusMessage(
             origin=self._node_id,
             id=uuid.uuid4().hex,
@@ -306,9 +365,12 @@ class RedisAdapter:
             user_id=user_id,
             client=client,
         )
-        self._outbox.append((self._topic(app_id, channel), bus.encode(message, self._key)))
-        if self._wake_writer is not None:
-            self._wake_writer.set()
+        return self._topic(app_id, channel), bus.encode(message, self._key)
+
+    async def _publish_now(self, client: aioredis.Redis, frame: tuple[str, str, str, str]) -> None:
+        app_id, channel, event, data = frame
+        topic, payload = self._encode(app_id, channel, event, data, None)
+        await client.publish(topic, payload)
 
     def interest_on(self, app_id: str, channel: str) -> None:
         """Subscribe to the channel's topic (soon, on the syncer)."""
@@ -352,6 +414,233 @@ class RedisAdapter:
         for topic in list(self._waiters):
             self._release(topic)
 
+    # --- cluster state -------------------------------------------------------------------
+
+    def count(self, app_id: str, channel: str, subscribers: int) -> None:
+        """Record this node's subscriber count of ``channel`` (soon, on the syncer)."""
+        entry = f"{app_id}:{channel}"
+        if self._counts.get(entry) != subscribers:
+            self._counts[entry] = subscribers
+            self._counts_dirty.add(entry)
+            self._wake()
+
+    def member_on(
+        self, app_id: str, channel: str, user_id: str, user_info: Any, socket_id: str
+    ) -> None:
+        """Add a member (soon, on the syncer); member_added goes out if new to the cluster."""
+        tag = member_tag(f"{app_id}:{channel}", user_id)
+        info = msg.dumps(user_info)
+        self._pres_wanted[tag] = (info, socket_id)
+        if not self._healthy:
+            # Nothing can be decided for the cluster: this node's clients learn now.
+            self._deliver_frame(self._member_frame(tag, info), socket_id)
+        self._wake()
+
+    def member_off(self, app_id: str, channel: str, user_id: str) -> None:
+        """Remove a member (soon); member_removed goes out if it left the cluster."""
+        tag = member_tag(f"{app_id}:{channel}", user_id)
+        self._pres_wanted.pop(tag, None)
+        if not self._healthy:
+            self._deliver_frame(self._member_frame(tag, None), None)
+        self._wake()
+
+    def user_presence(self, app_id: str, user_id: str, online: bool) -> None:
+        """Record a user signed in on this node, or its last connection gone (soon)."""
+        tag = f"{app_id}\n{user_id}"
+        if online:
+            self._users_wanted.add(tag)
+        else:
+            self._users_wanted.discard(tag)
+        if not self._healthy:
+            self._deliver_frame(self._user_frame(tag, online=online), None)
+        self._wake()
+
+    def terminate_user(self, app_id: str, user_id: str) -> None:
+        """Ask every other node to close ``user_id``'s connections."""
+        self.publish(app_id, SERVER_TO_USER_PREFIX + user_id, TERMINATE, "", None)
+
+    def cache(self, app_id: str, channel: str, event: str, data: str, ttl_seconds: int) -> None:
+        """Record a cache channel's last event in Redis (with the next publishes)."""
+        if not self._healthy:
+            return
+        self._cache_out[f"{app_id}:{channel}"] = (event, data, max(1, ttl_seconds) * 1000)
+        if self._wake_writer is not None:
+            self._wake_writer.set()
+
+    def members(
+        self, app_id: str, channel: str, callback: Callable[[dict[str, Any] | None], None]
+    ) -> None:
+        """Call back with the cluster's members of ``channel``; ``None`` when unknown."""
+
+        async def read(state: Occupancy) -> dict[str, Any]:
+            raw = await state.members(f"{app_id}:{channel}")
+            return {user_id: _loads(info) for user_id, info in raw.items()}
+
+        self._read(read, callback)
+
+    def cached_event(
+        self, app_id: str, channel: str, callback: Callable[[tuple[str, str] | None, bool], None]
+    ) -> None:
+        """Call back with a cache channel's last event and whether Redis answered."""
+
+        async def read(state: Occupancy) -> tuple[str, str] | None:
+            found = await state.cached(f"{app_id}:{channel}")
+            return None if found is None else (found[0], found[1])
+
+        def done(result: tuple[str, str] | _Unknown | None) -> None:
+            if isinstance(result, _Unknown):
+                callback(None, False)
+            else:
+                callback(result, True)
+
+        self._read(read, done, unknown=_UNKNOWN)
+
+    def online_users(
+        self, app_id: str, user_ids: list[str], callback: Callable[[set[str] | None], None]
+    ) -> None:
+        """Call back with those of ``user_ids`` signed in anywhere; ``None`` when unknown."""
+
+        async def read(state: Occupancy) -> set[str]:
+            return await state.online(app_id, user_ids)
+
+        self._read(read, callback)
+
+    def _read(self, read: Callable[[Occupancy], Any], callback: Any, unknown: Any = None) -> None:
+        """Run one cluster read off the caller's stack; call back with ``unknown`` on failure."""
+        state = self._state
+        if not self._healthy or state is None:
+            callback(unknown)
+            return
+
+        async def run() -> None:
+            try:
+                result = await asyncio.wait_for(read(state), QUERY_WAIT)
+            except Exception as error:
+                log.warning(
+                    "redis bus %s: a cluster read failed (%s)", self._where, _describe(error)
+                )
+                result = unknown
+            try:
+                callback(result)
+            except Exception:  # the callback's defect must not be lost silently
+                log.exception("answering with cluster state failed")
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+
+    async def channel_states(
+        self, app_id: str, names: list[str] | None, prefix: str = ""
+    ) -> dict[str, ChannelState]:
+        """The cluster's view of ``names``, or of every occupied channel with ``prefix``."""
+
+        async def read(state: Occupancy) -> dict[str, ChannelState]:
+            wanted = names
+            if wanted is None:
+                wanted = [name for name in await state.channels(app_id) if name.startswith(prefix)]
+            infos = await state.channel_info([f"{app_id}:{name}" for name in wanted])
+            return {
+                name: ChannelState(occupied, subscriptions, users)
+                for name, (occupied, subscriptions, users) in zip(wanted, infos, strict=True)
+            }
+
+        return await self._query(read)
+
+    async def user_ids(self, app_id: str, channel: str) -> list[str]:
+        """The users present in ``channel`` anywhere in the cluster."""
+
+        async def read(state: Occupancy) -> list[str]:
+            return sorted(await state.members(f"{app_id}:{channel}"))
+
+        return await self._query(read)
+
+    async def cached(self, app_id: str, channel: str) -> tuple[str, str, int] | None:
+        """A cache channel's last event ``(event, data, ttl_ms)`` in the cluster."""
+
+        async def read(state: Occupancy) -> tuple[str, str, int] | None:
+            return await state.cached(f"{app_id}:{channel}")
+
+        return await self._query(read)
+
+    async def claim_signature(
+        self, app_id: str, signature: str, grace_seconds: float, ttl_seconds: float
+    ) -> bool | None:
+        """Claim a signed REST request's signature for the cluster; ``None`` if unknown."""
+        state = self._state
+        if not self._healthy or state is None:
+            return None
+        grace_ms, ttl_ms = int(grace_seconds * 1000), int(ttl_seconds * 1000)
+        try:
+            return await asyncio.wait_for(
+                state.claim(app_id, signature, grace_ms, ttl_ms), QUERY_WAIT
+            )
+        except (TimeoutError, aioredis.RedisError) as error:
+            log.warning(
+                "redis bus %s: replay guard unavailable (%s); this node's guard only",
+                self._where,
+                _describe(error),
+            )
+            return None
+
+    async def _query(self, read: Callable[[Occupancy], Coroutine[Any, Any, _T]]) -> _T:
+        settled = self._settled
+        if settled is not None:
+            # Read this node's own writes: its pending interest, member and count
+            # changes are applied first (not waiting forever under constant churn).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(settled.wait(), SETTLE_WAIT)
+        state = self._state
+        if not self._healthy or state is None:
+            raise ClusterUnavailable("the redis bus is disconnected")
+        try:
+            return await asyncio.wait_for(read(state), QUERY_WAIT)
+        except TimeoutError:
+            raise ClusterUnavailable("the redis bus did not answer in time") from None
+        except aioredis.RedisError as error:
+            raise ClusterUnavailable(_describe(error)) from None
+
+    # --- cluster events ------------------------------------------------------------------
+
+    def _member_frame(self, tag: str, info: str | None) -> tuple[str, str, str, str]:
+        """``(app_id, channel, event, data)`` of member_added (with ``info``) or _removed."""
+        app_id, channel, user_id = split_tag(tag)
+        if info is None:
+            return app_id, channel, MEMBER_REMOVED, msg.dumps({"user_id": user_id})
+        data = msg.dumps({"user_id": user_id, "user_info": _loads(info)})
+        return app_id, channel, MEMBER_ADDED, data
+
+    @staticmethod
+    def _user_frame(tag: str, *, online: bool) -> tuple[str, str, str, str]:
+        app_id, _, user_id = tag.partition("\n")
+        event = WATCH_ONLINE if online else WATCH_OFFLINE
+        return app_id, SERVER_TO_USER_PREFIX + user_id, event, ""
+
+    def _deliver_frame(self, frame: tuple[str, str, str, str], exclude: str | None) -> None:
+        """Hand a cluster event to this node's own clients."""
+        if self._deliver is None:
+            return
+        app_id, channel, event, data = frame
+        try:
+            self._deliver(app_id, channel, event, data, exclude, None)
+        except Exception:  # a delivery bug must not end the bus session
+            log.exception("delivering a cluster event failed")
+
+    def _broadcast(self, frame: tuple[str, str, str, str], exclude: str | None) -> None:
+        """A cluster decision: to this node's clients, then to the other nodes."""
+        self._deliver_frame(frame, exclude)
+        app_id, channel, event, data = frame
+        self.publish(app_id, channel, event, data, exclude)
+
+    def _report_member(self, tag: str, *, added: bool) -> None:
+        if self._emit is None:
+            return
+        app_id, channel, user_id = split_tag(tag)
+        kind = ev.MemberAdded if added else ev.MemberRemoved
+        try:
+            self._emit(kind(app_id, channel, user_id))
+        except Exception:  # a listener's defect must not end the bus session
+            log.exception("reporting %s failed", kind.__name__)
+
     # --- topics ----------------------------------------------------------------------------
 
     def _channel_topic(self, app_id: str, channel: str) -> str:
@@ -371,7 +660,7 @@ class RedisAdapter:
     async def _supervise(self) -> None:
         delay = INITIAL_BACKOFF
         failures = 0
-        while True:
+        while self._task is not None:  # stop() clears it (a swallowed cancel ends too)
             try:
                 await self._session()
             except asyncio.CancelledError:
@@ -439,6 +728,7 @@ class RedisAdapter:
             await asyncio.wait_for(occupancy.beat(), COMMAND_TIMEOUT)
             self._occ_reload = True
             await self._reconcile(occupancy)
+            self._state = occupancy
             self._set_healthy(True)
             log.info("redis bus %s connected (node %s)", self._where, self._node_id)
             if self._attempted is not None:
@@ -470,6 +760,7 @@ class RedisAdapter:
                             task.exception()  # retrieved: no "never retrieved" noise
             finally:
                 # Even when stop cancelled the wait above: never leak the sockets.
+                self._state = None
                 self._subscribed = set()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pubsub.aclose(), COMMAND_TIMEOUT)
@@ -498,16 +789,24 @@ class RedisAdapter:
         while True:
             await self._wake_writer.wait()
             self._wake_writer.clear()
+            if self._cache_out:
+                writes, self._cache_out = self._cache_out, {}
+                # Reset on any exit (a cancelled session too): no unclosed pipelines.
+                async with client.pipeline(transaction=False) as pipe:
+                    for entry, (event, data, ttl_ms) in writes.items():
+                        value = json.dumps([event, data])
+                        pipe.set(f"{self._prefix}:cache:{entry}", value, px=ttl_ms)
+                    await asyncio.wait_for(pipe.execute(), COMMAND_TIMEOUT)
             while self._outbox:
                 batch = [self._outbox.popleft() for _ in range(min(len(self._outbox), BATCH))]
-                pipe = client.pipeline(transaction=False)
-                for topic, payload in batch:
-                    pipe.publish(topic, payload)
-                try:
-                    await asyncio.wait_for(pipe.execute(), COMMAND_TIMEOUT)
-                except BaseException:
-                    self._count_dropped("disconnected", len(batch))
-                    raise
+                async with client.pipeline(transaction=False) as pipe:
+                    for topic, payload in batch:
+                        pipe.publish(topic, payload)
+                    try:
+                        await asyncio.wait_for(pipe.execute(), COMMAND_TIMEOUT)
+                    except BaseException:
+                        self._count_dropped("disconnected", len(batch))
+                        raise
                 if self._metrics is not None:
                     for topic, _ in batch:
                         self._metrics.bus_published[_app_of(topic, self._prefix)] += 1
@@ -532,6 +831,27 @@ class RedisAdapter:
         if self._occ_reload:
             self._occ_reload = False
             self._occ_held = await asyncio.wait_for(occupancy.held(), COMMAND_TIMEOUT)
+            self._pres_held = await asyncio.wait_for(occupancy.held_members(), COMMAND_TIMEOUT)
+            self._users_held = await asyncio.wait_for(occupancy.held_users(), COMMAND_TIMEOUT)
+            self._counts_dirty = set(self._counts)
+        # Members leave before their channel is vacated, and join after it is occupied.
+        members = self._pres_held
+        for tag in sorted(members - self._pres_wanted.keys()):
+            if tag in self._pres_wanted or tag not in members:
+                continue
+            removed = await asyncio.wait_for(occupancy.member_off(tag), COMMAND_TIMEOUT)
+            members.discard(tag)
+            if removed:
+                self._broadcast(self._member_frame(tag, None), None)
+                self._report_member(tag, added=False)
+        users = self._users_held
+        for tag in sorted(users - self._users_wanted):
+            if tag in self._users_wanted or tag not in users:
+                continue
+            offline = await asyncio.wait_for(occupancy.user_off(tag), COMMAND_TIMEOUT)
+            users.discard(tag)
+            if offline:
+                self._broadcast(self._user_frame(tag, online=False), None)
         held = self._occ_held
         for entry in sorted(held - self._occ_wanted):
             if entry in self._occ_wanted or entry not in held:
@@ -547,6 +867,26 @@ class RedisAdapter:
             held.add(entry)
             if occupied:
                 self._report(ev.ChannelOccupied, entry)
+        for tag in sorted(self._pres_wanted.keys() - members):
+            wanted = self._pres_wanted.get(tag)
+            if wanted is None or tag in members:
+                continue
+            added = await asyncio.wait_for(occupancy.member_on(tag, wanted[0]), COMMAND_TIMEOUT)
+            members.add(tag)
+            if added:
+                self._broadcast(self._member_frame(tag, wanted[0]), wanted[1])
+                self._report_member(tag, added=True)
+        for tag in sorted(self._users_wanted - users):
+            if tag not in self._users_wanted or tag in users:
+                continue
+            online = await asyncio.wait_for(occupancy.user_on(tag), COMMAND_TIMEOUT)
+            users.add(tag)
+            if online:
+                self._broadcast(self._user_frame(tag, online=True), None)
+        dirty, self._counts_dirty = self._counts_dirty, set()
+        counts = {entry: self._counts[entry] for entry in dirty if entry in self._counts}
+        if counts:
+            await asyncio.wait_for(occupancy.counts(counts), COMMAND_TIMEOUT)
 
     async def _liveness_loop(self, occupancy: Occupancy) -> None:
         assert self._wake_syncer is not None
@@ -559,14 +899,20 @@ class RedisAdapter:
                 self._occ_reload = True
                 self._wake()
             for dead in await asyncio.wait_for(occupancy.dead_nodes(), COMMAND_TIMEOUT):
-                vacated = await asyncio.wait_for(occupancy.reap(dead), COMMAND_TIMEOUT)
+                reaped = await asyncio.wait_for(occupancy.reap(dead), COMMAND_TIMEOUT)
                 log.info(
-                    "redis bus %s: reaped node %s (%d channels vacated)",
+                    "redis bus %s: reaped node %s (%d channels vacated, %d members removed)",
                     self._where,
                     dead,
-                    len(vacated),
+                    len(reaped.vacated),
+                    len(reaped.removed),
                 )
-                for entry in vacated:
+                for tag in reaped.offline:
+                    self._broadcast(self._user_frame(tag, online=False), None)
+                for tag in reaped.removed:
+                    self._broadcast(self._member_frame(tag, None), None)
+                    self._report_member(tag, added=False)
+                for entry in reaped.vacated:
                     self._report(ev.ChannelVacated, entry)
 
     def _report(self, kind: type[ev.ChannelOccupied] | type[ev.ChannelVacated], entry: str) -> None:
@@ -704,6 +1050,21 @@ def _describe(error: BaseException) -> str:
     """An error's class and text, scrubbed and short (it may echo server replies)."""
     text = redact(str(error))[:200]
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class _Unknown:
+    """A cluster read that got no answer (distinct from an answer of ``None``)."""
+
+
+_UNKNOWN = _Unknown()
+
+
+def _loads(text: str) -> Any:
+    """A JSON value recorded by a node (``None`` if it is not valid JSON)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _text(value: bytes | str) -> str:
