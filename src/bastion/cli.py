@@ -57,6 +57,32 @@ def _dev_app() -> dict[str, object]:
     }
 
 
+def _effective_settings(
+    config_path: Path | None,
+    host: str | None,
+    port: int | None,
+    dev_app: dict[str, object] | None,
+) -> Settings:
+    """The file (or defaults) with ``BASTION_*``, then ``--host``/``--port``, then
+    the ``--dev`` app when the file has none. Read at start and again on SIGHUP.
+
+    Raises:
+        ConfigError: naming the field.
+    """
+    settings = load_settings(config_path)
+    if host is not None or port is not None or (dev_app is not None and not settings.apps):
+        data = settings.model_dump(mode="python")
+        data["apps"] = [{**app, "secret": app["secret"].get_secret_value()} for app in data["apps"]]
+        if host is not None:
+            data["server"]["host"] = host
+        if port is not None:
+            data["server"]["port"] = port
+        if dev_app is not None and not data["apps"]:
+            data["apps"] = [dev_app]
+        settings = settings_from_mapping(data, environ={})
+    return settings
+
+
 def _dev_banner(app: AppSettings, host: str, port: int) -> str:
     secret = app.secret.get_secret_value()
     return f"""
@@ -157,26 +183,16 @@ def serve(
     worker_of: int | None,
     worker_index: int,
 ) -> None:
-    """Start a server and run until SIGINT or SIGTERM."""
+    """Start a server and run until SIGINT or SIGTERM; SIGHUP reloads --config."""
     if worker_of is not None:
         from bastion.server.workers import run_worker
 
         sys.exit(run_worker(worker_of, worker_index, log_level, log_format, log_levels))
     logs.configure(log_level, log_format, log_levels)
+    # Generated once: a reload of a file without apps keeps the same throw-away app.
+    dev_app = _dev_app() if dev else None
     try:
-        settings = load_settings(config_path)
-        if host is not None or port is not None or (dev and not settings.apps):
-            data = settings.model_dump(mode="python")
-            data["apps"] = [
-                {**app, "secret": app["secret"].get_secret_value()} for app in data["apps"]
-            ]
-            if host is not None:
-                data["server"]["host"] = host
-            if port is not None:
-                data["server"]["port"] = port
-            if dev and not data["apps"]:
-                data["apps"] = [_dev_app()]
-            settings = settings_from_mapping(data, environ={})
+        settings = _effective_settings(config_path, host, port, dev_app)
     except ConfigError as exc:
         click.echo(f"bastion: config error: {exc}", err=True)
         sys.exit(2)
@@ -200,6 +216,12 @@ def serve(
     from bastion.server.tls import TlsError, server_context
 
     scheme = "http" if settings.server.tls is None else "https"
+    reload: Callable[[], Settings] | None = None
+    if config_path is not None:
+        path = config_path
+
+        def reload() -> Settings:
+            return _effective_settings(path, host, port, dev_app)
 
     def on_ready(bound_host: str, bound_port: int) -> None:
         if dev:
@@ -222,9 +244,10 @@ def serve(
                     log_level=log_level,
                     log_format=log_format,
                     log_levels=log_levels,
+                    reload=reload,
                 )
             )
-        serve_forever(settings, on_ready)
+        serve_forever(settings, on_ready, reload=reload)
     except OSError as exc:
         click.echo(f"bastion: cannot listen: {exc.strerror}", err=True)
         sys.exit(1)
@@ -394,8 +417,8 @@ def _write_audit(settings: Settings, event: AuditEvent) -> None:
 @click.option("--reason", default="blocked by an operator", help="Why (kept and audited).")
 @_config_option
 def block(ip: str, ttl: float, reason: str, config_path: Path | None) -> None:
-    """Block IP on every node using the same blocks file (within sync_seconds)."""
-    from bastion.store.blocks import BlockStore
+    """Block IP on every node sharing the blocks (within sync_seconds)."""
+    from bastion.server.blocklist import open_block_store
 
     settings = _settings_or_exit(config_path)
     address = _address_or_exit(ip)
@@ -411,8 +434,11 @@ def block(ip: str, ttl: float, reason: str, config_path: Path | None) -> None:
     now = time.time()
     entry = Block(ip=address, until=now + ttl, reason=reason, source="manual", created=now)
     try:
-        with BlockStore(reputation.store_path) as store:
+        store = open_block_store(settings)  # Redis with the redis adapter, else the file
+        try:
             store.block(entry, now=now)
+        finally:
+            store.close()
         _write_audit(settings, from_block(entry, id=uuid.uuid4().hex, time=now))
     except (BlockStoreError, AuditLogError) as exc:
         click.echo(f"bastion: {exc}", err=True)
@@ -425,14 +451,17 @@ def block(ip: str, ttl: float, reason: str, config_path: Path | None) -> None:
 @_config_option
 def unblock(ip: str, config_path: Path | None) -> None:
     """Lift the block of IP (nodes apply it within sync_seconds)."""
-    from bastion.store.blocks import BlockStore
+    from bastion.server.blocklist import open_block_store
 
     settings = _settings_or_exit(config_path)
     address = _address_or_exit(ip)
     now = time.time()
     try:
-        with BlockStore(settings.security.reputation.store_path) as store:
+        store = open_block_store(settings)
+        try:
             previous = store.unblock(address, now=now)
+        finally:
+            store.close()
         if previous is not None:
             event = from_unblock(address, id=uuid.uuid4().hex, time=now, previous=previous)
             _write_audit(settings, event)
@@ -447,11 +476,19 @@ def unblock(ip: str, config_path: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def blocks(config_path: Path | None, as_json: bool) -> None:
     """List the blocks in force (no running server needed)."""
+    from bastion.server.blocklist import open_block_store
     from bastion.store.blocks import list_active
 
     settings = _settings_or_exit(config_path)
     try:
-        active = list_active(settings.security.reputation.store_path, now=time.time())
+        if settings.adapter.driver == "redis":
+            store = open_block_store(settings)
+            try:
+                active = store.active(now=time.time())
+            finally:
+                store.close()
+        else:  # read-only: never creates the file
+            active = list_active(settings.security.reputation.store_path, now=time.time())
     except BlockStoreError as exc:
         click.echo(f"bastion: {exc}", err=True)
         sys.exit(1)

@@ -56,6 +56,7 @@ __all__ = [
     "WebhookDeliverySettings",
     "WebhookSettings",
     "load_settings",
+    "settings_from_json",
     "settings_from_mapping",
 ]
 
@@ -352,6 +353,8 @@ class ServerSettings(BaseModel):
     max_connections: PositiveInt | None = None
     #: Serve TLS on the port (``wss://``, ``https://``); unset: plain TCP.
     tls: TlsSettings | None = None
+    #: Seconds a SIGTERM drain may take (close with 4200, flush webhooks and audit).
+    drain_seconds: Annotated[float, Field(gt=0, le=600)] = 5.0
 
 
 class AuditSettings(BaseModel):
@@ -476,6 +479,8 @@ class AdapterSettings(BaseModel):
     heartbeat_seconds: PositiveFloat = 2
     #: Longest back-off between reconnection attempts after Redis is lost, seconds.
     reconnect_max_seconds: PositiveFloat = 5
+    #: Milliseconds between two syncs of the cluster-wide rate limits with Redis.
+    limits_sync_ms: Annotated[int, Field(ge=5, le=10_000)] = 50
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> AdapterSettings:
@@ -626,6 +631,21 @@ def settings_from_mapping(
     _apply_env(merged, os.environ if environ is None else environ)
     try:
         return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def settings_from_json(text: str | bytes) -> Settings:
+    """Validate a JSON document of the whole configuration (no env overrides).
+
+    JSON has no date type: ``expires_at`` is read from an ISO 8601 string here,
+    which the TOML path (a native date) does not need.
+
+    Raises:
+        ConfigError: naming each offending field; the value itself is not echoed.
+    """
+    try:
+        return Settings.model_validate_json(text)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None
 

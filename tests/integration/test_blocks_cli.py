@@ -207,3 +207,34 @@ async def test_a_block_made_before_start_applies_at_once(
     assert (await acli("block", "127.0.0.1", "--config", str(config))).exit_code == 0
     node = await start_node(config)
     assert not await served(node.port)
+
+
+def test_with_the_redis_adapter_the_cli_blocks_in_redis_not_in_the_file(tmp_path: Path) -> None:
+    import uuid
+
+    import redis
+
+    prefix = f"test-cli-{uuid.uuid4().hex}"
+    config = write_config(tmp_path)
+    text = config.read_text(encoding="utf-8")
+    url = "redis://127.0.0.1:6379/0"
+    adapter = f'[adapter]\ndriver = "redis"\nurl = "{url}"\nprefix = "{prefix}"\n'
+    config.write_text(adapter + text, encoding="utf-8")
+    runner = CliRunner()
+    result = runner.invoke(main, ["block", "203.0.113.9", "--ttl", "1h", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    listed = runner.invoke(main, ["blocks", "--json", "--config", str(config)])
+    assert listed.exit_code == 0, listed.output
+    assert [json.loads(line)["ip"] for line in listed.output.splitlines()] == ["203.0.113.9"]
+    assert not (tmp_path / "blocks.sqlite3").exists()  # every node reads Redis instead
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        assert client.exists(f"{prefix}:blocks") == 1
+        lifted = runner.invoke(main, ["unblock", "203.0.113.9", "--config", str(config)])
+        assert lifted.exit_code == 0 and "unblocked 203.0.113.9" in lifted.output
+        listed = runner.invoke(main, ["blocks", "--config", str(config)])
+        assert listed.output == ""
+    finally:
+        for key in client.scan_iter(match=f"{prefix}:*"):
+            client.delete(key)
+        client.close()

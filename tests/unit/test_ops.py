@@ -98,6 +98,14 @@ class FakeNode:
     blocklist: FakeBlockList | None = None
     webhook_queue: object | None = None
     webhook_dispatcher: object | None = None
+    cluster_limits: FakeClusterLimits | None = None
+
+
+@dataclass
+class FakeClusterLimits:
+    healthy: bool = True
+    syncs: int = 0
+    failures: int = 0
 
 
 def filled_node(settings: Settings | None = None) -> FakeNode:
@@ -128,6 +136,9 @@ def filled_node(settings: Settings | None = None) -> FakeNode:
     m.bus_received["app-2"] = 13
     m.bus_dropped["backlog"] = 4
     m.bus_forged["bad_signature"] = 5
+    m.config_reloads["applied"] = 2
+    m.config_reloads["restart_required"] = 1
+    node.cluster_limits = FakeClusterLimits(healthy=True, syncs=30, failures=1)
     node.audit = FakeAudit(dropped=1, failed=0)
     node.blocklist = FakeBlockList(FakeBlockSet([1.0, 10**12, 10**12]))
     return node
@@ -186,6 +197,13 @@ def test_exposition_reads_every_family() -> None:
     assert f["bastion_bus_forged_total"] == {(("reason", "bad_signature"),): 5}
     assert f["bastion_audit_events_dropped_total"] == {(): 1}
     assert f["bastion_audit_events_failed_total"] == {(): 0}
+    assert f["bastion_config_reloads_total"] == {
+        (("result", "applied"),): 2,
+        (("result", "restart_required"),): 1,
+    }
+    assert f["bastion_cluster_limits_connected"] == {(): 1}
+    assert f["bastion_cluster_limits_syncs_total"] == {(): 30}
+    assert f["bastion_cluster_limits_failures_total"] == {(): 1}
 
 
 def test_label_values_are_app_ids_slugs_codes_and_reasons_only() -> None:
@@ -194,7 +212,7 @@ def test_label_values_are_app_ids_slugs_codes_and_reasons_only() -> None:
     for name, series in f.items():
         for labels in series:
             for key, value in labels:
-                assert key in {"app", "reason", "code"}, (name, key)
+                assert key in {"app", "reason", "code", "result"}, (name, key)
                 if key == "app":
                     assert value in app_ids, (name, value)
                 elif key == "code":
@@ -229,6 +247,9 @@ def test_bus_connected_only_with_a_bus_and_nothing_absent_is_invented() -> None:
     _, f = scrape(node)
     assert "bastion_bus_connected" not in f
     assert "bastion_blocked_ips" not in f
+    node.cluster_limits = None
+    _, f = scrape(node)
+    assert "bastion_cluster_limits_connected" not in f
     assert "bastion_audit_events_dropped_total" not in f
 
 

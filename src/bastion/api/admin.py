@@ -15,12 +15,14 @@ Routes (JSON in and out, ``Cache-Control: no-store`` on every answer)::
     GET  health        the /readyz checks, always 200
     GET  metrics       the node's counters as JSON (never secrets)
     GET  audit-logs    filtered, paginated audit events
-    GET  dashboard     connections, top refusals, active blocks, last events
+    GET  dashboard     per-app counters, top refusals, active blocks, last events
     GET  report        top refused addresses and reasons, auth failures per minute
     POST block-ip      block an address (ip_blocked_manual)
     POST unblock-ip    lift a block (ip_unblocked)
     GET  config        the effective configuration, every secret redacted
-    PUT  config        501: live reload is not implemented yet
+    PUT  config        change it live: a partial document merged over the running
+                       configuration, validated, applied without dropping
+                       connections (bastion.server.reload), audited
 
 The audit reads are small indexed SQLite reads run synchronously on the loop
 (the listener's request handler is synchronous): pages are at most
@@ -40,7 +42,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
-from typing import Any, Protocol
+from datetime import datetime
+from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import BaseModel, SecretStr
@@ -48,11 +51,13 @@ from pydantic import BaseModel, SecretStr
 from bastion.api.openapi import openapi_document
 from bastion.api.ops import AUTH_FAILURE_SLUGS, NodeCollector, NodeView, Ops
 from bastion.api.rest import HttpResponse
-from bastion.config import Settings
+from bastion.config import AppSettings, Settings, settings_from_json
+from bastion.errors import ConfigError
 from bastion.protocol.refusals import Reason
 from bastion.security.audit import AuditEvent, parse_time
 from bastion.security.proxies import parse_ip, parse_networks
 from bastion.security.reputation import Block
+from bastion.server.reload import ReloadResult, RestartRequired
 from bastion.store import sqlite
 from bastion.store.audit import AuditLogError
 from bastion.store.audit import query as query_audit
@@ -96,6 +101,14 @@ class AdminNodeView(NodeView, Protocol):
 
     @property
     def blocklist(self) -> Any: ...  # NodeBlockList: active_blocks, block_manual, unblock_manual
+
+    def apply_config(self, settings: Settings) -> ReloadResult:
+        """Apply ``settings`` live (``PUT config``); raises RestartRequired or ConfigError."""
+        ...
+
+    def reload_failed(self, source: Literal["api"], fields: list[str]) -> None:
+        """Count, log and audit a change that did not validate (field names only)."""
+        ...
 
 
 class _BadRequest(Exception):
@@ -208,6 +221,27 @@ def _total(samples: Iterable[tuple[dict[str, str], float]]) -> int:
     return sum(int(value) for _, value in samples)
 
 
+#: The per-app figures of ``apps`` in ``metrics`` and ``dashboard``, by counter family.
+_PER_APP = (
+    ("connections", "connections_current"),
+    ("connections_opened", "connections_opened"),
+    ("messages_in", "messages_in"),
+    ("events_published", "events_published"),
+    ("refusals", "refusals"),
+)
+
+
+def _per_app(families: Mapping[str, list[tuple[dict[str, str], float]]]) -> dict[str, Any]:
+    """Each configured app's counters (``{app_id: {figure: count}}``), zeros included.
+
+    The app ids are the collector's labels: configured ids only (``""`` gathers what
+    belongs to no app, and is left out).
+    """
+    columns = {name: _by(families.get(family, []), "app") for name, family in _PER_APP}
+    ids = sorted({app for column in columns.values() for app in column} - {""})
+    return {app: {name: column.get(app, 0) for name, column in columns.items()} for app in ids}
+
+
 # --- the API --------------------------------------------------------------------------
 
 
@@ -252,6 +286,17 @@ class AdminApi:
         """Whether the admin API answers at all (a token is configured)."""
         return self._token is not None
 
+    def peer_allowed(self, peer_ip: str | None) -> bool:
+        """Whether the API is on and ``peer_ip`` (the TCP peer) is in ``allow_from``.
+
+        The network half of :meth:`authorized`, and all the dashboard page needs: the
+        page is a login form, its data calls carry the token.
+        """
+        if self._token is None:
+            return False
+        address = parse_ip(peer_ip) if peer_ip else None
+        return address is not None and any(address in net for net in self._allow_from)
+
     def authorized(self, peer_ip: str | None, authorization: Sequence[str]) -> bool:
         """Whether a request may use the admin API.
 
@@ -260,17 +305,15 @@ class AdminApi:
             authorization: every ``Authorization`` header value; more than one is
                 refused, as an ambiguous request.
         """
-        if self._token is None:
-            return False
-        address = parse_ip(peer_ip) if peer_ip else None
-        if address is None or not any(address in net for net in self._allow_from):
+        token = self._token
+        if token is None or not self.peer_allowed(peer_ip):
             return False
         if len(authorization) != 1:
             return False
         scheme, _, credentials = authorization[0].strip().partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(credentials.strip().encode("utf-8"), self._token)
+        return hmac.compare_digest(credentials.strip().encode("utf-8"), token)
 
     def handle(self, method: str, path: str, query: str, body: bytes) -> HttpResponse:
         """Answer an authorised request for ``path`` (which starts with the prefix)."""
@@ -315,6 +358,7 @@ class AdminApi:
         return {
             "connections": _by(c["connections_current"], "app"),
             "connections_opened": _by(c["connections_opened"], "app"),
+            "apps": _per_app(c),
             "messages_in": _total(c["messages_in"]),
             "events_published": _total(c["events_published"]),
             "deliveries": _total(c["deliveries"]),
@@ -413,6 +457,7 @@ class AdminApi:
             {
                 "ready": all(v == "ok" for v in checks.values()),
                 "connections": summary["connections"],
+                "apps": summary["apps"],
                 "counters": {
                     name: summary[name]
                     for name in (
@@ -422,7 +467,8 @@ class AdminApi:
                         "auth_failures",
                         "rate_limit_hits",
                     )
-                },
+                }
+                | {"refusals": sum(reasons.values())},
                 "top_refusals": [
                     {"reason": reason, "count": count}
                     for reason, count in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[
@@ -479,11 +525,39 @@ class AdminApi:
     # --- changes ------------------------------------------------------------------------
 
     def _put_config(self, params: Mapping[str, str], body: bytes) -> HttpResponse:
-        return _error(
-            501,
-            "not_implemented",
-            "Live configuration changes are not implemented yet: edit the file and restart",
-        )
+        """Merge a partial configuration over the running one and apply it live.
+
+        A secret given as :data:`REDACTED` (or a URL whose password is redacted, as
+        ``GET config`` shows them) keeps the running value, so GET, edit, PUT works.
+        Only this process changes: with several workers or nodes, edit the file and
+        send SIGHUP instead.
+        """
+        node = self.node
+        try:
+            _only(params, ())
+            document = _config_document(body)
+            merged = _merge_config(document, _plain(node.settings.model_dump()), Settings, "")
+        except _BadRequest as bad:
+            node.reload_failed("api", [bad.parameter])
+            raise
+        try:
+            settings = settings_from_json(json.dumps(merged))
+        except ConfigError as exc:
+            fields = _error_fields(exc)
+            node.reload_failed("api", fields)
+            return _invalid_config(exc, fields)
+        try:
+            result = node.apply_config(settings)
+        except RestartRequired as exc:  # counted and audited by the reload engine
+            return _error(
+                409,
+                "restart_required",
+                "These fields change only with a restart: edit the file and restart",
+                fields=list(exc.fields),
+            )
+        except ConfigError as exc:  # a key file that cannot be read; audited likewise
+            return _invalid_config(exc, _error_fields(exc))
+        return _json({"changed": list(result.changed), "closed_connections": result.closed})
 
     def _block_ip(self, params: Mapping[str, str], body: bytes) -> HttpResponse:
         _only(params, ())
@@ -649,3 +723,105 @@ def _aggregate(
         [{"reason": reason, "count": int(n)} for reason, n in reasons or []],
         int(failures[0][0]) if failures else 0,
     )
+
+
+# --- PUT config -------------------------------------------------------------------------
+
+
+def _config_document(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body) if body.strip() else {}
+    except (ValueError, UnicodeDecodeError):
+        raise _BadRequest("body", "the body must be a JSON object") from None
+    if not isinstance(value, dict):
+        raise _BadRequest("body", "the body must be a JSON object")
+    return value
+
+
+def _error_fields(error: ConfigError) -> list[str]:
+    # The message names fields and never echoes a value (bastion.config).
+    return [part.partition(":")[0].strip() for part in str(error).split("; ")]
+
+
+def _invalid_config(error: ConfigError, fields: list[str]) -> HttpResponse:
+    return _error(400, "invalid_config", f"Invalid configuration: {error}", fields=fields)
+
+
+def _plain(value: Any) -> Any:
+    """A settings dump as JSON values, secrets in clear (never leaves the process)."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _table(annotation: Any) -> type[BaseModel] | None:
+    """The settings model a field holds (``X``, ``X | None``), if it is one."""
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _merge_config(
+    patch: dict[str, Any], current: dict[str, Any], model: type[BaseModel], path: str
+) -> dict[str, Any]:
+    """``patch`` over ``current``: tables merge key by key, apps by id, the rest replace."""
+    merged = dict(current)
+    for key, value in patch.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            # Never echo the client's key: name the table it was found in.
+            raise _BadRequest(path or "body", f"unknown field in {path or 'the body'}")
+        where = f"{path}.{key}" if path else key
+        old = current.get(key)
+        table = _table(field.annotation)
+        if where == "apps" and isinstance(value, list) and isinstance(old, list):
+            merged[key] = _merge_apps(value, old)
+        elif table is not None and isinstance(value, dict) and isinstance(old, dict):
+            merged[key] = _merge_config(value, old, table, where)
+        else:
+            merged[key] = _keep_secrets(value, old, where)
+    return merged
+
+
+def _merge_apps(items: list[Any], current: list[Any]) -> list[Any]:
+    """Apps match by ``id``: a known one merges over the running app, a new one is whole."""
+    by_id = {app["id"]: app for app in current if isinstance(app, dict)}
+    merged = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise _BadRequest(f"apps.{index}", f"apps.{index} must be a JSON object")
+        app_id = item.get("id")
+        old = by_id.get(app_id) if isinstance(app_id, str) else None
+        merged.append(_merge_config(item, old or {}, AppSettings, f"apps.{index}"))
+    return merged
+
+
+def _keep_secrets(value: Any, current: Any, path: str) -> Any:
+    """``value`` with each redacted placeholder replaced by the running value it hides."""
+    if value == REDACTED:
+        if isinstance(current, str) and current:
+            return current
+        raise _BadRequest(path, f"{path}: a redacted placeholder with no current value to keep")
+    if isinstance(value, str) and isinstance(current, str):
+        return current if value != current and value == _redact_url(current) else value
+    if isinstance(value, dict):
+        old = current if isinstance(current, dict) else {}
+        return {
+            key: _keep_secrets(item, old.get(key), f"{path}.{key}") for key, item in value.items()
+        }
+    if isinstance(value, list):
+        # By position, and only when the list kept its length: after a removal a
+        # placeholder could otherwise keep another entry's secret.
+        same = isinstance(current, list) and len(current) == len(value)
+        return [
+            _keep_secrets(item, current[index] if same else None, f"{path}.{index}")
+            for index, item in enumerate(value)
+        ]
+    return value

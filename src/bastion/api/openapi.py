@@ -28,11 +28,39 @@ _ERROR: dict[str, Any] = {
             "type": "string",
             "description": "The query parameter or body field at fault (400 only).",
         },
+        "fields": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "`PUT config`: the field paths at fault (400), or those that"
+            " need a restart (409). Never their values.",
+        },
     },
 }
 
 _COUNTS: dict[str, Any] = {"type": "object", "additionalProperties": {"type": "integer"}}
 _NULLABLE_STRING: dict[str, Any] = {"type": ["string", "null"]}
+
+_APPS: dict[str, Any] = {
+    "type": "object",
+    "description": "Per configured app id: connections open now and counters since start.",
+    "additionalProperties": {
+        "type": "object",
+        "required": [
+            "connections",
+            "connections_opened",
+            "messages_in",
+            "events_published",
+            "refusals",
+        ],
+        "properties": {
+            "connections": {"type": "integer"},
+            "connections_opened": {"type": "integer"},
+            "messages_in": {"type": "integer", "description": "Client frames received."},
+            "events_published": {"type": "integer", "description": "REST publishes."},
+            "refusals": {"type": "integer"},
+        },
+    },
+}
 
 _BLOCK: dict[str, Any] = {
     "type": "object",
@@ -88,6 +116,7 @@ _METRICS: dict[str, Any] = {
     "required": [
         "connections",
         "connections_opened",
+        "apps",
         "messages_in",
         "events_published",
         "deliveries",
@@ -102,6 +131,7 @@ _METRICS: dict[str, Any] = {
     "properties": {
         "connections": {**_COUNTS, "description": "Open WebSocket connections per app id."},
         "connections_opened": _COUNTS,
+        "apps": _APPS,
         "messages_in": {"type": "integer"},
         "events_published": {"type": "integer"},
         "deliveries": {"type": "integer"},
@@ -291,8 +321,8 @@ def _build() -> dict[str, Any]:
             "/api/security/dashboard": {
                 "get": {
                     "operationId": "getDashboard",
-                    "summary": "What a dashboard page shows: connections, counters, top"
-                    " refusals, active blocks, the last 20 audit events.",
+                    "summary": "What the /dashboard page shows: connections and counters"
+                    " per app, totals, top refusals, active blocks, the last 20 audit events.",
                     "responses": _responses(_json("The dashboard.", _ref("Dashboard")), "400"),
                 }
             },
@@ -400,10 +430,48 @@ def _build() -> dict[str, Any]:
                 },
                 "put": {
                     "operationId": "putConfig",
-                    "summary": "Live configuration changes: not implemented yet (always 501)."
-                    " Edit the file and restart the node.",
+                    "summary": "Change the configuration live, without dropping connections.",
+                    "description": "The body is a partial configuration document (the shape"
+                    " `GET config` returns) merged over the running one: tables merge key by"
+                    " key, apps match by `id` (an app left out of `apps` is removed), other"
+                    " values replace. A `[redacted]` secret, or a URL whose password is"
+                    " `[redacted]`, keeps the running value. Validated like the file; every"
+                    " attempt is audited (`config_changed`, `config_change_refused`). Only the"
+                    " answering process changes: with several workers or nodes, edit the file"
+                    " and send SIGHUP instead.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {_JSON: {"schema": {"type": "object"}}},
+                    },
                     "responses": {
-                        "501": _error("Live reload is not implemented yet."),
+                        "200": _json(
+                            "Applied (an empty `changed`: nothing differed).",
+                            {
+                                "type": "object",
+                                "required": ["changed", "closed_connections"],
+                                "properties": {
+                                    "changed": {
+                                        "type": "array",
+                                        "items": {"type": "string"},
+                                        "description": "Field paths applied (`+apps.ID` added,"
+                                        " `-apps.ID` removed).",
+                                    },
+                                    "closed_connections": {
+                                        "type": "integer",
+                                        "description": "Connections closed because their app"
+                                        " was removed (4001) or disabled (4003).",
+                                    },
+                                },
+                            },
+                        ),
+                        "400": _error(
+                            "Not a JSON object, an unknown field (`parameter` names its table),"
+                            " or an invalid value (`invalid_config`; `fields` names them)."
+                        ),
+                        "409": _error(
+                            "`restart_required`: some changed fields apply only at a restart"
+                            " (named in `fields`); nothing was applied."
+                        ),
                         "401": _error("No valid bearer token, or a peer not allowed."),
                         "429": _error("Too many refused requests from this address."),
                     },
@@ -440,6 +508,7 @@ def _build() -> dict[str, Any]:
                     "required": [
                         "ready",
                         "connections",
+                        "apps",
                         "counters",
                         "top_refusals",
                         "blocks",
@@ -449,6 +518,7 @@ def _build() -> dict[str, Any]:
                     "properties": {
                         "ready": {"type": "boolean"},
                         "connections": _COUNTS,
+                        "apps": _APPS,
                         "counters": _COUNTS,
                         "top_refusals": _COUNTED,
                         "blocks": {"type": "array", "items": _ref("Block")},

@@ -36,7 +36,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -340,6 +340,34 @@ class NodeCollector:
             "Incoming bus messages refused as forged or malformed.",
             metrics.bus_forged,
         )
+
+        limits: Any = getattr(node, "cluster_limits", None)
+        if limits is not None:
+            yield GaugeMetricFamily(
+                _PREFIX + "cluster_limits_connected",
+                "1 while the cluster-wide rate limits sync with Redis.",
+                value=int(limits.healthy),
+            )
+            yield CounterMetricFamily(
+                _PREFIX + "cluster_limits_syncs",
+                "Rounds of cluster-wide rate limit synchronisation with Redis.",
+                value=limits.syncs,
+            )
+            yield CounterMetricFamily(
+                _PREFIX + "cluster_limits_failures",
+                "Failed rounds of cluster-wide rate limit synchronisation.",
+                value=limits.failures,
+            )
+
+        # --- live configuration ---
+        reloads = CounterMetricFamily(
+            _PREFIX + "config_reloads",
+            "Live configuration reloads (SIGHUP, PUT config), by result.",
+            labels=["result"],
+        )
+        for result, count in sorted(metrics.config_reloads.items()):
+            reloads.add_metric([_word(result)], count)
+        yield reloads
 
         # --- the audit log ---
         audit = node.audit

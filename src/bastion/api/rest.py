@@ -19,12 +19,14 @@ Errors are JSON: ``{"error": message, "reason": slug}``.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
+from bastion.adapters.base import ChannelState, ClusterUnavailable
 from bastion.config import RateSettings
 from bastion.core.hub import AppState, Hub
 from bastion.errors import Refused
@@ -40,7 +42,12 @@ from bastion.protocol.names import (
 )
 from bastion.protocol.refusals import Reason
 from bastion.protocol.signing import REST_TIMESTAMP_WINDOW, verify_rest_request
-from bastion.security.limits import MemoryRateLimiter, retry_after_seconds
+from bastion.security.limits import (
+    LimiterFactory,
+    RateLimiter,
+    memory_limiters,
+    retry_after_seconds,
+)
 from bastion.security.replay import ReplayGuard, Verdict
 from bastion.server.refusals import RefusalPath
 
@@ -92,6 +99,10 @@ class HttpResponse:
             return "Unknown"
 
 
+#: What a request handler returns: a response now, or (a cluster-wide query) later.
+Answer = HttpResponse | Coroutine[Any, Any, HttpResponse]
+
+
 def json_response(value: Any, status: int = 200) -> HttpResponse:
     """A JSON response."""
     return HttpResponse(status, dumps(value).encode())
@@ -126,17 +137,30 @@ def _info_attributes(raw: Any) -> frozenset[str]:
 class RestApi:
     """Routes and answers REST requests against the hub."""
 
-    def __init__(self, hub: Hub, refusals: RefusalPath, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        refusals: RefusalPath,
+        metrics: Metrics,
+        *,
+        limiters: LimiterFactory | None = None,
+    ) -> None:
         self.hub = hub
         self.refusals = refusals
         self.metrics = metrics
         #: app id → its replay guard (per node: a cluster does not share them).
         self.replay_guards: dict[str, ReplayGuard] = {}
         #: app id → its ``rest_requests`` settings and bucket (rebuilt if they change).
-        self.app_limiters: dict[str, tuple[RateSettings, MemoryRateLimiter]] = {}
+        self.app_limiters: dict[str, tuple[RateSettings, RateLimiter]] = {}
+        #: Builds those buckets (cluster-wide ones with the redis adapter).
+        self.limiters: LimiterFactory = limiters or memory_limiters
 
-    def handle(self, request: HttpRequest, *, now: float) -> HttpResponse:
-        """Answer one request; ``now`` is the Unix time used for the signature window."""
+    def handle(self, request: HttpRequest, *, now: float) -> Answer:
+        """Answer one request; ``now`` is the Unix time used for the signature window.
+
+        A query answered from the cluster's shared state (clustered adapter) returns
+        a coroutine that the listener awaits; everything else answers at once.
+        """
         app: AppState | None = None
         try:
             match = _ROUTE.match(request.path) or _USER_ROUTE.match(request.path)
@@ -166,15 +190,56 @@ class RestApi:
                 return rate_limited_response(Reason.HTTP_APP_RATE, wait)
             if not app.settings.enabled:
                 raise Refused(Reason.HTTP_APP_DISABLED)
-            return self._route(app, request, match)
+            if self._clustered:
+                # The node's guard caught its own replays; the cluster's catches a
+                # request replayed to another node, before anything is published.
+                return self._later(self._claimed(app, request, match, now), app, request)
+            answer = self._route(app, request, match)
         except Refused as refused:
-            self.refusals.record(
-                refused.reason,
-                app_id=app.id if app is not None else None,
-                ip=request.ip,
-                detail=refused.detail,
-            )
-            return error_response(refused.reason, refused.detail)
+            return self._refused(refused, app, request)
+        if isinstance(answer, HttpResponse):
+            return answer
+        return self._later(answer, app, request)
+
+    def _refused(
+        self, refused: Refused, app: AppState | None, request: HttpRequest
+    ) -> HttpResponse:
+        self.refusals.record(
+            refused.reason,
+            app_id=app.id if app is not None else None,
+            ip=request.ip,
+            detail=refused.detail,
+        )
+        return error_response(refused.reason, refused.detail)
+
+    async def _claimed(
+        self, app: AppState, request: HttpRequest, match: re.Match[str], now: float
+    ) -> HttpResponse:
+        params = dict(request.params)
+        timestamp = int(params["auth_timestamp"])
+        claimed = await self.hub.adapter.claim_signature(
+            app.id,
+            params["auth_signature"],
+            REPEAT_GRACE_SECONDS,
+            timestamp + REST_TIMESTAMP_WINDOW - now,
+        )
+        if claimed is False:  # None: the cluster cannot say; the node's guard held
+            raise Refused(Reason.HTTP_REPLAYED)
+        answer = self._route(app, request, match)
+        return answer if isinstance(answer, HttpResponse) else await answer
+
+    async def _later(
+        self, answer: Coroutine[Any, Any, HttpResponse], app: AppState, request: HttpRequest
+    ) -> HttpResponse:
+        """Await a cluster-wide answer; the cluster being unreadable is a 503."""
+        try:
+            return await answer
+        except Refused as refused:
+            return self._refused(refused, app, request)
+        except ClusterUnavailable as error:
+            reason = Reason.HTTP_CLUSTER_UNAVAILABLE
+            self.refusals.record(reason, app_id=app.id, ip=request.ip, detail=str(error))
+            return error_response(reason)
 
     def _app_rate(self, app: AppState, now: float) -> float:
         """Spend a token of the app's ``rest_requests`` bucket: 0.0, or the wait."""
@@ -185,7 +250,8 @@ class RestApi:
         if cached is None or cached[0] is not limit:
             cached = self.app_limiters[app.id] = (
                 limit,
-                MemoryRateLimiter(limit.rate, limit.burst, max_keys=1),
+                # ``now`` is Unix time (the signature window's clock).
+                self.limiters("rest_app", limit.rate, limit.burst, 1, time.time),
             )
         return cached[1].take(app.id, now)
 
@@ -206,7 +272,7 @@ class RestApi:
         if verdict is Verdict.FULL:
             raise Refused(Reason.HTTP_REPLAY_GUARD_FULL)
 
-    def _route(self, app: AppState, request: HttpRequest, match: re.Match[str]) -> HttpResponse:
+    def _route(self, app: AppState, request: HttpRequest, match: re.Match[str]) -> Answer:
         method = request.method
         params = dict(request.params)
         groups = match.groupdict()
@@ -294,27 +360,47 @@ class RestApi:
         self.hub.publish(app, event.channels, event.name, event.data, event.socket_id)
         self.metrics.events_published[app.id] += 1
 
-    def _event_info(self, app: AppState, event: _Event) -> dict[str, Any]:
+    @property
+    def _clustered(self) -> bool:
+        return self.hub.adapter.clustered
+
+    def _states(self, app: AppState, names: list[str]) -> dict[str, ChannelState]:
+        """This node's view of ``names`` (all there is without a cluster)."""
+        states = {}
+        for name in names:
+            channel = app.channels.get(name)
+            states[name] = (
+                ChannelState(True, channel.subscription_count, channel.user_count)
+                if channel is not None
+                else ChannelState(False, 0, 0)
+            )
+        return states
+
+    def _event_info(self, event: _Event, states: dict[str, ChannelState]) -> dict[str, Any]:
         result: dict[str, Any] = {}
         for name in event.channels:
-            channel = app.channels.get(name)
+            state = states[name]
             attributes: dict[str, int] = {}
             presence = classify_channel(name).kind is ChannelKind.PRESENCE
             if "user_count" in event.info and presence:
-                attributes["user_count"] = channel.user_count if channel else 0
+                attributes["user_count"] = state.user_count
             if "subscription_count" in event.info:
-                attributes["subscription_count"] = channel.subscription_count if channel else 0
+                attributes["subscription_count"] = state.subscription_count
             result[name] = attributes
         return result
 
-    def _trigger(self, app: AppState, body: dict[str, Any]) -> HttpResponse:
+    def _trigger(self, app: AppState, body: dict[str, Any]) -> Answer:
         event = self._event(app, body, batch=False)
         self._publish(app, event)
-        if event.info:
-            return json_response({"channels": self._event_info(app, event)})
-        return json_response({})
+        if not event.info:
+            return json_response({})
 
-    def _trigger_batch(self, app: AppState, body: dict[str, Any]) -> HttpResponse:
+        def answer(states: dict[str, ChannelState]) -> HttpResponse:
+            return json_response({"channels": self._event_info(event, states)})
+
+        return self._with_states(app, event.channels, answer)
+
+    def _trigger_batch(self, app: AppState, body: dict[str, Any]) -> Answer:
         batch = body.get("batch")
         if not isinstance(batch, list) or not all(isinstance(item, dict) for item in batch):
             raise Refused(Reason.HTTP_INVALID_FIELD, "batch must be a list of event objects")
@@ -323,36 +409,64 @@ class RestApi:
         events = [self._event(app, item, batch=True) for item in batch]
         for event in events:
             self._publish(app, event)
-        if any(event.info for event in events):
+        if not any(event.info for event in events):
+            return json_response({})
+
+        def answer(states: dict[str, ChannelState]) -> HttpResponse:
             results = []
             for event in events:
-                info = self._event_info(app, event)
+                info = self._event_info(event, states) if event.info else {}
                 results.append(info[event.channels[0]] if event.info else {})
             return json_response({"batch": results})
-        return json_response({})
+
+        names = list(dict.fromkeys(name for event in events for name in event.channels))
+        return self._with_states(app, names, answer)
+
+    def _with_states(
+        self,
+        app: AppState,
+        names: list[str],
+        answer: Callable[[dict[str, ChannelState]], HttpResponse],
+    ) -> Answer:
+        """``answer`` over the channels' states: the cluster's (later), or this node's."""
+        if not self._clustered:
+            return answer(self._states(app, names))
+
+        async def later() -> HttpResponse:
+            return answer(await self.hub.adapter.channel_states(app.id, names))
+
+        return later()
 
     # --- queries -------------------------------------------------------------------------
 
-    def _channels(self, app: AppState, params: dict[str, str]) -> HttpResponse:
+    def _channels(self, app: AppState, params: dict[str, str]) -> Answer:
         prefix = params.get("filter_by_prefix", "")
         info = _info_attributes(params.get("info"))
         if info - _INFO_ATTRIBUTES:
             raise Refused(Reason.HTTP_INVALID_INFO)
         if "user_count" in info and not prefix.startswith("presence-"):
             raise Refused(Reason.HTTP_INVALID_INFO, "user_count needs filter_by_prefix=presence-")
-        channels: dict[str, dict[str, int]] = {}
-        for name, channel in app.channels.items():
-            if not name.startswith(prefix):
-                continue
-            attributes: dict[str, int] = {}
-            if "user_count" in info:
-                attributes["user_count"] = channel.user_count
-            if "subscription_count" in info:
-                attributes["subscription_count"] = channel.subscription_count
-            channels[name] = attributes
-        return json_response({"channels": channels})
 
-    def _channel(self, app: AppState, name: str, params: dict[str, str]) -> HttpResponse:
+        def answer(states: dict[str, ChannelState]) -> HttpResponse:
+            channels: dict[str, dict[str, int]] = {}
+            for name, state in sorted(states.items()):
+                attributes: dict[str, int] = {}
+                if "user_count" in info:
+                    attributes["user_count"] = state.user_count
+                if "subscription_count" in info:
+                    attributes["subscription_count"] = state.subscription_count
+                channels[name] = attributes
+            return json_response({"channels": channels})
+
+        if not self._clustered:
+            return answer(self._states(app, [n for n in app.channels if n.startswith(prefix)]))
+
+        async def later() -> HttpResponse:
+            return answer(await self.hub.adapter.channel_states(app.id, None, prefix))
+
+        return later()
+
+    def _channel(self, app: AppState, name: str, params: dict[str, str]) -> Answer:
         info = _info_attributes(params.get("info"))
         if info - (_INFO_ATTRIBUTES | {"cache"}):
             raise Refused(Reason.HTTP_INVALID_INFO)
@@ -362,31 +476,56 @@ class RestApi:
             raise Refused(Reason.HTTP_INVALID_INFO, "user_count is only for presence channels")
         if "cache" in info and not channel_type.cached:
             raise Refused(Reason.HTTP_INVALID_INFO, "cache is only for cache channels")
-        channel = app.channels.get(name)
-        result: dict[str, Any] = {"occupied": channel is not None}
-        if "user_count" in info:
-            result["user_count"] = channel.user_count if channel else 0
-        if "subscription_count" in info:
-            result["subscription_count"] = channel.subscription_count if channel else 0
-        if "cache" in info:
-            cached = self.hub.cached(app, name)
-            result["cache"] = (
-                None
-                if cached is None
-                else {
-                    "event": cached.event,
-                    "data": cached.data,
-                    "ttl": max(0, round(cached.expires_at - self.hub.now())),
-                }
-            )
-        return json_response(result)
 
-    def _users(self, app: AppState, name: str) -> HttpResponse:
+        def answer(state: ChannelState, cached: tuple[str, str, int] | None) -> HttpResponse:
+            result: dict[str, Any] = {"occupied": state.occupied}
+            if "user_count" in info:
+                result["user_count"] = state.user_count
+            if "subscription_count" in info:
+                result["subscription_count"] = state.subscription_count
+            if "cache" in info:
+                result["cache"] = (
+                    None
+                    if cached is None
+                    else {"event": cached[0], "data": cached[1], "ttl": cached[2]}
+                )
+            return json_response(result)
+
+        if not self._clustered:
+            found = self.hub.cached(app, name) if "cache" in info else None
+            cached = (
+                None
+                if found is None
+                else (found.event, found.data, max(0, round(found.expires_at - self.hub.now())))
+            )
+            return answer(self._states(app, [name])[name], cached)
+
+        async def later() -> HttpResponse:
+            adapter = self.hub.adapter
+            state = (await adapter.channel_states(app.id, [name]))[name]
+            cached = None
+            if "cache" in info:
+                found = await adapter.cached(app.id, name)
+                if found is not None:
+                    cached = (found[0], found[1], max(0, round(found[2] / 1000)))
+            return answer(state, cached)
+
+        return later()
+
+    def _users(self, app: AppState, name: str) -> Answer:
         if classify_channel(name).kind is not ChannelKind.PRESENCE:
             raise Refused(Reason.HTTP_NOT_PRESENCE)
-        channel = app.channels.get(name)
-        users = [{"id": user_id} for user_id in (channel.members if channel else {})]
-        return json_response({"users": users})
+        if not self._clustered:
+            channel = app.channels.get(name)
+            return json_response(
+                {"users": [{"id": user_id} for user_id in (channel.members if channel else {})]}
+            )
+
+        async def later() -> HttpResponse:
+            user_ids = await self.hub.adapter.user_ids(app.id, name)
+            return json_response({"users": [{"id": user_id} for user_id in user_ids]})
+
+        return later()
 
 
 @dataclass(frozen=True, slots=True)

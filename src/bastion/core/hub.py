@@ -18,7 +18,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from bastion.adapters.base import Adapter
+from bastion.adapters.base import (
+    MEMBER_ADDED,
+    MEMBER_REMOVED,
+    TERMINATE,
+    WATCH_OFFLINE,
+    WATCH_ONLINE,
+    Adapter,
+)
 from bastion.config import AppSettings, Settings
 from bastion.core import events as ev
 from bastion.errors import ConfigError, Refused
@@ -36,6 +43,7 @@ from bastion.protocol.names import (
 )
 from bastion.protocol.refusals import Reason
 from bastion.protocol.signing import channel_auth_string, signin_auth_string, verify_auth
+from bastion.security.limits import LimiterFactory, RateLimiter, memory_limiters
 from bastion.security.payload import ClientEventPolicy
 from bastion.security.ratelimit import TokenBucket
 from bastion.security.secrets import SecretSet
@@ -130,7 +138,7 @@ class _Member:
 class Channel:
     """A channel with at least one local subscriber."""
 
-    __slots__ = ("count_sent_at", "members", "name", "subscribers", "type")
+    __slots__ = ("count_sent_at", "members", "name", "subscribers", "type", "waiting")
 
     def __init__(self, name: str, channel_type: ChannelType) -> None:
         self.name = name
@@ -138,6 +146,9 @@ class Channel:
         self.subscribers: dict[str, Session] = {}
         self.members: dict[str, _Member] = {}
         self.count_sent_at = float("-inf")
+        #: Clustered presence: subscribers waiting for the cluster's member list,
+        #: with the member events that arrived meanwhile (sent after the list).
+        self.waiting: dict[str, list[bytes]] = {}
 
     @property
     def subscription_count(self) -> int:
@@ -149,9 +160,14 @@ class Channel:
         """Unique users present (presence channels)."""
         return len(self.members)
 
-    def presence_data(self) -> str:
-        """The presence block of ``subscription_succeeded``."""
-        hash_ = {user_id: member.user_info for user_id, member in self.members.items()}
+    def presence_data(self, cluster: dict[str, Any] | None = None) -> str:
+        """The presence block of ``subscription_succeeded``.
+
+        ``cluster`` is the members the whole cluster has (a clustered adapter's
+        answer); this node's own members are always in, with their own info.
+        """
+        hash_ = dict(cluster) if cluster else {}
+        hash_.update((user_id, member.user_info) for user_id, member in self.members.items())
         return msg.dumps({"presence": {"ids": list(hash_), "hash": hash_, "count": len(hash_)}})
 
 
@@ -195,7 +211,8 @@ class AppState:
         self.client_events = ClientEventPolicy(
             settings.client_event_allowlist, settings.client_event_schemas
         )
-        self.client_event_bucket: TokenBucket | None = None
+        #: The app-wide client event bucket (keyed by app id; cluster-wide with redis).
+        self.client_event_bucket: RateLimiter | None = None
 
     @property
     def id(self) -> str:
@@ -228,17 +245,22 @@ class Hub:
         adapter: Adapter,
         *,
         wall_clock: Callable[[], float] = time.time,
+        limiters: LimiterFactory | None = None,
     ) -> None:
         self._frame = frame
         self._clock = clock
         self._wall_clock = wall_clock
+        #: Builds the app-wide limiters (cluster-wide ones with the redis adapter).
+        self.limiters: LimiterFactory = limiters or memory_limiters
         self.adapter = adapter
         self.apps_by_key: dict[str, AppState] = {}
         self.apps_by_id: dict[str, AppState] = {}
         self.listeners: list[Callable[[ev.HubEvent], None]] = []
         # A cluster adapter decides occupied/vacated once for every node; the hub
         # then leaves them to it (everything else stays per node).
-        self._emits_occupancy = not adapter.decides_occupancy
+        self._emits_occupancy = not adapter.clustered
+        #: Presence, sign-ins, cache channels and counts are cluster-wide too.
+        self._clustered = adapter.clustered
         adapter.attach_events(self._emit)
         self.deliveries = 0
         self.connections = 0
@@ -277,7 +299,10 @@ class Hub:
                 sockets.pop(session.socket_id, None)
                 if not sockets:
                     del app.users[session.user_id]
-                    self._notify_watchers(app, session.user_id, "offline")
+                    if self._clustered:
+                        self.adapter.user_presence(app.id, session.user_id, online=False)
+                    else:
+                        self._notify_watchers(app, session.user_id, "offline")
         for watched in session.watchlist:
             watchers = app.watchers.get(watched)
             if watchers is not None:
@@ -345,35 +370,69 @@ class Hub:
                 self._emit(ev.ChannelOccupied(app.id, name))
         channel.subscribers[session.socket_id] = session
         session.channels[name] = user_id
+        self.adapter.count(app.id, name, len(channel.subscribers))
 
         if user_id is not None:
+            if self._clustered:
+                # Member events that reach this socket before its member list wait.
+                channel.waiting[session.socket_id] = []
             member = channel.members.get(user_id)
             if member is None:
                 member = channel.members[user_id] = _Member(user_info)
                 member.sockets.add(session.socket_id)
-                self._fan_out(
-                    channel, msg.member_added(name, user_id, user_info), session.socket_id
-                )
-                self._emit(ev.MemberAdded(app.id, name, user_id))
+                if self._clustered:
+                    # The adapter decides whether the user is new to the cluster.
+                    self.adapter.member_on(app.id, name, user_id, user_info, session.socket_id)
+                else:
+                    self._fan_out(
+                        channel, msg.member_added(name, user_id, user_info), session.socket_id
+                    )
+                    self._emit(ev.MemberAdded(app.id, name, user_id))
             else:
                 member.sockets.add(session.socket_id)
 
+        def still_subscribed() -> bool:
+            # False once unsubscribed (or closed) before the bus was ready.
+            return session.channels.get(name, "") == user_id and app.channels.get(name) is channel
+
         def answer() -> None:
-            if session.channels.get(name, "") != user_id or app.channels.get(name) is not channel:
-                return  # unsubscribed (or closed) before the bus was ready
+            if not still_subscribed():
+                return
+            if user_id is not None and self._clustered:
+                self.adapter.members(app.id, name, succeed)
+            else:
+                succeed(None)
+
+        def succeed(cluster_members: dict[str, Any] | None) -> None:
+            if not still_subscribed():
+                return
             if user_id is not None:
-                data = channel.presence_data()
+                data = channel.presence_data(cluster_members)
                 session.write(self._frame(msg.subscription_succeeded(name, data)))
+                for frame in channel.waiting.pop(session.socket_id, ()):
+                    session.write(frame)
             else:
                 session.write(self._frame(msg.subscription_succeeded(name)))
             if channel_type.cached:
+                if self._clustered:
+                    self.adapter.cached_event(app.id, name, send_cache)
+                else:
+                    send_cache(None, answered=False)
+
+        def send_cache(found: tuple[str, str] | None, answered: bool) -> None:
+            if not still_subscribed():
+                return
+            if not answered:  # one node, or the cluster could not say: this node's cache
                 cached = app.cache.get(name)
                 if cached is not None and cached.expires_at > self._clock():
-                    session.write(self._frame(msg.channel_event(cached.event, name, cached.data)))
+                    found = (cached.event, cached.data)
                 else:
                     app.cache.pop(name, None)
-                    session.write(self._frame(msg.cache_miss(name)))
-                    self._emit(ev.CacheMiss(app.id, name))
+            if found is not None:
+                session.write(self._frame(msg.channel_event(found[0], name, found[1])))
+            else:
+                session.write(self._frame(msg.cache_miss(name)))
+                self._emit(ev.CacheMiss(app.id, name))
 
         # Success only once other nodes' events can reach this channel: with a bus,
         # after its SUBSCRIBE is confirmed; with the local adapter, at once.
@@ -489,14 +548,20 @@ class Hub:
         if channel is None:
             return False
         channel.subscribers.pop(session.socket_id, None)
+        channel.waiting.pop(session.socket_id, None)
         if user_id is not None:
             member = channel.members.get(user_id)
             if member is not None:
                 member.sockets.discard(session.socket_id)
                 if not member.sockets:
                     del channel.members[user_id]
-                    self._fan_out(channel, msg.member_removed(name, user_id), None)
-                    self._emit(ev.MemberRemoved(app.id, name, user_id))
+                    if self._clustered:
+                        self.adapter.member_off(app.id, name, user_id)
+                    else:
+                        self._fan_out(channel, msg.member_removed(name, user_id), None)
+                        self._emit(ev.MemberRemoved(app.id, name, user_id))
+        if channel.subscribers:
+            self.adapter.count(app.id, name, len(channel.subscribers))
         if not channel.subscribers:
             del app.channels[name]
             app.dirty_counts.discard(name)
@@ -575,8 +640,10 @@ class Hub:
         app_rate = settings.client_events_per_app
         if app_rate is not None:
             if app.client_event_bucket is None:
-                app.client_event_bucket = TokenBucket(app_rate.rate, app_rate.burst, now)
-            if app.client_event_bucket.take(now) > 0:
+                app.client_event_bucket = self.limiters(
+                    "client_events_app", app_rate.rate, app_rate.burst, 1, self._clock
+                )
+            if app.client_event_bucket.take(app.id, now) > 0:
                 raise Refused(Reason.CLIENT_EVENT_APP_RATE)
         if msg.utf8_size(event.data) > settings.max_event_payload_bytes:
             raise Refused(Reason.CLIENT_EVENT_TOO_LARGE)
@@ -709,7 +776,10 @@ class Hub:
         sockets[session.socket_id] = session
         session.write(self._frame(msg.signin_success(user_data)))
         if came_online:
-            self._notify_watchers(app, user_id, "online")
+            if self._clustered:
+                self.adapter.user_presence(app.id, user_id, online=True)
+            else:
+                self._notify_watchers(app, user_id, "online")
         if first_time and watchlist:
             self._watch(app, session, watchlist)
 
@@ -747,11 +817,23 @@ class Hub:
         session.watchlist = accepted
         for watched in accepted:
             app.watchers.setdefault(watched, set()).add(session)
-        online = [user_id for user_id in accepted if user_id in app.users]
-        offline = [user_id for user_id in accepted if user_id not in app.users]
-        groups = [(name, ids) for name, ids in (("online", online), ("offline", offline)) if ids]
-        if groups:
-            session.write(self._frame(msg.watchlist_events(groups)))
+
+        def report(cluster_online: set[str] | None) -> None:
+            if session.watchlist is not accepted:
+                return  # closed meanwhile
+            found = cluster_online or set()
+            online = [user_id for user_id in accepted if user_id in app.users or user_id in found]
+            offline = [user_id for user_id in accepted if user_id not in online]
+            groups = [
+                (name, ids) for name, ids in (("online", online), ("offline", offline)) if ids
+            ]
+            if groups:
+                session.write(self._frame(msg.watchlist_events(groups)))
+
+        if self._clustered and accepted:
+            self.adapter.online_users(app.id, list(accepted), report)
+        else:
+            report(None)
         if len(dict.fromkeys(watchlist)) > limit:
             session.refuse(Refused(Reason.WATCHLIST_TOO_LONG))
 
@@ -778,6 +860,8 @@ class Hub:
         for name in channels:
             self._deliver_local(app, name, event, data, exclude_socket_id, None, client=False)
             self.adapter.publish(app.id, name, event, data, exclude_socket_id)
+            if self._clustered and classify_channel(name).cached:
+                self.adapter.cache(app.id, name, event, data, app.settings.cache_ttl)
 
     def deliver_remote(
         self,
@@ -799,7 +883,11 @@ class Hub:
         is ignored, and so is a server event whose data is not a string.
         """
         app = self.apps_by_id.get(app_id)
-        if app is not None and (client or isinstance(data, str)):
+        if app is None:
+            return
+        if not client and event.startswith("pusher_internal:"):
+            self._cluster_event(app, channel, event, data, exclude_socket_id)
+        elif client or isinstance(data, str):
             self._deliver_local(
                 app, channel, event, data, exclude_socket_id, user_id, client=client
             )
@@ -832,8 +920,43 @@ class Hub:
             text = msg.channel_event(event, name, data, user_id)
             self._fan_out(channel, text, exclude_socket_id)
 
+    def _cluster_event(
+        self, app: AppState, channel: str, event: str, data: Any, exclude: str | None
+    ) -> None:
+        """An event a clustered adapter decided (member, sign-in, terminate)."""
+        if event in (MEMBER_ADDED, MEMBER_REMOVED):
+            state = app.channels.get(channel)
+            if state is None or not isinstance(data, str):
+                return
+            frame = self._frame(msg.channel_event(event, channel, data))
+            for socket_id, session in state.subscribers.items():
+                if socket_id == exclude:
+                    continue
+                waiting = state.waiting.get(socket_id)
+                if waiting is not None:
+                    waiting.append(frame)
+                else:
+                    session.write(frame)
+                    self.deliveries += 1
+            return
+        if not channel.startswith(SERVER_TO_USER_PREFIX):
+            return
+        user_id = channel[len(SERVER_TO_USER_PREFIX) :]
+        if event == TERMINATE:
+            self._terminate_local(app, user_id)
+        elif event in (WATCH_ONLINE, WATCH_OFFLINE):
+            self._notify_watchers(app, user_id, "online" if event == WATCH_ONLINE else "offline")
+
     def terminate_user(self, app: AppState, user_id: str) -> int:
-        """Close every connection signed in as ``user_id``; returns how many."""
+        """Close every connection signed in as ``user_id``, on every node.
+
+        Returns how many were closed on this node.
+        """
+        self.adapter.terminate_user(app.id, user_id)
+        return self._terminate_local(app, user_id)
+
+    @staticmethod
+    def _terminate_local(app: AppState, user_id: str) -> int:
         sessions = list(app.users.get(user_id, {}).values())
         for session in sessions:
             session.refuse(Refused(Reason.TERMINATED))

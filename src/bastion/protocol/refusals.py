@@ -54,6 +54,12 @@ class Reason(enum.Enum):
     # --- connection (handshake and lifetime): closed -----------------------------
     UNKNOWN_APP = Rule("unknown_app", "Application does not exist", close_code=4001)
     APP_DISABLED = Rule("app_disabled", "Application disabled", close_code=4003)
+    APP_REMOVED = Rule(
+        "app_removed",
+        "Application removed from the configuration",
+        close_code=4001,
+        severity="info",
+    )
     APP_OVER_QUOTA = Rule(
         "app_over_quota", "Application is over its connection quota", close_code=4004
     )
@@ -286,6 +292,11 @@ class Reason(enum.Enum):
     HTTP_REPLAY_GUARD_FULL = Rule(
         "replay_guard_full",
         "Too many recent signed requests to guard against replay; retry later",
+        http_status=503,
+    )
+    HTTP_CLUSTER_UNAVAILABLE = Rule(
+        "cluster_unavailable",
+        "The cluster state cannot be read right now (Redis unreachable); retry later",
         http_status=503,
     )
     #: Refused at accept (no HTTP answer), or 403 when a trusted proxy names the address.

@@ -3,7 +3,9 @@
 It also holds the node's per-address limits, built once from ``[security]``:
 the trusted proxies that name a request's client, the WebSocket admission
 (concurrent cap and new-connection bucket per address), the per-address REST
-bucket, and the per-address failed-authentication budget. That budget is spent
+bucket, and the per-address failed-authentication budget, each asked of the
+node's :class:`~bastion.security.limits.LimiterFactory` (per node by default,
+cluster-wide over Redis with the redis adapter). The budget is spent
 by a refusal-path listener, so every door that fails an authentication (REST
 signatures, channel auth, sign-ins, tokens) spends it in one place.
 """
@@ -28,7 +30,12 @@ from bastion.security.admission import (
     WEBSOCKET_AUTH_FAILURE_REASONS,
     Admission,
 )
-from bastion.security.limits import MemoryRateLimiter, RateLimiter
+from bastion.security.limits import (
+    DEFAULT_MAX_KEYS,
+    LimiterFactory,
+    RateLimiter,
+    memory_limiters,
+)
 from bastion.security.proxies import TrustedProxies
 from bastion.server.refusals import RefusalPath, RefusalRecord
 
@@ -130,6 +137,8 @@ class ServerContext:
     blocklist: BlockList | None = None
     #: ``/metrics`` and ``/readyz``, set by the node (they read more than this context).
     ops: Ops | None = None
+    #: Builds the per-address limiters (cluster-wide ones with the redis adapter).
+    limiters: LimiterFactory = memory_limiters
     #: Whose forwarding headers name the client (``security.trusted_proxies``).
     proxies: TrustedProxies = field(init=False)
     #: WebSocket admission per client address (concurrent cap, new-connection bucket).
@@ -144,14 +153,18 @@ class ServerContext:
     def __post_init__(self) -> None:
         security = self.settings.security
         self.proxies = TrustedProxies(security.trusted_proxies)
-        self.auth_failures = _limiter(security.auth_failures_per_ip)
-        self.rest_requests = _limiter(security.rest_requests_per_ip)
+        self.auth_failures = self._limiter("auth_fail_ip", security.auth_failures_per_ip)
+        self.rest_requests = self._limiter("rest_ip", security.rest_requests_per_ip)
         self.admission = Admission(
             max_connections_per_ip=security.max_connections_per_ip,
-            new_connections=_limiter(security.new_connections_per_ip),
+            new_connections=self._limiter("new_conn_ip", security.new_connections_per_ip),
             auth_failures=self.auth_failures,
         )
         self.refusals.listeners.append(self._spend_auth_failure)
+
+    def _limiter(self, name: str, settings: RateSettings) -> RateLimiter:
+        """A per-address limiter (its callers pass ``time.time()`` as ``now``)."""
+        return self.limiters(name, settings.rate, settings.burst, DEFAULT_MAX_KEYS, time.time)
 
     def _spend_auth_failure(self, record: RefusalRecord) -> None:
         """Refusal listener: a failed authentication spends a token of its address."""
@@ -177,6 +190,24 @@ class ServerContext:
                 connection.refuse(Refused(Reason.AUTH_FAILURE_LIMIT))
                 return
 
+    def apply_settings(self, settings: Settings) -> None:
+        """Live reload (:mod:`bastion.server.reload`): take ``settings`` from now on.
 
-def _limiter(settings: RateSettings) -> MemoryRateLimiter:
-    return MemoryRateLimiter(settings.rate, settings.burst)
+        The per-address limiters whose ``[security]`` settings changed are rebuilt
+        (their buckets start full); the concurrent connections each address holds
+        are kept, under the new cap.
+        """
+        old, new = self.settings.security, settings.security
+        if old.trusted_proxies != new.trusted_proxies:
+            self.proxies = TrustedProxies(new.trusted_proxies)
+        if old.auth_failures_per_ip != new.auth_failures_per_ip:
+            self.auth_failures = self._limiter("auth_fail_ip", new.auth_failures_per_ip)
+            self.admission.auth_failures = self.auth_failures
+        if old.rest_requests_per_ip != new.rest_requests_per_ip:
+            self.rest_requests = self._limiter("rest_ip", new.rest_requests_per_ip)
+        if old.new_connections_per_ip != new.new_connections_per_ip:
+            self.admission.new_connections = self._limiter(
+                "new_conn_ip", new.new_connections_per_ip
+            )
+        self.admission.connections.limit = new.max_connections_per_ip
+        self.settings = settings

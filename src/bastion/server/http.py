@@ -40,6 +40,9 @@ before the app routes and the bucket once ``[admin] token`` is set (unset, the
 paths fall through to the app routes' 404). A call from a TCP peer outside
 ``[admin] allow_from`` or without the bearer token is refused 401
 ``admin_unauthorized`` and spends the bucket; an authorised call does not.
+``/dashboard`` (:mod:`bastion.api.dashboard`) is served on the same terms without the
+token (the page is a login form): to a TCP peer in ``allow_from`` once the token is
+set, the unknown path's 404 otherwise.
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ import logging
 import re
 import time
 import weakref
+from collections.abc import Coroutine
 from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote
 
 import httptools
@@ -60,8 +64,16 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from bastion.api.admin import ADMIN_PREFIX, AdminApi, AdminNodeView
+from bastion.api.dashboard import METHODS as DASHBOARD_METHODS
+from bastion.api.dashboard import dashboard_response, is_dashboard_path, with_security_headers
 from bastion.api.ops import Ops
-from bastion.api.rest import HttpRequest, HttpResponse, error_response, rate_limited_response
+from bastion.api.rest import (
+    Answer,
+    HttpRequest,
+    HttpResponse,
+    error_response,
+    rate_limited_response,
+)
 from bastion.config import AppSettings
 from bastion.core.hub import AppState
 from bastion.protocol import messages as msg
@@ -186,7 +198,8 @@ class HttpConnection(asyncio.Protocol):
         self.refused = False
         self.timer: asyncio.TimerHandle | None = None
         #: Answers waiting for the outbox to flush, in request order.
-        self.answers: list[tuple[HttpResponse, bool]] = []
+        #: Answers not written yet, in request order; a cluster-wide query's is a task.
+        self.answers: list[tuple[HttpResponse | asyncio.Task[HttpResponse], bool]] = []
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -310,7 +323,12 @@ class HttpConnection(asyncio.Protocol):
             response = error_response(Reason.HTTP_INTERNAL_ERROR)
         keep_alive = self.parser.should_keep_alive() and not self.ctx.draining
         outbox = self.ctx.outbox
-        if self.answers or outbox.busy:
+        if not isinstance(response, HttpResponse):
+            # A cluster-wide query: answered when it completes, still in order.
+            task = asyncio.ensure_future(self._finish(response))
+            self.answers.append((task, keep_alive))
+            task.add_done_callback(self._answer_ready)
+        elif self.answers or outbox.busy:
             # Answer once the deliveries this request queued are written: a publisher
             # cannot outrun the fan-out, and pipelined answers keep their order.
             self.answers.append((response, keep_alive))
@@ -324,9 +342,29 @@ class HttpConnection(asyncio.Protocol):
             self._arm(KEEPALIVE_SECONDS)
 
     def _write_answers(self) -> None:
-        answers, self.answers = self.answers, []
-        for response, keep_alive in answers:
+        """Write the answers that are ready, in order, up to the first pending one."""
+        while self.answers:
+            response, keep_alive = self.answers[0]
+            if isinstance(response, asyncio.Task):
+                if not response.done():
+                    return
+                response = response.result()
+            del self.answers[0]
             self._answer(response, keep_alive)
+
+    def _answer_ready(self, task: asyncio.Task[HttpResponse]) -> None:
+        if self.ctx.outbox.busy:
+            self.ctx.outbox.after_flush(self._write_answers)
+        else:
+            self._write_answers()
+
+    async def _finish(self, pending: Coroutine[Any, Any, HttpResponse]) -> HttpResponse:
+        try:
+            return await pending
+        except Exception:
+            log.exception("internal error handling an HTTP request")
+            self.ctx.refusals.record(Reason.HTTP_INTERNAL_ERROR, ip=self.ip)
+            return error_response(Reason.HTTP_INTERNAL_ERROR)
 
     def _answer(self, response: HttpResponse, keep_alive: bool) -> None:
         self._write_response(response, keep_alive)
@@ -348,7 +386,7 @@ class HttpConnection(asyncio.Protocol):
             return None
         return values[0] if len(values) == 1 else ""
 
-    def _handle_http(self) -> HttpResponse:
+    def _handle_http(self) -> Answer:
         url = httptools.parse_url(self.url)
         path = url.path.decode("latin-1")
         query = url.query.decode("latin-1") if url.query else ""
@@ -366,6 +404,17 @@ class HttpConnection(asyncio.Protocol):
             if admin.enabled:
                 # Disabled: fall through to the app routes' 404, like any unknown path.
                 return self._admin(admin, path, query, method)
+        if (
+            ops is not None
+            and is_dashboard_path(path)
+            and admin_api(ops).peer_allowed(self.peer_ip)
+        ):
+            # The operator page (bastion.api.dashboard). Off, or for any other TCP peer,
+            # it falls through to the app routes' 404 like any unknown path.
+            if method in DASHBOARD_METHODS:
+                return dashboard_response(method, path)
+            refused = self._refuse_ops(Reason.HTTP_METHOD, headers=(("Allow", "GET, HEAD"),))
+            return with_security_headers(refused)
         route = _APP_PATH.match(path)
         app = ctx.hub.apps_by_id.get(route["app_id"]) if route is not None else None
         app_id = app.id if app is not None else None
@@ -393,9 +442,17 @@ class HttpConnection(asyncio.Protocol):
             ip=self.ip,
         )
         response = ctx.rest.handle(request, now=now)
-        if policy is not None and policy.restricted:
-            response = replace(response, headers=response.headers + self._cors(policy))
-        return response
+        if policy is None or not policy.restricted:
+            return response
+        cors = self._cors(policy)
+        if isinstance(response, HttpResponse):
+            return replace(response, headers=response.headers + cors)
+
+        async def with_cors(pending: Coroutine[Any, Any, HttpResponse]) -> HttpResponse:
+            answered = await pending
+            return replace(answered, headers=answered.headers + cors)
+
+        return with_cors(response)
 
     def _ops(self, ops: Ops, path: str, method: str) -> HttpResponse:
         """Answer ``/readyz`` or ``/metrics`` (see :mod:`bastion.api.ops`)."""

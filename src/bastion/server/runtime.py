@@ -1,4 +1,15 @@
-"""Start a node: build the hub, listen, run the heartbeat tick, drain on signal."""
+"""Start a node: build the hub, listen, run the heartbeat tick, reload and drain on signal.
+
+Signals (:func:`run`): SIGINT and SIGTERM drain the node within
+``[server] drain_seconds``: the listener stops accepting, every client is closed
+with 4200, held and batched webhooks are written to the durable queue and the
+attempts in flight get what is left of the deadline (an unfinished one stays
+queued for the next start), and the audit log is flushed. SIGHUP asks the
+``reload`` callable for new settings (``bastion serve --config FILE`` reads the
+file again) and applies them live (:mod:`bastion.server.reload`); an invalid file
+or a change that needs a restart is logged, by field name, and the running
+configuration is kept.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +19,35 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from bastion.adapters.base import Adapter
+from bastion.adapters.cluster_limits import ClusterLimits
 from bastion.adapters.local import LocalAdapter
 from bastion.adapters.redis import RedisAdapter
 from bastion.api.ops import Ops
 from bastion.api.rest import RestApi
 from bastion.config import Settings
 from bastion.core.hub import Hub
+from bastion.errors import ConfigError
 from bastion.metrics import Metrics
 from bastion.security.audit import AuditEvent, from_refusal
 from bastion.security.config_audit import CONFIG_LOADED, config_event, fingerprints
-from bastion.server.blocklist import NodeBlockList
+from bastion.security.limits import LimiterFactory, memory_limiters
+from bastion.server.blocklist import NodeBlockList, open_block_store
 from bastion.server.context import Outbox, ServerContext, frame_text
 from bastion.server.http import HttpConnection
 from bastion.server.refusals import RefusalPath, RefusalRecord
+from bastion.server.reload import (
+    ReloadResult,
+    ReloadSource,
+    record_refused,
+    reload_settings,
+)
 from bastion.server.tls import server_context
 from bastion.store.audit import AuditLog, AuditLogError
 from bastion.store.audit import query as query_audit
-from bastion.store.blocks import BlockStore
 from bastion.store.webhook_queue import WebhookQueue
 from bastion.webhooks.dispatcher import WebhookDispatcher
 from bastion.webhooks.producer import WebhookProducer
@@ -36,13 +56,13 @@ __all__ = ["Node", "run", "serve"]
 
 log = logging.getLogger("bastion.server")
 
-#: Seconds a drain waits for closing connections before the process exits.
+#: Default of ``[server] drain_seconds``: how long a stop may take in all.
 DRAIN_SECONDS = 5.0
-#: Seconds a stop waits for the audit writer to flush what is queued.
+#: Seconds the audit writer always gets to flush at a stop, even past the drain
+#: deadline: audit rows are never given up for it.
+AUDIT_FLUSH_FLOOR_SECONDS = 1.0
+#: Seconds an audit flush may take outside a drain (a start that failed half-way).
 AUDIT_FLUSH_SECONDS = 10.0
-#: Seconds a stop waits for webhook attempts in flight; what is left stays pending
-#: in the queue and is sent after the next start.
-WEBHOOK_STOP_SECONDS = 5.0
 
 
 class Node:
@@ -52,11 +72,21 @@ class Node:
         self.settings = settings
         self.metrics = Metrics()
         self.refusals = RefusalPath(self.metrics)
-        self.hub = Hub(settings, frame_text, loop.time, self._make_adapter())
+        #: Cluster-wide rate limits (redis adapter only), synced between start and stop.
+        self.cluster_limits: ClusterLimits | None = None
+        limiters = self._make_limiters()
+        self.hub = Hub(settings, frame_text, loop.time, self._make_adapter(), limiters=limiters)
         self.hub.adapter.attach(self.hub.deliver_remote)
-        self.rest = RestApi(self.hub, self.refusals, self.metrics)
+        self.rest = RestApi(self.hub, self.refusals, self.metrics, limiters=limiters)
         self.ctx = ServerContext(
-            settings, self.hub, self.refusals, self.metrics, loop, self.rest, Outbox(loop)
+            settings,
+            self.hub,
+            self.refusals,
+            self.metrics,
+            loop,
+            self.rest,
+            Outbox(loop),
+            limiters=limiters,
         )
         self._server: asyncio.Server | None = None
         self._tick: asyncio.Task[None] | None = None
@@ -69,6 +99,9 @@ class Node:
         self.webhook_queue: WebhookQueue | None = None
         self.webhook_producer: WebhookProducer | None = None
         self.webhook_dispatcher: WebhookDispatcher | None = None
+        #: Work a live reload started (a replaced webhook producer's flush, opening
+        #: the queue); a stop waits for it.
+        self._background: set[asyncio.Task[None]] = set()
         # Last: the endpoints read the attributes above at request time.
         self.ctx.ops = Ops(self)
 
@@ -82,6 +115,13 @@ class Node:
             )
         return LocalAdapter()
 
+    def _make_limiters(self) -> LimiterFactory:
+        """Per-address and per-app limits: cluster-wide with the redis adapter."""
+        if self.settings.adapter.driver == "redis":
+            self.cluster_limits = ClusterLimits(self.settings.adapter)
+            return self.cluster_limits
+        return memory_limiters
+
     @property
     def port(self) -> int:
         """The bound port."""
@@ -91,7 +131,6 @@ class Node:
 
     async def start(self) -> None:
         """Bind and start serving."""
-        warn_unenforced(self.settings)
         server = self.settings.server
         # First: a bad certificate or key fails start-up before any store is opened.
         tls = None if server.tls is None else await asyncio.to_thread(server_context, server.tls)
@@ -105,6 +144,8 @@ class Node:
             await self._start_webhooks()
             await self._start_blocklist()
             await self.hub.adapter.start()
+            if self.cluster_limits is not None:
+                await self.cluster_limits.start()
             self._server = await self.ctx.loop.create_server(
                 lambda: HttpConnection(self.ctx),
                 host=server.host,
@@ -118,6 +159,8 @@ class Node:
                 ssl_shutdown_timeout=server.handshake_timeout if tls is not None else None,
             )
         except BaseException:
+            if self.cluster_limits is not None:
+                await self.cluster_limits.stop()
             await self._stop_blocklist()
             await self._stop_webhooks()
             if self.audit is not None:  # do not leave the writer thread behind
@@ -128,10 +171,11 @@ class Node:
         self._tick = asyncio.create_task(self._heartbeat())
 
     async def _heartbeat(self) -> None:
-        server = self.settings.server
-        interval = min(max(min(server.activity_timeout, server.pong_timeout) / 4, 0.05), 1.0)
         ticks = 0
         while True:
+            # Read each tick: a live reload may change the timeouts.
+            server = self.settings.server
+            interval = min(max(min(server.activity_timeout, server.pong_timeout) / 4, 0.05), 1.0)
             await asyncio.sleep(interval)
             now = self.ctx.loop.time()
             for connection in list(self.ctx.connections):
@@ -142,7 +186,15 @@ class Node:
                 self.hub.expire_cache()
 
     async def stop(self) -> None:
-        """Stop accepting, ask every client to reconnect elsewhere (4200), close."""
+        """Stop accepting, ask every client to reconnect elsewhere (4200), close.
+
+        Takes at most ``[server] drain_seconds`` (plus, only if the audit writer is
+        behind, :data:`AUDIT_FLUSH_FLOOR_SECONDS`): the listener gets half of it to
+        see its connections close, the webhook attempts in flight get what is left.
+        """
+        loop = self.ctx.loop
+        budget = self.settings.server.drain_seconds
+        deadline = loop.time() + budget
         self.ctx.draining = True
         if self._server is not None:
             self._server.close()
@@ -154,14 +206,18 @@ class Node:
                 await self._tick
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), DRAIN_SECONDS)
+                await asyncio.wait_for(self._server.wait_closed(), budget / 2)
         # The adapter first: with a cluster, the vacated of channels this node held
         # last is decided in Redis after the drain, and must still reach the webhooks.
         await self.hub.adapter.stop()
+        if self.cluster_limits is not None:  # after the drain: its refusals still count
+            await self.cluster_limits.stop()
+        if self._background:  # a reload's producer flush or queue opening
+            await asyncio.wait(set(self._background), timeout=max(deadline - loop.time(), 0.01))
         # After the drain: the last connections' channels have vacated (their held
         # channel_vacated are sent now, not dropped); before the audit log closes, so
         # a drop is audited.
-        await self._stop_webhooks()
+        await self._stop_webhooks(deadline)
         # Before the audit log closes: a block made during the drain is audited too.
         await self._stop_blocklist()
         if self.audit is not None:
@@ -169,8 +225,9 @@ class Node:
             with contextlib.suppress(ValueError):
                 self.refusals.listeners.remove(self._audit_refusal)
             audit, self.audit = self.audit, None
-            if not await asyncio.to_thread(audit.close, AUDIT_FLUSH_SECONDS):
-                log.warning("audit log did not flush within %.0f s", AUDIT_FLUSH_SECONDS)
+            flush = max(deadline - loop.time(), AUDIT_FLUSH_FLOOR_SECONDS)
+            if not await asyncio.to_thread(audit.close, flush):
+                log.warning("audit log did not flush within %.1f s", flush)
 
     def _audit_config(self, audit: AuditLog) -> None:
         """Record the configuration this node starts with, naming what changed."""
@@ -194,12 +251,84 @@ class Node:
         if self.audit is not None:
             self.audit.record(event)
 
+    def audit_event(self, event: AuditEvent) -> None:
+        """Record ``event`` in the audit log (nothing when it is off or closed)."""
+        self._audit_event(event)
+
+    # --- live reload (bastion.server.reload) ---------------------------------------------
+
+    def reload(self, settings: Settings, source: ReloadSource) -> None:
+        """Apply ``settings`` now, or log (field names only) and keep the running ones.
+
+        For the signal doors (SIGHUP, the supervisor); the admin API calls
+        :func:`~bastion.server.reload.reload_settings` itself to answer with the result.
+        """
+        with contextlib.suppress(ConfigError):  # logged and audited, naming the fields
+            reload_settings(self, settings, source)
+
+    def apply_config(self, settings: Settings) -> ReloadResult:
+        """``PUT /api/security/config``: apply ``settings`` live, or raise.
+
+        Raises:
+            RestartRequired: naming the fields; nothing was applied.
+            ConfigError: an app's JWT key file cannot be read; nothing was applied.
+        """
+        return reload_settings(self, settings, "api")
+
+    def reload_failed(self, source: ReloadSource, fields: list[str], detail: str = "") -> None:
+        """A reload whose new settings did not validate: count, log and audit it."""
+        record_refused(self, source, "invalid", fields, detail)
+
+    def rebuild_ops(self) -> None:
+        """``[metrics]`` or ``[admin]`` changed: answer with the new access rules."""
+        # A new Ops gets its own admin API (bastion.server.http caches one per Ops).
+        self.ctx.ops = Ops(self)
+
+    def replace_webhooks(self) -> None:
+        """The apps' webhook endpoints changed: route hub events by the new ones.
+
+        The old producer's held and batched events are written to the queue in the
+        background; the queue is opened when the first endpoint appears.
+        """
+        producer, dispatcher, queue = (
+            self.webhook_producer,
+            self.webhook_dispatcher,
+            self.webhook_queue,
+        )
+        if producer is None or dispatcher is None or queue is None:
+            if self._server is not None and any(app.webhooks for app in self.settings.apps):
+                self._spawn(self._start_webhooks())
+            return
+        replacement = WebhookProducer(
+            self.settings.webhooks,
+            self.settings.apps,
+            queue,
+            self.ctx.loop,
+            wake=dispatcher.wake,
+            metrics=self.metrics,
+            audit=self._audit_event,
+        )
+        listeners = self.hub.listeners
+        listeners[listeners.index(producer.on_event)] = replacement.on_event
+        self.webhook_producer = replacement
+        self._spawn(producer.flush())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = self.ctx.loop.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("live reload: background work failed: %s", task.exception())
+
     async def _start_webhooks(self) -> None:
         """Open the queue (off the loop: a bad path fails start-up), start delivering.
 
         Only when some app has webhooks, so a node without any writes no queue file.
         """
-        if not any(app.webhooks for app in self.settings.apps):
+        if not any(app.webhooks for app in self.settings.apps) or self.webhook_queue is not None:
             return
         settings = self.settings.webhooks
         queue = await asyncio.to_thread(
@@ -231,8 +360,15 @@ class Node:
         self.webhook_producer = producer
         self.hub.listeners.append(producer.on_event)
 
-    async def _stop_webhooks(self) -> None:
-        """Write what is held or batched, let attempts in flight finish, close the queue."""
+    async def _stop_webhooks(self, deadline: float | None = None) -> None:
+        """Write what is held or batched, let attempts in flight finish, close the queue.
+
+        Attempts in flight get until ``deadline`` (loop time; unset: the default
+        drain); what does not finish stays pending and is sent after the next start.
+        """
+        loop = self.ctx.loop
+        if deadline is None:
+            deadline = loop.time() + DRAIN_SECONDS
         producer, self.webhook_producer = self.webhook_producer, None
         dispatcher, self.webhook_dispatcher = self.webhook_dispatcher, None
         queue, self.webhook_queue = self.webhook_queue, None
@@ -241,14 +377,15 @@ class Node:
                 self.hub.listeners.remove(producer.on_event)
             await producer.flush()
         if dispatcher is not None:
-            await dispatcher.stop(WEBHOOK_STOP_SECONDS)
+            await dispatcher.stop(max(deadline - loop.time(), 0.0))
         if queue is not None:
             await asyncio.to_thread(queue.close)
 
     async def _start_blocklist(self) -> None:
         """Open the blocks file (off the loop: a bad path fails start-up) and load it."""
         settings = self.settings.security.reputation
-        store = await asyncio.to_thread(BlockStore, settings.store_path)
+        # The blocks file, or the cluster's Redis with the redis adapter.
+        store = await asyncio.to_thread(open_block_store, self.settings)
         blocklist = NodeBlockList(settings, self.ctx, store, audit=self._audit_event)
         try:
             await blocklist.start()
@@ -270,28 +407,63 @@ class Node:
         await blocklist.stop()
 
 
-def warn_unenforced(settings: Settings) -> None:
-    """Say loudly which accepted settings this release does not act on yet."""
-    if settings.adapter.driver == "redis":
-        # The bus carries publishes, client events and server-to-user events; the
-        # rest of #5 is not cluster-wide yet, and an operator must know it.
-        log.warning(
-            "adapter.driver=redis: events and occupied/vacated are cluster-wide, but "
-            "presence members, subscription counts, channel queries and rate limits "
-            "are still per node"
-        )
+#: Reads the settings to reload on SIGHUP; raises ConfigError when they are invalid.
+ReloadSettings = Callable[[], Settings]
 
 
-async def run(settings: Settings, on_ready: Callable[[str, int], None] | None = None) -> None:
-    """Serve until SIGINT or SIGTERM, then drain."""
+def _on_sighup(node: Node | None, reload: ReloadSettings | None, source: ReloadSource) -> None:
+    if node is None:
+        return  # still starting: run() applies it once the node listens
+    if reload is None:
+        log.warning("SIGHUP: nothing to reload (started without --config)")
+        return
+    try:
+        settings = reload()
+    except ConfigError as exc:
+        # The message names fields and never echoes a value (bastion.config).
+        fields = [part.partition(":")[0].strip() for part in str(exc).split("; ")]
+        node.reload_failed(source, fields, str(exc))
+        return
+    node.reload(settings, source)
+
+
+async def run(
+    settings: Settings,
+    on_ready: Callable[[str, int], None] | None = None,
+    *,
+    reload: ReloadSettings | None = None,
+    reload_source: ReloadSource = "sighup",
+) -> None:
+    """Serve until SIGINT or SIGTERM, then drain; reload on SIGHUP.
+
+    Args:
+        settings: the configuration to start with.
+        on_ready: called with the host and bound port once listening.
+        reload: reads the settings to apply on SIGHUP (``None``: nothing to reload).
+        reload_source: how reloads are named in logs, metrics and the audit log.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    # Before anyone is told we listen: a SIGTERM right after that line must drain.
+    started: list[Node] = []
+    early: list[bool] = []
+
+    def on_sighup() -> None:
+        if not started:
+            early.append(True)
+        _on_sighup(started[0] if started else None, reload, reload_source)
+
+    # Before anyone is told we listen: a SIGTERM right after that line must drain,
+    # and a SIGHUP must never take the default action (terminate).
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
+    with contextlib.suppress(NotImplementedError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
     node = Node(settings, loop)
     await node.start()
+    started.append(node)
+    if early:  # a SIGHUP while starting: apply it now rather than lose it
+        _on_sighup(node, reload, reload_source)
     if on_ready is not None:
         on_ready(settings.server.host, node.port)
     await stop.wait()
@@ -299,11 +471,16 @@ async def run(settings: Settings, on_ready: Callable[[str, int], None] | None = 
     await node.stop()
 
 
-def serve(settings: Settings, on_ready: Callable[[str, int], None] | None = None) -> None:
+def serve(
+    settings: Settings,
+    on_ready: Callable[[str, int], None] | None = None,
+    *,
+    reload: ReloadSettings | None = None,
+) -> None:
     """Run a node on uvloop when available (measured faster), else asyncio."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(run(settings, on_ready))
+        asyncio.run(run(settings, on_ready, reload=reload))
     else:
-        uvloop.run(run(settings, on_ready))
+        uvloop.run(run(settings, on_ready, reload=reload))
