@@ -30,6 +30,7 @@ from uuid import uuid4
 import pusher
 import pytest
 import redis.asyncio as aioredis
+from support.server import config_toml
 
 from bastion.config import settings_from_mapping
 from bastion.server.runtime import Node
@@ -236,6 +237,21 @@ def still_serving(
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 
 MakeCluster = Callable[..., Awaitable[list[Node]]]
+
+
+def cluster_server_toml(prefix: str, state: Path, heartbeat_seconds: float) -> str:
+    """The TOML of a ``bastion serve`` process joining a test cluster (to SIGKILL it)."""
+    return config_toml(
+        apps=[{"id": APP_ID, "key": APP_KEY, "secret": APP_SECRET}],
+        adapter={
+            "driver": "redis",
+            "url": SHARED_REDIS,
+            "prefix": prefix,
+            "heartbeat_seconds": heartbeat_seconds,
+        },
+        audit={"path": str(state / "audit.sqlite3")},
+        security={**TEST_SECURITY, "reputation": {"store_path": str(state / "b.sqlite3")}},
+    )
 
 
 @pytest.fixture

@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from support.server import BastionProcess, config_toml
+from support.server import BastionProcess
 
 from bastion.core import events as ev
 from bastion.server.runtime import Node
 
 from .clients import APP_ID, APP_KEY, APP_SECRET, PusherClient, open_client
-from .conftest import SHARED_REDIS, TEST_SECURITY, MakeCluster
+from .conftest import SHARED_REDIS, TEST_SECURITY, MakeCluster, cluster_server_toml
 from .test_redis_cluster import until
 
 Clients = Callable[[Node], Awaitable[PusherClient]]
@@ -203,17 +203,7 @@ async def test_a_sigkilled_server_is_reaped_by_one_survivor(
 ) -> None:
     survivors = await make_cluster(2, prefix=prefix, heartbeat_seconds=HEARTBEAT)
     recorder = Recorder(survivors)
-    text = config_toml(
-        apps=[{"id": APP_ID, "key": APP_KEY, "secret": APP_SECRET}],
-        adapter={
-            "driver": "redis",
-            "url": SHARED_REDIS,
-            "prefix": prefix,
-            "heartbeat_seconds": HEARTBEAT,
-        },
-        audit={"path": str(tmp_path / "audit.sqlite3")},
-        security={**TEST_SECURITY, "reputation": {"store_path": str(tmp_path / "b.sqlite3")}},
-    )
+    text = cluster_server_toml(prefix, tmp_path, HEARTBEAT)
     server = await asyncio.to_thread(make_bastion, text)
     doomed = await open_client(server.port)
     try:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from support.redis_server import RedisServer
-from support.server import BastionProcess, config_toml
+from support.server import BastionProcess
 
 from bastion.core import events as ev
 from bastion.server.runtime import Node
@@ -36,7 +36,7 @@ from .clients import (
     open_client,
     rest,
 )
-from .conftest import SHARED_REDIS, TEST_SECURITY, MakeCluster
+from .conftest import MakeCluster, cluster_server_toml
 from .test_redis_cluster import private_auth, trigger, until
 
 Clients = Callable[[Node], Awaitable[PusherClient]]
@@ -257,17 +257,7 @@ async def test_a_sigkilled_servers_members_are_removed_once(
 ) -> None:
     survivors = await make_cluster(2, prefix=prefix, heartbeat_seconds=HEARTBEAT)
     recorder = Recorder(survivors)
-    text = config_toml(
-        apps=[{"id": APP_ID, "key": APP_KEY, "secret": APP_SECRET}],
-        adapter={
-            "driver": "redis",
-            "url": SHARED_REDIS,
-            "prefix": prefix,
-            "heartbeat_seconds": HEARTBEAT,
-        },
-        audit={"path": str(tmp_path / "audit.sqlite3")},
-        security={**TEST_SECURITY, "reputation": {"store_path": str(tmp_path / "b.sqlite3")}},
-    )
+    text = cluster_server_toml(prefix, tmp_path, HEARTBEAT)
     server = await asyncio.to_thread(make_bastion, text)
     doomed = await open_client(server.port)
     try:
