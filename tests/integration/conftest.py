@@ -260,7 +260,12 @@ async def make_cluster(tmp_path: Path, run_node: RunNode) -> AsyncIterator[MakeC
     nodes: list[Node] = []
 
     async def factory(
-        count: int, *, url: str = SHARED_REDIS, prefix: str, **adapter: Any
+        count: int,
+        *,
+        url: str = SHARED_REDIS,
+        prefix: str,
+        app: Mapping[str, Any] | None = None,
+        **adapter: Any,
     ) -> list[Node]:
         started = []
         for _ in range(count):
@@ -280,6 +285,7 @@ async def make_cluster(tmp_path: Path, run_node: RunNode) -> AsyncIterator[MakeC
                         "key": APP_KEY,
                         "secret": APP_SECRET,
                         "enable_client_messages": True,
+                        **(app or {}),
                     },
                     {"id": OTHER_APP_ID, "key": OTHER_APP_KEY, "secret": OTHER_APP_SECRET},
                 ],

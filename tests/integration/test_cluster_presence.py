@@ -406,3 +406,37 @@ async def test_a_signed_request_replayed_to_another_node_is_refused(
     assert again.status == 401 and again.json()["reason"] == "replayed_request"
     assert b.ctx.metrics.refusals[("replayed_request", APP_ID)] == 1
     await listener.barrier()  # the replay was not delivered
+
+
+async def test_subscription_count_events_carry_the_clusters_count(
+    make_cluster: MakeCluster, clients: Clients, watchers: list[Watcher], prefix: str
+) -> None:
+    a, b = await make_cluster(2, prefix=prefix, app={"enable_subscription_count": True})
+    recorder = Recorder([a, b])
+    first = await clients(a)
+    await first.subscribed("scores")
+    watcher = Watcher(first)
+    watchers.append(watcher)
+
+    def counts() -> list[int]:
+        return [
+            data_of(frame)["subscription_count"]
+            for frame in watcher.of("pusher_internal:subscription_count", "scores")
+        ]
+
+    await until(lambda: counts()[-1:] == [1])
+    second = await clients(b)
+    await second.subscribed("scores")
+    await until(lambda: counts()[-1:] == [2])  # a subscriber on the other node counts
+    third = await clients(b)
+    await third.subscribed("scores")
+    await until(lambda: counts()[-1:] == [3])
+    await third.close()
+    await second.close()  # node B leaves the channel: node A's subscriber hears of it
+    await until(lambda: counts()[-1:] == [1])
+    totals = [
+        event.subscription_count
+        for _, event in recorder.events
+        if isinstance(event, ev.SubscriptionCountChanged) and event.channel == "scores"
+    ]
+    assert totals[:3] == [1, 2, 3] and totals[-1] == 1  # one webhook event per change

@@ -37,6 +37,7 @@ MEMBER_REMOVED = "pusher_internal:member_removed"
 TERMINATE = "pusher_internal:terminate_connections"
 WATCH_ONLINE = "pusher_internal:user_online"
 WATCH_OFFLINE = "pusher_internal:user_offline"
+SUBSCRIPTION_COUNT = "pusher_internal:subscription_count"
 
 
 class ClusterUnavailable(Exception):

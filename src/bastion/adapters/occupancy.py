@@ -68,12 +68,15 @@ return 0
 """
 
 #: KEYS: occ hash. ARGV: node id, count. Sets this node's subscriber count, only
-#: while the node holds the channel (a late count never resurrects a field).
+#: while the node holds the channel (a late count never resurrects a field), and
+#: returns the cluster's total.
 _COUNT = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 end
-return 0
+local total = 0
+for _, count in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(count) end
+return total
 """
 
 #: KEYS: members hash, node counts hash, node's tag set. ARGV: tag, user id, info
@@ -298,14 +301,19 @@ class Occupancy:
         result: Any = await self._off(keys=keys, args=args)
         return int(result) == 1
 
-    async def counts(self, counts: dict[str, int]) -> None:
-        """Record this node's subscriber count of each held entry (one round trip)."""
+    async def counts(self, counts: dict[str, int]) -> dict[str, int]:
+        """Record this node's subscriber count of each held entry (one round trip).
+
+        Returns each entry's subscriber count over the whole cluster afterwards.
+        """
+        entries = list(counts)
         async with self._client.pipeline(transaction=False) as pipe:
-            for entry, count in counts.items():
+            for entry in entries:
                 await self._count(
-                    keys=[self.occ_key(entry)], args=[self._node_id, count], client=pipe
+                    keys=[self.occ_key(entry)], args=[self._node_id, counts[entry]], client=pipe
                 )
-            await pipe.execute()
+            totals: Any = await pipe.execute()
+        return {entry: int(total) for entry, total in zip(entries, totals, strict=True)}
 
     # --- this node's presence members ------------------------------------------------------
 

@@ -54,6 +54,7 @@ from bastion.adapters import bus
 from bastion.adapters.base import (
     MEMBER_ADDED,
     MEMBER_REMOVED,
+    SUBSCRIPTION_COUNT,
     TERMINATE,
     WATCH_OFFLINE,
     WATCH_ONLINE,
@@ -196,6 +197,10 @@ class RedisAdapter:
         #: entry → this node's subscriber count; entries whose count Redis lacks.
         self._counts: dict[str, int] = {}
         self._counts_dirty: set[str] = set()
+        #: entry → when its cluster count was last announced (loop time); entries
+        #: whose announcement waits for the throttle.
+        self._count_sent: dict[str, float] = {}
+        self._count_held: set[str] = set()
         #: entry → a cache channel's last event to record (the latest wins).
         self._cache_out: dict[str, tuple[str, str, int]] = {}
         #: The current session's state operations (``None`` while disconnected).
@@ -601,6 +606,37 @@ class RedisAdapter:
 
     # --- cluster events ------------------------------------------------------------------
 
+    def _announce_count(self, entry: str, total: int) -> None:
+        """Tell every node a channel's cluster-wide subscriber count (throttled as Pusher)."""
+        app_id, _, channel = entry.partition(":")
+        if channel.startswith("presence-"):
+            return  # presence channels count members, not subscriptions
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        sent = self._count_sent.get(entry)
+        if total > msg.COUNT_THROTTLE_THRESHOLD and sent is not None:
+            wait = sent + msg.COUNT_THROTTLE_SECONDS - now
+            if wait > 0:
+                if entry not in self._count_held:
+                    self._count_held.add(entry)
+                    loop.call_later(wait, self._recount, entry)
+                return
+        self._count_sent[entry] = now
+        data = msg.dumps({"subscription_count": total})
+        self._broadcast((app_id, channel, SUBSCRIPTION_COUNT, data), None)
+        if self._emit is not None:
+            try:
+                self._emit(ev.SubscriptionCountChanged(app_id, channel, total))
+            except Exception:  # a listener's defect must not end the bus session
+                log.exception("reporting SubscriptionCountChanged failed")
+
+    def _recount(self, entry: str) -> None:
+        """A throttled count is due: write (and so read back) the count again."""
+        self._count_held.discard(entry)
+        if entry in self._counts:
+            self._counts_dirty.add(entry)
+            self._wake()
+
     def _member_frame(self, tag: str, info: str | None) -> tuple[str, str, str, str]:
         """``(app_id, channel, event, data)`` of member_added (with ``info``) or _removed."""
         app_id, channel, user_id = split_tag(tag)
@@ -858,8 +894,15 @@ class RedisAdapter:
                 continue
             vacated = await asyncio.wait_for(occupancy.off(entry), COMMAND_TIMEOUT)
             held.discard(entry)
+            self._counts.pop(entry, None)
             if vacated:
+                self._count_sent.pop(entry, None)
                 self._report(ev.ChannelVacated, entry)
+            else:  # the others' subscribers learn the smaller total
+                ((_, total, _),) = await asyncio.wait_for(
+                    occupancy.channel_info([entry]), COMMAND_TIMEOUT
+                )
+                self._announce_count(entry, total)
         for entry in sorted(self._occ_wanted - held):
             if entry not in self._occ_wanted or entry in held:
                 continue
@@ -883,10 +926,14 @@ class RedisAdapter:
             users.add(tag)
             if online:
                 self._broadcast(self._user_frame(tag, online=True), None)
-        dirty, self._counts_dirty = self._counts_dirty, set()
-        counts = {entry: self._counts[entry] for entry in dirty if entry in self._counts}
+        dirty = {entry for entry in self._counts_dirty if entry in self._counts}
+        # A count whose channel Redis does not record for us yet waits for its turn.
+        self._counts_dirty = dirty - held
+        counts = {entry: self._counts[entry] for entry in dirty & held}
         if counts:
-            await asyncio.wait_for(occupancy.counts(counts), COMMAND_TIMEOUT)
+            totals = await asyncio.wait_for(occupancy.counts(counts), COMMAND_TIMEOUT)
+            for entry, total in totals.items():
+                self._announce_count(entry, total)
 
     async def _liveness_loop(self, occupancy: Occupancy) -> None:
         assert self._wake_syncer is not None

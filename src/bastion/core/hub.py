@@ -21,6 +21,7 @@ from typing import Any
 from bastion.adapters.base import (
     MEMBER_ADDED,
     MEMBER_REMOVED,
+    SUBSCRIPTION_COUNT,
     TERMINATE,
     WATCH_OFFLINE,
     WATCH_ONLINE,
@@ -52,8 +53,8 @@ from bastion.security.tokens import Claims, JwtVerifier, TokenError, grants, loo
 __all__ = ["AppState", "Channel", "Hub", "Session"]
 
 #: Above this many subscribers, subscription_count is sent at most every 5 s.
-COUNT_THROTTLE_THRESHOLD = 100
-COUNT_THROTTLE_SECONDS = 5.0
+COUNT_THROTTLE_THRESHOLD = msg.COUNT_THROTTLE_THRESHOLD
+COUNT_THROTTLE_SECONDS = msg.COUNT_THROTTLE_SECONDS
 #: Channel names echoed back in a subscription error are at most this long.
 _ECHO_LIMIT = 200
 
@@ -573,8 +574,8 @@ class Hub:
         return True
 
     def _count_changed(self, app: AppState, channel: Channel) -> None:
-        if channel.type.kind is ChannelKind.PRESENCE:
-            return
+        if channel.type.kind is ChannelKind.PRESENCE or self._clustered:
+            return  # clustered: the adapter announces the cluster's count
         count = channel.subscription_count
         self._emit(ev.SubscriptionCountChanged(app.id, channel.name, count))
         if not app.settings.enable_subscription_count:
@@ -924,6 +925,11 @@ class Hub:
         self, app: AppState, channel: str, event: str, data: Any, exclude: str | None
     ) -> None:
         """An event a clustered adapter decided (member, sign-in, terminate)."""
+        if event == SUBSCRIPTION_COUNT:
+            state = app.channels.get(channel)
+            if state is not None and app.settings.enable_subscription_count:
+                self._fan_out(state, msg.channel_event(event, channel, data), None)
+            return
         if event in (MEMBER_ADDED, MEMBER_REMOVED):
             state = app.channels.get(channel)
             if state is None or not isinstance(data, str):

@@ -26,6 +26,7 @@ the latest count of a quiet-again channel is sent when its 5 seconds are over.
 from __future__ import annotations
 
 from bastion.core import events as ev
+from bastion.protocol import messages as msg
 
 __all__ = [
     "COUNT_THROTTLE_SECONDS",
@@ -41,10 +42,10 @@ DEFAULT_MAX_HELD = 100_000
 
 _Key = tuple[str, str, str | None]
 
-#: Above this many subscribers a channel's subscription_count webhooks are throttled.
-COUNT_THROTTLE_THRESHOLD = 100
-#: Seconds between two subscription_count webhooks of one throttled channel.
-COUNT_THROTTLE_SECONDS = 5.0
+#: Above this many subscribers a channel's subscription_count webhooks are throttled,
+#: to one every COUNT_THROTTLE_SECONDS (Pusher's rule, in protocol.messages).
+COUNT_THROTTLE_THRESHOLD = msg.COUNT_THROTTLE_THRESHOLD
+COUNT_THROTTLE_SECONDS = msg.COUNT_THROTTLE_SECONDS
 
 
 class Smoother:
