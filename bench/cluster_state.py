@@ -31,8 +31,6 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
-from websockets.asyncio.client import connect
-
 from _common import (
     APP_ID,
     APP_KEY,
@@ -46,6 +44,7 @@ from _common import (
     environment,
     raise_nofile,
 )
+from websockets.asyncio.client import connect
 
 
 def signed_path(path: str, params: dict[str, str]) -> str:
