@@ -270,6 +270,50 @@ async def test_stop_is_bounded_and_a_restart_resumes(tmp_path: Path) -> None:
     assert delivered and {r.header("Idempotency-Key") for r in delivered} == {sent.idempotency_key}
 
 
+async def test_two_dispatchers_on_one_queue_file_send_each_row_once(tmp_path: Path) -> None:
+    # As `bastion serve --workers 2`: two queue objects (owners) on one file.
+    with WebhookReceiver() as receiver:
+        sent = [delivery(receiver.url, channel=f"c{n}") for n in range(40)]
+        async with running(tmp_path) as one, running(tmp_path) as two:
+            assert one.queue.owner != two.queue.owner
+            assert one.enqueue(*sent) == 40
+            two.dispatcher.wake()
+            await eventually(
+                lambda: (
+                    one.metrics.webhooks_delivered[APP_ID] + two.metrics.webhooks_delivered[APP_ID]
+                    == 40
+                ),
+                seconds=10,
+            )
+            assert one.queue.counts().done == 40
+    keys = [r.header("Idempotency-Key") for r in receiver.received]
+    assert sorted(keys) == sorted(d.idempotency_key for d in sent)  # none twice
+
+
+async def test_rows_of_a_dead_or_stopped_worker_go_to_another(tmp_path: Path) -> None:
+    with WebhookReceiver() as receiver:
+        held, crashed = delivery(receiver.url, channel="a"), delivery(receiver.url, channel="b")
+        # Another worker's queue object holds both rows, as if mid-attempt: one with a
+        # lease far beyond the test, one that runs out almost at once (a dead worker).
+        path = tmp_path / "queue.sqlite3"
+        with WebhookQueue.open(str(path), max_pending=10, retention_days=7) as worker:
+            worker.enqueue([held, crashed])
+            worker.claim_due(time.time(), limit=1, lease_seconds=3600)
+            worker.claim_due(time.time(), limit=1, lease_seconds=0.2)
+            async with running(tmp_path) as live:
+                await wait_for(receiver, lambda r: len(r) >= 1)
+                await eventually(lambda: live.queue.counts().done == 1)
+                keys = {r.header("Idempotency-Key") for r in receiver.received}
+                assert keys == {crashed.idempotency_key}  # the live lease is respected
+                # The other worker stops cleanly: its row is sent at once, not in an hour.
+                worker.release_all()
+                live.dispatcher.wake()
+                await eventually(lambda: live.queue.counts().done == 2)
+    keys = {r.header("Idempotency-Key") for r in receiver.delivered()}
+    assert len(receiver.received) == 2
+    assert keys == {held.idempotency_key, crashed.idempotency_key}
+
+
 async def test_refuse_private_dead_letters_a_loopback_endpoint(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

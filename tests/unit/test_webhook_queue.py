@@ -1,4 +1,7 @@
-"""The durable webhook queue: enqueue bound, claims, the state machine, dead letters, pruning."""
+"""The durable webhook queue: enqueue bound, claims, the state machine, dead letters, pruning.
+
+Claims shared between queue objects (leases) are in ``test_webhook_queue_leases.py``.
+"""
 
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ def test_enqueue_claim_done_round_trip(queue: WebhookQueue, tmp_path: Path) -> N
     assert (claimed.created_at, claimed.age_from, claimed.attempts) == (T0, T0, 0)
     # Claimed: not handed out twice within a run.
     assert queue.claim_due(T0, limit=10) == []
-    assert queue.next_due_at() is None
+    assert queue.next_due_at(T0) is None
     queue.mark_done(claimed.id, now=T0 + 1)
     assert queue.counts() == QueueCounts(0, 1, 0)
     (body,) = queue._connection.execute("SELECT body FROM deliveries").fetchone()
@@ -99,7 +102,7 @@ def test_retry_schedules_and_counts_attempts(queue: WebhookQueue) -> None:
     (claimed,) = queue.claim_due(T0, limit=10)
     queue.mark_retry(claimed.id, next_attempt_at=T0 + 5, error="HTTP 503")
     assert queue.claim_due(T0 + 4.9, limit=10) == []
-    assert queue.next_due_at() == T0 + 5
+    assert queue.next_due_at(T0) == T0 + 5
     (again,) = queue.claim_due(T0 + 5, limit=10)
     assert again.attempts == 1 and again.id == claimed.id
 
@@ -109,8 +112,8 @@ def test_claim_skips_full_endpoints_and_orders_by_due_time(queue: WebhookQueue) 
     queue.enqueue([item(1), item(2, url=other), item(3)])
     claimed = queue.claim_due(T0, limit=10, skip_urls=[URL])
     assert [d.url for d in claimed] == [other]
-    assert queue.next_due_at(skip_urls=[URL]) is None
-    assert queue.next_due_at() == 0.0
+    assert queue.next_due_at(T0, skip_urls=[URL]) is None
+    assert queue.next_due_at(T0) == 0.0
     assert [d.url for d in queue.claim_due(T0, limit=1)] == [URL]
 
 
@@ -127,10 +130,11 @@ def test_rows_in_flight_at_a_crash_are_pending_at_the_next_open(tmp_path: Path) 
     path = tmp_path / "queue.sqlite3"
     queue = open_queue(path)
     queue.enqueue([item(1)])
-    (claimed,) = queue.claim_due(T0, limit=10)
-    # No mark: the process "dies" here. A new run hands the row out again.
+    (claimed,) = queue.claim_due(T0, limit=10, lease_seconds=60)
+    # No mark: the process "dies" here. A new run hands the row out once the lease ends.
     with open_queue(path) as again:
-        (resumed,) = again.claim_due(T0, limit=10)
+        assert again.claim_due(T0 + 60, limit=10) == []
+        (resumed,) = again.claim_due(T0 + 60.5, limit=10)
         assert resumed.idempotency_key == claimed.idempotency_key
     queue.close()
 

@@ -7,6 +7,14 @@ and starts one attempt task per row. It sleeps until :meth:`~WebhookDispatcher.w
 :data:`IDLE_POLL_SECONDS` (rows retried by ``bastion webhooks retry`` from another
 process), whichever comes first.
 
+Claims are leases in the queue file (see :mod:`bastion.store.webhook_queue`), so
+several workers on one file never send the same row at once. The lease is
+:func:`lease_seconds` of ``timeout_seconds``: far longer than one attempt and the
+recording of its outcome, so it only runs out for a process that died or stalled;
+its rows are then sent by another worker or the next start (at once when the dead
+process was on this host and its pid is gone). A clean stop releases this
+dispatcher's claims at once.
+
 Bounds: each endpoint URL has ``concurrency_per_endpoint`` slots and a row is only
 claimed when its endpoint has a free slot, so a hanging endpoint holds its own
 slots and nothing else; at most :data:`MAX_IN_FLIGHT` attempts run at once over all
@@ -61,8 +69,10 @@ if TYPE_CHECKING:
 __all__ = [
     "IDLE_POLL_SECONDS",
     "MAX_IN_FLIGHT",
+    "MIN_LEASE_SECONDS",
     "WebhookDispatcher",
     "is_refused_address",
+    "lease_seconds",
     "safe_url",
 ]
 
@@ -80,6 +90,18 @@ _HOUSEKEEPING_SECONDS: Final = 60.0
 _ANSWER_BYTES: Final = 65_536
 #: Longest error text kept in a dead letter.
 _ERROR_CHARS: Final = 200
+#: Shortest claim lease, whatever the per-attempt timeout.
+MIN_LEASE_SECONDS: Final = 60.0
+
+
+def lease_seconds(timeout_seconds: float) -> float:
+    """How long a claim lasts for attempts bounded by ``timeout_seconds``.
+
+    Three attempts' worth and at least :data:`MIN_LEASE_SECONDS`, so an attempt and
+    the recording of its outcome (which may wait on another process's lock) end well
+    before the lease; a crashed process's rows wait this long at most.
+    """
+    return max(MIN_LEASE_SECONDS, 3.0 * timeout_seconds)
 
 
 def safe_url(url: str) -> str:
@@ -162,6 +184,8 @@ class WebhookDispatcher:
         self._attempts: set[asyncio.Task[None]] = set()
         #: endpoint URL → attempts in flight to it.
         self._busy: dict[str, int] = {}
+        #: Seconds each claim is leased for.
+        self.lease_seconds = lease_seconds(settings.timeout_seconds)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -188,7 +212,8 @@ class WebhookDispatcher:
         """Stop: no new attempts; wait for in-flight ones up to ``timeout`` seconds.
 
         Attempts still running at the deadline are cancelled; their rows stay
-        pending (nothing is recorded for them) and the next start sends them again.
+        pending (nothing is recorded for them), their claims are released, and
+        another worker or the next start sends them again.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout, 0.0)
@@ -209,7 +234,11 @@ class WebhookDispatcher:
             attempt.cancel()
         if self._attempts:
             await asyncio.wait(set(self._attempts), timeout=max(0.01, deadline - loop.time()))
-        self.queue.release_all()
+        try:
+            await asyncio.to_thread(self.queue.release_all)
+        except WebhookQueueError as exc:
+            # The rows are not lost: their leases end and they are sent after that.
+            log.error("webhook queue: %s", exc)
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):
@@ -238,12 +267,16 @@ class WebhookDispatcher:
                         now,
                         limit=min(free, _CLAIM_BATCH),
                         skip_urls=self._full_endpoints(),
+                        lease_seconds=self.lease_seconds,
                     )
-                self._start_attempts(claimed)
+                unused = self._start_attempts(claimed)
+                if unused:
+                    # Their endpoint filled up within the batch: free for others now.
+                    await asyncio.to_thread(self.queue.release, unused)
                 if len(claimed) == min(free, _CLAIM_BATCH) and free > 0:
                     continue  # there may be more due right now
                 next_due = await asyncio.to_thread(
-                    self.queue.next_due_at, skip_urls=self._full_endpoints()
+                    self.queue.next_due_at, self._clock(), skip_urls=self._full_endpoints()
                 )
             except WebhookQueueError as exc:
                 log.error("webhook queue: %s", exc)
@@ -265,7 +298,8 @@ class WebhookDispatcher:
         counts = await asyncio.to_thread(self.queue.counts)
         self.metrics.webhook_queue_pending = counts.pending
 
-    def _start_attempts(self, claimed: list[Delivery]) -> None:
+    def _start_attempts(self, claimed: list[Delivery]) -> list[int]:
+        """Start an attempt per row that has a slot; returns the ids of the others."""
         limit = self.settings.concurrency_per_endpoint
         unused: list[int] = []
         for delivery in claimed:
@@ -277,8 +311,7 @@ class WebhookDispatcher:
             self._attempts.add(task)
             self.metrics.webhooks_in_flight = len(self._attempts)
             task.add_done_callback(functools.partial(self._finished, url=delivery.url))
-        if unused:
-            self.queue.release(unused)  # in memory only: cheap enough for the loop
+        return unused
 
     def _finished(self, task: asyncio.Task[None], *, url: str) -> None:
         self._attempts.discard(task)
@@ -302,7 +335,9 @@ class WebhookDispatcher:
             raise
         except WebhookQueueError as exc:
             log.error("webhook queue: %s", exc)
-            self.queue.release([delivery.id])
+            # If this fails too, the lease ends and the row is sent after that.
+            with contextlib.suppress(WebhookQueueError):
+                await asyncio.to_thread(self.queue.release, [delivery.id])
 
     async def _deliver(self, delivery: Delivery) -> None:
         app = self.apps.get(delivery.app_id)
