@@ -135,8 +135,12 @@ class Adapter(Protocol):
 
     # --- cluster state (a clustered adapter; no-ops for one node) ------------------------
 
-    def count(self, app_id: str, channel: str, subscribers: int) -> None:
-        """This node's subscriber count of ``channel`` changed (it still has some)."""
+    def count(self, app_id: str, channel: str, subscribers: int, *, announce: bool) -> None:
+        """This node's subscriber count of ``channel`` changed (it still has some).
+
+        ``announce``: the app sends ``subscription_count`` events to its clients
+        (``enable_subscription_count``), so the cluster's total is broadcast.
+        """
 
     def member_on(
         self, app_id: str, channel: str, user_id: str, user_info: Any, socket_id: str

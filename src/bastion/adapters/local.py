@@ -69,7 +69,7 @@ class LocalAdapter:
 
     # --- cluster state: the hub's own state is the whole cluster ---------------------------
 
-    def count(self, app_id: str, channel: str, subscribers: int) -> None:
+    def count(self, app_id: str, channel: str, subscribers: int, *, announce: bool) -> None:
         """The hub counts."""
 
     def member_on(

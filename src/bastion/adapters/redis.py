@@ -201,6 +201,8 @@ class RedisAdapter:
         #: whose announcement waits for the throttle.
         self._count_sent: dict[str, float] = {}
         self._count_held: set[str] = set()
+        #: Entries whose app sends subscription_count events (the total is broadcast).
+        self._count_announced: set[str] = set()
         #: entry → a cache channel's last event to record (the latest wins).
         self._cache_out: dict[str, tuple[str, str, int]] = {}
         #: The current session's state operations (``None`` while disconnected).
@@ -421,9 +423,13 @@ class RedisAdapter:
 
     # --- cluster state -------------------------------------------------------------------
 
-    def count(self, app_id: str, channel: str, subscribers: int) -> None:
+    def count(self, app_id: str, channel: str, subscribers: int, *, announce: bool) -> None:
         """Record this node's subscriber count of ``channel`` (soon, on the syncer)."""
         entry = f"{app_id}:{channel}"
+        if announce:
+            self._count_announced.add(entry)
+        else:
+            self._count_announced.discard(entry)
         if self._counts.get(entry) != subscribers:
             self._counts[entry] = subscribers
             self._counts_dirty.add(entry)
@@ -622,8 +628,9 @@ class RedisAdapter:
                     loop.call_later(wait, self._recount, entry)
                 return
         self._count_sent[entry] = now
-        data = msg.dumps({"subscription_count": total})
-        self._broadcast((app_id, channel, SUBSCRIPTION_COUNT, data), None)
+        if entry in self._count_announced:  # else only the webhook event: no bus traffic
+            data = msg.dumps({"subscription_count": total})
+            self._broadcast((app_id, channel, SUBSCRIPTION_COUNT, data), None)
         if self._emit is not None:
             try:
                 self._emit(ev.SubscriptionCountChanged(app_id, channel, total))
@@ -897,6 +904,7 @@ class RedisAdapter:
             self._counts.pop(entry, None)
             if vacated:
                 self._count_sent.pop(entry, None)
+                self._count_announced.discard(entry)
                 self._report(ev.ChannelVacated, entry)
             else:  # the others' subscribers learn the smaller total
                 ((_, total, _),) = await asyncio.wait_for(
@@ -1017,7 +1025,9 @@ class RedisAdapter:
         if not self._remember(message.id, message.sent_at, now_ms):
             self._count_dropped("replayed")
             return
-        if self._metrics is not None:
+        if self._metrics is not None and not message.event.startswith("pusher_internal:"):
+            # Channel events only: cluster control messages (members, counts,
+            # sign-ins, terminations) are not events of the app.
             self._metrics.bus_received[message.app_id] += 1
         if self._deliver is None:
             return

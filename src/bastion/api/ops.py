@@ -330,7 +330,9 @@ class NodeCollector:
         )
         yield per_app("bus_published", "Events written to the cluster bus.", metrics.bus_published)
         yield per_app(
-            "bus_received", "Events from other nodes delivered locally.", metrics.bus_received
+            "bus_received",
+            "Channel events from other nodes delivered locally (not cluster control messages).",
+            metrics.bus_received,
         )
         yield per_word(
             "bus_dropped", "Bus events not sent or not delivered, by reason.", metrics.bus_dropped

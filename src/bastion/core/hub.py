@@ -371,7 +371,12 @@ class Hub:
                 self._emit(ev.ChannelOccupied(app.id, name))
         channel.subscribers[session.socket_id] = session
         session.channels[name] = user_id
-        self.adapter.count(app.id, name, len(channel.subscribers))
+        self.adapter.count(
+            app.id,
+            name,
+            len(channel.subscribers),
+            announce=app.settings.enable_subscription_count,
+        )
 
         if user_id is not None:
             if self._clustered:
@@ -562,7 +567,12 @@ class Hub:
                         self._fan_out(channel, msg.member_removed(name, user_id), None)
                         self._emit(ev.MemberRemoved(app.id, name, user_id))
         if channel.subscribers:
-            self.adapter.count(app.id, name, len(channel.subscribers))
+            self.adapter.count(
+                app.id,
+                name,
+                len(channel.subscribers),
+                announce=app.settings.enable_subscription_count,
+            )
         if not channel.subscribers:
             del app.channels[name]
             app.dirty_counts.discard(name)
