@@ -137,6 +137,22 @@ async def test_the_channel_set_follows_occupancy(client: aioredis.Redis, prefix:
     assert await b.channels("1") == ["presence-room"]
 
 
+async def test_occupied_lists_an_apps_channels_by_prefix_with_their_counts(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    a, b = node(client, prefix, "a"), node(client, prefix, "b")
+    await a.on("1:news")
+    await b.on("1:news")
+    await a.counts({"1:news": 2})
+    await b.counts({"1:news": 3})
+    await a.on("1:presence-room")
+    await a.member_on(member_tag("1:presence-room", "alice"), "null")
+    await a.on("2:news")
+    assert await b.occupied("1") == {"news": (5, 0), "presence-room": (1, 1)}
+    assert await b.occupied("1", "presence-") == {"presence-room": (1, 1)}
+    assert await b.occupied("3") == {}
+
+
 async def test_counts_add_up_over_nodes_and_never_resurrect(
     client: aioredis.Redis, prefix: str
 ) -> None:

@@ -180,6 +180,44 @@ return 0
 """
 
 
+#: ARGV: key prefix (``{prefix}:``), then entries. Returns, per entry, the number
+#: of nodes holding it, its subscriber total and its presence member count: one
+#: round trip and one small reply however many channels a query covers.
+_CHANNEL_INFO = """
+local out = {}
+for i = 2, #ARGV do
+  local counts = redis.call('HVALS', ARGV[1] .. 'occ:' .. ARGV[i])
+  local total = 0
+  for _, count in ipairs(counts) do total = total + tonumber(count) end
+  table.insert(out, #counts)
+  table.insert(out, total)
+  table.insert(out, redis.call('HLEN', ARGV[1] .. 'pu:' .. ARGV[i]))
+end
+return out
+"""
+
+#: KEYS: the app's channel set. ARGV: key prefix, app id, channel name prefix.
+#: Returns name, subscriber total and member count of each occupied channel whose
+#: name starts with the prefix (the ``/channels`` query in one round trip).
+_APP_CHANNELS = """
+local out = {}
+local wanted = ARGV[3]
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if string.sub(name, 1, #wanted) == wanted then
+    local entry = ARGV[2] .. ':' .. name
+    local total = 0
+    for _, count in ipairs(redis.call('HVALS', ARGV[1] .. 'occ:' .. entry)) do
+      total = total + tonumber(count)
+    end
+    table.insert(out, name)
+    table.insert(out, total)
+    table.insert(out, redis.call('HLEN', ARGV[1] .. 'pu:' .. entry))
+  end
+end
+return out
+"""
+
+
 def member_tag(entry: str, user_id: str) -> str:
     """The tag of ``user_id`` present in ``entry`` (``{app_id}:{channel}``)."""
     return f"{entry}\n{user_id}"
@@ -229,6 +267,8 @@ class Occupancy:
         self._user_off = client.register_script(_USER_OFF)
         self._reap = client.register_script(_REAP)
         self._claim = client.register_script(_CLAIM)
+        self._channel_info = client.register_script(_CHANNEL_INFO)
+        self._app_channels = client.register_script(_APP_CHANNELS)
 
     # --- keys ----------------------------------------------------------------------------
 
@@ -379,17 +419,20 @@ class Occupancy:
         return {_text(user): _text(info) for user, info in raw.items()}
 
     async def channel_info(self, entries: list[str]) -> list[tuple[bool, int, int]]:
-        """``(occupied, subscription_count, user_count)`` of each entry (one round trip)."""
-        async with self._client.pipeline(transaction=False) as pipe:
-            for entry in entries:
-                pipe.hvals(self.occ_key(entry))
-                pipe.hlen(self.members_key(entry))
-            replies: Any = await pipe.execute()
-        result = []
-        for index in range(len(entries)):
-            counts, users = replies[2 * index], replies[2 * index + 1]
-            result.append((bool(counts), sum(int(count) for count in counts), int(users)))
-        return result
+        """``(occupied, subscription_count, user_count)`` of each entry (one script)."""
+        if not entries:
+            return []
+        flat: Any = await self._channel_info(keys=[], args=[f"{self._prefix}:", *entries])
+        values = [int(value) for value in flat]
+        return [(values[i] > 0, values[i + 1], values[i + 2]) for i in range(0, len(values), 3)]
+
+    async def occupied(self, app_id: str, prefix: str = "") -> dict[str, tuple[int, int]]:
+        """The app's occupied channels starting with ``prefix``: name → (subscribers, users)."""
+        keys = [self.channels_key(app_id)]
+        flat: Any = await self._app_channels(keys=keys, args=[f"{self._prefix}:", app_id, prefix])
+        return {
+            _text(flat[i]): (int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)
+        }
 
     async def channels(self, app_id: str) -> list[str]:
         """The app's channels occupied anywhere in the cluster."""

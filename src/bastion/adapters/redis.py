@@ -548,7 +548,11 @@ class RedisAdapter:
         async def read(state: Occupancy) -> dict[str, ChannelState]:
             wanted = names
             if wanted is None:
-                wanted = [name for name in await state.channels(app_id) if name.startswith(prefix)]
+                found = await state.occupied(app_id, prefix)
+                return {
+                    name: ChannelState(True, subscriptions, users)
+                    for name, (subscriptions, users) in found.items()
+                }
             infos = await state.channel_info([f"{app_id}:{name}" for name in wanted])
             return {
                 name: ChannelState(occupied, subscriptions, users)
