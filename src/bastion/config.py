@@ -481,6 +481,9 @@ class AdapterSettings(BaseModel):
     reconnect_max_seconds: PositiveFloat = 5
     #: Milliseconds between two syncs of the cluster-wide rate limits with Redis.
     limits_sync_ms: Annotated[int, Field(ge=5, le=10_000)] = 50
+    #: Claim every signed REST request in Redis before acting on it, so a request
+    #: replayed to another node is refused (one Redis round trip per request).
+    shared_replay_guard: bool = True
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> AdapterSettings:

@@ -440,3 +440,21 @@ async def test_subscription_count_events_carry_the_clusters_count(
         if isinstance(event, ev.SubscriptionCountChanged) and event.channel == "scores"
     ]
     assert totals[:3] == [1, 2, 3] and totals[-1] == 1  # one webhook event per change
+
+
+async def test_without_the_shared_replay_guard_each_node_guards_alone(
+    make_cluster: MakeCluster, clients: Clients, shared_redis: aioredis.Redis, prefix: str
+) -> None:
+    a, b = await make_cluster(2, prefix=prefix, shared_replay_guard=False)
+    listener = await clients(b)
+    await listener.subscribed("orders")
+    body = {"name": "paid", "channel": "orders", "data": "{}"}
+    stamp = float(int(time.time()))
+    first = await rest(a.port, "POST", f"/apps/{APP_ID}/events", body, timestamp=stamp)
+    assert first.status == 200, first
+    await listener.expect("paid", "orders")
+    assert [k async for k in shared_redis.scan_iter(match=f"{prefix}:replay:*")] == []
+    # Node B never saw it: accepted there, the documented price of turning it off.
+    other = await rest(b.port, "POST", f"/apps/{APP_ID}/events", body, timestamp=stamp)
+    assert other.status == 200, other
+    await listener.expect("paid", "orders")

@@ -144,6 +144,7 @@ class RestApi:
         metrics: Metrics,
         *,
         limiters: LimiterFactory | None = None,
+        shared_replay_guard: bool = True,
     ) -> None:
         self.hub = hub
         self.refusals = refusals
@@ -154,6 +155,8 @@ class RestApi:
         self.app_limiters: dict[str, tuple[RateSettings, RateLimiter]] = {}
         #: Builds those buckets (cluster-wide ones with the redis adapter).
         self.limiters: LimiterFactory = limiters or memory_limiters
+        #: With a clustered adapter: claim each signature cluster-wide before acting.
+        self.shared_replay_guard = shared_replay_guard
 
     def handle(self, request: HttpRequest, *, now: float) -> Answer:
         """Answer one request; ``now`` is the Unix time used for the signature window.
@@ -190,7 +193,7 @@ class RestApi:
                 return rate_limited_response(Reason.HTTP_APP_RATE, wait)
             if not app.settings.enabled:
                 raise Refused(Reason.HTTP_APP_DISABLED)
-            if self._clustered:
+            if self.shared_replay_guard and self._clustered:
                 # The node's guard caught its own replays; the cluster's catches a
                 # request replayed to another node, before anything is published.
                 return self._later(self._claimed(app, request, match, now), app, request)

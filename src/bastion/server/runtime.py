@@ -77,7 +77,13 @@ class Node:
         limiters = self._make_limiters()
         self.hub = Hub(settings, frame_text, loop.time, self._make_adapter(), limiters=limiters)
         self.hub.adapter.attach(self.hub.deliver_remote)
-        self.rest = RestApi(self.hub, self.refusals, self.metrics, limiters=limiters)
+        self.rest = RestApi(
+            self.hub,
+            self.refusals,
+            self.metrics,
+            limiters=limiters,
+            shared_replay_guard=settings.adapter.shared_replay_guard,
+        )
         self.ctx = ServerContext(
             settings,
             self.hub,
