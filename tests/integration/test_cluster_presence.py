@@ -458,3 +458,20 @@ async def test_without_the_shared_replay_guard_each_node_guards_alone(
     other = await rest(b.port, "POST", f"/apps/{APP_ID}/events", body, timestamp=stamp)
     assert other.status == 200, other
     await listener.expect("paid", "orders")
+
+
+async def test_subscribing_again_answers_with_the_clusters_members(
+    cluster: list[Node], clients: Clients, watchers: list[Watcher]
+) -> None:
+    a, b, _ = cluster
+    bob = await join(clients, b, "bob", watchers)
+    alice = await join(clients, a, "alice", watchers)
+    for watcher in (alice, bob):
+        await watcher.sees(ROOM, {"alice", "bob"})  # both are recorded in Redis by now
+    data = json.dumps({"user_id": "alice", "user_info": {"name": "Alice"}})
+    auth = private_auth(alice.client, ROOM, data)
+    subscribe = {"channel": ROOM, "auth": auth, "channel_data": data}
+    await alice.client.send({"event": "pusher:subscribe", "data": subscribe})
+    await alice.got("pusher_internal:subscription_succeeded", ROOM, 2)
+    again = alice.of("pusher_internal:subscription_succeeded", ROOM)[-1]
+    assert sorted(data_of(again)["presence"]["ids"]) == ["alice", "bob"]

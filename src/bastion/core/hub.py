@@ -340,8 +340,18 @@ class Hub:
         existing = app.channels.get(name)
         if name in session.channels and existing is not None:
             # Idempotent: answer again without duplicating membership or member_added.
-            data = existing.presence_data() if channel_type.kind is ChannelKind.PRESENCE else "{}"
-            session.write(self._frame(msg.subscription_succeeded(name, data)))
+            if channel_type.kind is not ChannelKind.PRESENCE:
+                session.write(self._frame(msg.subscription_succeeded(name)))
+            elif self._clustered:
+
+                def again(found: dict[str, Any] | None) -> None:
+                    data = existing.presence_data(found)
+                    session.write(self._frame(msg.subscription_succeeded(name, data)))
+
+                self.adapter.members(app.id, name, again)
+            else:
+                data = existing.presence_data()
+                session.write(self._frame(msg.subscription_succeeded(name, data)))
             return
 
         user_id: str | None = None
