@@ -100,6 +100,7 @@ class Session:
         "token_warned",
         "user_id",
         "user_info",
+        "watch_pending",
         "watchlist",
         "write",
     )
@@ -119,6 +120,9 @@ class Session:
         self.user_id: str | None = None
         self.user_info: Any = None
         self.watchlist: tuple[str, ...] = ()
+        #: Clustered watchlists: online/offline frames that arrive before the first
+        #: report is written wait here and follow it (``None``: none pending).
+        self.watch_pending: list[bytes] | None = None
         self.bucket: TokenBucket | None = None
         #: ``None`` until known: the first :meth:`Hub.check_session` then starts the clock.
         self.opened_at = opened_at
@@ -840,6 +844,7 @@ class Hub:
             app.watchers.setdefault(watched, set()).add(session)
 
         def report(cluster_online: set[str] | None) -> None:
+            pending, session.watch_pending = session.watch_pending, None
             if session.watchlist is not accepted:
                 return  # closed meanwhile
             found = cluster_online or set()
@@ -850,8 +855,11 @@ class Hub:
             ]
             if groups:
                 session.write(self._frame(msg.watchlist_events(groups)))
+            for frame in pending or ():  # changes since the read, in order, after it
+                session.write(frame)
 
         if self._clustered and accepted:
+            session.watch_pending = []
             self.adapter.online_users(app.id, list(accepted), report)
         else:
             report(None)
@@ -864,7 +872,10 @@ class Hub:
             return
         frame = self._frame(msg.watchlist_events([(status, [user_id])]))
         for session in watchers:
-            session.write(frame)
+            if session.watch_pending is not None:
+                session.watch_pending.append(frame)
+            else:
+                session.write(frame)
         self.deliveries += len(watchers)
 
     # --- server-side operations (REST) -----------------------------------------------
