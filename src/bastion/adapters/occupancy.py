@@ -434,11 +434,6 @@ class Occupancy:
             _text(flat[i]): (int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)
         }
 
-    async def channels(self, app_id: str) -> list[str]:
-        """The app's channels occupied anywhere in the cluster."""
-        members: Any = await self._client.smembers(self.channels_key(app_id))
-        return sorted(_text(member) for member in members)
-
     async def cached(self, entry: str) -> tuple[str, str, int] | None:
         """A cache channel's last event and its remaining TTL (ms), if any."""
         async with self._client.pipeline(transaction=False) as pipe:

@@ -783,7 +783,7 @@ class RedisAdapter:
             last_seen = [asyncio.get_running_loop().time()]
             tasks = [
                 _spawn(self._reader(pubsub, last_seen)),
-                _spawn(self._writer(client)),
+                _spawn(self._writer(client, occupancy)),
                 _spawn(self._syncer(pubsub, occupancy)),
                 _spawn(self._heartbeat_loop(pubsub, last_seen)),
                 _spawn(self._liveness_loop(occupancy)),
@@ -831,7 +831,7 @@ class RedisAdapter:
             elif kind == "unsubscribe":
                 self._confirmed.discard(_text(message["channel"]))
 
-    async def _writer(self, client: aioredis.Redis) -> None:
+    async def _writer(self, client: aioredis.Redis, occupancy: Occupancy) -> None:
         assert self._wake_writer is not None
         while True:
             await self._wake_writer.wait()
@@ -842,7 +842,7 @@ class RedisAdapter:
                 async with client.pipeline(transaction=False) as pipe:
                     for entry, (event, data, ttl_ms) in writes.items():
                         value = json.dumps([event, data])
-                        pipe.set(f"{self._prefix}:cache:{entry}", value, px=ttl_ms)
+                        pipe.set(occupancy.cache_key(entry), value, px=ttl_ms)
                     await asyncio.wait_for(pipe.execute(), COMMAND_TIMEOUT)
             while self._outbox:
                 batch = [self._outbox.popleft() for _ in range(min(len(self._outbox), BATCH))]
