@@ -37,7 +37,7 @@ from bastion.config import (
     WebhookSettings,
     settings_from_mapping,
 )
-from bastion.core.hub import COUNT_THROTTLE_SECONDS, COUNT_THROTTLE_THRESHOLD
+from bastion.protocol.counts import COUNT_THROTTLE_SECONDS, COUNT_THROTTLE_THRESHOLD
 from bastion.protocol.refusals import Reason
 from bastion.protocol.signing import REST_TIMESTAMP_WINDOW
 

@@ -240,9 +240,16 @@ MakeCluster = Callable[..., Awaitable[list[Node]]]
 
 
 def cluster_server_toml(prefix: str, state: Path, heartbeat_seconds: float) -> str:
-    """The TOML of a ``bastion serve`` process joining a test cluster (to SIGKILL it)."""
+    """The TOML of a ``bastion serve`` process joining a test cluster (to SIGKILL it).
+
+    The same apps as the in-process nodes: their secrets derive the cluster key,
+    which authenticates bus messages and the values shown to clients.
+    """
     return config_toml(
-        apps=[{"id": APP_ID, "key": APP_KEY, "secret": APP_SECRET}],
+        apps=[
+            {"id": APP_ID, "key": APP_KEY, "secret": APP_SECRET},
+            {"id": OTHER_APP_ID, "key": OTHER_APP_KEY, "secret": OTHER_APP_SECRET},
+        ],
         adapter={
             "driver": "redis",
             "url": SHARED_REDIS,

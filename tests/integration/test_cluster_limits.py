@@ -201,7 +201,7 @@ async def test_without_redis_each_node_still_limits_on_its_own(
         syncs = a.cluster_limits.syncs
         await until(lambda: a.cluster_limits.syncs > syncs)
         # Settled before the stop (the bus's own reconnection is not under test here).
-        await until(lambda: a.hub.adapter.healthy and b.hub.adapter.healthy, 15)
+        await until(lambda: a.hub.bus.healthy and b.hub.bus.healthy, 15)
         for node in (a, b):
             await node.stop()
     logs.assert_clean()
@@ -322,7 +322,7 @@ async def test_redis_down_at_start_does_not_fail_start_up_and_blocks_sync_later(
         await until(lambda: blocked_on(a), 15)
         assert not await served(a.port)
         await until(lambda: a.cluster_limits is not None and a.cluster_limits.healthy, 15)
-        await until(lambda: a.hub.adapter.healthy, 15)
+        await until(lambda: a.hub.bus.healthy, 15)
         await a.stop()
     finally:
         server.stop()

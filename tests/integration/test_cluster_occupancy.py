@@ -94,11 +94,11 @@ async def test_occupied_and_vacated_once_for_the_cluster(
     await until(lambda: holders(shared_redis, prefix, "news"))
     await until(
         lambda: _equals(
-            holders(shared_redis, prefix, "news"), {a.hub.adapter.node_id, b.hub.adapter.node_id}
+            holders(shared_redis, prefix, "news"), {a.hub.bus.node_id, b.hub.bus.node_id}
         )
     )
     await unsubscribe(on_b, "news")
-    await until(lambda: _equals(holders(shared_redis, prefix, "news"), {a.hub.adapter.node_id}))
+    await until(lambda: _equals(holders(shared_redis, prefix, "news"), {a.hub.bus.node_id}))
     await settle(recorder, on_b, "marker-b")
     assert recorder.of(ev.ChannelOccupied, "news") == [0]
     assert recorder.of(ev.ChannelVacated, "news") == []
@@ -130,8 +130,8 @@ async def test_a_quick_subscribe_unsubscribe_subscribe_ends_occupied(
     occupied = recorder.of(ev.ChannelOccupied, "flicker")
     vacated = recorder.of(ev.ChannelVacated, "flicker")
     assert len(occupied) - len(vacated) == 1 and len(occupied) <= 2
-    assert await holders(shared_redis, prefix, "flicker") == {a.hub.adapter.node_id}
-    members = await shared_redis.smembers(f"{prefix}:nodeocc:{a.hub.adapter.node_id}")
+    assert await holders(shared_redis, prefix, "flicker") == {a.hub.bus.node_id}
+    members = await shared_redis.smembers(f"{prefix}:nodeocc:{a.hub.bus.node_id}")
     assert {member.decode() for member in members} == {f"{APP_ID}:flicker", f"{APP_ID}:marker"}
 
 
@@ -148,10 +148,8 @@ async def test_a_node_that_dies_is_reaped_by_one_survivor(
     await on_a.subscribed("shared")
     await on_b.subscribed("shared")
     await recorder.occupied("lonely")
-    dead = a.hub.adapter.node_id
-    await until(
-        lambda: _equals(holders(shared_redis, prefix, "shared"), {dead, b.hub.adapter.node_id})
-    )
+    dead = a.hub.bus.node_id
+    await until(lambda: _equals(holders(shared_redis, prefix, "shared"), {dead, b.hub.bus.node_id}))
     await _crash(a)
     await recorder.vacated("lonely")
     await until(lambda: _not(shared_redis.sismember(f"{prefix}:nodes", dead)))
@@ -162,7 +160,7 @@ async def test_a_node_that_dies_is_reaped_by_one_survivor(
     vacated = recorder.of(ev.ChannelVacated, "lonely")
     assert len(vacated) == 1 and vacated[0] in (1, 2)
     assert recorder.of(ev.ChannelVacated, "shared") == []
-    assert await holders(shared_redis, prefix, "shared") == {b.hub.adapter.node_id}
+    assert await holders(shared_redis, prefix, "shared") == {b.hub.bus.node_id}
     assert await shared_redis.exists(f"{prefix}:nodeocc:{dead}") == 0
 
 
@@ -179,10 +177,8 @@ async def test_a_clean_stop_vacates_what_only_it_held(
     await on_a.subscribed("shared")
     await on_b.subscribed("shared")
     await recorder.occupied("lonely")
-    gone = a.hub.adapter.node_id
-    await until(
-        lambda: _equals(holders(shared_redis, prefix, "shared"), {gone, b.hub.adapter.node_id})
-    )
+    gone = a.hub.bus.node_id
+    await until(lambda: _equals(holders(shared_redis, prefix, "shared"), {gone, b.hub.bus.node_id}))
     await a.stop()
     assert recorder.of(ev.ChannelVacated, "lonely") == [0]
     assert recorder.of(ev.ChannelVacated, "shared") == []
@@ -225,8 +221,8 @@ async def test_a_sigkilled_server_is_reaped_by_one_survivor(
 
 async def _crash(node: Node) -> None:
     """Stop a node's bus like a SIGKILL would: no clean-up, heartbeats stop."""
-    adapter: Any = node.hub.adapter
-    task, adapter._task = adapter._task, None
+    session: Any = node.hub.bus._session  # type: ignore[attr-defined]
+    task, session._task = session._task, None
     task.cancel()
     await asyncio.wait([task])
 

@@ -374,7 +374,7 @@ async def test_queries_answer_503_while_redis_is_down_and_local_traffic_goes_on(
         ok = await rest(node.port, "GET", f"/apps/{APP_ID}/channels")
         assert ok.status == 200 and ok.json() == {"channels": {"news": {}}}
         server.stop()
-        await until(lambda: not node.hub.adapter.healthy)
+        await until(lambda: not node.hub.bus.healthy)
         down = await rest(node.port, "GET", f"/apps/{APP_ID}/channels")
         assert down.status == 503
         assert down.json()["reason"] == "cluster_unavailable"
@@ -382,7 +382,7 @@ async def test_queries_answer_503_while_redis_is_down_and_local_traffic_goes_on(
         await trigger(node, "news", "still", "1")  # publishing is local and goes on
         await client.expect("still", "news")
         server.start()
-        await until(lambda: node.hub.adapter.healthy, 15)
+        await until(lambda: node.hub.bus.healthy, 15)
         again = await rest(node.port, "GET", f"/apps/{APP_ID}/channels")
         assert again.status == 200 and again.json() == {"channels": {"news": {}}}
 

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from support.pki import make_pki
 from support.redis_server import RedisServer
 
+from bastion.adapters.messages import ChannelEvent
 from bastion.server.runtime import Node
 from bastion.store.audit import query as query_audit
 
@@ -82,7 +83,7 @@ async def test_rest_trigger_reaches_subscribers_on_other_nodes_only_where_intere
     logs: LogCheck,
 ) -> None:
     a, b, c = await make_cluster(3, prefix=prefix)
-    assert all(node.hub.adapter.healthy for node in (a, b, c))
+    assert all(node.hub.bus.healthy for node in (a, b, c))
     on_a, on_c, on_b = await clients(a), await clients(c), await clients(b)
     await on_a.subscribed("news")
     await on_c.subscribed("news")
@@ -258,7 +259,7 @@ async def test_other_prefixes_and_unknown_apps_are_ignored(
     await client.expect("here", "shared-name")
     await client.barrier()
     # An authentic message for an app this node does not have is dropped quietly.
-    a.hub.deliver_remote("no-such-app", "shared-name", "x", "1", None, None)
+    a.hub.receive(ChannelEvent("no-such-app", "shared-name", "x", "1"))
     await client.barrier()
 
 
@@ -278,7 +279,7 @@ async def test_node_survives_a_redis_outage_and_resubscribes(
             await private.aclose()
 
             server.kill()
-            await until(lambda: not a.hub.adapter.healthy and not b.hub.adapter.healthy)
+            await until(lambda: not a.hub.bus.healthy and not b.hub.bus.healthy)
             assert a.metrics.bus_connected == 0
             # Local delivery still works; the bus copy is dropped and counted.
             await trigger(a, "live", "local-only", "1")
@@ -286,7 +287,7 @@ async def test_node_survives_a_redis_outage_and_resubscribes(
             assert a.metrics.bus_dropped["disconnected"] >= 1
 
             server.start()  # same port
-            await until(lambda: a.hub.adapter.healthy and b.hub.adapter.healthy, 15)
+            await until(lambda: a.hub.bus.healthy and b.hub.bus.healthy, 15)
             private = aioredis.from_url(server.url)
             await until(lambda: _equals(numsub(private, topic(prefix, "live")), 2))
             await trigger(b, "live", "after-outage", "2")
@@ -316,10 +317,10 @@ async def test_a_hung_redis_is_detected_by_the_heartbeat(
         server.pause()
         try:
             # The TCP connections stay open: only the unanswered heartbeat tells.
-            await until(lambda: not a.hub.adapter.healthy and not b.hub.adapter.healthy, 10)
+            await until(lambda: not a.hub.bus.healthy and not b.hub.bus.healthy, 10)
         finally:
             server.resume()
-        await until(lambda: a.hub.adapter.healthy and b.hub.adapter.healthy, 15)
+        await until(lambda: a.hub.bus.healthy and b.hub.bus.healthy, 15)
         private = aioredis.from_url(server.url)
         try:
             await until(lambda: _equals(numsub(private, topic(prefix, "pulse")), 2))
@@ -342,13 +343,13 @@ async def test_a_node_starts_without_redis_and_connects_when_it_comes_up(
         (a,) = await make_cluster(
             1, url=server.url, prefix=prefix, heartbeat_seconds=0.5, reconnect_max_seconds=0.5
         )
-        assert not a.hub.adapter.healthy
+        assert not a.hub.bus.healthy
         client = await clients(a)
         await client.subscribed("early")
         await trigger(a, "early", "works", "1")  # local traffic is served meanwhile
         await client.expect("works", "early")
         server.start()
-        await until(lambda: a.hub.adapter.healthy, 15)
+        await until(lambda: a.hub.bus.healthy, 15)
         private = aioredis.from_url(server.url)
         try:
             # Interest gained while disconnected is subscribed on connect.
@@ -372,7 +373,7 @@ async def test_subscribed_means_events_from_other_nodes_arrive(
     # that the node listens on the bus, so an event triggered on another node the
     # moment the client is told it is subscribed is never missed. The fallback is
     # pushed out of reach: every answer here must come from a Redis confirmation.
-    monkeypatch.setattr("bastion.adapters.redis.READY_WAIT", 3600.0)
+    monkeypatch.setattr("bastion.adapters.redis.topics.READY_WAIT", 3600.0)
     a, b = await make_cluster(2, prefix=prefix)
     on_a = await clients(a)
     for n in range(20):
@@ -389,7 +390,7 @@ async def test_nodes_talk_over_tls_redis_with_a_password(
     with RedisServer(password=password, tls=make_pki(tmp_path)) as server:
         assert server.url.startswith("rediss://")
         a, b = await make_cluster(2, url=server.url, prefix=prefix)
-        assert a.hub.adapter.healthy and b.hub.adapter.healthy
+        assert a.hub.bus.healthy and b.hub.bus.healthy
         listener = await clients(b)
         await listener.subscribed("secure-news")
         private = aioredis.from_url(server.url)

@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from bastion.api.rest import REPEAT_GRACE_SECONDS
-from bastion.protocol.signing import REST_TIMESTAMP_WINDOW
+from bastion.adapters.replay import LocalReplayClaims
+from bastion.protocol.signing import REPEAT_GRACE_SECONDS, REST_TIMESTAMP_WINDOW
 from bastion.security.replay import ReplayGuard
 from bastion.server.runtime import Node
 
@@ -39,9 +39,16 @@ def _trigger_body(channel: str = "news", data: str = "{}") -> bytes:
     return json.dumps({"name": "update", "channels": [channel], "data": data}).encode()
 
 
+def _guards(node: Node) -> dict[str, ReplayGuard]:
+    """The node's replay guards by app id (one node: its own claims are the cluster's)."""
+    claims = node.cluster.replay
+    assert isinstance(claims, LocalReplayClaims)
+    return claims.guards
+
+
 def _strict_guard(node: Node) -> None:
     """No repeat grace for the default app, so an immediate replay is a replay."""
-    node.rest.replay_guards[APP_ID] = ReplayGuard(window_seconds=REST_TIMESTAMP_WINDOW)
+    _guards(node)[APP_ID] = ReplayGuard(window_seconds=REST_TIMESTAMP_WINDOW)
 
 
 async def test_replayed_rest_request_is_refused_and_counted(node: Node, logs) -> None:
@@ -76,7 +83,7 @@ async def test_refused_signatures_are_not_remembered(node: Node) -> None:
     for _ in range(2):
         reply = await http_request(node.port, "POST", target, body)
         assert reply.json()["reason"] == "auth_signature"
-    assert len(node.rest.replay_guards[APP_ID]) == 0
+    assert len(_guards(node)[APP_ID]) == 0
     assert node.metrics.refusal_count("replayed_request") == 0
 
 

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from bastion.adapters.replay import LocalReplayClaims
 from bastion.api.rest import RestApi
 from bastion.config import settings_from_mapping
 from bastion.metrics import Metrics
@@ -56,7 +57,7 @@ def test_the_rest_app_bucket_comes_from_the_factory_keyed_by_app() -> None:
     world = World(rest_requests={"rate": 0.5, "burst": 1})
     factory = Recording()
     metrics = Metrics()
-    rest = RestApi(world.hub, RefusalPath(metrics), metrics, limiters=factory)
+    rest = RestApi(world.hub, RefusalPath(metrics), metrics, LocalReplayClaims(), limiters=factory)
     now = time.time()
     assert rest._app_rate(world.app, now) == 0.0
     assert rest._app_rate(world.app, now) > 0
@@ -84,7 +85,7 @@ def test_the_per_address_limits_come_from_the_factory() -> None:
             refusals,
             metrics,
             loop,
-            RestApi(world.hub, refusals, metrics),
+            RestApi(world.hub, refusals, metrics, LocalReplayClaims()),
             Outbox(loop),
             limiters=factory,
         )

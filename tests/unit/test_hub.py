@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from bastion.adapters.local import LocalAdapter
+from bastion.adapters.base import Cached
+from bastion.adapters.local import local_cluster
+from bastion.adapters.memory import MemoryBus
 from bastion.config import settings_from_mapping
 from bastion.core import events as ev
-from bastion.core.hub import COUNT_THROTTLE_SECONDS, COUNT_THROTTLE_THRESHOLD, AppState, Hub
+from bastion.core.hub import AppState, Hub
 from bastion.core.hub import Session as HubSession
+from bastion.eager import start
 from bastion.errors import Refused
 from bastion.protocol import messages as msg
+from bastion.protocol.counts import COUNT_THROTTLE_SECONDS, COUNT_THROTTLE_THRESHOLD
 from bastion.protocol.refusals import Reason
 from bastion.protocol.signing import channel_auth_string, sign, signin_auth_string
 
@@ -84,7 +89,7 @@ class World:
             {"apps": [{"id": APP_ID, "key": KEY, "secret": SECRET, **app_fields}]},
             environ={},
         )
-        self.hub = Hub(settings, self.frame, self.clock, LocalAdapter())
+        self.hub = Hub(settings, self.frame, self.clock, local_cluster(self.clock))
         self.app: AppState = self.hub.apps_by_key[KEY]
         self.events: list[ev.HubEvent] = []
         self.hub.listeners.append(self.events.append)
@@ -94,6 +99,12 @@ class World:
         client = Client(f"{next(self._ids)}.{next(self._ids)}")
         assert self.hub.admit(self.app) is None
         return client
+
+    def cached(self, channel: str) -> Cached | None:
+        """The cluster state's cached event of ``channel`` (answered at once on one node)."""
+        found = start(self.hub.state.cached(APP_ID, channel))
+        assert found is None or isinstance(found, Cached)
+        return found
 
     # --- signing, as the app's auth endpoint would ---------------------------------
 
@@ -201,7 +212,7 @@ def test_admit_refuses_over_node_capacity() -> None:
         },
         environ={},
     )
-    hub = Hub(settings, CountingFrame(), Clock(), LocalAdapter())
+    hub = Hub(settings, CountingFrame(), Clock(), local_cluster())
     app = hub.apps_by_key[KEY]
     assert hub.admit(app) is None
     assert hub.admit(app) is Reason.OVER_CAPACITY
@@ -768,12 +779,12 @@ def test_cache_expires_with_the_clock() -> None:
     w = World(cache_ttl=60)
     w.publish(["cache-news"], event="headline", data="1")
     w.clock.advance(59)
-    assert w.hub.cached(w.app, "cache-news") is not None
+    assert w.cached("cache-news") is not None
     a = w.client()
     w.subscribe(a, "cache-news")
     assert a.events()[-1] == "headline"
     w.clock.advance(1)
-    assert w.hub.cached(w.app, "cache-news") is None
+    assert w.cached("cache-news") is None
     b = w.client()
     w.subscribe(b, "cache-news")
     assert b.events()[-1] == "pusher:cache_miss"
@@ -788,7 +799,7 @@ def test_private_cache_channels_cache_too(world: World) -> None:
 
 def test_non_cache_channels_do_not_cache(world: World) -> None:
     world.publish(["my-channel"], event="e", data="1")
-    assert world.hub.cached(world.app, "my-channel") is None
+    assert world.cached("my-channel") is None
     a = world.client()
     world.subscribe(a, "my-channel")
     assert a.events() == ["pusher_internal:subscription_succeeded"]
@@ -798,7 +809,7 @@ def test_client_events_are_not_cached(world: World) -> None:
     a = world.client()
     world.subscribe(a, "private-cache-a")
     world.client_event(a, "private-cache-a", data={"x": 1})
-    assert world.hub.cached(world.app, "private-cache-a") is None
+    assert world.cached("private-cache-a") is None
 
 
 # --- sign-in ------------------------------------------------------------------------------
@@ -1069,21 +1080,21 @@ def test_subscription_count_is_throttled_above_100_subscribers() -> None:
     for client in extra:
         w.subscribe(client, "big")  # 101, 102, 103: inside the 5 s window
     assert counts(clients[0]) == []
-    w.hub.flush_subscription_counts()
+    w.hub.tick()
     assert counts(clients[0]) == []  # not yet due
 
     w.clock.advance(COUNT_THROTTLE_SECONDS)
-    w.hub.flush_subscription_counts()
+    w.hub.tick()
     assert counts(clients[0]) == [COUNT_THROTTLE_THRESHOLD + 3]
     assert counts(extra[-1]) == [COUNT_THROTTLE_THRESHOLD + 3]
-    w.hub.flush_subscription_counts()
+    w.hub.tick()
     assert counts(clients[0]) == [COUNT_THROTTLE_THRESHOLD + 3]  # nothing more pending
 
     w.clock.advance(1)
     w.hub.unsubscribe(w.app, extra[0].session, "big")  # 102, throttled again
     assert counts(clients[0]) == [COUNT_THROTTLE_THRESHOLD + 3]
     w.clock.advance(COUNT_THROTTLE_SECONDS)
-    w.hub.flush_subscription_counts()
+    w.hub.tick()
     assert counts(clients[0]) == [COUNT_THROTTLE_THRESHOLD + 3, COUNT_THROTTLE_THRESHOLD + 2]
 
 
@@ -1092,11 +1103,16 @@ def test_throttled_count_of_a_vacated_channel_is_dropped() -> None:
     clients = [w.client() for _ in range(COUNT_THROTTLE_THRESHOLD + 1)]
     for client in clients:
         w.subscribe(client, "big")
-    for client in clients:
+    last = clients[-1]
+    for client in clients[:-1]:
         w.hub.unsubscribe(w.app, client.session, "big")
+    last.take()
+    held = len(w.of(ev.SubscriptionCountChanged))
+    w.hub.unsubscribe(w.app, last.session, "big")  # vacated while a count is held
     w.clock.advance(COUNT_THROTTLE_SECONDS)
-    w.hub.flush_subscription_counts()
-    assert w.app.dirty_counts == set()
+    w.hub.tick()
+    assert counts(last) == []
+    assert len(w.of(ev.SubscriptionCountChanged)) == held  # no late count after the vacate
 
 
 # --- disconnect cleans up everything ---------------------------------------------------------
@@ -1141,12 +1157,6 @@ def test_validate_event_name(world: World, name: str, ok: bool) -> None:
     assert world.hub.validate_event_name(world.app, name) is ok
 
 
-def test_hub_clock(world: World) -> None:
-    assert world.hub.now() == world.clock.now
-    world.clock.advance(5)
-    assert world.hub.now() == world.clock.now
-
-
 @pytest.mark.parametrize("user_id", ["alice+tag@example.com", "Zoë Smith", "user:42", "u" * 128])
 def test_presence_user_ids_are_not_limited_to_the_channel_charset(
     world: World, user_id: str
@@ -1179,10 +1189,11 @@ def test_signin_ids_must_fit_the_channel_charset(world: World) -> None:
     assert world.refused_signin(client, {"id": "alice smith"}) is Reason.SIGNIN_DATA_INVALID
 
 
-class _PendingAdapter(LocalAdapter):
-    """The local adapter, except that subscribe answers wait until ``release()``."""
+class _PendingBus(MemoryBus):
+    """The local bus, except that subscribe answers wait until ``release()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, bus: MemoryBus) -> None:
+        super().__init__(bus._cluster, bus.node_id)
         self.waiting: list[Any] = []
 
     def when_ready(self, app_id: str, channel: str, callback: Any) -> None:
@@ -1194,10 +1205,11 @@ class _PendingAdapter(LocalAdapter):
             callback()
 
 
-def test_subscribe_is_answered_only_when_the_adapter_is_ready() -> None:
-    adapter = _PendingAdapter()
+def test_subscribe_is_answered_only_when_the_bus_is_ready() -> None:
+    cluster = local_cluster()
+    adapter = _PendingBus(cluster.bus)  # type: ignore[arg-type]
     settings = settings_from_mapping({"apps": [{"id": "1", "key": "k", "secret": "s"}]}, environ={})
-    hub = Hub(settings, CountingFrame(), Clock(), adapter)
+    hub = Hub(settings, CountingFrame(), Clock(), replace(cluster, bus=adapter))
     app = hub.apps_by_id["1"]
     early, late = Client("1.1"), Client("1.2")
     hub.subscribe(app, early.session, msg.Subscribe("news"))

@@ -14,7 +14,7 @@ from typing import Any
 import jwt
 import pytest
 
-from bastion.adapters.local import LocalAdapter
+from bastion.adapters.local import local_cluster
 from bastion.config import settings_from_mapping
 from bastion.core.hub import AppState, Hub
 from bastion.errors import ConfigError, Refused
@@ -41,7 +41,9 @@ class AuthWorld:
         if jwt_fields is not None:
             app["jwt"] = {"algorithms": ["HS256"], "secret": JWT_SECRET, **jwt_fields}
         settings = settings_from_mapping({"apps": [app]}, environ={})
-        self.hub = Hub(settings, CountingFrame(), self.clock, LocalAdapter(), wall_clock=self.wall)
+        self.hub = Hub(
+            settings, CountingFrame(), self.clock, local_cluster(self.clock), wall_clock=self.wall
+        )
         self.app: AppState = self.hub.apps_by_key[KEY]
         self._ids = itertools.count(1)
 

@@ -51,7 +51,7 @@ class FakeApp:
 
 
 @dataclass
-class FakeAdapter:
+class FakeBus:
     healthy: bool = True
 
 
@@ -59,7 +59,7 @@ class FakeAdapter:
 class FakeHub:
     apps_by_id: dict[str, FakeApp]
     deliveries: int = 0
-    adapter: FakeAdapter = field(default_factory=FakeAdapter)
+    bus: FakeBus = field(default_factory=FakeBus)
 
 
 @dataclass
@@ -356,7 +356,7 @@ def test_failed_audit_write_is_not_ready_for_a_while() -> None:
 
 def test_disconnected_bus_is_not_ready() -> None:
     node = FakeNode(make_settings(adapter=REDIS, audit={"enabled": False}))
-    node.hub.adapter.healthy = False
+    node.hub.bus.healthy = False
     assert readiness(Ops(node)) == (
         503,
         {"ready": False, "checks": {"bus": "disconnected", "serving": "ok"}},

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bastion.core import events as ev
-from bastion.webhooks.smoothing import CountThrottle, Smoother
+from bastion.webhooks.smoothing import Smoother
 
 OCC = ev.ChannelOccupied("app", "c1")
 VAC = ev.ChannelVacated("app", "c1")
@@ -115,64 +115,6 @@ def test_invalid_arguments() -> None:
         Smoother(-1)
     with pytest.raises(ValueError):
         Smoother(1, max_held=0)
-
-
-# --- subscription_count throttle ------------------------------------------------------
-
-
-def count(n: int, channel: str = "big") -> ev.SubscriptionCountChanged:
-    return ev.SubscriptionCountChanged("app", channel, n)
-
-
-def test_small_channels_are_never_throttled() -> None:
-    t = CountThrottle(threshold=100, interval=5)
-    assert [t.push(count(n), 0.0) for n in (1, 2, 100, 99)] == [
-        count(1),
-        count(2),
-        count(100),
-        count(99),
-    ]
-    assert t.next_due() is None
-
-
-def test_big_channel_sends_at_most_one_count_per_interval_then_the_latest() -> None:
-    t = CountThrottle(threshold=100, interval=5)
-    assert t.push(count(101), 0.0) == count(101)
-    assert t.push(count(102), 1.0) is None
-    assert t.push(count(103), 2.0) is None
-    assert t.next_due() == 5.0
-    assert t.due(4.9) == []
-    assert t.due(5.0) == [count(103)]  # only the latest
-    assert t.push(count(104), 6.0) is None
-    assert t.push(count(105), 10.0) == count(105)  # 5 s after the last one sent
-    assert t.due(100.0) == []
-
-
-def test_dropping_to_the_threshold_passes_and_makes_the_held_count_stale() -> None:
-    t = CountThrottle(threshold=100, interval=5)
-    t.push(count(101), 0.0)
-    assert t.push(count(102), 1.0) is None
-    assert t.push(count(100), 2.0) == count(100)
-    assert t.due(10.0) == []
-    assert t.push(count(101), 3.0) == count(101)  # throttling starts afresh
-
-
-def test_vacated_channel_forgets_its_held_count() -> None:
-    t = CountThrottle(threshold=1, interval=5)
-    t.push(count(2), 0.0)
-    t.push(count(3), 1.0)
-    t.forget("app", "big")
-    assert len(t) == 0
-    assert t.flush() == []
-
-
-def test_channels_are_throttled_separately_and_flush_sends_the_held() -> None:
-    t = CountThrottle(threshold=1, interval=5)
-    t.push(count(2, "a"), 0.0)
-    t.push(count(2, "b"), 0.0)
-    assert t.push(count(3, "a"), 1.0) is None
-    assert t.push(count(3, "b"), 1.0) is None
-    assert t.flush() == [count(3, "a"), count(3, "b")]
 
 
 # --- property: whatever happens, each channel's sent sequence is consistent --------------

@@ -1,21 +1,34 @@
-"""The adapter seam: how a node shares publishes and channel interest with others.
+"""The cluster seam: a :class:`Bus`, a :class:`ClusterState` and :class:`ReplayClaims`.
 
-The hub always delivers to its own local subscribers first, then hands the
-event to the adapter so that other nodes can deliver it to theirs. The ``local``
-adapter (one node) does nothing more; the ``redis`` adapter (#5) publishes on
-the bus and subscribes to a channel's bus topic only while the node has local
-interest in it. Events from other nodes come back through the :data:`Deliver`
-callback the node attaches (``Hub.deliver_remote``), for local delivery only.
-A *clustered* adapter (:attr:`Adapter.clustered`) also owns the state that spans
-nodes: ``channel_occupied`` / ``channel_vacated`` and presence ``member_added`` /
-``member_removed`` are decided once for the whole cluster by the adapter, which
-reports the hub events through the :data:`Emit` callback the hub attaches and
-delivers the member frames through :data:`Deliver` (the hub then does neither);
-subscriber counts, presence members and cache channels' last events are recorded
-where every node can read them, and the REST queries ask the adapter
-(:meth:`Adapter.channel_states`, :meth:`Adapter.user_ids`,
-:meth:`Adapter.cached`) within a deadline. Otherwise (one node) the hub decides
-and answers from its own state, which *is* the whole cluster.
+A node's hub delivers to its own connections and talks to the rest of the cluster
+through three small interfaces, each implemented in full by ``local`` (one node:
+:mod:`bastion.adapters.local`), ``memory`` (N hubs in one process, for tests:
+:mod:`bastion.adapters.memory`) and ``redis`` (:mod:`bastion.adapters.redis`).
+Nothing above this seam knows which one it has.
+
+* The **bus** carries channel events and control messages to the other nodes and
+  routes them only to nodes with local interest in the channel. What other nodes
+  send comes back through the :data:`Receive` callback the hub attaches.
+* The **cluster state** is where a node records its *transitions* (first and last
+  local subscriber of a channel, its subscriber count, a user's first and last
+  local socket in a presence channel, a user's first and last signed-in
+  connection, a cache channel's last event). It decides once for the whole cluster
+  what those transitions mean, and hands the decisions back: hub events for the
+  webhooks (``channel_occupied``, ``member_added``, … through :data:`Emit`, on the
+  deciding node only) and control messages for every node's connections (through
+  :data:`Receive`, this node's hub directly and the others over the bus). It also
+  answers the cluster-wide reads: members, cached events, online users, channel
+  states.
+* The **replay claims** say whether a signed REST request's signature is new to
+  the cluster.
+
+Reads are coroutines everywhere (one style): a read that cannot be answered
+raises :class:`ClusterUnavailable`, never a partial answer. The local and memory
+implementations answer without suspending, so a caller that drives a read
+eagerly (:func:`bastion.eager.drive`) gets its answer in the same call.
+
+Transitions never block and never fail: an implementation that writes to a
+remote store does so in the background, in order, and re-asserts after an outage.
 """
 
 from __future__ import annotations
@@ -24,24 +37,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from bastion.adapters.messages import Message
+
 if TYPE_CHECKING:
     from bastion.core.events import HubEvent
+    from bastion.security.replay import Verdict
 
-__all__ = ["Adapter", "ChannelState", "ClusterUnavailable", "Deliver", "Emit"]
-
-#: Internal events a clustered adapter delivers through :data:`Deliver`: never
-#: publishable by REST (reserved prefix) nor by clients (``client-`` only), and
-#: bus messages are authenticated, so only a node can send them.
-MEMBER_ADDED = "pusher_internal:member_added"
-MEMBER_REMOVED = "pusher_internal:member_removed"
-TERMINATE = "pusher_internal:terminate_connections"
-WATCH_ONLINE = "pusher_internal:user_online"
-WATCH_OFFLINE = "pusher_internal:user_offline"
-SUBSCRIPTION_COUNT = "pusher_internal:subscription_count"
+__all__ = [
+    "Bus",
+    "Cached",
+    "ChannelState",
+    "Cluster",
+    "ClusterState",
+    "ClusterUnavailable",
+    "Emit",
+    "Receive",
+    "ReplayClaims",
+]
 
 
 class ClusterUnavailable(Exception):
-    """A cluster-wide query could not be answered (bus down or past its deadline)."""
+    """A cluster-wide read could not be answered (the store is down or too slow)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,53 +69,42 @@ class ChannelState:
     user_count: int
 
 
-#: Reports a hub event decided by the adapter (``Hub._emit``); never blocks.
+@dataclass(frozen=True, slots=True)
+class Cached:
+    """A cache channel's last server event and how long it stays cached."""
+
+    event: str
+    data: str
+    ttl_ms: int
+
+
+#: Hands a message (a channel event or a control message) to this node's hub.
+Receive = Callable[[Message], None]
+#: Reports a hub event decided for the cluster (``Hub.emit``); never blocks.
 Emit = Callable[["HubEvent"], None]
 
 
-class Deliver(Protocol):
-    """Hands an event received from another node to this node's subscribers."""
-
-    def __call__(
-        self,
-        app_id: str,
-        channel: str,
-        event: str,
-        data: Any,
-        exclude_socket_id: str | None,
-        user_id: str | None,
-        *,
-        client: bool = False,
-    ) -> None:
-        """Deliver locally; never publish again."""
-
-
-class Adapter(Protocol):
-    """What the hub needs from the cluster bus. Methods must not block."""
+class Bus(Protocol):
+    """Carries events and control messages between nodes. Methods never block."""
 
     @property
     def node_id(self) -> str:
-        """This node's id on the bus (unique per process start)."""
+        """This node's id in the cluster (unique per process start)."""
+        ...
 
     @property
     def healthy(self) -> bool:
-        """Whether the bus is connected (always ``True`` for one node)."""
+        """Whether messages reach the other nodes right now."""
+        ...
 
-    @property
-    def clustered(self) -> bool:
-        """Whether the adapter, not the hub, decides occupancy and presence events."""
-
-    def attach(self, deliver: Deliver) -> None:
-        """Where events received from other nodes go (set once, before :meth:`start`)."""
-
-    def attach_events(self, emit: Emit) -> None:
-        """Where events the adapter decides go (the hub sets it when it is built)."""
+    def attach(self, receive: Receive) -> None:
+        """Where messages from other nodes go (set once, before :meth:`start`)."""
 
     async def start(self) -> None:
-        """Connect to the bus (if any)."""
+        """Connect (a store that is down does not fail the start)."""
 
     async def stop(self) -> None:
-        """Disconnect, flushing nothing that was promised."""
+        """Leave the cluster, flushing nothing that was promised."""
 
     def publish(
         self,
@@ -107,16 +112,19 @@ class Adapter(Protocol):
         channel: str,
         event: str,
         data: Any,
-        exclude_socket_id: str | None,
+        exclude_socket_id: str | None = None,
         user_id: str | None = None,
         *,
         client: bool = False,
     ) -> None:
-        """Send an event already delivered locally to the other nodes.
+        """Send a channel event, already delivered locally, to the other nodes.
 
-        ``user_id`` is the sender's presence user id (client events on presence
-        channels); ``client`` marks a client event (it never updates a cache).
+        The hot path of every publish and client event, so it takes the fields of
+        a :class:`~bastion.adapters.messages.ChannelEvent`, not the object.
         """
+
+    def broadcast(self, message: Message) -> None:
+        """Send a control message to the other nodes (not to this one)."""
 
     def interest_on(self, app_id: str, channel: str) -> None:
         """This node gained its first local subscriber of ``channel``."""
@@ -128,18 +136,34 @@ class Adapter(Protocol):
         """Run ``callback`` once other nodes' events on ``channel`` reach this node.
 
         The hub answers a subscribe from it, so a client is never told it is
-        subscribed while events published elsewhere could still miss it. Called at
-        once when there is no bus, when the bus is down, or when the topic is
-        already confirmed; never later than a short bound otherwise.
+        subscribed while events published elsewhere could still miss it. At once
+        when nothing needs waiting for; never later than a short bound.
         """
 
-    # --- cluster state (a clustered adapter; no-ops for one node) ------------------------
+
+class ClusterState(Protocol):
+    """What spans nodes: channels, counts, members, sign-ins, cache. Never blocks."""
+
+    def attach(self, receive: Receive, emit: Emit) -> None:
+        """Where decisions go: control messages for this node, hub events (webhooks)."""
+
+    def tick(self) -> None:
+        """Periodic housekeeping (held subscription counts due, expired cache events)."""
+
+    # --- transitions of this node ---------------------------------------------------
+
+    def channel_on(self, app_id: str, channel: str) -> None:
+        """This node's first local subscriber of ``channel`` (occupied if first anywhere)."""
+
+    def channel_off(self, app_id: str, channel: str) -> None:
+        """This node's last local subscriber left (vacated if last anywhere)."""
 
     def count(self, app_id: str, channel: str, subscribers: int, *, announce: bool) -> None:
         """This node's subscriber count of ``channel`` changed (it still has some).
 
-        ``announce``: the app sends ``subscription_count`` events to its clients
-        (``enable_subscription_count``), so the cluster's total is broadcast.
+        The cluster's total is reported (``SubscriptionCountChanged``) and, with
+        ``announce`` (the app's ``enable_subscription_count``), sent to every node's
+        subscribers; both are throttled as Pusher does. Not for presence channels.
         """
 
     def member_on(
@@ -150,51 +174,71 @@ class Adapter(Protocol):
     def member_off(self, app_id: str, channel: str, user_id: str) -> None:
         """``user_id``'s last local socket left ``channel``."""
 
-    def members(
-        self, app_id: str, channel: str, callback: Callable[[dict[str, Any] | None], None]
-    ) -> None:
-        """Call back with the cluster's members (user id → info), ``None`` when unknown."""
+    def user_on(self, app_id: str, user_id: str) -> None:
+        """``user_id``'s first local connection signed in."""
+
+    def user_off(self, app_id: str, user_id: str) -> None:
+        """``user_id``'s last local signed-in connection closed."""
 
     def cache(self, app_id: str, channel: str, event: str, data: str, ttl_seconds: int) -> None:
-        """Record a cache channel's last event for every node."""
+        """A server event was published on a cache channel: it is the last one now."""
 
-    def cached_event(
-        self, app_id: str, channel: str, callback: Callable[[tuple[str, str] | None, bool], None]
-    ) -> None:
-        """Call back with a cache channel's last event and whether the cluster answered."""
+    # --- reads (any node) -----------------------------------------------------------
 
-    def terminate_user(self, app_id: str, user_id: str) -> None:
-        """Close ``user_id``'s connections on the other nodes."""
+    async def members(self, app_id: str, channel: str) -> dict[str, Any]:
+        """A presence channel's members in the cluster: user id → user_info.
 
-    def user_presence(self, app_id: str, user_id: str, online: bool) -> None:
-        """``user_id``'s first local connection signed in / last one closed."""
+        Raises:
+            ClusterUnavailable: the cluster cannot answer right now.
+        """
+        ...
 
-    def online_users(
-        self, app_id: str, user_ids: list[str], callback: Callable[[set[str] | None], None]
-    ) -> None:
-        """Call back with those of ``user_ids`` signed in anywhere, ``None`` when unknown."""
+    async def cached(self, app_id: str, channel: str) -> Cached | None:
+        """A cache channel's last event, if it is still cached.
+
+        Raises:
+            ClusterUnavailable: the cluster cannot answer right now.
+        """
+        ...
+
+    async def online(self, app_id: str, user_ids: list[str]) -> set[str]:
+        """Those of ``user_ids`` signed in anywhere in the cluster.
+
+        Raises:
+            ClusterUnavailable: the cluster cannot answer right now.
+        """
+        ...
 
     async def channel_states(
         self, app_id: str, names: list[str] | None, prefix: str = ""
     ) -> dict[str, ChannelState]:
-        """The cluster's view of ``names`` (or of every occupied channel with ``prefix``).
+        """The cluster's view of ``names``, or of every occupied channel with ``prefix``.
 
         Raises:
-            ClusterUnavailable: the bus is down or did not answer in time.
+            ClusterUnavailable: the cluster cannot answer right now.
         """
         ...
 
-    async def user_ids(self, app_id: str, channel: str) -> list[str]:
-        """The users present in a presence channel anywhere in the cluster."""
+
+class ReplayClaims(Protocol):
+    """Whether a signed REST request was seen before anywhere in the cluster."""
+
+    async def claim(
+        self, app_id: str, signature: str, timestamp: int, now: float, *, max_entries: int
+    ) -> Verdict:
+        """Claim a verified signature (``timestamp``: its ``auth_timestamp``).
+
+        ``now`` is the Unix time of the signature check; ``max_entries`` the app's
+        ``replay_guard_max_entries``. Never raises: a cluster that cannot say falls
+        back to this node's own memory of signatures.
+        """
         ...
 
-    async def cached(self, app_id: str, channel: str) -> tuple[str, str, int] | None:
-        """A cache channel's last event ``(event, data, ttl_ms)`` in the cluster."""
-        ...
 
-    async def claim_signature(
-        self, app_id: str, signature: str, grace_seconds: float, ttl_seconds: float
-    ) -> bool | None:
-        """Whether a signed REST request is new to the cluster (or a repeat within
-        ``grace_seconds``); ``None`` when the cluster cannot say (bus down)."""
-        ...
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """One node's three views of the cluster, as the composition root builds them."""
+
+    bus: Bus
+    state: ClusterState
+    replay: ReplayClaims

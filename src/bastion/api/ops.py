@@ -96,7 +96,7 @@ class _AppView(Protocol):
     def connections(self) -> int: ...
 
 
-class _AdapterView(Protocol):
+class _BusView(Protocol):
     @property
     def healthy(self) -> bool: ...
 
@@ -109,7 +109,7 @@ class _HubView(Protocol):
     def deliveries(self) -> int: ...
 
     @property
-    def adapter(self) -> _AdapterView: ...
+    def bus(self) -> _BusView: ...
 
 
 class _ContextView(Protocol):
@@ -461,7 +461,7 @@ class Ops:
         if settings.audit.enabled:
             checks["audit"] = self._audit_check()
         if settings.adapter.driver == "redis":
-            checks["bus"] = "ok" if node.hub.adapter.healthy else "disconnected"
+            checks["bus"] = "ok" if node.hub.bus.healthy else "disconnected"
         if any(app.webhooks for app in settings.apps):
             open_ = node.webhook_queue is not None and node.webhook_dispatcher is not None
             checks["webhook_queue"] = "ok" if open_ else "closed"

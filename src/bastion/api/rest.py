@@ -4,8 +4,8 @@ Order of checks for every route: the app named by the route's id must exist
 (404), the request must be signed by that app (401: key bound to the route,
 timestamp within ±600 s, ``body_md5`` of the raw bytes, constant-time digest
 compare, any of the app's active secrets during rotation), its signature must
-not have been accepted before (401 ``replayed_request``; one
-:class:`~bastion.security.replay.ReplayGuard` per app), the app's own
+not have been accepted before anywhere in the cluster (401 ``replayed_request``;
+the :class:`~bastion.adapters.base.ReplayClaims` of the node), the app's own
 ``rest_requests`` bucket must hold a token (429 ``app_rate_limited`` with
 ``Retry-After``; only after the signature and the replay check, so neither a
 stranger nor a replayed request can spend the app's budget), the app must be
@@ -14,19 +14,25 @@ enabled (403), and only then is the body parsed. The per-address limits
 :mod:`bastion.server.http` before a request gets here.
 A multi-event batch is validated whole before any event is delivered.
 Errors are JSON: ``{"error": message, "reason": slug}``.
+
+:meth:`RestApi.handle` is a coroutine: the queries read the cluster state, whose
+reads are coroutines. On one node nothing in it ever waits, and the listener
+runs it eagerly (:func:`bastion.eager.start`), so the answer is written in the
+same call; with Redis it waits for the store, and a store that cannot answer
+is a 503 ``cluster_unavailable``, never a partial answer.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-from bastion.adapters.base import ChannelState, ClusterUnavailable
+from bastion.adapters.base import ChannelState, ClusterUnavailable, ReplayClaims
 from bastion.config import RateSettings
 from bastion.core.hub import AppState, Hub
 from bastion.errors import Refused
@@ -41,14 +47,14 @@ from bastion.protocol.names import (
     is_valid_user_id,
 )
 from bastion.protocol.refusals import Reason
-from bastion.protocol.signing import REST_TIMESTAMP_WINDOW, verify_rest_request
+from bastion.protocol.signing import verify_rest_request
 from bastion.security.limits import (
     LimiterFactory,
     RateLimiter,
     memory_limiters,
     retry_after_seconds,
 )
-from bastion.security.replay import ReplayGuard, Verdict
+from bastion.security.replay import Verdict
 from bastion.server.refusals import RefusalPath
 
 __all__ = ["HttpRequest", "HttpResponse", "RestApi", "error_response", "rate_limited_response"]
@@ -63,11 +69,6 @@ _ROUTE = re.compile(
 #: the app is then the one whose key signed the request.
 _USER_ROUTE = re.compile(r"^/users/(?P<user_id>[^/]+)/terminate_connections$")
 _INFO_ATTRIBUTES = frozenset({"user_count", "subscription_count"})
-#: The official SDKs sign with a whole-second timestamp and no nonce, so the same
-#: call made twice within one second is byte-identical. Repeats of a signature
-#: this soon after its first acceptance are let through; later ones are replays.
-#: Two seconds: one for the timestamp's resolution, one for network jitter.
-REPEAT_GRACE_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +98,6 @@ class HttpResponse:
             return HTTPStatus(self.status).phrase
         except ValueError:
             return "Unknown"
-
-
-#: What a request handler returns: a response now, or (a cluster-wide query) later.
-Answer = HttpResponse | Coroutine[Any, Any, HttpResponse]
 
 
 def json_response(value: Any, status: int = 200) -> HttpResponse:
@@ -135,35 +132,36 @@ def _info_attributes(raw: Any) -> frozenset[str]:
 
 
 class RestApi:
-    """Routes and answers REST requests against the hub."""
+    """Routes and answers REST requests against the hub and the cluster state.
+
+    Args:
+        hub: the node's hub (its cluster state answers the queries).
+        refusals: the node's refusal path.
+        metrics: the node's metrics.
+        replay: the node's replay claims (cluster-wide or its own).
+        limiters: builds the per-app REST buckets (cluster-wide with Redis).
+    """
 
     def __init__(
         self,
         hub: Hub,
         refusals: RefusalPath,
         metrics: Metrics,
+        replay: ReplayClaims,
         *,
         limiters: LimiterFactory | None = None,
-        shared_replay_guard: bool = True,
     ) -> None:
         self.hub = hub
         self.refusals = refusals
         self.metrics = metrics
-        #: app id → its replay guard (per node: a cluster does not share them).
-        self.replay_guards: dict[str, ReplayGuard] = {}
+        self.replay = replay
         #: app id → its ``rest_requests`` settings and bucket (rebuilt if they change).
         self.app_limiters: dict[str, tuple[RateSettings, RateLimiter]] = {}
         #: Builds those buckets (cluster-wide ones with the redis adapter).
         self.limiters: LimiterFactory = limiters or memory_limiters
-        #: With a clustered adapter: claim each signature cluster-wide before acting.
-        self.shared_replay_guard = shared_replay_guard
 
-    def handle(self, request: HttpRequest, *, now: float) -> Answer:
-        """Answer one request; ``now`` is the Unix time used for the signature window.
-
-        A query answered from the cluster's shared state (clustered adapter) returns
-        a coroutine that the listener awaits; everything else answers at once.
-        """
+    async def handle(self, request: HttpRequest, *, now: float) -> HttpResponse:
+        """Answer one request; ``now`` is the Unix time used for the signature window."""
         app: AppState | None = None
         try:
             match = _ROUTE.match(request.path) or _USER_ROUTE.match(request.path)
@@ -186,23 +184,22 @@ class RestApi:
             )
             if failure is not None:
                 raise Refused(failure)
-            self._check_replay(app, request, now)
+            await self._check_replay(app, request, now)
             wait = self._app_rate(app, now)
             if wait > 0:
                 self.refusals.record(Reason.HTTP_APP_RATE, app_id=app.id, ip=request.ip)
                 return rate_limited_response(Reason.HTTP_APP_RATE, wait)
             if not app.settings.enabled:
                 raise Refused(Reason.HTTP_APP_DISABLED)
-            if self.shared_replay_guard and self._clustered:
-                # The node's guard caught its own replays; the cluster's catches a
-                # request replayed to another node, before anything is published.
-                return self._later(self._claimed(app, request, match, now), app, request)
-            answer = self._route(app, request, match)
+            return await self._route(app, request, match)
         except Refused as refused:
             return self._refused(refused, app, request)
-        if isinstance(answer, HttpResponse):
-            return answer
-        return self._later(answer, app, request)
+        except ClusterUnavailable as error:
+            reason = Reason.HTTP_CLUSTER_UNAVAILABLE
+            self.refusals.record(
+                reason, app_id=app.id if app is not None else None, ip=request.ip, detail=str(error)
+            )
+            return error_response(reason)
 
     def _refused(
         self, refused: Refused, app: AppState | None, request: HttpRequest
@@ -214,35 +211,6 @@ class RestApi:
             detail=refused.detail,
         )
         return error_response(refused.reason, refused.detail)
-
-    async def _claimed(
-        self, app: AppState, request: HttpRequest, match: re.Match[str], now: float
-    ) -> HttpResponse:
-        params = dict(request.params)
-        timestamp = int(params["auth_timestamp"])
-        claimed = await self.hub.adapter.claim_signature(
-            app.id,
-            params["auth_signature"],
-            REPEAT_GRACE_SECONDS,
-            timestamp + REST_TIMESTAMP_WINDOW - now,
-        )
-        if claimed is False:  # None: the cluster cannot say; the node's guard held
-            raise Refused(Reason.HTTP_REPLAYED)
-        answer = self._route(app, request, match)
-        return answer if isinstance(answer, HttpResponse) else await answer
-
-    async def _later(
-        self, answer: Coroutine[Any, Any, HttpResponse], app: AppState, request: HttpRequest
-    ) -> HttpResponse:
-        """Await a cluster-wide answer; the cluster being unreadable is a 503."""
-        try:
-            return await answer
-        except Refused as refused:
-            return self._refused(refused, app, request)
-        except ClusterUnavailable as error:
-            reason = Reason.HTTP_CLUSTER_UNAVAILABLE
-            self.refusals.record(reason, app_id=app.id, ip=request.ip, detail=str(error))
-            return error_response(reason)
 
     def _app_rate(self, app: AppState, now: float) -> float:
         """Spend a token of the app's ``rest_requests`` bucket: 0.0, or the wait."""
@@ -258,24 +226,25 @@ class RestApi:
             )
         return cached[1].take(app.id, now)
 
-    def _check_replay(self, app: AppState, request: HttpRequest, now: float) -> None:
+    async def _check_replay(self, app: AppState, request: HttpRequest, now: float) -> None:
         # Only reached once the signature verified, so both parameters are present
         # and the timestamp parses; nothing unverified is ever remembered.
         params = dict(request.params)
-        guard = self.replay_guards.get(app.id)
-        if guard is None:
-            guard = self.replay_guards[app.id] = ReplayGuard(
-                window_seconds=REST_TIMESTAMP_WINDOW,
-                max_entries=app.settings.replay_guard_max_entries,
-                repeat_grace_seconds=REPEAT_GRACE_SECONDS,
-            )
-        verdict = guard.check(params["auth_signature"], int(params["auth_timestamp"]), now)
+        verdict = await self.replay.claim(
+            app.id,
+            params["auth_signature"],
+            int(params["auth_timestamp"]),
+            now,
+            max_entries=app.settings.replay_guard_max_entries,
+        )
         if verdict is Verdict.REPLAYED:
             raise Refused(Reason.HTTP_REPLAYED)
         if verdict is Verdict.FULL:
             raise Refused(Reason.HTTP_REPLAY_GUARD_FULL)
 
-    def _route(self, app: AppState, request: HttpRequest, match: re.Match[str]) -> Answer:
+    async def _route(
+        self, app: AppState, request: HttpRequest, match: re.Match[str]
+    ) -> HttpResponse:
         method = request.method
         params = dict(request.params)
         groups = match.groupdict()
@@ -284,8 +253,8 @@ class RestApi:
                 raise Refused(Reason.HTTP_METHOD)
             body = self._json_object(request.body)
             if match["events"]:
-                return self._trigger(app, body)
-            return self._trigger_batch(app, body)
+                return await self._trigger(app, body)
+            return await self._trigger_batch(app, body)
         if groups.get("user_id") is not None:
             if method != "POST":
                 raise Refused(Reason.HTTP_METHOD)
@@ -297,12 +266,12 @@ class RestApi:
         if method != "GET":
             raise Refused(Reason.HTTP_METHOD)
         if match["channels"]:
-            return self._channels(app, params)
+            return await self._channels(app, params)
         name = unquote(match["channel"])
         self._check_channel(app, name, allow_user_channel=False)
         if match["users"]:
-            return self._users(app, name)
-        return self._channel(app, name, params)
+            return await self._users(app, name)
+        return await self._channel(app, name, params)
 
     # --- publishing ----------------------------------------------------------------------
 
@@ -363,22 +332,6 @@ class RestApi:
         self.hub.publish(app, event.channels, event.name, event.data, event.socket_id)
         self.metrics.events_published[app.id] += 1
 
-    @property
-    def _clustered(self) -> bool:
-        return self.hub.adapter.clustered
-
-    def _states(self, app: AppState, names: list[str]) -> dict[str, ChannelState]:
-        """This node's view of ``names`` (all there is without a cluster)."""
-        states = {}
-        for name in names:
-            channel = app.channels.get(name)
-            states[name] = (
-                ChannelState(True, channel.subscription_count, channel.user_count)
-                if channel is not None
-                else ChannelState(False, 0, 0)
-            )
-        return states
-
     def _event_info(self, event: _Event, states: dict[str, ChannelState]) -> dict[str, Any]:
         result: dict[str, Any] = {}
         for name in event.channels:
@@ -392,18 +345,15 @@ class RestApi:
             result[name] = attributes
         return result
 
-    def _trigger(self, app: AppState, body: dict[str, Any]) -> Answer:
+    async def _trigger(self, app: AppState, body: dict[str, Any]) -> HttpResponse:
         event = self._event(app, body, batch=False)
         self._publish(app, event)
         if not event.info:
             return json_response({})
+        states = await self.hub.state.channel_states(app.id, event.channels)
+        return json_response({"channels": self._event_info(event, states)})
 
-        def answer(states: dict[str, ChannelState]) -> HttpResponse:
-            return json_response({"channels": self._event_info(event, states)})
-
-        return self._with_states(app, event.channels, answer)
-
-    def _trigger_batch(self, app: AppState, body: dict[str, Any]) -> Answer:
+    async def _trigger_batch(self, app: AppState, body: dict[str, Any]) -> HttpResponse:
         batch = body.get("batch")
         if not isinstance(batch, list) or not all(isinstance(item, dict) for item in batch):
             raise Refused(Reason.HTTP_INVALID_FIELD, "batch must be a list of event objects")
@@ -414,62 +364,35 @@ class RestApi:
             self._publish(app, event)
         if not any(event.info for event in events):
             return json_response({})
-
-        def answer(states: dict[str, ChannelState]) -> HttpResponse:
-            results = []
-            for event in events:
-                info = self._event_info(event, states) if event.info else {}
-                results.append(info[event.channels[0]] if event.info else {})
-            return json_response({"batch": results})
-
         names = list(dict.fromkeys(name for event in events for name in event.channels))
-        return self._with_states(app, names, answer)
-
-    def _with_states(
-        self,
-        app: AppState,
-        names: list[str],
-        answer: Callable[[dict[str, ChannelState]], HttpResponse],
-    ) -> Answer:
-        """``answer`` over the channels' states: the cluster's (later), or this node's."""
-        if not self._clustered:
-            return answer(self._states(app, names))
-
-        async def later() -> HttpResponse:
-            return answer(await self.hub.adapter.channel_states(app.id, names))
-
-        return later()
+        states = await self.hub.state.channel_states(app.id, names)
+        results = []
+        for event in events:
+            info = self._event_info(event, states) if event.info else {}
+            results.append(info[event.channels[0]] if event.info else {})
+        return json_response({"batch": results})
 
     # --- queries -------------------------------------------------------------------------
 
-    def _channels(self, app: AppState, params: dict[str, str]) -> Answer:
+    async def _channels(self, app: AppState, params: dict[str, str]) -> HttpResponse:
         prefix = params.get("filter_by_prefix", "")
         info = _info_attributes(params.get("info"))
         if info - _INFO_ATTRIBUTES:
             raise Refused(Reason.HTTP_INVALID_INFO)
         if "user_count" in info and not prefix.startswith("presence-"):
             raise Refused(Reason.HTTP_INVALID_INFO, "user_count needs filter_by_prefix=presence-")
+        states = await self.hub.state.channel_states(app.id, None, prefix)
+        channels: dict[str, dict[str, int]] = {}
+        for name, state in sorted(states.items()):
+            attributes: dict[str, int] = {}
+            if "user_count" in info:
+                attributes["user_count"] = state.user_count
+            if "subscription_count" in info:
+                attributes["subscription_count"] = state.subscription_count
+            channels[name] = attributes
+        return json_response({"channels": channels})
 
-        def answer(states: dict[str, ChannelState]) -> HttpResponse:
-            channels: dict[str, dict[str, int]] = {}
-            for name, state in sorted(states.items()):
-                attributes: dict[str, int] = {}
-                if "user_count" in info:
-                    attributes["user_count"] = state.user_count
-                if "subscription_count" in info:
-                    attributes["subscription_count"] = state.subscription_count
-                channels[name] = attributes
-            return json_response({"channels": channels})
-
-        if not self._clustered:
-            return answer(self._states(app, [n for n in app.channels if n.startswith(prefix)]))
-
-        async def later() -> HttpResponse:
-            return answer(await self.hub.adapter.channel_states(app.id, None, prefix))
-
-        return later()
-
-    def _channel(self, app: AppState, name: str, params: dict[str, str]) -> Answer:
+    async def _channel(self, app: AppState, name: str, params: dict[str, str]) -> HttpResponse:
         info = _info_attributes(params.get("info"))
         if info - (_INFO_ATTRIBUTES | {"cache"}):
             raise Refused(Reason.HTTP_INVALID_INFO)
@@ -479,56 +402,30 @@ class RestApi:
             raise Refused(Reason.HTTP_INVALID_INFO, "user_count is only for presence channels")
         if "cache" in info and not channel_type.cached:
             raise Refused(Reason.HTTP_INVALID_INFO, "cache is only for cache channels")
-
-        def answer(state: ChannelState, cached: tuple[str, str, int] | None) -> HttpResponse:
-            result: dict[str, Any] = {"occupied": state.occupied}
-            if "user_count" in info:
-                result["user_count"] = state.user_count
-            if "subscription_count" in info:
-                result["subscription_count"] = state.subscription_count
-            if "cache" in info:
-                result["cache"] = (
-                    None
-                    if cached is None
-                    else {"event": cached[0], "data": cached[1], "ttl": cached[2]}
-                )
-            return json_response(result)
-
-        if not self._clustered:
-            found = self.hub.cached(app, name) if "cache" in info else None
-            cached = (
+        state = (await self.hub.state.channel_states(app.id, [name]))[name]
+        result: dict[str, Any] = {"occupied": state.occupied}
+        if "user_count" in info:
+            result["user_count"] = state.user_count
+        if "subscription_count" in info:
+            result["subscription_count"] = state.subscription_count
+        if "cache" in info:
+            cached = await self.hub.state.cached(app.id, name)
+            result["cache"] = (
                 None
-                if found is None
-                else (found.event, found.data, max(0, round(found.expires_at - self.hub.now())))
+                if cached is None
+                else {
+                    "event": cached.event,
+                    "data": cached.data,
+                    "ttl": round(cached.ttl_ms / 1000),
+                }
             )
-            return answer(self._states(app, [name])[name], cached)
+        return json_response(result)
 
-        async def later() -> HttpResponse:
-            adapter = self.hub.adapter
-            state = (await adapter.channel_states(app.id, [name]))[name]
-            cached = None
-            if "cache" in info:
-                found = await adapter.cached(app.id, name)
-                if found is not None:
-                    cached = (found[0], found[1], max(0, round(found[2] / 1000)))
-            return answer(state, cached)
-
-        return later()
-
-    def _users(self, app: AppState, name: str) -> Answer:
+    async def _users(self, app: AppState, name: str) -> HttpResponse:
         if classify_channel(name).kind is not ChannelKind.PRESENCE:
             raise Refused(Reason.HTTP_NOT_PRESENCE)
-        if not self._clustered:
-            channel = app.channels.get(name)
-            return json_response(
-                {"users": [{"id": user_id} for user_id in (channel.members if channel else {})]}
-            )
-
-        async def later() -> HttpResponse:
-            user_ids = await self.hub.adapter.user_ids(app.id, name)
-            return json_response({"users": [{"id": user_id} for user_id in user_ids]})
-
-        return later()
+        members = await self.hub.state.members(app.id, name)
+        return json_response({"users": [{"id": user_id} for user_id in sorted(members)]})
 
 
 @dataclass(frozen=True, slots=True)

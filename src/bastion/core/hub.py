@@ -6,6 +6,15 @@ connection (with a ``write`` that takes pre-framed bytes and never blocks, and a
 a text message into WebSocket frame bytes. A publish is serialized once and
 framed once per channel, and the same bytes are written to every subscriber.
 
+The hub keeps what it needs to deliver to its own connections (subscribers,
+this node's presence members and signed-in users, watchers) and nothing more:
+what spans nodes is the cluster seam's (:mod:`bastion.adapters.base`). The hub
+tells the :class:`~bastion.adapters.base.ClusterState` its transitions and
+receives the decisions back through :meth:`Hub.receive` (member added, count,
+online, …) and :meth:`Hub.emit` (the webhooks' hub events), exactly as it
+receives what other nodes send over the :class:`~bastion.adapters.base.Bus`;
+with one node the decisions come back in the same call.
+
 Input errors are raised as :class:`~bastion.errors.Refused`; effects on other
 connections (terminate, notices) go through their ``refuse``.
 """
@@ -15,20 +24,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
-from bastion.adapters.base import (
-    MEMBER_ADDED,
-    MEMBER_REMOVED,
-    SUBSCRIPTION_COUNT,
-    TERMINATE,
-    WATCH_OFFLINE,
-    WATCH_ONLINE,
-    Adapter,
-)
+from bastion.adapters import messages as cm
+from bastion.adapters.base import Cached, Cluster, ClusterUnavailable
 from bastion.config import AppSettings, Settings
 from bastion.core import events as ev
+from bastion.eager import drive
 from bastion.errors import ConfigError, Refused
 from bastion.protocol import messages as msg
 from bastion.protocol.names import (
@@ -52,9 +54,6 @@ from bastion.security.tokens import Claims, JwtVerifier, TokenError, grants, loo
 
 __all__ = ["AppState", "Channel", "Hub", "Session"]
 
-#: Above this many subscribers, subscription_count is sent at most every 5 s.
-COUNT_THROTTLE_THRESHOLD = msg.COUNT_THROTTLE_THRESHOLD
-COUNT_THROTTLE_SECONDS = msg.COUNT_THROTTLE_SECONDS
 #: Channel names echoed back in a subscription error are at most this long.
 _ECHO_LIMIT = 200
 
@@ -143,16 +142,17 @@ class _Member:
 class Channel:
     """A channel with at least one local subscriber."""
 
-    __slots__ = ("count_sent_at", "members", "name", "subscribers", "type", "waiting")
+    __slots__ = ("members", "name", "subscribers", "type", "waiting")
 
     def __init__(self, name: str, channel_type: ChannelType) -> None:
         self.name = name
         self.type = channel_type
         self.subscribers: dict[str, Session] = {}
+        #: This node's members (the cluster's are the cluster state's).
         self.members: dict[str, _Member] = {}
-        self.count_sent_at = float("-inf")
-        #: Clustered presence: subscribers waiting for the cluster's member list,
-        #: with the member events that arrived meanwhile (sent after the list).
+        #: Subscribers not yet answered (waiting for the bus, or for the cluster's
+        #: member list), with the control frames (member events, counts) that
+        #: arrived meanwhile: sent after ``subscription_succeeded``.
         self.waiting: dict[str, list[bytes]] = {}
 
     @property
@@ -168,21 +168,12 @@ class Channel:
     def presence_data(self, cluster: dict[str, Any] | None = None) -> str:
         """The presence block of ``subscription_succeeded``.
 
-        ``cluster`` is the members the whole cluster has (a clustered adapter's
-        answer); this node's own members are always in, with their own info.
+        ``cluster`` is the members the whole cluster has (``None`` when the cluster
+        could not say); this node's own members are always in, with their own info.
         """
         hash_ = dict(cluster) if cluster else {}
         hash_.update((user_id, member.user_info) for user_id, member in self.members.items())
         return msg.dumps({"presence": {"ids": list(hash_), "hash": hash_, "count": len(hash_)}})
-
-
-@dataclass(slots=True)
-class CachedEvent:
-    """The last REST event of a cache channel."""
-
-    event: str
-    data: str
-    expires_at: float
 
 
 class AppState:
@@ -200,8 +191,6 @@ class AppState:
         self.channels: dict[str, Channel] = {}
         self.users: dict[str, dict[str, Session]] = {}
         self.watchers: dict[str, set[Session]] = {}
-        self.cache: dict[str, CachedEvent] = {}
-        self.dirty_counts: set[str] = set()
         self.connections = 0
         #: Open connections that have not signed in (``max_unsigned_connections``).
         self.unsigned = 0
@@ -236,8 +225,8 @@ class Hub:
     Args:
         settings: the loaded configuration.
         frame: turns a text message into WebSocket frame bytes (server-side, unmasked).
-        clock: monotonic seconds (cache TTLs, rate limits, throttles).
-        adapter: the cluster bus.
+        clock: monotonic seconds (rate limits, token deadlines).
+        cluster: the node's bus and cluster state (the hub attaches itself to both).
         wall_clock: Unix seconds, used only for the expiry of retiring secrets
             (``expires_at`` is an instant, which a monotonic clock cannot express).
     """
@@ -247,7 +236,7 @@ class Hub:
         settings: Settings,
         frame: Frame,
         clock: Callable[[], float],
-        adapter: Adapter,
+        cluster: Cluster,
         *,
         wall_clock: Callable[[], float] = time.time,
         limiters: LimiterFactory | None = None,
@@ -257,16 +246,13 @@ class Hub:
         self._wall_clock = wall_clock
         #: Builds the app-wide limiters (cluster-wide ones with the redis adapter).
         self.limiters: LimiterFactory = limiters or memory_limiters
-        self.adapter = adapter
+        self.bus = cluster.bus
+        self.state = cluster.state
         self.apps_by_key: dict[str, AppState] = {}
         self.apps_by_id: dict[str, AppState] = {}
         self.listeners: list[Callable[[ev.HubEvent], None]] = []
-        # A cluster adapter decides occupied/vacated once for every node; the hub
-        # then leaves them to it (everything else stays per node).
-        self._emits_occupancy = not adapter.clustered
-        #: Presence, sign-ins, cache channels and counts are cluster-wide too.
-        self._clustered = adapter.clustered
-        adapter.attach_events(self._emit)
+        self.bus.attach(self.receive)
+        self.state.attach(self.receive, self.emit)
         self.deliveries = 0
         self.connections = 0
         self.max_connections = settings.server.max_connections
@@ -304,10 +290,7 @@ class Hub:
                 sockets.pop(session.socket_id, None)
                 if not sockets:
                     del app.users[session.user_id]
-                    if self._clustered:
-                        self.adapter.user_presence(app.id, session.user_id, online=False)
-                    else:
-                        self._notify_watchers(app, session.user_id, "offline")
+                    self.state.user_off(app.id, session.user_id)
         for watched in session.watchlist:
             watchers = app.watchers.get(watched)
             if watchers is not None:
@@ -346,16 +329,13 @@ class Hub:
             # Idempotent: answer again without duplicating membership or member_added.
             if channel_type.kind is not ChannelKind.PRESENCE:
                 session.write(self._frame(msg.subscription_succeeded(name)))
-            elif self._clustered:
+            else:
 
                 def again(found: dict[str, Any] | None) -> None:
                     data = existing.presence_data(found)
                     session.write(self._frame(msg.subscription_succeeded(name, data)))
 
-                self.adapter.members(app.id, name, again)
-            else:
-                data = existing.presence_data()
-                session.write(self._frame(msg.subscription_succeeded(name, data)))
+                drive(self._members(app, name), again)
             return
 
         user_id: str | None = None
@@ -380,34 +360,20 @@ class Hub:
         channel = existing
         if channel is None:
             channel = app.channels[name] = Channel(name, channel_type)
-            self.adapter.interest_on(app.id, name)
-            if self._emits_occupancy:
-                self._emit(ev.ChannelOccupied(app.id, name))
+            self.bus.interest_on(app.id, name)
+            self.state.channel_on(app.id, name)
         channel.subscribers[session.socket_id] = session
         session.channels[name] = user_id
-        self.adapter.count(
-            app.id,
-            name,
-            len(channel.subscribers),
-            announce=app.settings.enable_subscription_count,
-        )
+        # Member and count frames that reach this socket before its answer wait.
+        channel.waiting[session.socket_id] = []
 
         if user_id is not None:
-            if self._clustered:
-                # Member events that reach this socket before its member list wait.
-                channel.waiting[session.socket_id] = []
             member = channel.members.get(user_id)
             if member is None:
                 member = channel.members[user_id] = _Member(user_info)
                 member.sockets.add(session.socket_id)
-                if self._clustered:
-                    # The adapter decides whether the user is new to the cluster.
-                    self.adapter.member_on(app.id, name, user_id, user_info, session.socket_id)
-                else:
-                    self._fan_out(
-                        channel, msg.member_added(name, user_id, user_info), session.socket_id
-                    )
-                    self._emit(ev.MemberAdded(app.id, name, user_id))
+                # The cluster state decides whether the user is new to the cluster.
+                self.state.member_on(app.id, name, user_id, user_info, session.socket_id)
             else:
                 member.sockets.add(session.socket_id)
 
@@ -418,8 +384,8 @@ class Hub:
         def answer() -> None:
             if not still_subscribed():
                 return
-            if user_id is not None and self._clustered:
-                self.adapter.members(app.id, name, succeed)
+            if user_id is not None:
+                drive(self._members(app, name), succeed)
             else:
                 succeed(None)
 
@@ -429,34 +395,27 @@ class Hub:
             if user_id is not None:
                 data = channel.presence_data(cluster_members)
                 session.write(self._frame(msg.subscription_succeeded(name, data)))
-                for frame in channel.waiting.pop(session.socket_id, ()):
-                    session.write(frame)
             else:
                 session.write(self._frame(msg.subscription_succeeded(name)))
+            for frame in channel.waiting.pop(session.socket_id, ()):
+                session.write(frame)
             if channel_type.cached:
-                if self._clustered:
-                    self.adapter.cached_event(app.id, name, send_cache)
-                else:
-                    send_cache(None, answered=False)
+                drive(self._cached(app, name), send_cache)
 
-        def send_cache(found: tuple[str, str] | None, answered: bool) -> None:
+        def send_cache(found: Cached | None) -> None:
             if not still_subscribed():
                 return
-            if not answered:  # one node, or the cluster could not say: this node's cache
-                cached = app.cache.get(name)
-                if cached is not None and cached.expires_at > self._clock():
-                    found = (cached.event, cached.data)
-                else:
-                    app.cache.pop(name, None)
             if found is not None:
-                session.write(self._frame(msg.channel_event(found[0], name, found[1])))
+                session.write(self._frame(msg.channel_event(found.event, name, found.data)))
             else:
+                # Nothing cached, or the cluster could not say: the app's back end
+                # learns of the miss and may publish again.
                 session.write(self._frame(msg.cache_miss(name)))
-                self._emit(ev.CacheMiss(app.id, name))
+                self.emit(ev.CacheMiss(app.id, name))
 
         # Success only once other nodes' events can reach this channel: with a bus,
-        # after its SUBSCRIBE is confirmed; with the local adapter, at once.
-        self.adapter.when_ready(app.id, name, answer)
+        # after its SUBSCRIBE is confirmed; with one node, at once.
+        self.bus.when_ready(app.id, name, answer)
         self._count_changed(app, channel)
 
     def _hmac_grant(
@@ -575,69 +534,27 @@ class Hub:
                 member.sockets.discard(session.socket_id)
                 if not member.sockets:
                     del channel.members[user_id]
-                    if self._clustered:
-                        self.adapter.member_off(app.id, name, user_id)
-                    else:
-                        self._fan_out(channel, msg.member_removed(name, user_id), None)
-                        self._emit(ev.MemberRemoved(app.id, name, user_id))
-        if channel.subscribers:
-            self.adapter.count(
-                app.id,
-                name,
-                len(channel.subscribers),
-                announce=app.settings.enable_subscription_count,
-            )
+                    self.state.member_off(app.id, name, user_id)
         if not channel.subscribers:
             del app.channels[name]
-            app.dirty_counts.discard(name)
-            self.adapter.interest_off(app.id, name)
-            if self._emits_occupancy:
-                self._emit(ev.ChannelVacated(app.id, name))
+            self.bus.interest_off(app.id, name)
+            self.state.channel_off(app.id, name)
         else:
             self._count_changed(app, channel)
         return True
 
     def _count_changed(self, app: AppState, channel: Channel) -> None:
-        if channel.type.kind is ChannelKind.PRESENCE or self._clustered:
-            return  # clustered: the adapter announces the cluster's count
-        count = channel.subscription_count
-        self._emit(ev.SubscriptionCountChanged(app.id, channel.name, count))
-        if not app.settings.enable_subscription_count:
-            return
-        now = self._clock()
-        if (
-            count > COUNT_THROTTLE_THRESHOLD
-            and now - channel.count_sent_at < COUNT_THROTTLE_SECONDS
-        ):
-            app.dirty_counts.add(channel.name)
-            return
-        self._send_count(channel, now)
-
-    def _send_count(self, channel: Channel, now: float) -> None:
-        channel.count_sent_at = now
-        self._fan_out(
-            channel, msg.subscription_count(channel.name, channel.subscription_count), None
+        """Tell the cluster state this node's new count (it announces the total)."""
+        self.state.count(
+            app.id,
+            channel.name,
+            len(channel.subscribers),
+            announce=app.settings.enable_subscription_count,
         )
 
-    def expire_cache(self) -> None:
-        """Drop expired cache-channel events, so the cache stays bounded by live ones."""
-        now = self._clock()
-        for app in self.apps_by_id.values():
-            expired = [name for name, cached in app.cache.items() if cached.expires_at <= now]
-            for name in expired:
-                del app.cache[name]
-
-    def flush_subscription_counts(self) -> None:
-        """Send throttled subscription counts that are due (called on a timer)."""
-        now = self._clock()
-        for app in self.apps_by_id.values():
-            for name in list(app.dirty_counts):
-                channel = app.channels.get(name)
-                if channel is None:
-                    app.dirty_counts.discard(name)
-                elif now - channel.count_sent_at >= COUNT_THROTTLE_SECONDS:
-                    app.dirty_counts.discard(name)
-                    self._send_count(channel, now)
+    def tick(self) -> None:
+        """Periodic housekeeping (called on the node's heartbeat)."""
+        self.state.tick()
 
     # --- client events ---------------------------------------------------------------
 
@@ -683,11 +600,11 @@ class Hub:
         text = msg.channel_event(event.event, event.channel, event.data, user_id)
         self._fan_out(channel, text, session.socket_id)
         # Other nodes' subscribers too; the sender is excluded there by socket id.
-        self.adapter.publish(
+        self.bus.publish(
             app.id, event.channel, event.event, event.data, session.socket_id, user_id, client=True
         )
         if self.listeners:
-            self._emit(
+            self.emit(
                 ev.ClientEventSent(
                     app.id, event.channel, event.event, event.data, session.socket_id, user_id
                 )
@@ -801,10 +718,7 @@ class Hub:
         sockets[session.socket_id] = session
         session.write(self._frame(msg.signin_success(user_data)))
         if came_online:
-            if self._clustered:
-                self.adapter.user_presence(app.id, user_id, online=True)
-            else:
-                self._notify_watchers(app, user_id, "online")
+            self.state.user_on(app.id, user_id)
         if first_time and watchlist:
             self._watch(app, session, watchlist)
 
@@ -858,9 +772,10 @@ class Hub:
             for frame in pending or ():  # changes since the read, in order, after it
                 session.write(frame)
 
-        if self._clustered and accepted:
+        if accepted:
+            # Online/offline changes that arrive before the report is written wait.
             session.watch_pending = []
-            self.adapter.online_users(app.id, list(accepted), report)
+            drive(self._online(app, list(accepted)), report)
         else:
             report(None)
         if len(dict.fromkeys(watchlist)) > limit:
@@ -890,39 +805,49 @@ class Hub:
     ) -> None:
         """Deliver an event to every local subscriber of each channel, then to the bus."""
         for name in channels:
-            self._deliver_local(app, name, event, data, exclude_socket_id, None, client=False)
-            self.adapter.publish(app.id, name, event, data, exclude_socket_id)
-            if self._clustered and classify_channel(name).cached:
-                self.adapter.cache(app.id, name, event, data, app.settings.cache_ttl)
+            self._deliver_local(app, name, event, data, exclude_socket_id, None)
+            self.bus.publish(app.id, name, event, data, exclude_socket_id)
+            if classify_channel(name).cached:
+                self.state.cache(app.id, name, event, data, app.settings.cache_ttl)
 
-    def deliver_remote(
-        self,
-        app_id: str,
-        channel: str,
-        event: str,
-        data: Any,
-        exclude_socket_id: str | None,
-        user_id: str | None,
-        *,
-        client: bool = False,
-    ) -> None:
-        """Deliver an event another node published, to local subscribers only.
+    def receive(self, message: cm.Message) -> None:
+        """Deliver what the cluster decided or another node sent, to local connections only.
 
-        The same frames as a local publish or client event (a server event also
-        refreshes a cache channel's cache); never handed back to the adapter, so
-        nothing loops. ``data`` is a server event's string or a client event's
-        decoded JSON value. An unknown app (another node's configuration differs)
-        is ignored, and so is a server event whose data is not a string.
+        The same frames as when this node decides or publishes; nothing is handed
+        back to the bus, so nothing loops. An unknown app (another node's
+        configuration differs) is ignored, and so is a server event whose data is
+        not a string.
         """
-        app = self.apps_by_id.get(app_id)
+        app = self.apps_by_id.get(message.app_id)
         if app is None:
             return
-        if not client and event.startswith("pusher_internal:"):
-            self._cluster_event(app, channel, event, data, exclude_socket_id)
-        elif client or isinstance(data, str):
-            self._deliver_local(
-                app, channel, event, data, exclude_socket_id, user_id, client=client
-            )
+        match message:
+            case cm.ChannelEvent():
+                if message.client or isinstance(message.data, str):
+                    self._deliver_local(
+                        app,
+                        message.channel,
+                        message.event,
+                        message.data,
+                        message.exclude_socket_id,
+                        message.user_id,
+                    )
+            case cm.MemberAdded():
+                text = msg.member_added(message.channel, message.user_id, message.user_info)
+                self._control(app, message.channel, text, message.exclude_socket_id)
+            case cm.MemberRemoved():
+                text = msg.member_removed(message.channel, message.user_id)
+                self._control(app, message.channel, text, None)
+            case cm.SubscriptionCount():
+                if app.settings.enable_subscription_count:
+                    text = msg.subscription_count(message.channel, message.count)
+                    self._control(app, message.channel, text, None)
+            case cm.UserOnline():
+                self._notify_watchers(app, message.user_id, "online")
+            case cm.UserOffline():
+                self._notify_watchers(app, message.user_id, "offline")
+            case cm.Terminate():
+                self._terminate_local(app, message.user_id)
 
     def _deliver_local(
         self,
@@ -932,8 +857,6 @@ class Hub:
         data: Any,
         exclude_socket_id: str | None,
         user_id: str | None,
-        *,
-        client: bool,
     ) -> None:
         if name.startswith(SERVER_TO_USER_PREFIX):
             sockets = app.users.get(name[len(SERVER_TO_USER_PREFIX) :])
@@ -944,52 +867,36 @@ class Hub:
                         session.write(frame)
                         self.deliveries += 1
             return
-        if not client and classify_channel(name).cached:
-            expires = self._clock() + app.settings.cache_ttl
-            app.cache[name] = CachedEvent(event, data, expires)
         channel = app.channels.get(name)
         if channel is not None:
             text = msg.channel_event(event, name, data, user_id)
             self._fan_out(channel, text, exclude_socket_id)
 
-    def _cluster_event(
-        self, app: AppState, channel: str, event: str, data: Any, exclude: str | None
-    ) -> None:
-        """An event a clustered adapter decided (member, sign-in, terminate)."""
-        if event == SUBSCRIPTION_COUNT:
-            state = app.channels.get(channel)
-            if state is not None and app.settings.enable_subscription_count:
-                self._fan_out(state, msg.channel_event(event, channel, data), None)
+    def _control(self, app: AppState, name: str, text: str, exclude: str | None) -> None:
+        """A member event or a count to the channel's subscribers here.
+
+        A subscriber not answered yet gets it after its ``subscription_succeeded``.
+        """
+        channel = app.channels.get(name)
+        if channel is None:
             return
-        if event in (MEMBER_ADDED, MEMBER_REMOVED):
-            state = app.channels.get(channel)
-            if state is None or not isinstance(data, str):
-                return
-            frame = self._frame(msg.channel_event(event, channel, data))
-            for socket_id, session in state.subscribers.items():
-                if socket_id == exclude:
-                    continue
-                waiting = state.waiting.get(socket_id)
-                if waiting is not None:
-                    waiting.append(frame)
-                else:
-                    session.write(frame)
-                    self.deliveries += 1
-            return
-        if not channel.startswith(SERVER_TO_USER_PREFIX):
-            return
-        user_id = channel[len(SERVER_TO_USER_PREFIX) :]
-        if event == TERMINATE:
-            self._terminate_local(app, user_id)
-        elif event in (WATCH_ONLINE, WATCH_OFFLINE):
-            self._notify_watchers(app, user_id, "online" if event == WATCH_ONLINE else "offline")
+        frame = self._frame(text)
+        for socket_id, session in channel.subscribers.items():
+            if socket_id == exclude:
+                continue
+            waiting = channel.waiting.get(socket_id)
+            if waiting is not None:
+                waiting.append(frame)
+            else:
+                session.write(frame)
+                self.deliveries += 1
 
     def terminate_user(self, app: AppState, user_id: str) -> int:
         """Close every connection signed in as ``user_id``, on every node.
 
         Returns how many were closed on this node.
         """
-        self.adapter.terminate_user(app.id, user_id)
+        self.bus.broadcast(cm.Terminate(app.id, user_id))
         return self._terminate_local(app, user_id)
 
     @staticmethod
@@ -999,17 +906,28 @@ class Hub:
             session.refuse(Refused(Reason.TERMINATED))
         return len(sessions)
 
-    def cached(self, app: AppState, name: str) -> CachedEvent | None:
-        """The live cached event of a cache channel, if any."""
-        cached = app.cache.get(name)
-        if cached is not None and cached.expires_at <= self._clock():
-            del app.cache[name]
-            return None
-        return cached
+    # --- cluster reads (answered in the same call on one node) ---------------------------
 
-    def now(self) -> float:
-        """The hub's clock (monotonic seconds)."""
-        return self._clock()
+    async def _members(self, app: AppState, name: str) -> dict[str, Any] | None:
+        """The cluster's members of ``name``; ``None`` (this node's only) when it cannot say."""
+        try:
+            return await self.state.members(app.id, name)
+        except ClusterUnavailable:
+            return None
+
+    async def _cached(self, app: AppState, name: str) -> Cached | None:
+        """A cache channel's last event; ``None`` (a miss) when the cluster cannot say."""
+        try:
+            return await self.state.cached(app.id, name)
+        except ClusterUnavailable:
+            return None
+
+    async def _online(self, app: AppState, user_ids: list[str]) -> set[str] | None:
+        """Those of ``user_ids`` signed in anywhere; ``None`` when the cluster cannot say."""
+        try:
+            return await self.state.online(app.id, user_ids)
+        except ClusterUnavailable:
+            return None
 
     # --- internals ---------------------------------------------------------------------
 
@@ -1030,7 +948,8 @@ class Hub:
                     session.write(frame)
             self.deliveries += len(subscribers) - 1
 
-    def _emit(self, event: ev.HubEvent) -> None:
+    def emit(self, event: ev.HubEvent) -> None:
+        """Hand a hub event to every listener (webhooks, metrics); never blocks."""
         for listener in self.listeners:
             listener(event)
 

@@ -324,12 +324,6 @@ def cache_miss(channel: str) -> str:
     return dumps({"event": "pusher:cache_miss", "channel": channel, "data": "{}"})
 
 
-#: Pusher's rule: above this many subscribers a channel's subscription_count (the
-#: event and the webhook) goes out at most once every COUNT_THROTTLE_SECONDS.
-COUNT_THROTTLE_THRESHOLD = 100
-COUNT_THROTTLE_SECONDS = 5.0
-
-
 def subscription_count(channel: str, count: int) -> str:
     """``pusher_internal:subscription_count``."""
     data = dumps({"subscription_count": count})

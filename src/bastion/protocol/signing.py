@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from bastion.protocol.refusals import Reason
 
 __all__ = [
+    "REPEAT_GRACE_SECONDS",
     "REST_TIMESTAMP_WINDOW",
     "channel_auth_string",
     "rest_string_to_sign",
@@ -25,6 +26,11 @@ __all__ = [
 
 #: Seconds a signed REST request stays valid either side of its timestamp.
 REST_TIMESTAMP_WINDOW = 600
+#: The official SDKs sign with a whole-second timestamp and no nonce, so the same
+#: call made twice within one second is byte-identical. Repeats of a signature
+#: this soon after its first acceptance are let through; later ones are replays.
+#: Two seconds: one for the timestamp's resolution, one for network jitter.
+REPEAT_GRACE_SECONDS = 2.0
 _REST_AUTH_PARAMS = ("auth_key", "auth_timestamp", "auth_version", "auth_signature")
 
 

@@ -52,9 +52,9 @@ import logging
 import re
 import time
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from dataclasses import replace
-from typing import Any, cast
+from typing import cast
 from urllib.parse import parse_qsl, unquote
 
 import httptools
@@ -68,7 +68,6 @@ from bastion.api.dashboard import METHODS as DASHBOARD_METHODS
 from bastion.api.dashboard import dashboard_response, is_dashboard_path, with_security_headers
 from bastion.api.ops import Ops
 from bastion.api.rest import (
-    Answer,
     HttpRequest,
     HttpResponse,
     error_response,
@@ -76,6 +75,7 @@ from bastion.api.rest import (
 )
 from bastion.config import AppSettings
 from bastion.core.hub import AppState
+from bastion.eager import start
 from bastion.protocol import messages as msg
 from bastion.protocol.refusals import Reason
 from bastion.security.admission import Admission
@@ -87,6 +87,9 @@ from bastion.server.websocket import WebSocketConnection
 __all__ = ["HttpConnection"]
 
 log = logging.getLogger("bastion.http")
+
+#: A request's answer: now, or later (a REST query waiting for the cluster state).
+Answer = HttpResponse | Awaitable[HttpResponse]
 logging.getLogger("websockets").setLevel(logging.WARNING)
 
 MAX_HEAD_BYTES = 16 * 1024
@@ -358,7 +361,7 @@ class HttpConnection(asyncio.Protocol):
         else:
             self._write_answers()
 
-    async def _finish(self, pending: Coroutine[Any, Any, HttpResponse]) -> HttpResponse:
+    async def _finish(self, pending: Awaitable[HttpResponse]) -> HttpResponse:
         try:
             return await pending
         except Exception:
@@ -441,14 +444,16 @@ class HttpConnection(asyncio.Protocol):
             body=bytes(self.body),
             ip=self.ip,
         )
-        response = ctx.rest.handle(request, now=now)
+        # Eagerly: on one node the answer is ready in this call; a cluster query
+        # continues as a task.
+        response = start(ctx.rest.handle(request, now=now))
         if policy is None or not policy.restricted:
             return response
         cors = self._cors(policy)
         if isinstance(response, HttpResponse):
             return replace(response, headers=response.headers + cors)
 
-        async def with_cors(pending: Coroutine[Any, Any, HttpResponse]) -> HttpResponse:
+        async def with_cors(pending: Awaitable[HttpResponse]) -> HttpResponse:
             answered = await pending
             return replace(answered, headers=answered.headers + cors)
 

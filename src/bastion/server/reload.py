@@ -293,7 +293,6 @@ def _apply(
     for app_id in before.keys() - after.keys():
         gone = hub.apps_by_id.pop(app_id)
         _unmap_key(hub.apps_by_key, gone.settings.key, gone)
-        node.rest.replay_guards.pop(app_id, None)
         node.rest.app_limiters.pop(app_id, None)
         closing.append((gone, Reason.APP_REMOVED))
     for app_id, template in templates.items():
@@ -313,9 +312,6 @@ def _apply(
         if previous.client_events_per_app != settings.client_events_per_app:
             state.client_event_bucket = None
         _reset_session_buckets(node, state, previous, settings)
-        guard = node.rest.replay_guards.get(app_id)
-        if guard is not None:
-            guard.max_entries = settings.replay_guard_max_entries
         if previous.enabled and not settings.enabled:
             closing.append((state, Reason.APP_DISABLED))
     hub.max_connections = new.server.max_connections

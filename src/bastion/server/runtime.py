@@ -22,10 +22,10 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from bastion.adapters.base import Adapter
+from bastion.adapters.base import Cluster
 from bastion.adapters.cluster_limits import ClusterLimits
-from bastion.adapters.local import LocalAdapter
-from bastion.adapters.redis import RedisAdapter
+from bastion.adapters.local import local_cluster
+from bastion.adapters.redis import redis_cluster
 from bastion.api.ops import Ops
 from bastion.api.rest import RestApi
 from bastion.config import Settings
@@ -75,14 +75,11 @@ class Node:
         #: Cluster-wide rate limits (redis adapter only), synced between start and stop.
         self.cluster_limits: ClusterLimits | None = None
         limiters = self._make_limiters()
-        self.hub = Hub(settings, frame_text, loop.time, self._make_adapter(), limiters=limiters)
-        self.hub.adapter.attach(self.hub.deliver_remote)
+        #: The node's bus, cluster state and replay claims.
+        self.cluster = self._make_cluster(loop)
+        self.hub = Hub(settings, frame_text, loop.time, self.cluster, limiters=limiters)
         self.rest = RestApi(
-            self.hub,
-            self.refusals,
-            self.metrics,
-            limiters=limiters,
-            shared_replay_guard=settings.adapter.shared_replay_guard,
+            self.hub, self.refusals, self.metrics, self.cluster.replay, limiters=limiters
         )
         self.ctx = ServerContext(
             settings,
@@ -111,15 +108,19 @@ class Node:
         # Last: the endpoints read the attributes above at request time.
         self.ctx.ops = Ops(self)
 
-    def _make_adapter(self) -> Adapter:
-        """The cluster bus ``[adapter]`` asks for."""
+    def _make_cluster(self, loop: asyncio.AbstractEventLoop) -> Cluster:
+        """The cluster ``[adapter]`` asks for."""
         settings = self.settings
         if settings.adapter.driver == "redis":
             # Forged bus messages are audited through the audit log once it is open.
-            return RedisAdapter(
-                settings.adapter, settings.apps, metrics=self.metrics, audit=self._audit_event
+            return redis_cluster(
+                settings.adapter,
+                settings.apps,
+                clock=loop.time,
+                metrics=self.metrics,
+                audit=self._audit_event,
             )
-        return LocalAdapter()
+        return local_cluster(loop.time)
 
     def _make_limiters(self) -> LimiterFactory:
         """Per-address and per-app limits: cluster-wide with the redis adapter."""
@@ -149,7 +150,7 @@ class Node:
         try:
             await self._start_webhooks()
             await self._start_blocklist()
-            await self.hub.adapter.start()
+            await self.cluster.bus.start()
             if self.cluster_limits is not None:
                 await self.cluster_limits.start()
             self._server = await self.ctx.loop.create_server(
@@ -177,7 +178,6 @@ class Node:
         self._tick = asyncio.create_task(self._heartbeat())
 
     async def _heartbeat(self) -> None:
-        ticks = 0
         while True:
             # Read each tick: a live reload may change the timeouts.
             server = self.settings.server
@@ -186,10 +186,7 @@ class Node:
             now = self.ctx.loop.time()
             for connection in list(self.ctx.connections):
                 connection.check_liveness(now, server.activity_timeout, server.pong_timeout)
-            self.hub.flush_subscription_counts()
-            ticks += 1
-            if ticks % 30 == 0:
-                self.hub.expire_cache()
+            self.hub.tick()
 
     async def stop(self) -> None:
         """Stop accepting, ask every client to reconnect elsewhere (4200), close.
@@ -213,9 +210,9 @@ class Node:
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), budget / 2)
-        # The adapter first: with a cluster, the vacated of channels this node held
-        # last is decided in Redis after the drain, and must still reach the webhooks.
-        await self.hub.adapter.stop()
+        # The bus first: with a cluster, the vacated of channels this node held last
+        # is decided in Redis after the drain, and must still reach the webhooks.
+        await self.cluster.bus.stop()
         if self.cluster_limits is not None:  # after the drain: its refusals still count
             await self.cluster_limits.stop()
         if self._background:  # a reload's producer flush or queue opening

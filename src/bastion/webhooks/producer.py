@@ -10,12 +10,13 @@ queue by one writer task through :func:`asyncio.to_thread` (in order, never on t
 loop); then the dispatcher is woken to send it.
 
 ``subscription_count`` follows Pusher: only for apps that opted in to subscription
-counting (``enable_subscription_count``), and at most one every 5 s per channel
-above 100 subscribers (``smoothing.CountThrottle``); otherwise a busy channel would
-turn every subscribe into a webhook.
+counting (``enable_subscription_count``); the cluster state reports counts already
+throttled (at most one every 5 s per channel above 100 subscribers,
+:mod:`bastion.protocol.counts`), so a busy channel never turns every subscribe into
+a webhook.
 
-One loop timer serves every delay: the next held vacated/removed, the next throttled
-count and the next batch window, whichever is first.
+One loop timer serves every delay: the next held vacated/removed and the next batch
+window, whichever is first.
 
 What is durable when: an event is in memory while it is held (up to
 ``vacated_delay_seconds``) or in an open batch (up to ``batch_max_ms``); once the
@@ -42,7 +43,7 @@ from bastion.security.audit import AuditEvent
 from bastion.store.webhook_queue import NewDelivery, WebhookQueue
 from bastion.webhooks.batcher import Batch, Batcher
 from bastion.webhooks.payloads import event_name, webhook_event
-from bastion.webhooks.smoothing import CountThrottle, Smoother
+from bastion.webhooks.smoothing import Smoother
 
 __all__ = ["MAX_UNWRITTEN", "WEBHOOK_DROPPED", "WebhookProducer"]
 
@@ -109,7 +110,6 @@ class WebhookProducer:
         self._audit = audit
         self._wall_clock = wall_clock
         self._smoother = Smoother(settings.vacated_delay_seconds)
-        self._throttle = CountThrottle()
         self._batcher = Batcher(settings.batch_max_events, settings.batch_max_ms)
         self._endpoints: dict[str, tuple[_Endpoint, ...]] = {}
         #: app id → event types some endpoint wants, with their smoothing partners.
@@ -158,17 +158,7 @@ class WebhookProducer:
             if interest is None or event_name(event) not in interest:
                 return
             now = self._loop.time()
-            if isinstance(event, ev.SubscriptionCountChanged):
-                counted = self._throttle.push(event, now)
-                if counted is None:  # held: a later count replaces it
-                    released = self._smoother.due(now)
-                else:
-                    released = self._smoother.push(counted, now)
-            else:
-                if isinstance(event, ev.ChannelVacated):
-                    self._throttle.forget(event.app_id, event.channel)
-                released = self._smoother.push(event, now)
-            for item in released:
+            for item in self._smoother.push(event, now):
                 self._route(item, now)
             self._release_due(now)
         except Exception as exc:
@@ -195,22 +185,16 @@ class WebhookProducer:
     # --- timers ------------------------------------------------------------------------
 
     def _release_due(self, now: float) -> None:
-        """Send what is due at ``now`` (held events, throttled counts, batches), re-arm."""
+        """Send what is due at ``now`` (held events, batches), re-arm."""
         for item in self._smoother.due(now):
             self._route(item, now)
-        for count in self._throttle.due(now):
-            self._route(count, now)
         for batch in self._batcher.due(now):
             self._submit(batch)
         self._schedule()
 
     def _schedule(self) -> None:
-        """Arm the one timer for the earliest held event, throttled count or batch."""
-        candidates = (
-            self._smoother.next_due(),
-            self._throttle.next_due(),
-            self._batcher.next_deadline(),
-        )
+        """Arm the one timer for the earliest held event or batch."""
+        candidates = (self._smoother.next_due(), self._batcher.next_deadline())
         deadlines = [t for t in candidates if t is not None]
         if not deadlines:
             if self._timer is not None:
@@ -319,8 +303,6 @@ class WebhookProducer:
         now = self._loop.time()
         for released in self._smoother.flush():
             self._route(released, now)
-        for count in self._throttle.flush():
-            self._route(count, now)
         for batch in self._batcher.drain():
             self._submit(batch)
         await self.drained()

@@ -18,34 +18,22 @@ therefore always occupied, vacated, occupied, … and ends as the channel really
 every held event, the order they were held in is also the order they fall due, so
 the pending table is one insertion-ordered dict: release is O(1) per event.
 
-:class:`CountThrottle` is the other timing rule of Pusher's webhooks: on a channel
-with more than 100 subscribers, at most one ``subscription_count`` every 5 seconds;
-the latest count of a quiet-again channel is sent when its 5 seconds are over.
+The other timing rule of Pusher's webhooks, the throttle on ``subscription_count``,
+is applied once for both the event and the webhook where counts are announced
+(:mod:`bastion.protocol.counts`).
 """
 
 from __future__ import annotations
 
 from bastion.core import events as ev
-from bastion.protocol import messages as msg
 
-__all__ = [
-    "COUNT_THROTTLE_SECONDS",
-    "COUNT_THROTTLE_THRESHOLD",
-    "DEFAULT_MAX_HELD",
-    "CountThrottle",
-    "Smoother",
-]
+__all__ = ["DEFAULT_MAX_HELD", "Smoother"]
 
 #: Held events at most; past it the oldest is released early (sent, not dropped), so
 #: churn on millions of channels costs bounded memory and only loses some smoothing.
 DEFAULT_MAX_HELD = 100_000
 
 _Key = tuple[str, str, str | None]
-
-#: Above this many subscribers a channel's subscription_count webhooks are throttled,
-#: to one every COUNT_THROTTLE_SECONDS (Pusher's rule, in protocol.messages).
-COUNT_THROTTLE_THRESHOLD = msg.COUNT_THROTTLE_THRESHOLD
-COUNT_THROTTLE_SECONDS = msg.COUNT_THROTTLE_SECONDS
 
 
 class Smoother:
@@ -127,76 +115,3 @@ def _key(event: ev.ChannelVacated | ev.ChannelOccupied | ev.MemberAdded | ev.Mem
             return (event.app_id, event.channel, user_id)
         case _:
             return (event.app_id, event.channel, None)
-
-
-class CountThrottle:
-    """At most one ``subscription_count`` per ``interval`` on channels above ``threshold``.
-
-    A count at or below the threshold passes at once (and makes any held one stale).
-    Above it, a count passes if the channel's last one left ``interval`` ago or more;
-    otherwise it is held, replacing any older held count, until :meth:`due`.
-
-    Memory is bounded by the channels above the threshold: a channel is forgotten as
-    soon as its count is at or below it, or it vacates.
-
-    Args:
-        threshold: subscribers above which counts are throttled.
-        interval: seconds between two counts of a throttled channel.
-    """
-
-    def __init__(
-        self,
-        threshold: int = COUNT_THROTTLE_THRESHOLD,
-        interval: float = COUNT_THROTTLE_SECONDS,
-    ) -> None:
-        self.threshold = threshold
-        self.interval = interval
-        #: (app, channel) → when its last count was let through (throttled channels).
-        self._sent_at: dict[tuple[str, str], float] = {}
-        #: (app, channel) → the latest count not yet let through.
-        self._held: dict[tuple[str, str], ev.SubscriptionCountChanged] = {}
-
-    def __len__(self) -> int:
-        return len(self._held)
-
-    def push(
-        self, event: ev.SubscriptionCountChanged, now: float
-    ) -> ev.SubscriptionCountChanged | None:
-        """The count to send now, or ``None`` when it is held for later."""
-        key = (event.app_id, event.channel)
-        if event.subscription_count <= self.threshold:
-            self._held.pop(key, None)
-            self._sent_at.pop(key, None)
-            return event
-        sent_at = self._sent_at.get(key)
-        if sent_at is None or now - sent_at >= self.interval:
-            self._held.pop(key, None)
-            self._sent_at[key] = now
-            return event
-        self._held[key] = event
-        return None
-
-    def forget(self, app_id: str, channel: str) -> None:
-        """The channel vacated: a held count is stale."""
-        self._held.pop((app_id, channel), None)
-        self._sent_at.pop((app_id, channel), None)
-
-    def due(self, now: float) -> list[ev.SubscriptionCountChanged]:
-        """The held counts whose channel may send again at ``now``."""
-        out: list[ev.SubscriptionCountChanged] = []
-        for key in [k for k in self._held if now - self._sent_at[k] >= self.interval]:
-            out.append(self._held.pop(key))
-            self._sent_at[key] = now
-        return out
-
-    def next_due(self) -> float | None:
-        """When the first held count may be sent, or ``None`` when none is held."""
-        if not self._held:
-            return None
-        return min(self._sent_at[key] for key in self._held) + self.interval
-
-    def flush(self) -> list[ev.SubscriptionCountChanged]:
-        """Every held count now (shutdown)."""
-        out = list(self._held.values())
-        self._held.clear()
-        return out

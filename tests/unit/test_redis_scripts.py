@@ -1,4 +1,4 @@
-"""The occupancy scripts against the real Redis at 127.0.0.1:6379 (unique prefix each)."""
+"""The cluster-state scripts against the real Redis at 127.0.0.1:6379 (unique prefix each)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,21 @@ from uuid import uuid4
 import pytest
 import redis.asyncio as aioredis
 
-from bastion.adapters.occupancy import Occupancy, Reaped, member_tag, split_tag
+from bastion.adapters.redis.scripts import (
+    FORGED_CACHE,
+    FORGED_MEMBER,
+    Reaped,
+    StateScripts,
+    member_tag,
+    open_value,
+    seal,
+    split_tag,
+)
+from bastion.adapters.wire import cluster_key
 
 URL = "redis://127.0.0.1:6379/0"
 TTL_MS = 60_000
+KEY = cluster_key("c" * 32, [])
 
 
 @pytest.fixture
@@ -32,8 +43,11 @@ async def prefix(client: aioredis.Redis) -> AsyncIterator[str]:
         await client.delete(*keys)
 
 
-def node(client: aioredis.Redis, prefix: str, node_id: str) -> Occupancy:
-    return Occupancy(client, prefix, node_id, TTL_MS)
+FORGED: list[str] = []
+
+
+def node(client: aioredis.Redis, prefix: str, node_id: str) -> StateScripts:
+    return StateScripts(client, prefix, node_id, TTL_MS, KEY, FORGED.append)
 
 
 async def test_first_holder_occupies_and_last_holder_vacates(
@@ -226,6 +240,55 @@ async def test_reaping_removes_the_members_and_users_only_the_dead_node_had(
 async def test_a_cache_event_is_read_with_its_ttl(client: aioredis.Redis, prefix: str) -> None:
     a = node(client, prefix, "a")
     assert await a.cached("1:cache-news") is None
-    await client.set(f"{prefix}:cache:1:cache-news", '["update", "{}"]', px=30_000)
+    async with client.pipeline(transaction=False) as pipe:
+        a.write_cache(pipe, "1:cache-news", "update", "{}", 30_000)
+        await pipe.execute()
     found = await a.cached("1:cache-news")
     assert found is not None and found[:2] == ("update", "{}") and 0 < found[2] <= 30_000
+
+
+# --- what a Redis writer without the cluster key can do -----------------------------------
+
+
+def test_a_sealed_value_opens_only_where_it_was_sealed() -> None:
+    sealed = seal(KEY, ("member", "1:presence-a", "alice"), '{"n":1}')
+    assert open_value(KEY, ("member", "1:presence-a", "alice"), sealed) == '{"n":1}'
+    assert open_value(KEY, ("member", "1:presence-b", "alice"), sealed) is None  # moved
+    assert open_value(KEY, ("member", "1:presence-a", "bob"), sealed) is None  # renamed
+    assert (
+        open_value(cluster_key("x" * 32, []), ("member", "1:presence-a", "alice"), sealed) is None
+    )
+    assert open_value(KEY, ("member", "1:presence-a", "alice"), '{"n":1}') is None  # bare
+    tampered = sealed[:-2] + "2}"
+    assert open_value(KEY, ("member", "1:presence-a", "alice"), tampered) is None
+
+
+async def test_a_member_written_without_the_key_is_never_shown(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    a = node(client, prefix, "a")
+    await a.member_on(member_tag("1:presence-room", "alice"), '{"name":"A"}')
+    members_key = f"{prefix}:pu:1:presence-room"
+    # A fake member, a real member's value copied to another user, and one altered.
+    await client.hset(members_key, "mallory", '{"name":"M"}')
+    real: bytes = await client.hget(members_key, "alice")  # type: ignore[assignment]
+    await client.hset(members_key, "eve", real)
+    FORGED.clear()
+    assert await a.members("1:presence-room") == {"alice": '{"name":"A"}'}
+    assert FORGED == [FORGED_MEMBER, FORGED_MEMBER]
+
+
+async def test_a_cache_event_written_without_the_key_is_a_miss(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    a = node(client, prefix, "a")
+    FORGED.clear()
+    await client.set(f"{prefix}:cache:1:cache-news", '["update", "{}"]', px=30_000)
+    assert await a.cached("1:cache-news") is None
+    async with client.pipeline(transaction=False) as pipe:
+        a.write_cache(pipe, "1:cache-other", "update", "{}", 30_000)
+        await pipe.execute()
+    moved = await client.get(f"{prefix}:cache:1:cache-other")
+    await client.set(f"{prefix}:cache:1:cache-news", moved, px=30_000)  # replayed elsewhere
+    assert await a.cached("1:cache-news") is None
+    assert FORGED == [FORGED_CACHE, FORGED_CACHE]

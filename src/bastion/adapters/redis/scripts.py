@@ -1,5 +1,15 @@
 """Cluster-wide channel state in Redis: the Lua scripts and their wrappers.
 
+Values that Redis hands back to clients (a presence member's ``user_info``, a
+cache channel's last event) are *sealed*: stored as ``<mac>.<json>`` with a MAC
+under the cluster key over the value and where it belongs (the channel, the user
+id), and opened on every read. Someone who can write to Redis but does not hold
+the cluster key cannot make a node show a member or replay an event that no node
+recorded there: what fails to open is dropped, counted and reported (the reads
+take an ``on_forged`` callback). Counts, occupancy and sign-in tallies are
+integers and sets, not sealed: such a writer can make them wrong (see
+docs/scaling.md, "What a Redis writer can do").
+
 Keys (``prefix`` from ``[adapter]``; an entry is ``{app_id}:{channel}``; a member
 tag is ``{entry}\n{user_id}``, and neither part can hold a newline):
 
@@ -9,8 +19,8 @@ tag is ``{entry}\n{user_id}``, and neither part can hold a newline):
   (the REST ``/channels`` query reads it instead of scanning the key space);
 * ``{prefix}:nodeocc:{node_id}`` — a set of the entries that node holds, so the
   node's share can be removed when it dies;
-* ``{prefix}:pu:{entry}`` — a presence channel's members: user id → ``user_info``
-  as JSON (the first node to add the user sets it);
+* ``{prefix}:pu:{entry}`` — a presence channel's members: user id → sealed
+  ``user_info`` JSON (the first node to add the user sets it);
 * ``{prefix}:pn:{entry}`` — user id → how many nodes have the user present;
 * ``{prefix}:nodepres:{node_id}`` — the member tags that node holds;
 * ``{prefix}:uo:{app_id}`` — signed-in user id → how many nodes have it signed in
@@ -34,13 +44,43 @@ primary with replicas), not Redis Cluster.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
-__all__ = ["Occupancy", "Reaped", "member_tag", "split_tag"]
+__all__ = ["Reaped", "StateScripts", "member_tag", "open_value", "seal", "split_tag"]
+
+#: Hex digits of a sealed value's MAC (128 bits of HMAC-SHA256).
+SEAL_HEX_LENGTH = 32
+#: What a forged value is reported as (``on_forged``).
+FORGED_MEMBER = "forged_member"
+FORGED_CACHE = "forged_cache"
+
+
+def seal(key: bytes, where: tuple[str, ...], value: str) -> str:
+    """``value`` with a MAC over it and ``where`` it is stored (``<mac>.<value>``)."""
+    return f"{_mac(key, where, value)}.{value}"
+
+
+def open_value(key: bytes, where: tuple[str, ...], sealed: str) -> str | None:
+    """The value inside ``sealed``; ``None`` when its MAC is not ours for ``where``."""
+    mac, dot, value = sealed.partition(".")
+    if not dot or len(mac) != SEAL_HEX_LENGTH:
+        return None
+    if not hmac.compare_digest(mac, _mac(key, where, value)):
+        return None
+    return value
+
+
+def _mac(key: bytes, where: tuple[str, ...], value: str) -> str:
+    message = "\0".join((*where, value)).encode("utf-8", "surrogatepass")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()[:SEAL_HEX_LENGTH]
+
 
 #: KEYS: occ hash, node's set, app's channel set. ARGV: node id, entry, channel.
 #: Returns 1 when the hash went 0 → 1.
@@ -243,7 +283,7 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
-class Occupancy:
+class StateScripts:
     """The cluster-state operations of one node on one Redis connection.
 
     Args:
@@ -251,13 +291,25 @@ class Occupancy:
         prefix: the cluster's key prefix.
         node_id: this node's id.
         ttl_ms: the liveness key's time to live, milliseconds.
+        key: the cluster key (seals what clients are shown).
+        on_forged: told the kind of each value that failed to open (never the value).
     """
 
-    def __init__(self, client: aioredis.Redis, prefix: str, node_id: str, ttl_ms: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str,
+        node_id: str,
+        ttl_ms: int,
+        key: bytes,
+        on_forged: Callable[[str], None] = lambda kind: None,
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._node_id = node_id
         self._ttl_ms = ttl_ms
+        self._key = key
+        self._on_forged = on_forged
         self._on = client.register_script(_ON)
         self._off = client.register_script(_OFF)
         self._count = client.register_script(_COUNT)
@@ -374,7 +426,9 @@ class Occupancy:
     async def member_on(self, tag: str, user_info_json: str) -> bool:
         """Record a member present on this node; ``True`` when new to the cluster."""
         keys, user_id = self._member_keys(tag)
-        result: Any = await self._member_on(keys=keys, args=[tag, user_id, user_info_json])
+        entry = tag.partition("\n")[0]
+        sealed = seal(self._key, ("member", entry, user_id), user_info_json)
+        result: Any = await self._member_on(keys=keys, args=[tag, user_id, sealed])
         return int(result) == 1
 
     async def member_off(self, tag: str) -> bool:
@@ -414,9 +468,20 @@ class Occupancy:
     # --- queries (any node) ------------------------------------------------------------------
 
     async def members(self, entry: str) -> dict[str, str]:
-        """A presence channel's members in the cluster: user id → user_info JSON."""
+        """A presence channel's members in the cluster: user id → user_info JSON.
+
+        A member whose value does not open under the cluster key is left out.
+        """
         raw: Any = await self._client.hgetall(self.members_key(entry))
-        return {_text(user): _text(info) for user, info in raw.items()}
+        members: dict[str, str] = {}
+        for user_bytes, sealed in raw.items():
+            user_id = _text(user_bytes)
+            info = open_value(self._key, ("member", entry, user_id), _text(sealed))
+            if info is None:
+                self._on_forged(FORGED_MEMBER)
+            else:
+                members[user_id] = info
+        return members
 
     async def channel_info(self, entries: list[str]) -> list[tuple[bool, int, int]]:
         """``(occupied, subscription_count, user_count)`` of each entry (one script)."""
@@ -434,16 +499,31 @@ class Occupancy:
             _text(flat[i]): (int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)
         }
 
+    def write_cache(self, pipe: Any, entry: str, event: str, data: str, ttl_ms: int) -> None:
+        """Queue the write of a cache channel's last event, sealed, on ``pipe``."""
+        value = seal(self._key, ("cache", entry), json.dumps([event, data]))
+        pipe.set(self.cache_key(entry), value, px=ttl_ms)
+
     async def cached(self, entry: str) -> tuple[str, str, int] | None:
-        """A cache channel's last event and its remaining TTL (ms), if any."""
+        """A cache channel's last event and its remaining TTL (ms), if any.
+
+        A value that does not open under the cluster key counts as nothing cached.
+        """
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.get(self.cache_key(entry))
             pipe.pttl(self.cache_key(entry))
             value, ttl = await pipe.execute()
         if value is None:
             return None
-        event, data = json.loads(value)
-        return str(event), str(data), max(0, int(ttl))
+        opened = open_value(self._key, ("cache", entry), _text(value))
+        try:
+            event, data = json.loads(opened) if opened is not None else (None, None)
+        except ValueError:
+            event = data = None
+        if not isinstance(event, str) or not isinstance(data, str):
+            self._on_forged(FORGED_CACHE)
+            return None
+        return event, data, max(0, int(ttl))
 
     # --- the replay guard -------------------------------------------------------------------
 
