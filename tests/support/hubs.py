@@ -24,6 +24,7 @@ from bastion.core.hub import AppState, Hub, Session
 from bastion.errors import Refused
 from bastion.protocol import messages as msg
 from bastion.protocol.signing import channel_auth_string, sign, signin_auth_string
+from bastion.server.apps import app_states
 
 __all__ = ["APP_ID", "KEY", "SECRET", "Client", "Clock", "HubNode", "MemoryNodes"]
 
@@ -81,7 +82,7 @@ class HubNode:
             {"apps": [{"id": APP_ID, "key": KEY, "secret": SECRET, **app_fields}]}, environ={}
         )
         self.clock = clock
-        self.hub = Hub(settings, str.encode, clock, cluster)
+        self.hub = Hub(settings, str.encode, clock, cluster, app_states(settings))
         self.app: AppState = self.hub.apps_by_id[APP_ID]
         #: Every hub event this node emitted (what its webhooks would get).
         self.events: list[ev.HubEvent] = []

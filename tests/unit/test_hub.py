@@ -27,6 +27,7 @@ from bastion.protocol import messages as msg
 from bastion.protocol.counts import COUNT_THROTTLE_SECONDS, COUNT_THROTTLE_THRESHOLD
 from bastion.protocol.refusals import Reason
 from bastion.protocol.signing import channel_auth_string, sign, signin_auth_string
+from bastion.server.apps import app_states
 
 KEY = "app-key"
 SECRET = "app-secret"
@@ -89,7 +90,9 @@ class World:
             {"apps": [{"id": APP_ID, "key": KEY, "secret": SECRET, **app_fields}]},
             environ={},
         )
-        self.hub = Hub(settings, self.frame, self.clock, local_cluster(self.clock))
+        self.hub = Hub(
+            settings, self.frame, self.clock, local_cluster(self.clock), app_states(settings)
+        )
         self.app: AppState = self.hub.apps_by_key[KEY]
         self.events: list[ev.HubEvent] = []
         self.hub.listeners.append(self.events.append)
@@ -212,7 +215,7 @@ def test_admit_refuses_over_node_capacity() -> None:
         },
         environ={},
     )
-    hub = Hub(settings, CountingFrame(), Clock(), local_cluster())
+    hub = Hub(settings, CountingFrame(), Clock(), local_cluster(), app_states(settings))
     app = hub.apps_by_key[KEY]
     assert hub.admit(app) is None
     assert hub.admit(app) is Reason.OVER_CAPACITY
@@ -1209,7 +1212,9 @@ def test_subscribe_is_answered_only_when_the_bus_is_ready() -> None:
     cluster = local_cluster()
     adapter = _PendingBus(cluster.bus)  # type: ignore[arg-type]
     settings = settings_from_mapping({"apps": [{"id": "1", "key": "k", "secret": "s"}]}, environ={})
-    hub = Hub(settings, CountingFrame(), Clock(), replace(cluster, bus=adapter))
+    hub = Hub(
+        settings, CountingFrame(), Clock(), replace(cluster, bus=adapter), app_states(settings)
+    )
     app = hub.apps_by_id["1"]
     early, late = Client("1.1"), Client("1.2")
     hub.subscribe(app, early.session, msg.Subscribe("news"))

@@ -17,10 +17,12 @@ import pytest
 from bastion.adapters.local import local_cluster
 from bastion.config import settings_from_mapping
 from bastion.core.hub import AppState, Hub
+from bastion.core.session import SessionPhase
 from bastion.errors import ConfigError, Refused
 from bastion.protocol import messages as msg
 from bastion.protocol.refusals import Reason
 from bastion.protocol.signing import channel_auth_string, sign, signin_auth_string
+from bastion.server.apps import app_states
 
 from .test_hub import Client, Clock, CountingFrame
 
@@ -42,7 +44,12 @@ class AuthWorld:
             app["jwt"] = {"algorithms": ["HS256"], "secret": JWT_SECRET, **jwt_fields}
         settings = settings_from_mapping({"apps": [app]}, environ={})
         self.hub = Hub(
-            settings, CountingFrame(), self.clock, local_cluster(self.clock), wall_clock=self.wall
+            settings,
+            CountingFrame(),
+            self.clock,
+            local_cluster(self.clock),
+            app_states(settings),
+            wall_clock=self.wall,
         )
         self.app: AppState = self.hub.apps_by_key[KEY]
         self._ids = itertools.count(1)
@@ -193,10 +200,10 @@ def test_renewal_extends_expiry_and_rearms_the_warning(w: AuthWorld) -> None:
     w.signin(client, w.token(ttl=100))
     w.advance(50)
     w.check(client)
-    assert client.session.token_warned
+    assert client.session.phase is SessionPhase.TOKEN_EXPIRING
     w.signin(client, w.token(ttl=300))
     assert client.session.token_expires_at == pytest.approx(w.clock.now + 300)
-    assert not client.session.token_warned
+    assert client.session.phase is SessionPhase.SIGNED_IN
 
 
 def test_renewal_as_another_user_is_a_conflict(w: AuthWorld) -> None:

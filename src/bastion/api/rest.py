@@ -33,7 +33,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from bastion.adapters.base import ChannelState, ClusterUnavailable, ReplayClaims
-from bastion.config import RateSettings
+from bastion.config import RateSettings, Settings
 from bastion.core.hub import AppState, Hub
 from bastion.errors import Refused
 from bastion.metrics import Metrics
@@ -200,6 +200,15 @@ class RestApi:
                 reason, app_id=app.id if app is not None else None, ip=request.ip, detail=str(error)
             )
             return error_response(reason)
+
+    def apply_settings(self, settings: Settings) -> None:
+        """A live reload: forget the buckets of apps that are gone.
+
+        A changed app's bucket is rebuilt at its next request (its settings differ).
+        """
+        wanted = {app.id for app in settings.apps}
+        for app_id in [app_id for app_id in self.app_limiters if app_id not in wanted]:
+            del self.app_limiters[app_id]
 
     def _refused(
         self, refused: Refused, app: AppState | None, request: HttpRequest

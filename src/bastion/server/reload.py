@@ -61,6 +61,7 @@ from bastion.core.hub import AppState
 from bastion.errors import ConfigError, Refused
 from bastion.protocol.refusals import Reason
 from bastion.security.audit import AuditEvent, MetadataValue, Severity
+from bastion.server.apps import app_state
 
 if TYPE_CHECKING:
     from bastion.server.runtime import Node
@@ -97,9 +98,6 @@ RESTART_ONLY: tuple[str, ...] = (
 
 #: Where a reload came from (audit metadata, log lines, the metric label).
 ReloadSource = Literal["sighup", "api", "supervisor"]
-
-#: What an app's runtime state derives from its settings (rebuilt on a change).
-_DERIVED = ("secret_set", "jwt", "client_events")
 
 
 class RestartRequired(ConfigError):
@@ -275,7 +273,7 @@ def reload_settings(node: Node, new: Settings, source: ReloadSource) -> ReloadRe
 def _build_apps(old: Settings, new: Settings) -> dict[str, AppState]:
     """A fresh state for every added or changed app (reads JWT key files; may fail)."""
     before = {app.id: app for app in old.apps}
-    return {app.id: AppState(app) for app in new.apps if before.get(app.id) != app}
+    return {app.id: app_state(app) for app in new.apps if before.get(app.id) != app}
 
 
 def _apply(
@@ -285,42 +283,24 @@ def _apply(
     changed: Sequence[str],
     templates: dict[str, AppState],
 ) -> int:
+    """Ask each owner to take the new settings; close what they no longer serve."""
     hub, ctx = node.hub, node.ctx
     before = {app.id: app for app in old.apps}
-    after = {app.id: app for app in new.apps}
-    closing: list[tuple[AppState, Reason]] = []
-    # Removals first: a remaining app may take over a removed app's key.
-    for app_id in before.keys() - after.keys():
-        gone = hub.apps_by_id.pop(app_id)
-        _unmap_key(hub.apps_by_key, gone.settings.key, gone)
-        node.rest.app_limiters.pop(app_id, None)
-        closing.append((gone, Reason.APP_REMOVED))
-    for app_id, template in templates.items():
-        state = hub.apps_by_id.get(app_id)
-        if state is None:  # added
-            hub.apps_by_id[app_id] = template
-            hub.apps_by_key[template.settings.key] = template
-            continue
-        previous = before[app_id]
-        settings = template.settings
-        if previous.key != settings.key:
-            _unmap_key(hub.apps_by_key, previous.key, state)
-            hub.apps_by_key[settings.key] = state
-        state.settings = settings
-        for name in _DERIVED:
-            setattr(state, name, getattr(template, name))
-        if previous.client_events_per_app != settings.client_events_per_app:
-            state.client_event_bucket = None
-        _reset_session_buckets(node, state, previous, settings)
-        if previous.enabled and not settings.enabled:
-            closing.append((state, Reason.APP_DISABLED))
-    hub.max_connections = new.server.max_connections
+    disabled = [
+        hub.apps_by_id[app.id]
+        for app in new.apps
+        if app.id in before and before[app.id].enabled and not app.enabled
+    ]
+    removed = hub.apply_settings(new, templates)
+    node.rest.apply_settings(new)
     ctx.apply_settings(new)
     node.settings = new
     if old.metrics != new.metrics or old.admin != new.admin:
         node.rebuild_ops()
     if any(_touches_webhooks(path) for path in changed):
         node.replace_webhooks()
+    closing = [(state, Reason.APP_REMOVED) for state in removed]
+    closing += [(state, Reason.APP_DISABLED) for state in disabled]
     closed = 0
     for state, reason in closing:
         for connection in [c for c in ctx.connections if c.app is state]:
@@ -329,29 +309,7 @@ def _apply(
     return closed
 
 
-def _unmap_key(apps_by_key: dict[str, AppState], key: str, state: AppState) -> None:
-    """Forget ``key`` unless another app took it over in this same reload."""
-    if apps_by_key.get(key) is state:
-        del apps_by_key[key]
-
-
 def _touches_webhooks(path: str) -> bool:
     if path.startswith(("+apps.", "-apps.")):
         return True
     return path.startswith("apps.") and path.endswith((".webhooks", ".enable_subscription_count"))
-
-
-def _reset_session_buckets(
-    node: Node, state: AppState, previous: AppSettings, settings: AppSettings
-) -> None:
-    """Per-connection buckets start again, full, at a changed rate."""
-    events = previous.max_client_events_per_second != settings.max_client_events_per_second
-    subscribes = previous.subscribe_attempts != settings.subscribe_attempts
-    if not (events or subscribes):
-        return
-    for connection in node.ctx.connections:
-        if connection.app is state:
-            if events:
-                connection.session.bucket = None
-            if subscribes:
-                connection.session.subscribe_bucket = None

@@ -35,6 +35,7 @@ from bastion.metrics import Metrics
 from bastion.security.audit import AuditEvent, from_refusal
 from bastion.security.config_audit import CONFIG_LOADED, config_event, fingerprints
 from bastion.security.limits import LimiterFactory, memory_limiters
+from bastion.server.apps import app_states
 from bastion.server.blocklist import NodeBlockList, open_block_store
 from bastion.server.context import Outbox, ServerContext, frame_text
 from bastion.server.http import HttpConnection
@@ -77,7 +78,14 @@ class Node:
         limiters = self._make_limiters()
         #: The node's bus, cluster state and replay claims.
         self.cluster = self._make_cluster(loop)
-        self.hub = Hub(settings, frame_text, loop.time, self.cluster, limiters=limiters)
+        self.hub = Hub(
+            settings,
+            frame_text,
+            loop.time,
+            self.cluster,
+            app_states(settings),
+            limiters=limiters,
+        )
         self.rest = RestApi(
             self.hub, self.refusals, self.metrics, self.cluster.replay, limiters=limiters
         )

@@ -1,0 +1,224 @@
+"""What the hub holds: one app's runtime state, its channels, and each connection's session.
+
+Only what delivery needs on this node: a channel's subscribers and this node's
+presence members with their sockets, the signed-in sessions per user, the
+watchers per watched user. What spans nodes is the cluster state's
+(:mod:`bastion.adapters.base`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bastion.config import AppSettings, RateSettings
+from bastion.core.session import Deadlines, SessionPhase
+from bastion.errors import Refused
+from bastion.protocol import messages as msg
+from bastion.protocol.names import ChannelType
+from bastion.security.limits import RateLimiter
+from bastion.security.payload import ClientEventPolicy
+from bastion.security.ratelimit import TokenBucket
+from bastion.security.secrets import SecretSet
+from bastion.security.tokens import JwtVerifier
+
+__all__ = ["AppState", "Channel", "Member", "Session"]
+
+
+class Session:
+    """One connection's protocol state, as the hub sees it.
+
+    Attributes:
+        socket_id: the connection's id (``digits.digits``).
+        write: writes pre-framed bytes without blocking.
+        refuse: runs the refusal path for this connection (may close it).
+        phase: where the session is in its life (:mod:`bastion.core.session`).
+        channels: channel name → presence user id (``None`` for other channels).
+        user_id: the signed-in user id, if any.
+        user_info: the signed-in user's ``user_info``.
+        watchlist: the user ids it watches.
+        watch_pending: online/offline frames waiting for the first watchlist report.
+        opened_at: when the connection opened (hub clock), for the sign-in deadline.
+        token_expires_at: when the sign-in token expires (hub clock), JWT sign-ins only.
+        grants: the sign-in token's ``channels`` claim.
+        bucket: the client-event bucket, and the rate it was made for.
+        subscribe_bucket: the subscribe-attempt bucket, and the settings it was made for.
+    """
+
+    __slots__ = (
+        "bucket",
+        "bucket_rate",
+        "channels",
+        "grants",
+        "opened_at",
+        "phase",
+        "refuse",
+        "socket_id",
+        "subscribe_bucket",
+        "subscribe_rate",
+        "token_expires_at",
+        "user_id",
+        "user_info",
+        "watch_pending",
+        "watchlist",
+        "write",
+    )
+
+    def __init__(
+        self,
+        socket_id: str,
+        write: Callable[[bytes], object],
+        refuse: Callable[[Refused], None],
+        *,
+        opened_at: float | None = None,
+    ) -> None:
+        self.socket_id = socket_id
+        self.write = write
+        self.refuse = refuse
+        self.phase = SessionPhase.UNSIGNED
+        self.channels: dict[str, str | None] = {}
+        self.user_id: str | None = None
+        self.user_info: Any = None
+        self.watchlist: tuple[str, ...] = ()
+        self.watch_pending: list[bytes] | None = None
+        #: ``None`` until known: the first session check then starts the clock.
+        self.opened_at = opened_at
+        self.token_expires_at: float | None = None
+        self.grants: tuple[str, ...] = ()
+        self.bucket: TokenBucket | None = None
+        self.bucket_rate: int | None = None
+        self.subscribe_bucket: TokenBucket | None = None
+        self.subscribe_rate: RateSettings | None = None
+
+    def client_event_bucket(self, rate: int, now: float) -> TokenBucket:
+        """This connection's client-event bucket (a new, full one when ``rate`` changed)."""
+        bucket = self.bucket
+        if bucket is None or self.bucket_rate != rate:
+            bucket = self.bucket = TokenBucket(rate=rate, burst=rate, now=now)
+            self.bucket_rate = rate
+        return bucket
+
+    def subscribe_attempts(self, rate: RateSettings, now: float) -> TokenBucket:
+        """This connection's subscribe bucket (a new, full one when ``rate`` changed)."""
+        bucket = self.subscribe_bucket
+        if bucket is None or self.subscribe_rate != rate:
+            bucket = self.subscribe_bucket = TokenBucket(rate.rate, rate.burst, now)
+            self.subscribe_rate = rate
+        return bucket
+
+
+class Member:
+    """A user present in a presence channel on this node, and its sockets here."""
+
+    __slots__ = ("sockets", "user_info")
+
+    def __init__(self, user_info: Any) -> None:
+        self.user_info = user_info
+        self.sockets: set[str] = set()
+
+
+class Channel:
+    """A channel with at least one local subscriber."""
+
+    __slots__ = ("members", "name", "subscribers", "type", "waiting")
+
+    def __init__(self, name: str, channel_type: ChannelType) -> None:
+        self.name = name
+        self.type = channel_type
+        self.subscribers: dict[str, Session] = {}
+        #: This node's members (the cluster's are the cluster state's).
+        self.members: dict[str, Member] = {}
+        #: Subscribers not yet answered (waiting for the bus, or for the cluster's
+        #: member list), with the control frames (member events, counts) that
+        #: arrived meanwhile: sent after ``subscription_succeeded``.
+        self.waiting: dict[str, list[bytes]] = {}
+
+    @property
+    def subscription_count(self) -> int:
+        """Connections subscribed to the channel here."""
+        return len(self.subscribers)
+
+    @property
+    def user_count(self) -> int:
+        """Unique users present here (presence channels)."""
+        return len(self.members)
+
+    def presence_data(self, cluster: dict[str, Any] | None = None) -> str:
+        """The presence block of ``subscription_succeeded``.
+
+        ``cluster`` is the members the whole cluster has (``None`` when the cluster
+        could not say); this node's own members are always in, with their own info.
+        """
+        hash_ = dict(cluster) if cluster else {}
+        hash_.update((user_id, member.user_info) for user_id, member in self.members.items())
+        return msg.dumps({"presence": {"ids": list(hash_), "hash": hash_, "count": len(hash_)}})
+
+
+class AppState:
+    """One app's runtime state, and what it derives from its settings.
+
+    Args:
+        settings: the app's configuration.
+        jwt: its JWT verifier (read from its key files by the caller), in JWT mode.
+        wall_clock: Unix seconds, only for the expiry of retiring secrets.
+
+    Raises:
+        ValueError: the app is in JWT mode but no verifier was given.
+    """
+
+    def __init__(
+        self,
+        settings: AppSettings,
+        jwt: JwtVerifier | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._wall_clock = wall_clock
+        self.channels: dict[str, Channel] = {}
+        self.users: dict[str, dict[str, Session]] = {}
+        self.watchers: dict[str, set[Session]] = {}
+        self.connections = 0
+        #: Open connections that have not signed in (``max_unsigned_connections``).
+        self.unsigned = 0
+        #: The app-wide client event bucket (keyed by app id; cluster-wide with redis).
+        self.client_event_bucket: RateLimiter | None = None
+        self.apply(settings, jwt)
+
+    def apply(self, settings: AppSettings, jwt: JwtVerifier | None) -> None:
+        """Take ``settings`` (a live reload): runtime state stays, derived state is rebuilt.
+
+        The secrets, the JWT verifier, the client-event policy and the session
+        deadlines follow the settings; the app-wide client-event bucket starts full
+        when its rate changed. Per-connection buckets follow by themselves
+        (:meth:`Session.client_event_bucket`).
+        """
+        if settings.jwt is not None and jwt is None:
+            raise ValueError(f"apps[{settings.id}]: the JWT verifier is built by the caller")
+        previous: AppSettings | None = getattr(self, "settings", None)
+        self.settings = settings
+        self.secret_set = SecretSet.from_settings(settings)
+        self.jwt = jwt
+        self.client_events = ClientEventPolicy(
+            settings.client_event_allowlist, settings.client_event_schemas
+        )
+        if (
+            previous is not None
+            and previous.client_events_per_app != settings.client_events_per_app
+        ):
+            self.client_event_bucket = None
+        token = settings.jwt
+        self.deadlines = Deadlines(
+            settings.signin_deadline_seconds,
+            token.expiry_warning_seconds if token is not None else None,
+            token.expiry_grace_seconds if token is not None else None,
+        )
+
+    @property
+    def id(self) -> str:
+        """The app id."""
+        return self.settings.id
+
+    @property
+    def secrets(self) -> tuple[bytes, ...]:
+        """The secrets that verify right now, newest first."""
+        return self.secret_set.active(self._wall_clock())
