@@ -43,6 +43,10 @@ paths fall through to the app routes' 404). A call from a TCP peer outside
 ``/dashboard`` (:mod:`bastion.api.dashboard`) is served on the same terms without the
 token (the page is a login form): to a TCP peer in ``allow_from`` once the token is
 set, the unknown path's 404 otherwise.
+
+A ``HEAD`` request is answered with the headers a ``GET`` would get
+(``Content-Length`` included) and no body, so a kept-alive connection stays in
+step.
 """
 
 from __future__ import annotations
@@ -186,6 +190,8 @@ class HttpConnection(asyncio.Protocol):
         #: The current request's client address: the peer until the head is complete,
         #: then the address a trusted proxy names, if any.
         self.ip: str | None = None
+        #: Whether the current request is a HEAD (answered without a body).
+        self.head_request = False
         #: The admission slot this connection holds, until it is handed to the WebSocket.
         self.slot: _Slot | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -197,9 +203,9 @@ class HttpConnection(asyncio.Protocol):
         self.body_limit = ctx.settings.server.max_request_body_kb * 1024
         self.refused = False
         self.timer: asyncio.TimerHandle | None = None
-        #: Answers waiting for the outbox to flush, in request order.
         #: Answers not written yet, in request order; a cluster-wide query's is a task.
-        self.answers: list[tuple[HttpResponse | asyncio.Task[HttpResponse], bool]] = []
+        #: Each with its keep-alive and whether it answers a HEAD.
+        self.answers: list[tuple[HttpResponse | asyncio.Task[HttpResponse], bool, bool]] = []
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -262,6 +268,7 @@ class HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         """A new request: reset per-request state."""
         self.ip = self.peer_ip
+        self.head_request = False
         self.url = b""
         self.headers = []
         self.body = bytearray()
@@ -283,6 +290,7 @@ class HttpConnection(asyncio.Protocol):
         The handshake timer keeps running until the body ends.
         """
         self.head_done = True
+        self.head_request = self.parser.get_method() == b"HEAD"
         # Per request: a trusted proxy may send many clients' requests on one connection.
         self.ip = self.ctx.proxies.client_ip(self.peer_ip, self.headers)
         blocklist = self.ctx.blocklist
@@ -322,20 +330,21 @@ class HttpConnection(asyncio.Protocol):
             self.ctx.refusals.record(Reason.HTTP_INTERNAL_ERROR, ip=self.ip)
             response = error_response(Reason.HTTP_INTERNAL_ERROR)
         keep_alive = self.parser.should_keep_alive() and not self.ctx.draining
+        head = self.head_request
         outbox = self.ctx.outbox
         if not isinstance(response, HttpResponse):
             # A cluster-wide query: answered when it completes, still in order.
             task = asyncio.ensure_future(self._finish(response))
-            self.answers.append((task, keep_alive))
+            self.answers.append((task, keep_alive, head))
             task.add_done_callback(self._answer_ready)
         elif self.answers or outbox.busy:
             # Answer once the deliveries this request queued are written: a publisher
             # cannot outrun the fan-out, and pipelined answers keep their order.
-            self.answers.append((response, keep_alive))
+            self.answers.append((response, keep_alive, head))
             if len(self.answers) == 1:
                 outbox.after_flush(self._write_answers)
         else:
-            self._answer(response, keep_alive)
+            self._answer(response, keep_alive, head)
         if keep_alive:
             self.head = bytearray()
             self.head_done = False
@@ -344,13 +353,13 @@ class HttpConnection(asyncio.Protocol):
     def _write_answers(self) -> None:
         """Write the answers that are ready, in order, up to the first pending one."""
         while self.answers:
-            response, keep_alive = self.answers[0]
+            response, keep_alive, head = self.answers[0]
             if isinstance(response, asyncio.Task):
                 if not response.done():
                     return
                 response = response.result()
             del self.answers[0]
-            self._answer(response, keep_alive)
+            self._answer(response, keep_alive, head)
 
     def _answer_ready(self, task: asyncio.Task[HttpResponse]) -> None:
         if self.ctx.outbox.busy:
@@ -366,8 +375,8 @@ class HttpConnection(asyncio.Protocol):
             self.ctx.refusals.record(Reason.HTTP_INTERNAL_ERROR, ip=self.ip)
             return error_response(Reason.HTTP_INTERNAL_ERROR)
 
-    def _answer(self, response: HttpResponse, keep_alive: bool) -> None:
-        self._write_response(response, keep_alive)
+    def _answer(self, response: HttpResponse, keep_alive: bool, head: bool = False) -> None:
+        self._write_response(response, keep_alive, head=head)
         if not keep_alive and self.transport is not None:
             self.transport.close()
 
@@ -523,7 +532,15 @@ class HttpConnection(asyncio.Protocol):
             return replace(response, headers=(("Vary", "Origin"),))
         return HttpResponse(204, b"", headers=self._cors(policy) + _PREFLIGHT_HEADERS)
 
-    def _write_response(self, response: HttpResponse, keep_alive: bool) -> None:
+    def _write_response(
+        self, response: HttpResponse, keep_alive: bool, *, head: bool = False
+    ) -> None:
+        """Write one answer; for a ``HEAD`` (``head``) the headers only.
+
+        RFC 9110 9.3.2: a HEAD answer carries the GET answer's headers, its
+        ``Content-Length`` included, and never a body: body bytes would be read as
+        the start of the next answer on a kept-alive connection.
+        """
         if self.transport is None or self.transport.is_closing():
             return
         headers = [f"HTTP/1.1 {response.status} {response.phrase}"]
@@ -536,7 +553,8 @@ class HttpConnection(asyncio.Protocol):
             "Connection: keep-alive" if keep_alive else "Connection: close",
             *(f"{name}: {value}" for name, value in response.headers),
         ]
-        self.transport.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + response.body)
+        body = b"" if head else response.body
+        self.transport.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + body)
 
     def _refuse(
         self,
@@ -557,7 +575,7 @@ class HttpConnection(asyncio.Protocol):
             if retry_after is None
             else rate_limited_response(reason, retry_after)
         )
-        self._write_response(response, keep_alive=False)
+        self._write_response(response, keep_alive=False, head=self.head_request)
         if self.transport is not None:
             self.transport.close()
 

@@ -94,10 +94,6 @@ def dashboard_response(method: str, path: str) -> HttpResponse:
         path: a path for which :func:`is_dashboard_path` is true.
     """
     name, content_type = _FILES[path]
-    body = _read(name)
-    return HttpResponse(
-        200,
-        b"" if method == "HEAD" else body,
-        content_type=content_type,
-        headers=SECURITY_HEADERS,
-    )
+    # The same answer for both: the listener writes a HEAD's headers only, with the
+    # Content-Length a GET gets (RFC 9110 9.3.2).
+    return HttpResponse(200, _read(name), content_type=content_type, headers=SECURITY_HEADERS)
