@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -36,7 +37,7 @@ from pydantic import (
 from bastion.errors import ConfigError
 from bastion.security.origins import parse_patterns
 from bastion.security.payload import ClientEventPolicy
-from bastion.security.proxies import parse_networks
+from bastion.security.proxies import ForwardedHeader, parse_networks
 
 __all__ = [
     "WEBHOOK_EVENT_TYPES",
@@ -102,6 +103,14 @@ def _long_secret(value: SecretStr) -> SecretStr:
 
 #: A list of CIDRs (a bare address is a /32 or /128), checked at load.
 Networks = Annotated[list[str], AfterValidator(_networks)]
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+#: A header name, matched case-insensitively like HTTP does.
+HeaderName = Annotated[ForwardedHeader, BeforeValidator(_lower)]
 #: A key or token of 32 characters or more.
 LongSecret = Annotated[SecretStr, AfterValidator(_long_secret)]
 
@@ -449,8 +458,10 @@ class SecuritySettings(BaseModel):
 
     model_config = _STRICT
 
-    #: Peers (CIDRs) whose X-Forwarded-For / Forwarded headers are believed.
+    #: Peers (CIDRs) whose forwarding header (``forwarded_header``) is believed.
     trusted_proxies: Networks = Field(default_factory=list)
+    #: The one header the trusted proxies name the client in; no other is ever read.
+    forwarded_header: HeaderName = "x-forwarded-for"
     #: Concurrent WebSocket connections from one address (over it: 429 before upgrade).
     max_connections_per_ip: PositiveInt = 200
     #: New WebSocket connections from one address (over it: 429 + Retry-After).

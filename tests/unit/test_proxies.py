@@ -1,4 +1,4 @@
-"""TrustedProxies: forwarding headers believed only from trusted peers."""
+"""TrustedProxies: one forwarding header, believed only from trusted peers."""
 
 from __future__ import annotations
 
@@ -38,10 +38,41 @@ def test_several_xff_headers_read_as_one_list() -> None:
     assert proxies.client_ip(PROXY, headers) == "198.51.100.2"
 
 
-def test_forwarded_header_when_there_is_no_xff() -> None:
-    proxies = TrustedProxies(["10.0.0.0/8"])
+def test_forwarded_header_when_configured() -> None:
+    proxies = TrustedProxies(["10.0.0.0/8"], "forwarded")
     headers = [("Forwarded", 'for="[2001:db8::1]:4711";proto=https, for=10.0.0.3')]
     assert proxies.client_ip(PROXY, headers) == "2001:db8::1"
+
+
+def test_a_client_written_xff_never_beats_the_rfc_7239_proxy() -> None:
+    # The proxy sets Forwarded and passes the client's own X-Forwarded-For untouched.
+    proxies = TrustedProxies(["10.0.0.0/8"], "forwarded")
+    headers = [("X-Forwarded-For", "192.0.2.66"), ("Forwarded", "for=198.51.100.7")]
+    assert proxies.client_ip(PROXY, headers) == "198.51.100.7"
+    # Without a Forwarded header the client is the proxy, never the XFF claim.
+    assert proxies.client_ip(PROXY, [("X-Forwarded-For", "192.0.2.66")]) == PROXY
+
+
+def test_by_default_only_x_forwarded_for_is_read() -> None:
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    assert proxies.header == "x-forwarded-for"
+    for name in ("Forwarded", "X-Real-IP"):
+        value = "for=192.0.2.66" if name == "Forwarded" else "192.0.2.66"
+        assert proxies.client_ip(PROXY, [(name, value)]) == PROXY
+    headers = [("Forwarded", "for=192.0.2.66"), ("X-Forwarded-For", "198.51.100.7")]
+    assert proxies.client_ip(PROXY, headers) == "198.51.100.7"
+
+
+def test_x_real_ip_when_configured() -> None:
+    proxies = TrustedProxies(["10.0.0.0/8"], "x-real-ip")
+    headers = [("X-Forwarded-For", "192.0.2.66"), ("x-real-ip", "198.51.100.7")]
+    assert proxies.client_ip(PROXY, headers) == "198.51.100.7"
+    assert proxies.client_ip(PROXY, [("X-Forwarded-For", "192.0.2.66")]) == PROXY
+
+
+def test_unknown_header_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown forwarding header"):
+        TrustedProxies([], "via")  # type: ignore[arg-type]
 
 
 def test_malformed_entry_stops_the_walk_at_the_last_good_address() -> None:
@@ -68,7 +99,10 @@ def test_parse_networks_names_a_bad_entry() -> None:
 
 _v4 = st.ip_addresses(v=4).map(str)
 _items = st.one_of(_v4, st.ip_addresses(v=6).map(str), st.text(max_size=12))
-_header_names = st.sampled_from(["X-Forwarded-For", "x-forwarded-for", "Forwarded", "Via"])
+_header_names = st.sampled_from(
+    ["X-Forwarded-For", "x-forwarded-for", "Forwarded", "X-Real-IP", "Via"]
+)
+_configured = st.sampled_from(["x-forwarded-for", "forwarded", "x-real-ip"])
 _headers = st.lists(
     st.tuples(_header_names, st.lists(_items, max_size=4).map(", ".join)), max_size=4
 )
@@ -106,3 +140,13 @@ def test_the_answer_is_the_peer_or_an_address_from_the_headers(
         if "=" in part
     }
     assert address in named
+
+
+@settings(max_examples=300, deadline=None)
+@given(networks=_networks, peer=_v4, headers=_headers, header=_configured)
+def test_only_the_configured_header_is_ever_read(
+    networks: list[str], peer: str, headers: list[tuple[str, str]], header: str
+) -> None:
+    proxies = TrustedProxies(networks, header)  # type: ignore[arg-type]
+    own = [(name, value) for name, value in headers if name.lower() == header]
+    assert proxies.client_ip(peer, headers) == proxies.client_ip(peer, own)

@@ -152,7 +152,7 @@ class ServerContext:
 
     def __post_init__(self) -> None:
         security = self.settings.security
-        self.proxies = TrustedProxies(security.trusted_proxies)
+        self.proxies = TrustedProxies(security.trusted_proxies, security.forwarded_header)
         self.auth_failures = self._limiter("auth_fail_ip", security.auth_failures_per_ip)
         self.rest_requests = self._limiter("rest_ip", security.rest_requests_per_ip)
         self.admission = Admission(
@@ -198,8 +198,11 @@ class ServerContext:
         are kept, under the new cap.
         """
         old, new = self.settings.security, settings.security
-        if old.trusted_proxies != new.trusted_proxies:
-            self.proxies = TrustedProxies(new.trusted_proxies)
+        if (old.trusted_proxies, old.forwarded_header) != (
+            new.trusted_proxies,
+            new.forwarded_header,
+        ):
+            self.proxies = TrustedProxies(new.trusted_proxies, new.forwarded_header)
         if old.auth_failures_per_ip != new.auth_failures_per_ip:
             self.auth_failures = self._limiter("auth_fail_ip", new.auth_failures_per_ip)
             self.admission.auth_failures = self.auth_failures

@@ -17,8 +17,8 @@ CORS headers at all. Each app's :class:`OriginPolicy` is built once.
 
 Addresses and per-address limits (``[security]``): a TCP peer on the blocklist
 is dropped at accept, before any byte is parsed. Each request's client address
-is resolved once its head is complete (forwarding headers count only from a
-trusted proxy) and is the address every limit, refusal and audit row uses; an
+is resolved once its head is complete (the one ``forwarded_header``, and only
+from a trusted proxy) and is the address every limit, refusal and audit row uses; an
 address a trusted proxy names that is blocked gets 403 ``ip_blocked``. Plain
 HTTP requests (health checks aside) spend the address's ``rest_requests_per_ip``
 token before anything is routed or verified (429 ``ip_rate_limited``), and an
