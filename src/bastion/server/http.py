@@ -21,14 +21,17 @@ is resolved once its head is complete (the one ``forwarded_header``, and only
 from a trusted proxy) and is the address every limit, refusal and audit row uses; an
 address a trusted proxy names that is blocked gets 403 ``ip_blocked``. Plain
 HTTP requests (health checks aside) spend the address's ``rest_requests_per_ip``
-token before anything is routed or verified (429 ``ip_rate_limited``), and an
-address whose failed-authentication budget is spent gets 429
-``auth_failure_limit`` before its signature is checked. An upgrade must pass,
-before the 101: the query-token rule (400 ``query_token_refused`` unless the
-app's ``jwt.allow_query_token``), then the admission (429 ``ip_connection_limit``,
-``connection_rate`` or ``auth_failure_limit``). Every 429 carries ``Retry-After``.
-An admitted upgrade holds one of its address's ``max_connections_per_ip``
-slots until its TCP connection is lost, whichever protocol owns it by then.
+token before anything is routed or verified (429 ``ip_rate_limited``). An
+authentication attempt from an address whose failed-authentication budget is
+spent (:class:`~bastion.security.admission.AuthFailureBudget`; ``never_block``
+addresses are outside it) gets 429 ``auth_failure_limit`` before anything is
+verified: a signed REST call (``/apps/{id}/...``), an upgrade carrying
+``?token=``. An upgrade must pass, before the 101: the query-token rule (400
+``query_token_refused`` unless the app's ``jwt.allow_query_token``), the budget
+when it carries a token, then the admission (429 ``ip_connection_limit`` or
+``connection_rate``). Every 429 carries ``Retry-After``. An admitted upgrade
+holds one of its address's ``max_connections_per_ip`` slots until its TCP
+connection is lost, whichever protocol owns it by then.
 
 ``GET /readyz`` and ``GET /metrics`` (when ``[metrics] enabled``) are answered by
 :class:`~bastion.api.ops.Ops` before any app route and without the REST bucket;
@@ -438,11 +441,12 @@ class HttpConnection(asyncio.Protocol):
         if policy is not None and method == "OPTIONS":
             assert app is not None
             return self._preflight(app, policy)
-        wait = ctx.auth_failures.peek(ip, now)
-        if wait > 0:
-            # Even a correct signature waits: the budget stops guessing, not mistakes.
-            ctx.refusals.record(Reason.AUTH_FAILURE_LIMIT, app_id=app_id, ip=self.ip)
-            return rate_limited_response(Reason.AUTH_FAILURE_LIMIT, wait)
+        denial = ctx.auth_budget.refusal(self.ip, now) if route is not None else None
+        if denial is not None:
+            # Every /apps/{id}/ call is signed: an authentication attempt. Even a correct
+            # signature waits: the budget stops guessing, not mistakes.
+            ctx.refusals.record(denial.reason, app_id=app_id, ip=self.ip)
+            return rate_limited_response(denial.reason, denial.retry_after)
         request = HttpRequest(
             method=method,
             path=path,
@@ -636,6 +640,12 @@ class HttpConnection(asyncio.Protocol):
             if jwt is None or not jwt.allow_query_token:
                 # Before the upgrade, and never logged: the URL holds the token.
                 self._refuse(Reason.HTTP_QUERY_TOKEN, app_id=app.id)
+                return
+            # A token is an authentication attempt: not verified once the budget is spent.
+            # A plain upgrade is not one, whatever the budget.
+            denial = ctx.auth_budget.refusal(self.ip, time.time())
+            if denial is not None:
+                self._refuse(denial.reason, app_id=app.id, retry_after=denial.retry_after)
                 return
         ip = self.ip or ""
         denial = ctx.admission.admit(ip, time.time())
