@@ -126,4 +126,5 @@ def test_auth_failure_reasons_cover_guesses_not_client_bugs() -> None:
         "subscribe_auth_invalid",
         "signin_invalid",
         "signin_token_invalid",
+        "admin_unauthorized",
     }

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bastion.security.proxies import TrustedProxies, parse_ip, parse_networks
+from bastion.security.proxies import ClientAddress, TrustedProxies, parse_ip, parse_networks
 
 PROXY = "10.0.0.1"
 
@@ -73,6 +73,44 @@ def test_x_real_ip_when_configured() -> None:
 def test_unknown_header_name_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown forwarding header"):
         TrustedProxies([], "via")  # type: ignore[arg-type]
+
+
+# --- the operator address -----------------------------------------------------------
+
+
+def test_operator_address_is_the_peer_without_forwarding_headers() -> None:
+    resolved = TrustedProxies(["127.0.0.1/32"]).resolve("127.0.0.1", [("Host", "x")])
+    assert resolved == ClientAddress("127.0.0.1", named=False, claims_forwarding=False)
+    assert resolved.operator_ip == "127.0.0.1"
+
+
+def test_operator_address_is_the_client_a_trusted_proxy_named() -> None:
+    proxies = TrustedProxies(["127.0.0.1/32"])
+    # nginx on loopback appends the internet client's address after the client's claim.
+    resolved = proxies.resolve("127.0.0.1", [("X-Forwarded-For", "127.0.0.1, 203.0.113.5")])
+    assert resolved.named and resolved.operator_ip == "203.0.113.5"
+    # A client on the proxy's own host, through the proxy: loopback, named by the proxy.
+    assert proxies.resolve("127.0.0.1", [("X-Forwarded-For", "127.0.0.1")]).operator_ip == (
+        "127.0.0.1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("networks", "header", "value"),
+    [
+        pytest.param([], "X-Forwarded-For", "203.0.113.5", id="no-trusted-proxies"),
+        pytest.param(["127.0.0.1/32"], "Forwarded", "for=203.0.113.5", id="other-header"),
+        pytest.param(["127.0.0.1/32"], "X-Real-IP", "203.0.113.5", id="x-real-ip"),
+        pytest.param(["127.0.0.1/32"], "X-Forwarded-For", "unknown", id="malformed"),
+        pytest.param(["127.0.0.1/32"], "X-Forwarded-For", "", id="empty"),
+    ],
+)
+def test_a_forwarded_request_no_trusted_header_resolves_has_no_operator_address(
+    networks: list[str], header: str, value: str
+) -> None:
+    resolved = TrustedProxies(networks).resolve("127.0.0.1", [(header, value)])
+    assert resolved.ip == "127.0.0.1"  # limits still apply to the peer
+    assert resolved.claims_forwarding and resolved.operator_ip is None
 
 
 def test_malformed_entry_stops_the_walk_at_the_last_good_address() -> None:

@@ -16,10 +16,10 @@ for it, exactly once, when it ends.
 (:data:`AUTH_FAILURE_REASONS`) spends a token of its address; once the budget is
 spent, further *authentication attempts* from the address are refused
 (``auth_failure_limit``) before anything is verified: signed REST calls, channel
-auth and sign-ins on a WebSocket, tokens (``?token=`` included). A plain
-connection or a public subscription is not an authentication attempt and is
-never refused by it, so one guessing client behind a NAT does not lock out its
-neighbours. Addresses in ``[security.reputation] never_block``
+auth and sign-ins on a WebSocket, tokens (``?token=`` included), admin bearer
+tokens. A plain connection or a public subscription is not an authentication
+attempt and is never refused by it, so one guessing client behind a NAT does not
+lock out its neighbours. Addresses in ``[security.reputation] never_block``
 (loopback by default) neither spend nor are refused, as they are never scored.
 
 Pure: addresses and ``now`` in, a decision out.
@@ -65,6 +65,7 @@ AUTH_FAILURE_REASONS = WEBSOCKET_AUTH_FAILURE_REASONS | frozenset(
         Reason.HTTP_BODY_MD5,
         Reason.HTTP_SIGNATURE,
         Reason.HTTP_REPLAYED,
+        Reason.ADMIN_UNAUTHORIZED,
     }
 )
 

@@ -10,6 +10,12 @@ nearest to us) past every trusted proxy; the first address that is not a trusted
 proxy is the client. A malformed entry stops the walk: the last address known
 good is used, never the malformed text.
 
+Operator endpoints (``/metrics`` without a token, the admin API, the dashboard)
+decide on :attr:`ClientAddress.operator_ip`: the client a trusted proxy named, the
+TCP peer when the request carries no forwarding header at all, and nobody (``None``)
+when it carries one that no trusted proxy's header resolved. A request that came
+through a proxy is never taken for the proxy's own (often loopback) address.
+
 Pure: addresses and header values in, an address out.
 """
 
@@ -17,10 +23,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 __all__ = [
     "FORWARDING_HEADERS",
+    "ClientAddress",
     "ForwardedHeader",
     "IPNetwork",
     "TrustedProxies",
@@ -79,6 +87,34 @@ def _forwarded_for(value: str) -> list[str]:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class ClientAddress:
+    """Who sent a request, as far as the TCP peer and the believed header tell.
+
+    Attributes:
+        ip: the client's address: the TCP peer unless a trusted proxy named another.
+        named: a trusted proxy's header named the client (``ip`` came from it).
+        claims_forwarding: the request carries a forwarding header of any kind,
+            believed or not.
+    """
+
+    ip: str | None
+    named: bool = False
+    claims_forwarding: bool = False
+
+    @property
+    def operator_ip(self) -> str | None:
+        """The address operator endpoints decide on; ``None``: no address-based access.
+
+        A request that says it was forwarded but whose client no trusted proxy
+        named is not the TCP peer's own: behind a proxy on loopback, every
+        internet client would otherwise pass for loopback.
+        """
+        if self.named or not self.claims_forwarding:
+            return self.ip
+        return None
+
+
 class TrustedProxies:
     """Resolves the client address of a request.
 
@@ -102,27 +138,34 @@ class TrustedProxies:
         return address is not None and any(address in net for net in self.networks)
 
     def client_ip(self, peer: str | None, headers: Sequence[tuple[str, str]]) -> str | None:
-        """The client's address for a request from ``peer`` with these ``headers``.
+        """The client's address for a request from ``peer`` (see :meth:`resolve`)."""
+        return self.resolve(peer, headers).ip
+
+    def resolve(self, peer: str | None, headers: Sequence[tuple[str, str]]) -> ClientAddress:
+        """Who sent a request from ``peer`` with these ``headers``.
 
         Header names are matched case-insensitively; several headers of the
         configured name are read in order, as one comma-separated list.
         """
+        claims = any(name.lower() in FORWARDING_HEADERS for name, _ in headers)
         peer_address = parse_ip(peer) if peer is not None else None
         if peer_address is None:
-            return peer
+            return ClientAddress(peer, claims_forwarding=claims)
         if not self.networks or not self.trusts(peer_address):
-            return str(peer_address)
+            return ClientAddress(str(peer_address), claims_forwarding=claims)
         values = [value for name, value in headers if name.lower() == self.header]
         if self.header == "forwarded":
             chain = [item for value in values for item in _forwarded_for(value)]
         else:
             chain = [item for value in values for item in value.split(",")]
         client = peer_address
+        named = False
         for item in reversed(chain):
             address = parse_ip(item)
             if address is None:
                 break
             client = address
+            named = True
             if not self.trusts(address):
                 break
-        return str(client)
+        return ClientAddress(str(client), named=named, claims_forwarding=claims)

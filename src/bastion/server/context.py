@@ -7,7 +7,7 @@ bucket, and the per-address failed-authentication budget, each asked of the
 node's :class:`~bastion.security.limits.LimiterFactory` (per node by default,
 cluster-wide over Redis with the redis adapter). The budget is spent
 by a refusal-path listener, so every door that fails an authentication (REST
-signatures, channel auth, sign-ins, tokens) spends it in one place;
+signatures, channel auth, sign-ins, tokens, admin tokens) spends it in one place;
 each door asks :attr:`ServerContext.auth_budget` before it verifies an attempt.
 Addresses in ``[security.reputation] never_block`` are outside the budget.
 """

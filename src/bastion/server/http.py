@@ -18,34 +18,40 @@ CORS headers at all. Each app's :class:`OriginPolicy` is built once.
 Addresses and per-address limits (``[security]``): a TCP peer on the blocklist
 is dropped at accept, before any byte is parsed. Each request's client address
 is resolved once its head is complete (the one ``forwarded_header``, and only
-from a trusted proxy) and is the address every limit, refusal and audit row uses; an
-address a trusted proxy names that is blocked gets 403 ``ip_blocked``. Plain
-HTTP requests (health checks aside) spend the address's ``rest_requests_per_ip``
-token before anything is routed or verified (429 ``ip_rate_limited``). An
-authentication attempt from an address whose failed-authentication budget is
-spent (:class:`~bastion.security.admission.AuthFailureBudget`; ``never_block``
-addresses are outside it) gets 429 ``auth_failure_limit`` before anything is
-verified: a signed REST call (``/apps/{id}/...``), an upgrade carrying
-``?token=``. An upgrade must pass, before the 101: the query-token rule (400
-``query_token_refused`` unless the app's ``jwt.allow_query_token``), the budget
-when it carries a token, then the admission (429 ``ip_connection_limit`` or
-``connection_rate``). Every 429 carries ``Retry-After``. An admitted upgrade
-holds one of its address's ``max_connections_per_ip`` slots until its TCP
-connection is lost, whichever protocol owns it by then.
+from a trusted proxy) and is the address every limit, refusal and audit row
+uses; an address a trusted proxy names that is blocked gets 403 ``ip_blocked``.
+Plain HTTP requests (health checks aside) spend the address's
+``rest_requests_per_ip`` token before anything is routed or verified (429
+``ip_rate_limited``). An authentication attempt from an address whose
+failed-authentication budget is spent (:class:`~bastion.security.admission.AuthFailureBudget`;
+``never_block`` addresses are outside it) gets 429 ``auth_failure_limit`` before
+anything is verified: a signed REST call (``/apps/{id}/...``), an upgrade carrying
+``?token=``, an admin call. An upgrade must pass, before the 101: the query-token
+rule (400 ``query_token_refused`` unless the app's ``jwt.allow_query_token``),
+the budget when it carries a token, then the admission (429
+``ip_connection_limit`` or ``connection_rate``). Every 429 carries
+``Retry-After``. An admitted upgrade holds one of its address's
+``max_connections_per_ip`` slots until its TCP connection is lost, whichever
+protocol owns it by then.
+
+Operator endpoints decide on the request's operator address
+(:attr:`~bastion.security.proxies.ClientAddress.operator_ip`: the TCP peer, or the
+client a trusted proxy named; none for a request that says it was forwarded by
+nobody we trust): behind a proxy on loopback, an internet client is not loopback.
 
 ``GET /readyz`` and ``GET /metrics`` (when ``[metrics] enabled``) are answered by
-:class:`~bastion.api.ops.Ops` before any app route and without the REST bucket;
-the metrics access check uses the TCP peer, never the forwarded address. A refused
-scrape (403 ``metrics_forbidden``) or another method (405) spends the bucket.
+:class:`~bastion.api.ops.Ops` before any app route and without the REST bucket.
+A refused scrape (403 ``metrics_forbidden``) or another method (405) spends the
+bucket.
 
 ``/api/security/*`` is the security admin API (:mod:`bastion.api.admin`), routed
 before the app routes and the bucket once ``[admin] token`` is set (unset, the
-paths fall through to the app routes' 404). A call from a TCP peer outside
+paths fall through to the app routes' 404). A call from an address outside
 ``[admin] allow_from`` or without the bearer token is refused 401
-``admin_unauthorized`` and spends the bucket; an authorised call does not.
-``/dashboard`` (:mod:`bastion.api.dashboard`) is served on the same terms without the
-token (the page is a login form): to a TCP peer in ``allow_from`` once the token is
-set, the unknown path's 404 otherwise.
+``admin_unauthorized`` (a failed authentication) and spends the bucket; an
+authorised call spends nothing. ``/dashboard`` (:mod:`bastion.api.dashboard`) is
+served on the same terms without the token (the page is a login form): to an
+address in ``allow_from`` once the token is set, the unknown path's 404 otherwise.
 
 A ``HEAD`` request is answered with the headers a ``GET`` would get
 (``Content-Length`` included) and no body, so a kept-alive connection stays in
@@ -193,6 +199,8 @@ class HttpConnection(asyncio.Protocol):
         #: The current request's client address: the peer until the head is complete,
         #: then the address a trusted proxy names, if any.
         self.ip: str | None = None
+        #: The address operator endpoints decide on (ClientAddress.operator_ip).
+        self.operator_ip: str | None = None
         #: Whether the current request is a HEAD (answered without a body).
         self.head_request = False
         #: The admission slot this connection holds, until it is handed to the WebSocket.
@@ -270,7 +278,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         """A new request: reset per-request state."""
-        self.ip = self.peer_ip
+        self.ip = self.operator_ip = self.peer_ip
         self.head_request = False
         self.url = b""
         self.headers = []
@@ -295,7 +303,9 @@ class HttpConnection(asyncio.Protocol):
         self.head_done = True
         self.head_request = self.parser.get_method() == b"HEAD"
         # Per request: a trusted proxy may send many clients' requests on one connection.
-        self.ip = self.ctx.proxies.client_ip(self.peer_ip, self.headers)
+        client = self.ctx.proxies.resolve(self.peer_ip, self.headers)
+        self.ip = client.ip
+        self.operator_ip = client.operator_ip
         blocklist = self.ctx.blocklist
         if (
             blocklist is not None
@@ -391,6 +401,10 @@ class HttpConnection(asyncio.Protocol):
                 return value
         return None
 
+    def _values(self, name: str) -> list[str]:
+        """Every value of the header ``name`` (lower case), in order."""
+        return [value for key, value in self.headers if key.lower() == name]
+
     def _origin(self) -> str | None:
         """The Origin header; several of them count as one malformed value."""
         values = [value for key, value in self.headers if key.lower() == "origin"]
@@ -419,9 +433,9 @@ class HttpConnection(asyncio.Protocol):
         if (
             ops is not None
             and is_dashboard_path(path)
-            and admin_api(ops).peer_allowed(self.peer_ip)
+            and admin_api(ops).peer_allowed(self.operator_ip)
         ):
-            # The operator page (bastion.api.dashboard). Off, or for any other TCP peer,
+            # The operator page (bastion.api.dashboard). Off, or for any other address,
             # it falls through to the app routes' 404 like any unknown path.
             if method in DASHBOARD_METHODS:
                 return dashboard_response(method, path)
@@ -470,10 +484,8 @@ class HttpConnection(asyncio.Protocol):
     def _ops(self, ops: Ops, path: str, method: str) -> HttpResponse:
         """Answer ``/readyz`` or ``/metrics`` (see :mod:`bastion.api.ops`)."""
         if path == _METRICS_PATH:
-            authorization = [value for key, value in self.headers if key.lower() == "authorization"]
-            # The TCP peer, never self.ip: a forwarded address is a claim, and a client
-            # behind a trusted proxy could name loopback.
-            if not ops.may_scrape(self.peer_ip, authorization):
+            authorization = self._values("authorization")
+            if not ops.may_scrape(self.operator_ip, authorization):
                 return self._refuse_ops(Reason.METRICS_FORBIDDEN)
         if method != "GET":
             return self._refuse_ops(Reason.HTTP_METHOD, headers=(("Allow", "GET"),))
@@ -481,13 +493,21 @@ class HttpConnection(asyncio.Protocol):
 
     def _admin(self, admin: AdminApi, path: str, query: str, method: str) -> HttpResponse:
         """Answer ``/api/security/*`` (see :mod:`bastion.api.admin`)."""
-        authorization = [value for key, value in self.headers if key.lower() == "authorization"]
-        # The TCP peer, never self.ip (a forwarded address is a claim). Checked before
-        # the path and the method: a stranger learns nothing about the routes.
-        if not admin.authorized(self.peer_ip, authorization):
-            response = self._refuse_ops(Reason.ADMIN_UNAUTHORIZED, headers=_ADMIN_CHALLENGE)
-            # The 401 and a 429 alike: an admin answer is never cached.
-            return replace(response, headers=(*response.headers, ("Cache-Control", "no-store")))
+        address = self.operator_ip
+        # Checked before the path and the method: a stranger learns nothing about the
+        # routes. The address first, then the budget, then the token.
+        refused: HttpResponse | None = None
+        if not admin.peer_allowed(address):
+            refused = self._refuse_ops(Reason.ADMIN_UNAUTHORIZED, headers=_ADMIN_CHALLENGE)
+        else:
+            denial = self.ctx.auth_budget.refusal(self.ip, time.time())
+            if denial is not None:
+                refused = self._refuse_ops(denial.reason, retry_after=denial.retry_after)
+            elif not admin.authorized(address, self._values("authorization")):
+                refused = self._refuse_ops(Reason.ADMIN_UNAUTHORIZED, headers=_ADMIN_CHALLENGE)
+        if refused is not None:
+            # Every refusal (and a 429) alike: an admin answer is never cached.
+            return replace(refused, headers=(*refused.headers, ("Cache-Control", "no-store")))
         try:
             return admin.handle(method, path, query, bytes(self.body))
         except Exception:
@@ -499,12 +519,17 @@ class HttpConnection(asyncio.Protocol):
             )
 
     def _refuse_ops(
-        self, reason: Reason, headers: tuple[tuple[str, str], ...] = ()
+        self,
+        reason: Reason,
+        headers: tuple[tuple[str, str], ...] = (),
+        *,
+        retry_after: float | None = None,
     ) -> HttpResponse:
         """Refuse an operations request, spending the address's REST token first.
 
         Only refused requests spend it: each refusal is logged, so without the bucket
-        a stranger could flood the log through an unlimited path.
+        a stranger could flood the log through an unlimited path. With
+        ``retry_after`` the answer is a 429 carrying it.
         """
         ip = self.ip or ""
         wait = self.ctx.rest_requests.take(ip, time.time())
@@ -512,6 +537,8 @@ class HttpConnection(asyncio.Protocol):
             self.ctx.refusals.record(Reason.HTTP_IP_RATE, ip=self.ip)
             return rate_limited_response(Reason.HTTP_IP_RATE, wait)
         self.ctx.refusals.record(reason, ip=self.ip)
+        if retry_after is not None:
+            return rate_limited_response(reason, retry_after)
         return error_response(reason, headers=headers)
 
     def _cors(self, policy: OriginPolicy) -> tuple[tuple[str, str], ...]:

@@ -7,8 +7,9 @@ login form for the ``[admin] token``: the script keeps the token in
 no secret and needs no token to load.
 
 The listener (:mod:`bastion.server.http`) routes here only when the admin API is
-on (``[admin] token`` set) and the TCP peer is in ``[admin] allow_from``; anyone
-else gets the 404 of an unknown path. Only ``GET`` and ``HEAD`` are answered.
+on (``[admin] token`` set) and the request's operator address (the TCP peer, or
+the client a trusted proxy named) is in ``[admin] allow_from``; anyone else gets
+the 404 of an unknown path. Only ``GET`` and ``HEAD`` are answered.
 
 Every answer carries :data:`SECURITY_HEADERS`: a Content-Security-Policy that
 allows only this origin's script, style and ``fetch`` (no inline code at all, no
