@@ -101,8 +101,20 @@ def _long_secret(value: SecretStr) -> SecretStr:
     return value
 
 
+_HOST_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,251}[A-Za-z0-9])?\.?$")
+
+
+def _host_names(value: list[str]) -> list[str]:
+    for name in value:
+        if not _HOST_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a host name (no scheme, port or path)")
+    return value
+
+
 #: A list of CIDRs (a bare address is a /32 or /128), checked at load.
 Networks = Annotated[list[str], AfterValidator(_networks)]
+#: A list of DNS host names, checked at load.
+HostNames = Annotated[list[str], AfterValidator(_host_names)]
 
 
 def _lower(value: Any) -> Any:
@@ -415,8 +427,11 @@ class AdminSettings(BaseModel):
 
     #: Bearer token for every admin call; unset: the admin API answers 404.
     token: LongSecret | None = None
-    #: TCP peers (CIDRs) allowed to call it at all; the token is required as well.
+    #: Client addresses (CIDRs) allowed to call it at all; the token is required as well.
     allow_from: Networks = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    #: Host names besides IP literals, ``localhost`` and ``server.host`` that the
+    #: ``Host`` header of an admin or dashboard request may name (DNS rebinding guard).
+    allowed_hosts: HostNames = Field(default_factory=list)
 
 
 class MetricsSettings(BaseModel):
@@ -425,10 +440,13 @@ class MetricsSettings(BaseModel):
     model_config = _STRICT
 
     enabled: bool = True
-    #: Peers (CIDRs) that may scrape without a token; the TCP peer, never a forwarded address.
+    #: Client addresses (CIDRs) that may scrape without a token.
     allow_from: Networks = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     #: Bearer token that lets any other peer scrape (``Authorization: Bearer ...``).
     token: LongSecret | None = None
+    #: Host names besides IP literals, ``localhost`` and ``server.host`` that the
+    #: ``Host`` header of a token-less scrape may name (DNS rebinding guard).
+    allowed_hosts: HostNames = Field(default_factory=list)
 
 
 class ReputationSettings(BaseModel):

@@ -2,12 +2,14 @@
 
 They let a caller in by its address, so they decide on who the caller is: the
 client a trusted proxy names, never the proxy's own (loopback) address, and
-nobody for a request that says it was forwarded by no proxy we trust. Wrong
+nobody for a request that says it was forwarded by no proxy we trust; and they
+require a ``Host`` header naming this server (the DNS-rebinding guard). Wrong
 admin tokens are failed authentications. Every test connects from 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +23,7 @@ from bastion.server.runtime import Node
 
 from .clients import HttpResult, http_request
 from .conftest import RunNode, node_settings
+from .timeouts import within
 
 SLOW = 0.001  # tokens per second: nothing refills during a test
 TRUST_LOOPBACK = {"trusted_proxies": ["127.0.0.1/32"]}
@@ -63,6 +66,24 @@ async def start_ops_node(
 
 async def get(node: Node, path: str, *headers: str) -> HttpResult:
     return await http_request(node.port, "GET", path, headers=headers)
+
+
+async def get_as(node: Node, host: str, path: str, *headers: str) -> HttpResult:
+    """A GET whose only ``Host`` header is ``host`` (as a browser would send it)."""
+    reader, writer = await within(asyncio.open_connection("127.0.0.1", node.port))
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Connection: close", *headers]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    try:
+        raw = await within(reader.read())
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in lines[1:])
+    }
+    return HttpResult(int(lines[0].split(" ")[1]), fields, body)
 
 
 async def test_admin_and_dashboard_through_a_proxy_decide_on_the_forwarded_client(
@@ -138,3 +159,45 @@ async def test_wrong_admin_tokens_are_failed_authentications(
     other = xff("198.51.100.41")
     assert (await get(node, "/api/security/health", BEARER, *other)).status == 200
     assert node.metrics.refusal_count("admin_unauthorized") == 7
+
+
+OPERATOR_PATHS = (("/metrics", ()), ("/dashboard", ()), ("/api/security/health", (BEARER,)))
+
+
+async def test_a_dns_rebinding_page_reads_no_operator_endpoint(
+    run_node: RunNode, tmp_path: Path
+) -> None:
+    node = await start_ops_node(run_node, tmp_path, metrics={"token": METRICS_TOKEN})
+    records = capture(node)
+    # A page on evil.example, its name re-pointed at 127.0.0.1, in a browser on this host.
+    rebound = f"evil.example:{node.port}"
+    for path, extra in OPERATOR_PATHS:
+        answer = await get_as(node, rebound, path, *extra)
+        assert (answer.status, answer.json()["reason"]) == (403, "host_not_allowed"), path
+        assert b"bastion_" not in answer.body
+    assert slugs(records) == ["host_not_allowed"] * 3
+    # Two Host headers are ambiguous: refused too.
+    assert (await get(node, "/metrics", f"Host: {rebound}")).status == 403
+    # The names of this server pass: loopback names and addresses, with or without port.
+    for host in ("localhost", f"localhost:{node.port}", "127.0.0.1", f"[::1]:{node.port}"):
+        for path, extra in OPERATOR_PATHS:
+            assert (await get_as(node, host, path, *extra)).status == 200, (host, path)
+    # A scraper with the token is not asked for its Host.
+    bearer = f"Authorization: Bearer {METRICS_TOKEN}"
+    assert (await get_as(node, rebound, "/metrics", bearer)).status == 200
+
+
+async def test_allowed_hosts_name_the_node_for_operators(run_node: RunNode, tmp_path: Path) -> None:
+    node = await start_ops_node(
+        run_node,
+        tmp_path,
+        admin={"allowed_hosts": ["bastion.internal"]},
+        metrics={"allowed_hosts": ["metrics.internal"]},
+    )
+    for path, host, status in (
+        ("/metrics", "metrics.internal:9100", 200),
+        ("/metrics", "bastion.internal", 403),
+        ("/dashboard", "bastion.internal", 200),
+        ("/dashboard", "metrics.internal", 403),
+    ):
+        assert (await get_as(node, host, path)).status == status, (path, host)

@@ -4,9 +4,11 @@ Off until ``[admin] token`` is set: the listener (:mod:`bastion.server.http`) th
 lets every ``/api/security/*`` path fall through to the app routes, which answer
 404 like any unknown path. Once on, every call must come from an address in
 ``allow_from`` (the listener's operator gate: the TCP peer, or the client a
-trusted proxy named, see :attr:`~bastion.security.proxies.ClientAddress.operator_ip`)
-**and** carry ``Authorization: Bearer <token>`` (exactly one such header, compared
-in constant time). A refused call is a 401 ``admin_unauthorized`` recorded on the refusal
+trusted proxy named, see :attr:`~bastion.security.proxies.ClientAddress.operator_ip`),
+carry a ``Host`` header naming this server (:attr:`AdminApi.hosts`, the
+DNS-rebinding guard: 403 ``host_not_allowed``) **and** carry
+``Authorization: Bearer <token>`` (exactly one such header, compared in constant
+time). A refused call is a 401 ``admin_unauthorized`` recorded on the refusal
 path (counted, audited, scored by IP reputation, a failed authentication that
 spends the address's ``auth_failures_per_ip``) and spends the address's REST
 token; an authorised call does not. The token is never logged.
@@ -57,6 +59,7 @@ from bastion.config import AppSettings, Settings, settings_from_json
 from bastion.errors import ConfigError
 from bastion.protocol.refusals import Reason
 from bastion.security.audit import AuditEvent, parse_time
+from bastion.security.hosts import HostPolicy
 from bastion.security.proxies import parse_ip, parse_networks
 from bastion.security.reputation import Block
 from bastion.server.reload import ReloadResult, RestartRequired
@@ -264,6 +267,8 @@ class AdminApi:
         self.wall_clock = wall_clock
         settings = node.settings.admin
         self._allow_from = parse_networks(settings.allow_from)
+        #: The ``Host`` values an admin or dashboard request may carry.
+        self.hosts = HostPolicy(node.settings.server.host, settings.allowed_hosts)
         # Bytes once: compare_digest refuses non-ASCII str, and a header may carry any.
         self._token = (
             settings.token.get_secret_value().encode("utf-8")
@@ -291,8 +296,9 @@ class AdminApi:
     def peer_allowed(self, address: str | None) -> bool:
         """Whether the API is on and ``address`` is in ``allow_from``.
 
-        The network half of :meth:`authorized`, and all the dashboard page needs:
-        the page is a login form, its data calls carry the token.
+        The network half of :meth:`authorized`, and all the dashboard page needs
+        besides the ``Host`` check: the page is a login form, its data calls carry
+        the token.
 
         Args:
             address: the address the operator gate decides on (the TCP peer, or the

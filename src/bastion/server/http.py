@@ -37,21 +37,26 @@ protocol owns it by then.
 Operator endpoints decide on the request's operator address
 (:attr:`~bastion.security.proxies.ClientAddress.operator_ip`: the TCP peer, or the
 client a trusted proxy named; none for a request that says it was forwarded by
-nobody we trust): behind a proxy on loopback, an internet client is not loopback.
+nobody we trust) and, when they let a caller in by that address, require a
+``Host`` header naming this server (:class:`~bastion.security.hosts.HostPolicy`,
+403 ``host_not_allowed``): a page whose DNS name is re-pointed at loopback gets
+nothing from a browser on this host.
 
 ``GET /readyz`` and ``GET /metrics`` (when ``[metrics] enabled``) are answered by
 :class:`~bastion.api.ops.Ops` before any app route and without the REST bucket.
-A refused scrape (403 ``metrics_forbidden``) or another method (405) spends the
-bucket.
+A refused scrape (403 ``metrics_forbidden`` or ``host_not_allowed``) or another
+method (405) spends the bucket.
 
 ``/api/security/*`` is the security admin API (:mod:`bastion.api.admin`), routed
 before the app routes and the bucket once ``[admin] token`` is set (unset, the
 paths fall through to the app routes' 404). A call from an address outside
 ``[admin] allow_from`` or without the bearer token is refused 401
-``admin_unauthorized`` (a failed authentication) and spends the bucket; an
-authorised call spends nothing. ``/dashboard`` (:mod:`bastion.api.dashboard`) is
-served on the same terms without the token (the page is a login form): to an
-address in ``allow_from`` once the token is set, the unknown path's 404 otherwise.
+``admin_unauthorized`` (a failed authentication) and spends the bucket; one
+with a foreign ``Host`` is refused 403 ``host_not_allowed`` before its token is
+compared; an authorised call spends nothing. ``/dashboard``
+(:mod:`bastion.api.dashboard`) is served on the same terms without the token (the
+page is a login form): to an address in ``allow_from`` once the token is set (the
+unknown path's 404 otherwise), with a ``Host`` naming this server.
 
 A ``HEAD`` request is answered with the headers a ``GET`` would get
 (``Content-Length`` included) and no body, so a kept-alive connection stays in
@@ -437,6 +442,9 @@ class HttpConnection(asyncio.Protocol):
         ):
             # The operator page (bastion.api.dashboard). Off, or for any other address,
             # it falls through to the app routes' 404 like any unknown path.
+            if not admin_api(ops).hosts.allows(self._values("host")):
+                # DNS rebinding: the page must not load under another site's name.
+                return with_security_headers(self._refuse_ops(Reason.HOST_NOT_ALLOWED))
             if method in DASHBOARD_METHODS:
                 return dashboard_response(method, path)
             refused = self._refuse_ops(Reason.HTTP_METHOD, headers=(("Allow", "GET, HEAD"),))
@@ -485,8 +493,12 @@ class HttpConnection(asyncio.Protocol):
         """Answer ``/readyz`` or ``/metrics`` (see :mod:`bastion.api.ops`)."""
         if path == _METRICS_PATH:
             authorization = self._values("authorization")
-            if not ops.may_scrape(self.operator_ip, authorization):
-                return self._refuse_ops(Reason.METRICS_FORBIDDEN)
+            address = self.operator_ip
+            host_ok = ops.hosts.allows(self._values("host"))
+            if not ops.may_scrape(address, authorization, host_ok=host_ok):
+                allowed = ops.address_allowed(address)
+                reason = Reason.HOST_NOT_ALLOWED if allowed else Reason.METRICS_FORBIDDEN
+                return self._refuse_ops(reason)
         if method != "GET":
             return self._refuse_ops(Reason.HTTP_METHOD, headers=(("Allow", "GET"),))
         return ops.exposition() if path == _METRICS_PATH else ops.readiness()
@@ -495,10 +507,13 @@ class HttpConnection(asyncio.Protocol):
         """Answer ``/api/security/*`` (see :mod:`bastion.api.admin`)."""
         address = self.operator_ip
         # Checked before the path and the method: a stranger learns nothing about the
-        # routes. The address first, then the budget, then the token.
+        # routes. The address first, then the Host (a DNS-rebinding page never gets to
+        # try a token, even from loopback where no budget applies), then the budget.
         refused: HttpResponse | None = None
         if not admin.peer_allowed(address):
             refused = self._refuse_ops(Reason.ADMIN_UNAUTHORIZED, headers=_ADMIN_CHALLENGE)
+        elif not admin.hosts.allows(self._values("host")):
+            refused = self._refuse_ops(Reason.HOST_NOT_ALLOWED)
         else:
             denial = self.ctx.auth_budget.refusal(self.ip, time.time())
             if denial is not None:

@@ -9,7 +9,9 @@ no secret and needs no token to load.
 The listener (:mod:`bastion.server.http`) routes here only when the admin API is
 on (``[admin] token`` set) and the request's operator address (the TCP peer, or
 the client a trusted proxy named) is in ``[admin] allow_from``; anyone else gets
-the 404 of an unknown path. Only ``GET`` and ``HEAD`` are answered.
+the 404 of an unknown path. An allowed caller whose ``Host`` header does not name
+this server (DNS rebinding) gets 403 ``host_not_allowed``. Only ``GET`` and
+``HEAD`` are answered.
 
 Every answer carries :data:`SECURITY_HEADERS`: a Content-Security-Policy that
 allows only this origin's script, style and ``fetch`` (no inline code at all, no
