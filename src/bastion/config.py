@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -36,7 +37,7 @@ from pydantic import (
 from bastion.errors import ConfigError
 from bastion.security.origins import parse_patterns
 from bastion.security.payload import ClientEventPolicy
-from bastion.security.proxies import parse_networks
+from bastion.security.proxies import ForwardedHeader, parse_networks
 
 __all__ = [
     "WEBHOOK_EVENT_TYPES",
@@ -100,8 +101,28 @@ def _long_secret(value: SecretStr) -> SecretStr:
     return value
 
 
+_HOST_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,251}[A-Za-z0-9])?\.?$")
+
+
+def _host_names(value: list[str]) -> list[str]:
+    for name in value:
+        if not _HOST_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a host name (no scheme, port or path)")
+    return value
+
+
 #: A list of CIDRs (a bare address is a /32 or /128), checked at load.
 Networks = Annotated[list[str], AfterValidator(_networks)]
+#: A list of DNS host names, checked at load.
+HostNames = Annotated[list[str], AfterValidator(_host_names)]
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+#: A header name, matched case-insensitively like HTTP does.
+HeaderName = Annotated[ForwardedHeader, BeforeValidator(_lower)]
 #: A key or token of 32 characters or more.
 LongSecret = Annotated[SecretStr, AfterValidator(_long_secret)]
 
@@ -406,8 +427,11 @@ class AdminSettings(BaseModel):
 
     #: Bearer token for every admin call; unset: the admin API answers 404.
     token: LongSecret | None = None
-    #: TCP peers (CIDRs) allowed to call it at all; the token is required as well.
+    #: Client addresses (CIDRs) allowed to call it at all; the token is required as well.
     allow_from: Networks = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    #: Host names besides IP literals, ``localhost`` and ``server.host`` that the
+    #: ``Host`` header of an admin or dashboard request may name (DNS rebinding guard).
+    allowed_hosts: HostNames = Field(default_factory=list)
 
 
 class MetricsSettings(BaseModel):
@@ -416,10 +440,13 @@ class MetricsSettings(BaseModel):
     model_config = _STRICT
 
     enabled: bool = True
-    #: Peers (CIDRs) that may scrape without a token; the TCP peer, never a forwarded address.
+    #: Client addresses (CIDRs) that may scrape without a token.
     allow_from: Networks = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     #: Bearer token that lets any other peer scrape (``Authorization: Bearer ...``).
     token: LongSecret | None = None
+    #: Host names besides IP literals, ``localhost`` and ``server.host`` that the
+    #: ``Host`` header of a token-less scrape may name (DNS rebinding guard).
+    allowed_hosts: HostNames = Field(default_factory=list)
 
 
 class ReputationSettings(BaseModel):
@@ -449,8 +476,10 @@ class SecuritySettings(BaseModel):
 
     model_config = _STRICT
 
-    #: Peers (CIDRs) whose X-Forwarded-For / Forwarded headers are believed.
+    #: Peers (CIDRs) whose forwarding header (``forwarded_header``) is believed.
     trusted_proxies: Networks = Field(default_factory=list)
+    #: The one header the trusted proxies name the client in; no other is ever read.
+    forwarded_header: HeaderName = "x-forwarded-for"
     #: Concurrent WebSocket connections from one address (over it: 429 before upgrade).
     max_connections_per_ip: PositiveInt = 200
     #: New WebSocket connections from one address (over it: 429 + Retry-After).

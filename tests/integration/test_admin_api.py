@@ -166,7 +166,7 @@ async def request_from(source: str, node: Node, method: str, target: str, body: 
         asyncio.open_connection("127.0.0.1", node.port, local_addr=(source, 0))
     )
     head = (
-        f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{BEARER}\r\n"
+        f"{method} {target} HTTP/1.1\r\nHost: {source}\r\nConnection: close\r\n{BEARER}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     writer.write(head.encode() + body)

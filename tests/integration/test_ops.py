@@ -131,21 +131,24 @@ async def test_without_a_token_configured_only_allow_from_scrapes(
     assert (await scrape(node, "Authorization: Bearer ")).status == 403
 
 
-async def test_forwarded_address_is_ignored_for_access(
+async def test_access_decides_on_the_client_a_trusted_proxy_names(
     make_ops_node: MakeOpsNode, logs: Any
 ) -> None:
-    # The client address a trusted proxy names is allowed; the TCP peer (loopback) is not.
+    # The TCP peer (loopback) is a trusted proxy and not in allow_from: the client it
+    # names is who asks.
     node = await make_ops_node(
         {"allow_from": ["203.0.113.7/32"]}, security={"trusted_proxies": ["127.0.0.1/32"]}
     )
     forwarded = await scrape(node, "X-Forwarded-For: 203.0.113.7")
-    assert forwarded.status == 403
-    # And a loopback claim from a peer that is not allowed gets nothing either.
+    assert forwarded.status == 200
+    # A loopback claim names loopback, which is not allowed here; another client is not.
     claim = await scrape(node, "X-Forwarded-For: 127.0.0.1")
     assert claim.status == 403
+    stranger = await scrape(node, "X-Forwarded-For: 198.51.100.1")
+    assert stranger.status == 403
     # The refusal is attributed to the client the proxy named, like every refusal.
     assert node.metrics.refusals[("metrics_forbidden", "")] == 2
-    assert [r for r in logs.refusals("metrics_forbidden") if "ip=203.0.113.7 " in r.getMessage()]
+    assert [r for r in logs.refusals("metrics_forbidden") if "ip=198.51.100.1 " in r.getMessage()]
 
 
 async def test_metrics_disabled_is_not_found(make_ops_node: MakeOpsNode) -> None:

@@ -1,4 +1,4 @@
-"""Admission: concurrent cap per address, new-connection bucket, auth-failure budget."""
+"""Admission (concurrent cap, new-connection bucket) and the failed-authentication budget."""
 
 from __future__ import annotations
 
@@ -10,22 +10,17 @@ from bastion.security.admission import (
     CONNECTION_CAP_RETRY_SECONDS,
     WEBSOCKET_AUTH_FAILURE_REASONS,
     Admission,
+    AuthFailureBudget,
     ConnectionCounter,
     Denial,
 )
 from bastion.security.limits import MemoryRateLimiter
 
 
-def make(
-    cap: int = 2, rate: float = 1.0, burst: int = 3, failures: int = 2
-) -> tuple[Admission, MemoryRateLimiter]:
-    auth = MemoryRateLimiter(rate=0.5, burst=failures)
-    admission = Admission(
-        max_connections_per_ip=cap,
-        new_connections=MemoryRateLimiter(rate=rate, burst=burst),
-        auth_failures=auth,
+def make(cap: int = 2, rate: float = 1.0, burst: int = 3) -> Admission:
+    return Admission(
+        max_connections_per_ip=cap, new_connections=MemoryRateLimiter(rate=rate, burst=burst)
     )
-    return admission, auth
 
 
 def test_counter_caps_and_frees() -> None:
@@ -55,7 +50,7 @@ def test_counter_rejects_a_zero_limit() -> None:
 
 
 def test_admits_until_the_concurrent_cap_then_refuses_without_spending() -> None:
-    admission, _ = make(cap=2, rate=1, burst=10)
+    admission = make(cap=2, rate=1, burst=10)
     assert admission.admit("a", 0.0) is None
     assert admission.admit("a", 0.0) is None
     assert admission.admit("a", 0.0) == Denial(
@@ -70,7 +65,7 @@ def test_admits_until_the_concurrent_cap_then_refuses_without_spending() -> None
 
 
 def test_new_connection_bucket_refuses_with_its_retry_after() -> None:
-    admission, _ = make(cap=100, rate=0.5, burst=3)
+    admission = make(cap=100, rate=0.5, burst=3)
     for _ in range(3):
         assert admission.admit("a", 0.0) is None
         admission.release("a")
@@ -82,15 +77,37 @@ def test_new_connection_bucket_refuses_with_its_retry_after() -> None:
     assert admission.admit("a", 2.0) is None
 
 
-def test_spent_auth_failure_budget_refuses_new_connections() -> None:
-    admission, auth = make(cap=100, rate=100, burst=100, failures=2)
-    auth.take("a", 0.0)
-    assert admission.admit("a", 0.0) is None  # one failure left: still admitted
-    auth.take("a", 0.0)
-    denial = admission.admit("a", 0.0)
-    assert denial == Denial(Reason.AUTH_FAILURE_LIMIT, pytest.approx(2.0))
-    assert admission.admit("b", 0.0) is None
-    assert admission.admit("a", 2.0) is None  # refilled one token
+def budget(
+    failures: int = 2, exempt: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+) -> AuthFailureBudget:
+    return AuthFailureBudget(MemoryRateLimiter(rate=0.5, burst=failures), exempt)
+
+
+def test_spent_budget_refuses_attempts_not_connections() -> None:
+    admission, auth = make(cap=100, rate=100, burst=100), budget(failures=2)
+    assert not auth.spend("a", 0.0)
+    assert auth.refusal("a", 0.0) is None  # one failure left: still verified
+    assert not auth.spend("a", 0.0)
+    assert auth.refusal("a", 0.0) == Denial(Reason.AUTH_FAILURE_LIMIT, pytest.approx(2.0))
+    # A failure on top of the spent budget says so (a WebSocket is then closed).
+    assert auth.spend("a", 0.0)
+    # Connecting is not an authentication attempt: the budget plays no part in it.
+    assert admission.admit("a", 0.0) is None
+    assert auth.refusal("b", 0.0) is None  # another address is not affected
+    assert auth.refusal("a", 4.0) is None  # refilled one token
+
+
+def test_never_block_addresses_neither_spend_nor_are_refused() -> None:
+    auth = budget(failures=1, exempt=("127.0.0.1/32", "10.0.0.0/8", "::1/128"))
+    for ip in ("127.0.0.1", "10.1.2.3", "::1", "::ffff:127.0.0.1"):
+        for _ in range(5):
+            assert not auth.spend(ip, 0.0)
+        assert auth.refusal(ip, 0.0) is None
+        assert auth.limiter.available(ip, 0.0) == 1  # nothing was taken
+    # Everyone else is counted, and an address-less request is never exempt.
+    auth.spend("192.0.2.1", 0.0)
+    assert auth.refusal("192.0.2.1", 0.0) is not None
+    assert not auth.is_exempt(None) and not auth.is_exempt("not-an-ip")
 
 
 def test_auth_failure_reasons_cover_guesses_not_client_bugs() -> None:
@@ -109,4 +126,5 @@ def test_auth_failure_reasons_cover_guesses_not_client_bugs() -> None:
         "subscribe_auth_invalid",
         "signin_invalid",
         "signin_token_invalid",
+        "admin_unauthorized",
     }

@@ -384,3 +384,11 @@ def test_webhook_queue_checked_only_when_an_app_has_webhooks() -> None:
     )
     node.webhook_queue, node.webhook_dispatcher = object(), object()
     assert readiness(Ops(node))[0] == 200
+
+
+def test_a_foreign_host_needs_the_token_even_from_an_allowed_address() -> None:
+    ops = Ops(FakeNode(make_settings(metrics={"token": TOKEN})))
+    assert not ops.may_scrape("127.0.0.1", [], host_ok=False)
+    assert ops.address_allowed("127.0.0.1")  # the listener answers host_not_allowed
+    assert ops.may_scrape("127.0.0.1", [f"Bearer {TOKEN}"], host_ok=False)
+    assert ops.hosts.allows(["127.0.0.1:6001"]) and not ops.hosts.allows(["evil.example"])

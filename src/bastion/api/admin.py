@@ -2,11 +2,15 @@
 
 Off until ``[admin] token`` is set: the listener (:mod:`bastion.server.http`) then
 lets every ``/api/security/*`` path fall through to the app routes, which answer
-404 like any unknown path. Once on, every call must come from a TCP *peer* in
-``allow_from`` (a forwarded address is never used) **and** carry
+404 like any unknown path. Once on, every call must come from an address in
+``allow_from`` (the listener's operator gate: the TCP peer, or the client a
+trusted proxy named, see :attr:`~bastion.security.proxies.ClientAddress.operator_ip`),
+carry a ``Host`` header naming this server (:attr:`AdminApi.hosts`, the
+DNS-rebinding guard: 403 ``host_not_allowed``) **and** carry
 ``Authorization: Bearer <token>`` (exactly one such header, compared in constant
 time). A refused call is a 401 ``admin_unauthorized`` recorded on the refusal
-path (counted, audited, scored by IP reputation) and spends the address's REST
+path (counted, audited, scored by IP reputation, a failed authentication that
+spends the address's ``auth_failures_per_ip``) and spends the address's REST
 token; an authorised call does not. The token is never logged.
 
 Routes (JSON in and out, ``Cache-Control: no-store`` on every answer)::
@@ -55,6 +59,7 @@ from bastion.config import AppSettings, Settings, settings_from_json
 from bastion.errors import ConfigError
 from bastion.protocol.refusals import Reason
 from bastion.security.audit import AuditEvent, parse_time
+from bastion.security.hosts import HostPolicy
 from bastion.security.proxies import parse_ip, parse_networks
 from bastion.security.reputation import Block
 from bastion.server.reload import ReloadResult, RestartRequired
@@ -262,6 +267,8 @@ class AdminApi:
         self.wall_clock = wall_clock
         settings = node.settings.admin
         self._allow_from = parse_networks(settings.allow_from)
+        #: The ``Host`` values an admin or dashboard request may carry.
+        self.hosts = HostPolicy(node.settings.server.host, settings.allowed_hosts)
         # Bytes once: compare_digest refuses non-ASCII str, and a header may carry any.
         self._token = (
             settings.token.get_secret_value().encode("utf-8")
@@ -286,27 +293,33 @@ class AdminApi:
         """Whether the admin API answers at all (a token is configured)."""
         return self._token is not None
 
-    def peer_allowed(self, peer_ip: str | None) -> bool:
-        """Whether the API is on and ``peer_ip`` (the TCP peer) is in ``allow_from``.
+    def peer_allowed(self, address: str | None) -> bool:
+        """Whether the API is on and ``address`` is in ``allow_from``.
 
-        The network half of :meth:`authorized`, and all the dashboard page needs: the
-        page is a login form, its data calls carry the token.
+        The network half of :meth:`authorized`, and all the dashboard page needs
+        besides the ``Host`` check: the page is a login form, its data calls carry
+        the token.
+
+        Args:
+            address: the address the operator gate decides on (the TCP peer, or the
+                client a trusted proxy named; ``None``: none).
         """
         if self._token is None:
             return False
-        address = parse_ip(peer_ip) if peer_ip else None
-        return address is not None and any(address in net for net in self._allow_from)
+        parsed = parse_ip(address) if address else None
+        return parsed is not None and any(parsed in net for net in self._allow_from)
 
-    def authorized(self, peer_ip: str | None, authorization: Sequence[str]) -> bool:
+    def authorized(self, address: str | None, authorization: Sequence[str]) -> bool:
         """Whether a request may use the admin API.
 
         Args:
-            peer_ip: the TCP peer's address, never a forwarded one.
+            address: the address the operator gate decides on (see
+                :meth:`peer_allowed`).
             authorization: every ``Authorization`` header value; more than one is
                 refused, as an ambiguous request.
         """
         token = self._token
-        if token is None or not self.peer_allowed(peer_ip):
+        if token is None or not self.peer_allowed(address):
             return False
         if len(authorization) != 1:
             return False

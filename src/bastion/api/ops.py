@@ -14,10 +14,15 @@ refusal slugs, close codes and fixed bus reasons; a value that is not a short
 lower-case word becomes ``other``. Never a secret, token, user id, address or
 client text.
 
-Access to ``/metrics`` (``[metrics]``): the TCP *peer* address must be in
-``allow_from`` (a forwarded address is never used: a client behind a trusted proxy
-could name loopback), or the request must carry ``Authorization: Bearer <token>``
-equal to ``token``, compared in constant time. The token is never logged.
+Access to ``/metrics`` (``[metrics]``): the request must carry
+``Authorization: Bearer <token>`` equal to ``token`` (compared in constant time,
+never logged), or come from an address in ``allow_from`` with a ``Host`` header
+that names this server (:mod:`bastion.security.hosts`: an IP literal,
+``localhost``, ``server.host`` or one of ``allowed_hosts``, so a DNS-rebinding page
+in a browser on an allowed host reads nothing). The address is the one the
+listener's operator gate decides on
+(:attr:`~bastion.security.proxies.ClientAddress.operator_ip`): the TCP peer, or
+the client a trusted proxy named; a request forwarded by nobody we trust has none.
 
 Readiness. ``/readyz`` is 200 while the node can take traffic and 503 otherwise,
 naming each check: ``serving`` (not draining), ``audit`` (when ``[audit]`` is on:
@@ -46,6 +51,7 @@ from bastion.api.rest import HttpResponse
 from bastion.config import Settings
 from bastion.metrics import Metrics
 from bastion.security.admission import AUTH_FAILURE_REASONS
+from bastion.security.hosts import HostPolicy
 from bastion.security.proxies import parse_ip, parse_networks
 
 __all__ = [
@@ -409,6 +415,8 @@ class Ops:
         settings = node.settings.metrics
         self.enabled = settings.enabled
         self._allow_from = parse_networks(settings.allow_from)
+        #: The ``Host`` values a token-less scrape may carry.
+        self.hosts = HostPolicy(node.settings.server.host, settings.allowed_hosts)
         # Bytes once: compare_digest refuses non-ASCII str, and a header may carry any.
         self._token = (
             settings.token.get_secret_value().encode("utf-8")
@@ -424,19 +432,31 @@ class Ops:
 
     # --- /metrics -----------------------------------------------------------------
 
-    def may_scrape(self, peer_ip: str | None, authorization: Iterable[str]) -> bool:
+    def may_scrape(
+        self, address: str | None, authorization: Iterable[str], *, host_ok: bool = True
+    ) -> bool:
         """Whether this request may read ``/metrics``.
 
         Args:
-            peer_ip: the TCP peer's address, never a forwarded one.
+            address: the address the operator gate decides on (``None``: none).
             authorization: every ``Authorization`` header value of the request;
                 more than one is refused, as an ambiguous request.
+            host_ok: whether the ``Host`` header names this server (:attr:`hosts`);
+                needed for access by address, not with the token.
         """
         if not self.enabled:
             return False
-        address = parse_ip(peer_ip) if peer_ip else None
-        if address is not None and any(address in net for net in self._allow_from):
+        if host_ok and self.address_allowed(address):
             return True
+        return self.token_valid(authorization)
+
+    def address_allowed(self, address: str | None) -> bool:
+        """Whether ``address`` is in ``allow_from``."""
+        parsed = parse_ip(address) if address else None
+        return parsed is not None and any(parsed in net for net in self._allow_from)
+
+    def token_valid(self, authorization: Iterable[str]) -> bool:
+        """Whether the request carries exactly one ``Bearer`` header with the token."""
         values = list(authorization)
         if self._token is None or len(values) != 1:
             return False

@@ -326,6 +326,12 @@ class Reason(enum.Enum):
         "Metrics are available to allowed addresses or with the metrics token",
         http_status=403,
     )
+    #: The DNS-rebinding guard of the operator endpoints (metrics, admin, dashboard).
+    HOST_NOT_ALLOWED = Rule(
+        "host_not_allowed",
+        "The Host header does not name this server",
+        http_status=403,
+    )
     HTTP_ENCRYPTED_MULTI = Rule(
         "encrypted_multi_channel",
         "Encrypted channels cannot be triggered together with other channels",

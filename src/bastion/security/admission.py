@@ -1,34 +1,45 @@
-"""Connection admission: may this address open one more WebSocket now?
+"""Connection admission and the failed-authentication budget, per address.
 
-Checked before the upgrade (so a refused client gets an HTTP 429 and never an
-open socket), in this order:
+:class:`Admission`: may this address open one more WebSocket now? Checked before
+the upgrade (so a refused client gets an HTTP 429 and never an open socket), in
+this order:
 
 1. the address's concurrent connections, against ``max_connections_per_ip``
    (``ip_connection_limit``): nothing is spent, a slot frees when one closes;
 2. its new-connection bucket, ``new_connections_per_ip`` (``connection_rate``):
-   every attempt past the cap check spends a token, refused or not later;
-3. its failed-authentication budget, ``auth_failures_per_ip``
-   (``auth_failure_limit``): read, never spent here (failures spend it).
+   every attempt past the cap check spends a token, refused or not later.
 
 An admitted connection holds a slot until :meth:`Admission.release` is called
-for it, exactly once, when it ends. Which refusals count as failed
-authentication is :data:`AUTH_FAILURE_REASONS`.
+for it, exactly once, when it ends.
+
+:class:`AuthFailureBudget`: ``auth_failures_per_ip``. Each failed authentication
+(:data:`AUTH_FAILURE_REASONS`) spends a token of its address; once the budget is
+spent, further *authentication attempts* from the address are refused
+(``auth_failure_limit``) before anything is verified: signed REST calls, channel
+auth and sign-ins on a WebSocket, tokens (``?token=`` included), admin bearer
+tokens. A plain connection or a public subscription is not an authentication
+attempt and is never refused by it, so one guessing client behind a NAT does not
+lock out its neighbours. Addresses in ``[security.reputation] never_block``
+(loopback by default) neither spend nor are refused, as they are never scored.
 
 Pure: addresses and ``now`` in, a decision out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bastion.protocol.refusals import Reason
 from bastion.security.limits import RateLimiter
+from bastion.security.proxies import parse_ip, parse_networks
 
 __all__ = [
     "AUTH_FAILURE_REASONS",
     "CONNECTION_CAP_RETRY_SECONDS",
     "WEBSOCKET_AUTH_FAILURE_REASONS",
     "Admission",
+    "AuthFailureBudget",
     "ConnectionCounter",
     "Denial",
 ]
@@ -54,6 +65,7 @@ AUTH_FAILURE_REASONS = WEBSOCKET_AUTH_FAILURE_REASONS | frozenset(
         Reason.HTTP_BODY_MD5,
         Reason.HTTP_SIGNATURE,
         Reason.HTTP_REPLAYED,
+        Reason.ADMIN_UNAUTHORIZED,
     }
 )
 
@@ -118,21 +130,13 @@ class Admission:
     Args:
         max_connections_per_ip: concurrent connections one address may hold.
         new_connections: the per-address new-connection buckets.
-        auth_failures: the per-address failed-authentication budgets (read only).
     """
 
-    __slots__ = ("auth_failures", "connections", "new_connections")
+    __slots__ = ("connections", "new_connections")
 
-    def __init__(
-        self,
-        *,
-        max_connections_per_ip: int,
-        new_connections: RateLimiter,
-        auth_failures: RateLimiter,
-    ) -> None:
+    def __init__(self, *, max_connections_per_ip: int, new_connections: RateLimiter) -> None:
         self.connections = ConnectionCounter(max_connections_per_ip)
         self.new_connections = new_connections
-        self.auth_failures = auth_failures
 
     def admit(self, ip: str, now: float) -> Denial | None:
         """Admit one connection from ``ip`` at ``now``.
@@ -147,12 +151,54 @@ class Admission:
         wait = self.new_connections.take(ip, now)
         if wait > 0:
             return Denial(Reason.HTTP_CONNECTION_RATE, wait)
-        wait = self.auth_failures.peek(ip, now)
-        if wait > 0:
-            return Denial(Reason.AUTH_FAILURE_LIMIT, wait)
         self.connections.acquire(ip)
         return None
 
     def release(self, ip: str) -> None:
         """An admitted connection of ``ip`` ended."""
         self.connections.release(ip)
+
+
+class AuthFailureBudget:
+    """The failed-authentication budget of each address (``auth_failures_per_ip``).
+
+    Args:
+        limiter: the per-address buckets (one token per failed authentication).
+        exempt: CIDRs that neither spend nor are refused (``never_block``).
+    """
+
+    __slots__ = ("exempt", "limiter")
+
+    def __init__(self, limiter: RateLimiter, exempt: Sequence[str] = ()) -> None:
+        self.limiter = limiter
+        self.exempt = parse_networks(exempt)
+
+    def is_exempt(self, ip: str | None) -> bool:
+        """Whether ``ip`` is outside the budget (no address at all is not exempt)."""
+        address = parse_ip(ip) if ip else None
+        return address is not None and any(address in net for net in self.exempt)
+
+    def refusal(self, ip: str | None, now: float) -> Denial | None:
+        """Whether an authentication attempt from ``ip`` is refused at ``now``.
+
+        Returns:
+            ``None`` when it may be verified; otherwise the ``auth_failure_limit``
+            :class:`Denial` with the seconds until one failure's token refills.
+            Nothing is spent either way.
+        """
+        if self.is_exempt(ip):
+            return None
+        wait = self.limiter.peek(ip or "", now)
+        return Denial(Reason.AUTH_FAILURE_LIMIT, wait) if wait > 0 else None
+
+    def spend(self, ip: str | None, now: float) -> bool:
+        """A failed authentication from ``ip`` at ``now`` spends one token.
+
+        Returns:
+            ``True`` when the budget was already spent (the failure came on top of
+            it: a WebSocket that fails then is closed); ``False`` otherwise, and
+            always for an exempt address, which spends nothing.
+        """
+        if ip is None or self.is_exempt(ip):
+            return False
+        return self.limiter.take(ip, now) > 0

@@ -1,10 +1,20 @@
-"""Which address a request comes from, believing proxy headers only from trusted peers.
+"""Which address a request comes from, believing one proxy header, from trusted peers only.
 
-A peer's ``X-Forwarded-For`` or ``Forwarded`` header is anyone's to write, so it is
-read only when the TCP peer itself is in ``trusted_proxies``. The chain is then
-walked from the right (the hop nearest to us) past every trusted proxy; the first
-address that is not a trusted proxy is the client. A malformed entry stops the
-walk: the last address known good is used, never the malformed text.
+A forwarding header is anyone's to write, so it is read only when the TCP peer
+itself is in ``trusted_proxies``, and only the one header the operator's proxy
+sets (``[security] forwarded_header``): ``X-Forwarded-For`` (the default),
+``Forwarded`` (RFC 7239, its ``for=`` values) or ``X-Real-IP``. The others are
+never read, so a client cannot add a header the proxy does not overwrite and
+choose its own address with it. The values are walked from the right (the hop
+nearest to us) past every trusted proxy; the first address that is not a trusted
+proxy is the client. A malformed entry stops the walk: the last address known
+good is used, never the malformed text.
+
+Operator endpoints (``/metrics`` without a token, the admin API, the dashboard)
+decide on :attr:`ClientAddress.operator_ip`: the client a trusted proxy named, the
+TCP peer when the request carries no forwarding header at all, and nobody (``None``)
+when it carries one that no trusted proxy's header resolved. A request that came
+through a proxy is never taken for the proxy's own (often loopback) address.
 
 Pure: addresses and header values in, an address out.
 """
@@ -13,11 +23,26 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
 
-__all__ = ["IPNetwork", "TrustedProxies", "parse_ip", "parse_networks"]
+__all__ = [
+    "FORWARDING_HEADERS",
+    "ClientAddress",
+    "ForwardedHeader",
+    "IPNetwork",
+    "TrustedProxies",
+    "parse_ip",
+    "parse_networks",
+]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: The header a trusted proxy names the client in (``[security] forwarded_header``).
+ForwardedHeader = Literal["x-forwarded-for", "forwarded", "x-real-ip"]
+#: Every header that says a request was forwarded (lower case), believed or not.
+FORWARDING_HEADERS: frozenset[str] = frozenset(get_args(ForwardedHeader))
 
 
 def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -62,46 +87,85 @@ def _forwarded_for(value: str) -> list[str]:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class ClientAddress:
+    """Who sent a request, as far as the TCP peer and the believed header tell.
+
+    Attributes:
+        ip: the client's address: the TCP peer unless a trusted proxy named another.
+        named: a trusted proxy's header named the client (``ip`` came from it).
+        claims_forwarding: the request carries a forwarding header of any kind,
+            believed or not.
+    """
+
+    ip: str | None
+    named: bool = False
+    claims_forwarding: bool = False
+
+    @property
+    def operator_ip(self) -> str | None:
+        """The address operator endpoints decide on; ``None``: no address-based access.
+
+        A request that says it was forwarded but whose client no trusted proxy
+        named is not the TCP peer's own: behind a proxy on loopback, every
+        internet client would otherwise pass for loopback.
+        """
+        if self.named or not self.claims_forwarding:
+            return self.ip
+        return None
+
+
 class TrustedProxies:
     """Resolves the client address of a request.
 
     Args:
-        networks: the CIDRs of proxies whose forwarding headers are believed.
+        networks: the CIDRs of proxies whose forwarding header is believed.
+        header: the one header those proxies set (lower case); no other is read.
     """
 
-    __slots__ = ("networks",)
+    __slots__ = ("header", "networks")
 
-    def __init__(self, networks: Sequence[str]) -> None:
+    def __init__(
+        self, networks: Sequence[str], header: ForwardedHeader = "x-forwarded-for"
+    ) -> None:
+        if header not in FORWARDING_HEADERS:
+            raise ValueError(f"unknown forwarding header {header!r}")
         self.networks = parse_networks(networks)
+        self.header: ForwardedHeader = header
 
     def trusts(self, address: IPAddress | None) -> bool:
         """Whether ``address`` is a trusted proxy."""
         return address is not None and any(address in net for net in self.networks)
 
     def client_ip(self, peer: str | None, headers: Sequence[tuple[str, str]]) -> str | None:
-        """The client's address for a request from ``peer`` with these ``headers``.
+        """The client's address for a request from ``peer`` (see :meth:`resolve`)."""
+        return self.resolve(peer, headers).ip
 
-        Header names are matched case-insensitively; several headers of one name
-        are read in order, as one comma-separated list.
+    def resolve(self, peer: str | None, headers: Sequence[tuple[str, str]]) -> ClientAddress:
+        """Who sent a request from ``peer`` with these ``headers``.
+
+        Header names are matched case-insensitively; several headers of the
+        configured name are read in order, as one comma-separated list.
         """
+        claims = any(name.lower() in FORWARDING_HEADERS for name, _ in headers)
         peer_address = parse_ip(peer) if peer is not None else None
         if peer_address is None:
-            return peer
+            return ClientAddress(peer, claims_forwarding=claims)
         if not self.networks or not self.trusts(peer_address):
-            return str(peer_address)
-        chain: list[str] = []
-        xff = [value for name, value in headers if name.lower() == "x-forwarded-for"]
-        if xff:
-            chain = [item for value in xff for item in value.split(",")]
+            return ClientAddress(str(peer_address), claims_forwarding=claims)
+        values = [value for name, value in headers if name.lower() == self.header]
+        if self.header == "forwarded":
+            chain = [item for value in values for item in _forwarded_for(value)]
         else:
-            forwarded = [value for name, value in headers if name.lower() == "forwarded"]
-            chain = [item for value in forwarded for item in _forwarded_for(value)]
+            chain = [item for value in values for item in value.split(",")]
         client = peer_address
+        named = False
         for item in reversed(chain):
             address = parse_ip(item)
             if address is None:
                 break
             client = address
+            named = True
             if not self.trusts(address):
                 break
-        return str(client)
+        return ClientAddress(str(client), named=named, claims_forwarding=claims)

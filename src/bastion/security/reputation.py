@@ -63,6 +63,7 @@ DEFAULT_POINTS: Mapping[str, float] = {
     "subscribe_auth_invalid": _FAILED_AUTH,
     "signin_invalid": _FAILED_AUTH,
     "signin_token_invalid": _FAILED_AUTH,
+    "admin_unauthorized": _FAILED_AUTH,
     "origin_refused": 10.0,
     "replayed_request": 20.0,
     "auth_failure_limit": 20.0,

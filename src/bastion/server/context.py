@@ -7,7 +7,9 @@ bucket, and the per-address failed-authentication budget, each asked of the
 node's :class:`~bastion.security.limits.LimiterFactory` (per node by default,
 cluster-wide over Redis with the redis adapter). The budget is spent
 by a refusal-path listener, so every door that fails an authentication (REST
-signatures, channel auth, sign-ins, tokens) spends it in one place.
+signatures, channel auth, sign-ins, tokens, admin tokens) spends it in one place;
+each door asks :attr:`ServerContext.auth_budget` before it verifies an attempt.
+Addresses in ``[security.reputation] never_block`` are outside the budget.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bastion.security.admission import (
     AUTH_FAILURE_REASONS,
     WEBSOCKET_AUTH_FAILURE_REASONS,
     Admission,
+    AuthFailureBudget,
 )
 from bastion.security.limits import (
     DEFAULT_MAX_KEYS,
@@ -147,18 +150,20 @@ class ServerContext:
     rest_requests: RateLimiter = field(init=False)
     #: Failed authentications per client address (``security.auth_failures_per_ip``).
     auth_failures: RateLimiter = field(init=False)
+    #: The same buckets with the ``never_block`` exemption: what every door asks.
+    auth_budget: AuthFailureBudget = field(init=False)
     #: Socket ids with an ``auth_failure_limit`` close already scheduled.
     _lockouts: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         security = self.settings.security
-        self.proxies = TrustedProxies(security.trusted_proxies)
+        self.proxies = TrustedProxies(security.trusted_proxies, security.forwarded_header)
         self.auth_failures = self._limiter("auth_fail_ip", security.auth_failures_per_ip)
+        self.auth_budget = AuthFailureBudget(self.auth_failures, security.reputation.never_block)
         self.rest_requests = self._limiter("rest_ip", security.rest_requests_per_ip)
         self.admission = Admission(
             max_connections_per_ip=security.max_connections_per_ip,
             new_connections=self._limiter("new_conn_ip", security.new_connections_per_ip),
-            auth_failures=self.auth_failures,
         )
         self.refusals.listeners.append(self._spend_auth_failure)
 
@@ -170,10 +175,10 @@ class ServerContext:
         """Refusal listener: a failed authentication spends a token of its address."""
         if record.reason not in AUTH_FAILURE_REASONS or record.ip is None:
             return
-        wait = self.auth_failures.take(record.ip, time.time())
+        already_spent = self.auth_budget.spend(record.ip, time.time())
         socket_id = record.socket_id
         if (
-            wait > 0
+            already_spent
             and socket_id is not None
             and record.reason in WEBSOCKET_AUTH_FAILURE_REASONS
             and socket_id not in self._lockouts
@@ -198,11 +203,17 @@ class ServerContext:
         are kept, under the new cap.
         """
         old, new = self.settings.security, settings.security
-        if old.trusted_proxies != new.trusted_proxies:
-            self.proxies = TrustedProxies(new.trusted_proxies)
+        if (old.trusted_proxies, old.forwarded_header) != (
+            new.trusted_proxies,
+            new.forwarded_header,
+        ):
+            self.proxies = TrustedProxies(new.trusted_proxies, new.forwarded_header)
         if old.auth_failures_per_ip != new.auth_failures_per_ip:
             self.auth_failures = self._limiter("auth_fail_ip", new.auth_failures_per_ip)
-            self.admission.auth_failures = self.auth_failures
+        if self.auth_budget.limiter is not self.auth_failures or (
+            old.reputation.never_block != new.reputation.never_block
+        ):
+            self.auth_budget = AuthFailureBudget(self.auth_failures, new.reputation.never_block)
         if old.rest_requests_per_ip != new.rest_requests_per_ip:
             self.rest_requests = self._limiter("rest_ip", new.rest_requests_per_ip)
         if old.new_connections_per_ip != new.new_connections_per_ip:

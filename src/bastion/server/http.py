@@ -17,32 +17,50 @@ CORS headers at all. Each app's :class:`OriginPolicy` is built once.
 
 Addresses and per-address limits (``[security]``): a TCP peer on the blocklist
 is dropped at accept, before any byte is parsed. Each request's client address
-is resolved once its head is complete (forwarding headers count only from a
-trusted proxy) and is the address every limit, refusal and audit row uses; an
-address a trusted proxy names that is blocked gets 403 ``ip_blocked``. Plain
-HTTP requests (health checks aside) spend the address's ``rest_requests_per_ip``
-token before anything is routed or verified (429 ``ip_rate_limited``), and an
-address whose failed-authentication budget is spent gets 429
-``auth_failure_limit`` before its signature is checked. An upgrade must pass,
-before the 101: the query-token rule (400 ``query_token_refused`` unless the
-app's ``jwt.allow_query_token``), then the admission (429 ``ip_connection_limit``,
-``connection_rate`` or ``auth_failure_limit``). Every 429 carries ``Retry-After``.
-An admitted upgrade holds one of its address's ``max_connections_per_ip``
-slots until its TCP connection is lost, whichever protocol owns it by then.
+is resolved once its head is complete (the one ``forwarded_header``, and only
+from a trusted proxy) and is the address every limit, refusal and audit row
+uses; an address a trusted proxy names that is blocked gets 403 ``ip_blocked``.
+Plain HTTP requests (health checks aside) spend the address's
+``rest_requests_per_ip`` token before anything is routed or verified (429
+``ip_rate_limited``). An authentication attempt from an address whose
+failed-authentication budget is spent (:class:`~bastion.security.admission.AuthFailureBudget`;
+``never_block`` addresses are outside it) gets 429 ``auth_failure_limit`` before
+anything is verified: a signed REST call (``/apps/{id}/...``), an upgrade carrying
+``?token=``, an admin call. An upgrade must pass, before the 101: the query-token
+rule (400 ``query_token_refused`` unless the app's ``jwt.allow_query_token``),
+the budget when it carries a token, then the admission (429
+``ip_connection_limit`` or ``connection_rate``). Every 429 carries
+``Retry-After``. An admitted upgrade holds one of its address's
+``max_connections_per_ip`` slots until its TCP connection is lost, whichever
+protocol owns it by then.
+
+Operator endpoints decide on the request's operator address
+(:attr:`~bastion.security.proxies.ClientAddress.operator_ip`: the TCP peer, or the
+client a trusted proxy named; none for a request that says it was forwarded by
+nobody we trust) and, when they let a caller in by that address, require a
+``Host`` header naming this server (:class:`~bastion.security.hosts.HostPolicy`,
+403 ``host_not_allowed``): a page whose DNS name is re-pointed at loopback gets
+nothing from a browser on this host.
 
 ``GET /readyz`` and ``GET /metrics`` (when ``[metrics] enabled``) are answered by
-:class:`~bastion.api.ops.Ops` before any app route and without the REST bucket;
-the metrics access check uses the TCP peer, never the forwarded address. A refused
-scrape (403 ``metrics_forbidden``) or another method (405) spends the bucket.
+:class:`~bastion.api.ops.Ops` before any app route and without the REST bucket.
+A refused scrape (403 ``metrics_forbidden`` or ``host_not_allowed``) or another
+method (405) spends the bucket.
 
 ``/api/security/*`` is the security admin API (:mod:`bastion.api.admin`), routed
 before the app routes and the bucket once ``[admin] token`` is set (unset, the
-paths fall through to the app routes' 404). A call from a TCP peer outside
+paths fall through to the app routes' 404). A call from an address outside
 ``[admin] allow_from`` or without the bearer token is refused 401
-``admin_unauthorized`` and spends the bucket; an authorised call does not.
-``/dashboard`` (:mod:`bastion.api.dashboard`) is served on the same terms without the
-token (the page is a login form): to a TCP peer in ``allow_from`` once the token is
-set, the unknown path's 404 otherwise.
+``admin_unauthorized`` (a failed authentication) and spends the bucket; one
+with a foreign ``Host`` is refused 403 ``host_not_allowed`` before its token is
+compared; an authorised call spends nothing. ``/dashboard``
+(:mod:`bastion.api.dashboard`) is served on the same terms without the token (the
+page is a login form): to an address in ``allow_from`` once the token is set (the
+unknown path's 404 otherwise), with a ``Host`` naming this server.
+
+A ``HEAD`` request is answered with the headers a ``GET`` would get
+(``Content-Length`` included) and no body, so a kept-alive connection stays in
+step.
 """
 
 from __future__ import annotations
@@ -189,6 +207,10 @@ class HttpConnection(asyncio.Protocol):
         #: The current request's client address: the peer until the head is complete,
         #: then the address a trusted proxy names, if any.
         self.ip: str | None = None
+        #: The address operator endpoints decide on (ClientAddress.operator_ip).
+        self.operator_ip: str | None = None
+        #: Whether the current request is a HEAD (answered without a body).
+        self.head_request = False
         #: The admission slot this connection holds, until it is handed to the WebSocket.
         self.slot: _Slot | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -200,9 +222,9 @@ class HttpConnection(asyncio.Protocol):
         self.body_limit = ctx.settings.server.max_request_body_kb * 1024
         self.refused = False
         self.timer: asyncio.TimerHandle | None = None
-        #: Answers waiting for the outbox to flush, in request order.
         #: Answers not written yet, in request order; a cluster-wide query's is a task.
-        self.answers: list[tuple[HttpResponse | asyncio.Task[HttpResponse], bool]] = []
+        #: Each with its keep-alive and whether it answers a HEAD.
+        self.answers: list[tuple[HttpResponse | asyncio.Task[HttpResponse], bool, bool]] = []
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -264,7 +286,8 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         """A new request: reset per-request state."""
-        self.ip = self.peer_ip
+        self.ip = self.operator_ip = self.peer_ip
+        self.head_request = False
         self.url = b""
         self.headers = []
         self.body = bytearray()
@@ -286,8 +309,11 @@ class HttpConnection(asyncio.Protocol):
         The handshake timer keeps running until the body ends.
         """
         self.head_done = True
+        self.head_request = self.parser.get_method() == b"HEAD"
         # Per request: a trusted proxy may send many clients' requests on one connection.
-        self.ip = self.ctx.proxies.client_ip(self.peer_ip, self.headers)
+        client = self.ctx.proxies.resolve(self.peer_ip, self.headers)
+        self.ip = client.ip
+        self.operator_ip = client.operator_ip
         blocklist = self.ctx.blocklist
         if (
             blocklist is not None
@@ -325,20 +351,21 @@ class HttpConnection(asyncio.Protocol):
             self.ctx.refusals.record(Reason.HTTP_INTERNAL_ERROR, ip=self.ip)
             response = error_response(Reason.HTTP_INTERNAL_ERROR)
         keep_alive = self.parser.should_keep_alive() and not self.ctx.draining
+        head = self.head_request
         outbox = self.ctx.outbox
         if not isinstance(response, HttpResponse):
             # A cluster-wide query: answered when it completes, still in order.
             task = asyncio.ensure_future(self._finish(response))
-            self.answers.append((task, keep_alive))
+            self.answers.append((task, keep_alive, head))
             task.add_done_callback(self._answer_ready)
         elif self.answers or outbox.busy:
             # Answer once the deliveries this request queued are written: a publisher
             # cannot outrun the fan-out, and pipelined answers keep their order.
-            self.answers.append((response, keep_alive))
+            self.answers.append((response, keep_alive, head))
             if len(self.answers) == 1:
                 outbox.after_flush(self._write_answers)
         else:
-            self._answer(response, keep_alive)
+            self._answer(response, keep_alive, head)
         if keep_alive:
             self.head = bytearray()
             self.head_done = False
@@ -347,13 +374,13 @@ class HttpConnection(asyncio.Protocol):
     def _write_answers(self) -> None:
         """Write the answers that are ready, in order, up to the first pending one."""
         while self.answers:
-            response, keep_alive = self.answers[0]
+            response, keep_alive, head = self.answers[0]
             if isinstance(response, asyncio.Task):
                 if not response.done():
                     return
                 response = response.result()
             del self.answers[0]
-            self._answer(response, keep_alive)
+            self._answer(response, keep_alive, head)
 
     def _answer_ready(self, task: asyncio.Task[HttpResponse]) -> None:
         if self.ctx.outbox.busy:
@@ -369,8 +396,8 @@ class HttpConnection(asyncio.Protocol):
             self.ctx.refusals.record(Reason.HTTP_INTERNAL_ERROR, ip=self.ip)
             return error_response(Reason.HTTP_INTERNAL_ERROR)
 
-    def _answer(self, response: HttpResponse, keep_alive: bool) -> None:
-        self._write_response(response, keep_alive)
+    def _answer(self, response: HttpResponse, keep_alive: bool, head: bool = False) -> None:
+        self._write_response(response, keep_alive, head=head)
         if not keep_alive and self.transport is not None:
             self.transport.close()
 
@@ -381,6 +408,10 @@ class HttpConnection(asyncio.Protocol):
             if key.lower() == name:
                 return value
         return None
+
+    def _values(self, name: str) -> list[str]:
+        """Every value of the header ``name`` (lower case), in order."""
+        return [value for key, value in self.headers if key.lower() == name]
 
     def _origin(self) -> str | None:
         """The Origin header; several of them count as one malformed value."""
@@ -410,10 +441,13 @@ class HttpConnection(asyncio.Protocol):
         if (
             ops is not None
             and is_dashboard_path(path)
-            and admin_api(ops).peer_allowed(self.peer_ip)
+            and admin_api(ops).peer_allowed(self.operator_ip)
         ):
-            # The operator page (bastion.api.dashboard). Off, or for any other TCP peer,
+            # The operator page (bastion.api.dashboard). Off, or for any other address,
             # it falls through to the app routes' 404 like any unknown path.
+            if not admin_api(ops).hosts.allows(self._values("host")):
+                # DNS rebinding: the page must not load under another site's name.
+                return with_security_headers(self._refuse_ops(Reason.HOST_NOT_ALLOWED))
             if method in DASHBOARD_METHODS:
                 return dashboard_response(method, path)
             refused = self._refuse_ops(Reason.HTTP_METHOD, headers=(("Allow", "GET, HEAD"),))
@@ -432,11 +466,12 @@ class HttpConnection(asyncio.Protocol):
         if policy is not None and method == "OPTIONS":
             assert app is not None
             return self._preflight(app, policy)
-        wait = ctx.auth_failures.peek(ip, now)
-        if wait > 0:
-            # Even a correct signature waits: the budget stops guessing, not mistakes.
-            ctx.refusals.record(Reason.AUTH_FAILURE_LIMIT, app_id=app_id, ip=self.ip)
-            return rate_limited_response(Reason.AUTH_FAILURE_LIMIT, wait)
+        denial = ctx.auth_budget.refusal(self.ip, now) if route is not None else None
+        if denial is not None:
+            # Every /apps/{id}/ call is signed: an authentication attempt. Even a correct
+            # signature waits: the budget stops guessing, not mistakes.
+            ctx.refusals.record(denial.reason, app_id=app_id, ip=self.ip)
+            return rate_limited_response(denial.reason, denial.retry_after)
         request = HttpRequest(
             method=method,
             path=path,
@@ -462,24 +497,37 @@ class HttpConnection(asyncio.Protocol):
     def _ops(self, ops: Ops, path: str, method: str) -> HttpResponse:
         """Answer ``/readyz`` or ``/metrics`` (see :mod:`bastion.api.ops`)."""
         if path == _METRICS_PATH:
-            authorization = [value for key, value in self.headers if key.lower() == "authorization"]
-            # The TCP peer, never self.ip: a forwarded address is a claim, and a client
-            # behind a trusted proxy could name loopback.
-            if not ops.may_scrape(self.peer_ip, authorization):
-                return self._refuse_ops(Reason.METRICS_FORBIDDEN)
+            authorization = self._values("authorization")
+            address = self.operator_ip
+            host_ok = ops.hosts.allows(self._values("host"))
+            if not ops.may_scrape(address, authorization, host_ok=host_ok):
+                allowed = ops.address_allowed(address)
+                reason = Reason.HOST_NOT_ALLOWED if allowed else Reason.METRICS_FORBIDDEN
+                return self._refuse_ops(reason)
         if method != "GET":
             return self._refuse_ops(Reason.HTTP_METHOD, headers=(("Allow", "GET"),))
         return ops.exposition() if path == _METRICS_PATH else ops.readiness()
 
     def _admin(self, admin: AdminApi, path: str, query: str, method: str) -> HttpResponse:
         """Answer ``/api/security/*`` (see :mod:`bastion.api.admin`)."""
-        authorization = [value for key, value in self.headers if key.lower() == "authorization"]
-        # The TCP peer, never self.ip (a forwarded address is a claim). Checked before
-        # the path and the method: a stranger learns nothing about the routes.
-        if not admin.authorized(self.peer_ip, authorization):
-            response = self._refuse_ops(Reason.ADMIN_UNAUTHORIZED, headers=_ADMIN_CHALLENGE)
-            # The 401 and a 429 alike: an admin answer is never cached.
-            return replace(response, headers=(*response.headers, ("Cache-Control", "no-store")))
+        address = self.operator_ip
+        # Checked before the path and the method: a stranger learns nothing about the
+        # routes. The address first, then the Host (a DNS-rebinding page never gets to
+        # try a token, even from loopback where no budget applies), then the budget.
+        refused: HttpResponse | None = None
+        if not admin.peer_allowed(address):
+            refused = self._refuse_ops(Reason.ADMIN_UNAUTHORIZED, headers=_ADMIN_CHALLENGE)
+        elif not admin.hosts.allows(self._values("host")):
+            refused = self._refuse_ops(Reason.HOST_NOT_ALLOWED)
+        else:
+            denial = self.ctx.auth_budget.refusal(self.ip, time.time())
+            if denial is not None:
+                refused = self._refuse_ops(denial.reason, retry_after=denial.retry_after)
+            elif not admin.authorized(address, self._values("authorization")):
+                refused = self._refuse_ops(Reason.ADMIN_UNAUTHORIZED, headers=_ADMIN_CHALLENGE)
+        if refused is not None:
+            # Every refusal (and a 429) alike: an admin answer is never cached.
+            return replace(refused, headers=(*refused.headers, ("Cache-Control", "no-store")))
         try:
             return admin.handle(method, path, query, bytes(self.body))
         except Exception:
@@ -491,12 +539,17 @@ class HttpConnection(asyncio.Protocol):
             )
 
     def _refuse_ops(
-        self, reason: Reason, headers: tuple[tuple[str, str], ...] = ()
+        self,
+        reason: Reason,
+        headers: tuple[tuple[str, str], ...] = (),
+        *,
+        retry_after: float | None = None,
     ) -> HttpResponse:
         """Refuse an operations request, spending the address's REST token first.
 
         Only refused requests spend it: each refusal is logged, so without the bucket
-        a stranger could flood the log through an unlimited path.
+        a stranger could flood the log through an unlimited path. With
+        ``retry_after`` the answer is a 429 carrying it.
         """
         ip = self.ip or ""
         wait = self.ctx.rest_requests.take(ip, time.time())
@@ -504,6 +557,8 @@ class HttpConnection(asyncio.Protocol):
             self.ctx.refusals.record(Reason.HTTP_IP_RATE, ip=self.ip)
             return rate_limited_response(Reason.HTTP_IP_RATE, wait)
         self.ctx.refusals.record(reason, ip=self.ip)
+        if retry_after is not None:
+            return rate_limited_response(reason, retry_after)
         return error_response(reason, headers=headers)
 
     def _cors(self, policy: OriginPolicy) -> tuple[tuple[str, str], ...]:
@@ -528,7 +583,15 @@ class HttpConnection(asyncio.Protocol):
             return replace(response, headers=(("Vary", "Origin"),))
         return HttpResponse(204, b"", headers=self._cors(policy) + _PREFLIGHT_HEADERS)
 
-    def _write_response(self, response: HttpResponse, keep_alive: bool) -> None:
+    def _write_response(
+        self, response: HttpResponse, keep_alive: bool, *, head: bool = False
+    ) -> None:
+        """Write one answer; for a ``HEAD`` (``head``) the headers only.
+
+        RFC 9110 9.3.2: a HEAD answer carries the GET answer's headers, its
+        ``Content-Length`` included, and never a body: body bytes would be read as
+        the start of the next answer on a kept-alive connection.
+        """
         if self.transport is None or self.transport.is_closing():
             return
         headers = [f"HTTP/1.1 {response.status} {response.phrase}"]
@@ -541,7 +604,8 @@ class HttpConnection(asyncio.Protocol):
             "Connection: keep-alive" if keep_alive else "Connection: close",
             *(f"{name}: {value}" for name, value in response.headers),
         ]
-        self.transport.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + response.body)
+        body = b"" if head else response.body
+        self.transport.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + body)
 
     def _refuse(
         self,
@@ -562,7 +626,7 @@ class HttpConnection(asyncio.Protocol):
             if retry_after is None
             else rate_limited_response(reason, retry_after)
         )
-        self._write_response(response, keep_alive=False)
+        self._write_response(response, keep_alive=False, head=self.head_request)
         if self.transport is not None:
             self.transport.close()
 
@@ -623,6 +687,12 @@ class HttpConnection(asyncio.Protocol):
             if jwt is None or not jwt.allow_query_token:
                 # Before the upgrade, and never logged: the URL holds the token.
                 self._refuse(Reason.HTTP_QUERY_TOKEN, app_id=app.id)
+                return
+            # A token is an authentication attempt: not verified once the budget is spent.
+            # A plain upgrade is not one, whatever the budget.
+            denial = ctx.auth_budget.refusal(self.ip, time.time())
+            if denial is not None:
+                self._refuse(denial.reason, app_id=app.id, retry_after=denial.retry_after)
                 return
         ip = self.ip or ""
         denial = ctx.admission.admit(ip, time.time())

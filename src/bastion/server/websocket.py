@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
@@ -22,6 +23,7 @@ from websockets.server import ServerProtocol
 from bastion.core.hub import AppState, Session
 from bastion.errors import Refused
 from bastion.protocol import messages as msg
+from bastion.protocol.names import classify_channel
 from bastion.protocol.refusals import Reason
 from bastion.server.context import ServerContext, frame_text
 from bastion.server.state import ConnectionState, check_transition
@@ -300,14 +302,28 @@ class WebSocketConnection(asyncio.Protocol):
         if isinstance(message, msg.ClientEvent):
             hub.client_event(app, session, message)
         elif isinstance(message, msg.Subscribe):
+            if message.auth and classify_channel(message.channel).needs_auth:
+                self._check_auth_budget(message.channel)
             hub.subscribe(app, session, message)
         elif isinstance(message, msg.Unsubscribe):
             hub.unsubscribe(app, session, message.channel)
         elif isinstance(message, msg.Ping):
             self.send(msg.pong())
         elif isinstance(message, msg.Signin):
+            self._check_auth_budget(None)
             hub.signin(app, session, message)
         # Pong: receiving it already counted as activity.
+
+    def _check_auth_budget(self, channel: str | None) -> None:
+        """Refuse an authentication attempt, unverified, once the address's budget is spent.
+
+        A channel auth or a sign-in from an address that spent ``auth_failures_per_ip``
+        is a failure on top of the budget: ``auth_failure_limit``, close 4100. A public
+        subscription, or a grant from a verified sign-in token (no ``auth``), is no
+        attempt and never gets here.
+        """
+        if self.ctx.auth_budget.refusal(self.ip, time.time()) is not None:
+            raise Refused(Reason.AUTH_FAILURE_LIMIT, channel=channel)
 
     # --- heartbeat -----------------------------------------------------------------
 

@@ -7,8 +7,11 @@ login form for the ``[admin] token``: the script keeps the token in
 no secret and needs no token to load.
 
 The listener (:mod:`bastion.server.http`) routes here only when the admin API is
-on (``[admin] token`` set) and the TCP peer is in ``[admin] allow_from``; anyone
-else gets the 404 of an unknown path. Only ``GET`` and ``HEAD`` are answered.
+on (``[admin] token`` set) and the request's operator address (the TCP peer, or
+the client a trusted proxy named) is in ``[admin] allow_from``; anyone else gets
+the 404 of an unknown path. An allowed caller whose ``Host`` header does not name
+this server (DNS rebinding) gets 403 ``host_not_allowed``. Only ``GET`` and
+``HEAD`` are answered.
 
 Every answer carries :data:`SECURITY_HEADERS`: a Content-Security-Policy that
 allows only this origin's script, style and ``fetch`` (no inline code at all, no
@@ -94,10 +97,6 @@ def dashboard_response(method: str, path: str) -> HttpResponse:
         path: a path for which :func:`is_dashboard_path` is true.
     """
     name, content_type = _FILES[path]
-    body = _read(name)
-    return HttpResponse(
-        200,
-        b"" if method == "HEAD" else body,
-        content_type=content_type,
-        headers=SECURITY_HEADERS,
-    )
+    # The same answer for both: the listener writes a HEAD's headers only, with the
+    # Content-Length a GET gets (RFC 9110 9.3.2).
+    return HttpResponse(200, _read(name), content_type=content_type, headers=SECURITY_HEADERS)
