@@ -233,6 +233,12 @@ class AppSettings(BaseModel):
     enable_client_messages: bool = False
     #: Concurrent connections for this app; ``None`` means no app-level cap.
     max_connections: PositiveInt | None = None
+    #: Channels one connection may be subscribed to (over it: subscription_error 403).
+    max_channels_per_connection: PositiveInt = 1000
+    #: Channels of this app with a subscriber on a node (a new one over it: 403).
+    max_channels: PositiveInt | None = 100_000
+    #: Channels a ``GET /channels`` answer lists at most (more: ``"truncated": true``).
+    max_channels_in_query: PositiveInt = 10_000
     max_client_events_per_second: PositiveInt = 10
     max_presence_members: PositiveInt = 100
     max_presence_member_size_kb: PositiveFloat = 2
@@ -372,6 +378,9 @@ class ServerSettings(BaseModel):
     max_request_body_kb: PositiveInt = 1024
     #: Concurrent WebSocket connections on this node (over it: close 4100).
     max_connections: PositiveInt | None = None
+    #: Channels with a subscriber on this node, all apps together (a new one over it:
+    #: subscription_error LimitReached 403). About 5 KB of memory each.
+    max_channels: PositiveInt | None = 250_000
     #: Serve TLS on the port (``wss://``, ``https://``); unset: plain TCP.
     tls: TlsSettings | None = None
     #: Seconds a SIGTERM drain may take (close with 4200, flush webhooks and audit).

@@ -227,6 +227,26 @@ class Reason(enum.Enum):
         subscription_type="LimitReached",
         http_status=429,
     )
+    SUBSCRIBE_TOO_MANY_CHANNELS = Rule(
+        "subscribe_too_many_channels",
+        "Subscribed to too many channels on this connection",
+        subscription_type="LimitReached",
+        http_status=403,
+    )
+    SUBSCRIBE_APP_CHANNELS_FULL = Rule(
+        "app_channels_full",
+        "The application has too many channels; no new channel can open",
+        subscription_type="LimitReached",
+        http_status=403,
+        severity="info",
+    )
+    SUBSCRIBE_NODE_CHANNELS_FULL = Rule(
+        "node_channels_full",
+        "This server has too many channels; no new channel can open here",
+        subscription_type="LimitReached",
+        http_status=403,
+        severity="info",
+    )
     SUBSCRIBE_NOT_SIGNED_IN = Rule(
         "subscribe_not_signed_in",
         "Server-to-user channels need a sign-in as that user",
