@@ -501,7 +501,7 @@ class SecuritySettings(BaseModel):
 
 
 class AdapterSettings(BaseModel):
-    """How nodes share state: ``local`` (one node) or ``redis`` (cluster, #5)."""
+    """How nodes share state: ``local`` (one node) or ``redis`` (a cluster over Redis)."""
 
     model_config = _STRICT
 
