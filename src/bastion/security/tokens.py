@@ -13,7 +13,10 @@ Rules that close the usual JWT holes:
   ever checked with the HS256 secret, an RS256/ES256 token only with a public
   key of the matching type, so a public key can never be used as an HMAC
   secret (algorithm confusion);
-* ``exp`` is required, and so is ``sub``.
+* ``exp`` is required, and so is ``sub``;
+* a ``channels`` grant ending in ``*`` must end at a segment boundary (see
+  :func:`grants`): a token carrying ``private-user-1*`` is refused (``channels``)
+  rather than let it grant ``private-user-12``.
 
 A failure raises :class:`TokenError` whose ``check`` names the failed check in
 a word (``signature``, ``expired``…); it never carries the token.
@@ -39,10 +42,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECKS",
+    "GRANT_SEPARATORS",
     "Claims",
     "JwtVerifier",
     "TokenError",
     "grants",
+    "is_valid_grant",
     "looks_like_jwt",
 ]
 
@@ -59,8 +64,13 @@ CHECKS = frozenset(
         "missing_exp",
         "missing_sub",
         "unknown_kid",
+        "channels",
     }
 )
+
+#: Characters that end a segment of a channel name: every character of the
+#: channel-name set that is not a letter or a digit.
+GRANT_SEPARATORS = frozenset("-_=@,.;")
 
 #: Longest token looked at; anything longer is malformed before any decoding.
 MAX_TOKEN_LENGTH = 8192
@@ -114,16 +124,34 @@ def looks_like_jwt(value: str | None) -> bool:
     return bool(value) and _JWT_SHAPE.fullmatch(value or "") is not None
 
 
+def is_valid_grant(pattern: str) -> bool:
+    """Whether ``pattern`` is a ``channels`` entry a token may carry.
+
+    Any entry not ending in ``*`` is (an exact name). One ending in ``*`` is valid
+    when what comes before the ``*`` is empty (every channel) or ends with one of
+    :data:`GRANT_SEPARATORS`, so that the wildcard always covers whole segments:
+    ``private-user-1-*`` is valid, ``private-user-1*`` is not (it would also cover
+    ``private-user-12``).
+    """
+    if not pattern.endswith("*"):
+        return True
+    prefix = pattern[:-1]
+    return not prefix or prefix[-1] in GRANT_SEPARATORS
+
+
 def grants(channels: Iterable[str], name: str) -> bool:
     """Whether a ``channels`` claim grants the channel ``name``.
 
-    An entry grants the exact name, or, when it ends in ``*``, every name that
-    starts with what comes before the ``*``. A ``*`` anywhere else is literal
-    (and so never matches a valid channel name).
+    An entry grants the exact name; a valid entry ending in ``*`` (see
+    :func:`is_valid_grant`) grants every name that starts with what comes before
+    the ``*``, which ends at a segment boundary; ``*`` alone grants every name. An
+    invalid wildcard entry grants nothing (verification refuses tokens carrying
+    one; this holds for claims made any other way too). A ``*`` anywhere but at
+    the end is literal, and so never matches a valid channel name.
     """
     for pattern in channels:
         if pattern.endswith("*"):
-            if name.startswith(pattern[:-1]):
+            if is_valid_grant(pattern) and name.startswith(pattern[:-1]):
                 return True
         elif pattern == name:
             return True
@@ -308,10 +336,13 @@ class JwtVerifier:
         socket_id = payload.get("socket_id")
         if socket_id is not None and not isinstance(socket_id, str):
             raise TokenError("malformed")
+        channels = _string_tuple(payload.get("channels"))
+        if not all(is_valid_grant(pattern) for pattern in channels):
+            raise TokenError("channels")
         return Claims(
             sub=sub,
             exp=float(exp),
-            channels=_string_tuple(payload.get("channels")),
+            channels=channels,
             user_info=payload.get("user_info"),
             socket_id=socket_id,
             watchlist=_string_tuple(payload.get("watchlist")),
