@@ -200,6 +200,29 @@ def test_sub_is_required(hs_verifier: JwtVerifier, sub: Any) -> None:
     assert check_of(hs_verifier, token) == "missing_sub"
 
 
+@pytest.mark.parametrize(
+    "sub_json",
+    [
+        '"\\ud800x"',  # a lone surrogate, as a JSON escape
+        '"\\udc00"',
+        '"nel\\u0085"',  # a C1 control
+        '"a\\u0000b"',
+        '"line\\nbreak"',
+        '"' + "u" * 129 + '"',
+    ],
+)
+def test_sub_must_be_a_valid_identity(hs_verifier: JwtVerifier, sub_json: str) -> None:
+    # Built by hand so the payload carries exactly these JSON escapes.
+    payload = '{"sub":' + sub_json + ',"exp":' + str(int(NOW + 600)) + "}"
+    token = jwt.api_jws.encode(payload.encode(), SECRET, algorithm="HS256")
+    assert check_of(hs_verifier, token) == "invalid_sub"
+
+
+@pytest.mark.parametrize("sub", ["alice", "Zo\u00eb", "\U0001f600", "u" * 128, "a+b@example.com"])
+def test_any_other_sub_is_accepted(hs_verifier: JwtVerifier, sub: str) -> None:
+    assert hs_verifier.verify(hs(claims(sub=sub)), NOW).sub == sub
+
+
 # --- time, with leeway -----------------------------------------------------------------
 
 

@@ -13,7 +13,9 @@ Rules that close the usual JWT holes:
   ever checked with the HS256 secret, an RS256/ES256 token only with a public
   key of the matching type, so a public key can never be used as an HMAC
   secret (algorithm confusion);
-* ``exp`` is required, and so is ``sub``;
+* ``exp`` is required, and so is ``sub``, an identity string
+  (:func:`~bastion.protocol.names.is_valid_identity`: no control character, no
+  lone surrogate, at most 128 characters);
 * a ``channels`` grant ending in ``*`` must end at a segment boundary (see
   :func:`grants`): a token carrying ``private-user-1*`` is refused (``channels``)
   rather than let it grant ``private-user-12``.
@@ -36,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from bastion.errors import PeerError
+from bastion.protocol.names import is_valid_identity
 
 if TYPE_CHECKING:
     from bastion.config import JwtSettings
@@ -63,6 +66,7 @@ CHECKS = frozenset(
         "issuer",
         "missing_exp",
         "missing_sub",
+        "invalid_sub",
         "unknown_kid",
         "channels",
     }
@@ -333,6 +337,10 @@ class JwtVerifier:
         sub = payload.get("sub")
         if not isinstance(sub, str) or not sub:
             raise TokenError("missing_sub")
+        if not is_valid_identity(sub):
+            # Over 128 characters, a control character, or a lone surrogate from a
+            # "\ud800" escape: no user id, and unstorable in Redis or the audit log.
+            raise TokenError("invalid_sub")
         socket_id = payload.get("socket_id")
         if socket_id is not None and not isinstance(socket_id, str):
             raise TokenError("malformed")
