@@ -37,7 +37,7 @@ _EXAMPLE_SECRET = re.compile(
     r"|your-|goes-?here|dummy|(admin|metrics|cluster|test)-?(token|secret))"
 )
 #: A run of this many consecutive characters (``0123…``, ``abcd…``, or backwards) is
-#: typed, not random: in 64 random hex digits it turns up about once in five million.
+#: typed, not random: 64 random hex digits hold one less than once in two million.
 MAX_SEQUENCE_RUN = 8
 #: A value that repeats a unit shorter than this is a pattern, not a secret.
 MIN_PATTERN_UNIT = 16
