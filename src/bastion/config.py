@@ -259,7 +259,8 @@ class AppSettings(BaseModel):
     allowed_origins: list[str] | None = None
     #: With ``allowed_origins`` set, also refuse handshakes that carry no Origin header.
     reject_missing_origin: bool = False
-    #: Signatures the REST replay guard remembers inside the ±600 s window (full: 503).
+    #: Signatures the REST replay guard remembers inside the ±600 s window (beyond it the
+    #: oldest timestamps are forgotten behind a horizon, see security/replay.py).
     replay_guard_max_entries: PositiveInt = 100_000
     #: Signed REST calls for this app, all callers together (over it: 429).
     rest_requests: RateSettings | None = None

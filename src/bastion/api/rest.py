@@ -248,8 +248,6 @@ class RestApi:
         )
         if verdict is Verdict.REPLAYED:
             raise Refused(Reason.HTTP_REPLAYED)
-        if verdict is Verdict.FULL:
-            raise Refused(Reason.HTTP_REPLAY_GUARD_FULL)
 
     async def _route(
         self, app: AppState, request: HttpRequest, match: re.Match[str]

@@ -308,12 +308,6 @@ class Reason(enum.Enum):
     HTTP_REPLAYED = Rule(
         "replayed_request", "This signed request was already accepted", http_status=401
     )
-    #: The replay guard fails closed when full rather than forget a signature.
-    HTTP_REPLAY_GUARD_FULL = Rule(
-        "replay_guard_full",
-        "Too many recent signed requests to guard against replay; retry later",
-        http_status=503,
-    )
     HTTP_CLUSTER_UNAVAILABLE = Rule(
         "cluster_unavailable",
         "The cluster state cannot be read right now (Redis unreachable); retry later",
