@@ -265,6 +265,8 @@ def test_protocol_md_states_the_numbers_the_code_uses() -> None:
 
 #: Reasons that are security controls of their own: security.md must name each.
 SECURITY_SLUGS = {
+    Reason.MESSAGE_RATE,
+    Reason.REFUSAL_LIMIT,
     Reason.HTTP_ORIGIN_REFUSED,
     Reason.IP_BLOCKED,
     Reason.HTTP_IP_CONNECTIONS,
@@ -309,6 +311,8 @@ def test_security_md_mentions_every_security_setting() -> None:
         "allowed_origins",
         "reject_missing_origin",
         "subscribe_attempts",
+        "max_messages_per_second",
+        "refusals_per_connection",
         "client_events_per_app",
         "client_event_allowlist",
         "client_event_schemas",
