@@ -371,7 +371,7 @@ class AuditSettings(BaseModel):
     path: str = "bastion-audit.sqlite3"
     #: Rows older than this many days are deleted.
     retention_days: PositiveInt = 30
-    #: Rows kept at most (oldest deleted first), whatever their age.
+    #: Rows kept at most: past it, the oldest rows of the addresses holding the most go.
     max_rows: PositiveInt = 1_000_000
 
 

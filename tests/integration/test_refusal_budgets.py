@@ -1,13 +1,17 @@
-"""Refusals are not free (issue #11, item 1): budgets per connection.
+"""Refusals are not free (issue #11, item 1): budgets per connection, a bounded trail.
 
 On a real node over real sockets:
 
 * the message budget (``max_messages_per_second``) covers every frame a client
   sends, before it is decoded; past it, ``pusher:error`` 4301 ``message_rate``;
 * the refusal budget (``refusals_per_connection``) closes a connection whose
-  frames keep being refused with 4100 ``refusal_limit``.
+  frames keep being refused with 4100 ``refusal_limit``;
+* a flood of refused frames from one address writes a bounded number of audit
+  rows and log lines (with exact counts), gets the address blocked, and cannot
+  push other addresses' older rows out of the audit log.
 
-Waits are bounded by :mod:`.timeouts`.
+The flooding address is named by ``X-Forwarded-For`` through ``trusted_proxies``
+(loopback itself is in ``never_block``). Waits are bounded by :mod:`.timeouts`.
 """
 
 from __future__ import annotations
@@ -15,18 +19,28 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
+
+from bastion.config import settings_from_mapping
+from bastion.security.audit import AuditEvent
+from bastion.server.runtime import Node
+from bastion.store.audit import AuditLog, query
 
 from .clients import (
     APP_ID,
     APP_KEY,
+    APP_SECRET,
     DEFAULT_QUERY,
+    OTHER_APP_ID,
     OTHER_APP_KEY,
+    OTHER_APP_SECRET,
     RawFrame,
     RawWebSocket,
     build_frame,
 )
-from .conftest import MakeNode
+from .conftest import TEST_SECURITY, LogCheck, MakeNode, RunNode
+from .timeouts import scaled, within
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 PATH = f"/app/{APP_KEY}?{DEFAULT_QUERY}"
@@ -123,3 +137,109 @@ async def test_a_connection_whose_frames_keep_being_refused_is_closed(
         assert (await other.read_json())["data"]["code"] == 4300
     await raw.close()
     await other.close()
+
+
+# --- a flood from one address ----------------------------------------------------------
+
+ATTACKER = "203.0.113.7"
+DAY = 86_400.0
+
+
+def old_row(n: int, *, type: str, ip: str, age: float, severity: str = "warning") -> AuditEvent:
+    return AuditEvent(
+        id=f"old{n:029d}",
+        time=time.time() - age,
+        type=type,
+        severity=severity,  # type: ignore[arg-type]
+        ip=ip,
+        app_id=APP_ID,
+        socket_id=None,
+        user_id=None,
+        message=f"an earlier {type}",
+    )
+
+
+def flood_settings(tmp_path: Path, max_rows: int) -> Any:
+    return settings_from_mapping(
+        {
+            "server": {"host": "127.0.0.1", "port": 0},
+            "audit": {"path": str(tmp_path / "audit.sqlite3"), "max_rows": max_rows},
+            "security": {
+                **TEST_SECURITY,
+                "trusted_proxies": ["127.0.0.1/32"],
+                "reputation": {"store_path": str(tmp_path / "blocks.sqlite3")},
+            },
+            "apps": [
+                {"id": APP_ID, "key": APP_KEY, "secret": APP_SECRET},
+                {"id": OTHER_APP_ID, "key": OTHER_APP_KEY, "secret": OTHER_APP_SECRET},
+            ],
+        },
+        environ={},
+    )
+
+
+async def flood(node: Node, frames_per_connection: int) -> tuple[int, int]:
+    """Connect as ATTACKER and flood until refused at the handshake; (connections, frames)."""
+    for connections in range(10):
+        raw = await RawWebSocket.connect(node.port)
+        status, _ = await raw.handshake(PATH, extra_headers=[f"X-Forwarded-For: {ATTACKER}"])
+        if status != 101:
+            assert status == 403  # blocked (a trusted proxy names the address)
+            await raw.close()
+            return connections, frames_per_connection * connections
+        assert (await raw.read_json())["event"] == "pusher:connection_established"
+        raw.write(text_frames(BAD, frames_per_connection))
+        code, _ = await raw.read_close()
+        assert code in (4100, 1006)  # refusal_limit, or blocked meanwhile (also 4100)
+        await raw.close()
+    raise AssertionError("the flooding address was never blocked")
+
+
+async def test_a_flood_of_refused_frames_leaves_a_bounded_trail_and_blocks_the_address(
+    tmp_path: Path, run_node: RunNode, logs: LogCheck
+) -> None:
+    db = tmp_path / "audit.sqlite3"
+    # Earlier evidence: other addresses' warnings, and the attacker's own older rows.
+    earlier = AuditLog(str(db))
+    kept = [
+        old_row(1, type="ip_blocked_auto", ip="198.51.100.9", age=3 * DAY),
+        old_row(2, type="auth_signature", ip="198.51.100.10", age=2 * DAY),
+        old_row(3, type="subscribe_auth_invalid", ip="198.51.100.11", age=DAY),
+    ]
+    own = [old_row(10 + n, type="malformed_json", ip=ATTACKER, age=DAY + n) for n in range(40)]
+    for row in [*kept, *own]:
+        earlier.record(row)
+    assert earlier.close(scaled(10))
+    max_rows = 40
+
+    node = await run_node(flood_settings(tmp_path, max_rows))
+    connections, sent = await within(flood(node, 1000), 30)  # 1,000 bad frames a connection
+    assert connections <= 4  # 31 points a connection (21 refusals + refusal_limit) vs 100
+    refused = node.metrics.refusals[("client_event_name", APP_ID)]
+    assert 21 * (connections - 1) < refused <= 21 * connections
+    await node.stop()  # writes the open aggregates and flushes the audit log
+
+    rows = query(db, ip=ATTACKER, limit=10_000)
+    new = [row for row in rows if not row.id.startswith("old")]
+    assert len(new) <= 8, [(row.type, row.metadata.get("count")) for row in new]
+    by_type: dict[str, int] = {}
+    for row in new:
+        count = row.metadata.get("count", 1)
+        assert isinstance(count, int)
+        by_type[row.type] = by_type.get(row.type, 0) + count
+    # Aggregated, yet exact: every refusal is counted in the audit log.
+    assert by_type["client_event_name"] == refused
+    assert by_type["refusal_limit"] == node.metrics.refusals[("refusal_limit", APP_ID)]
+    assert by_type["ip_blocked_auto"] == 1
+    lines = [r for r in logs.caplog.records if r.name == "bastion.refusals"]
+    assert len([r for r in lines if f"ip={ATTACKER} " in r.getMessage()]) <= 8
+    assert sent == 1000 * connections and sent > 20 * len(new)
+
+    # The next start prunes to max_rows: the attacker's rows make room, nobody else's.
+    AuditLog.from_settings(node.settings.audit).close(scaled(10))
+    remaining = query(db, limit=10_000)
+    assert len(remaining) <= max_rows
+    ids = {row.id for row in remaining}
+    assert {row.id for row in kept} <= ids
+    assert any(row.type == "ip_blocked_auto" and row.ip == ATTACKER for row in remaining)
+    logs.assert_clean()

@@ -4,8 +4,10 @@
 
 * :meth:`NodeBlockList.check` is asked at accept (and once a trusted proxy names
   the client): a dictionary lookup in memory, nothing else. A blocked address is
-  counted as an ``ip_blocked`` refusal every time, but logged and audited at most
-  once a minute per address, so a blocked host hammering us cannot flood either.
+  recorded as an ``ip_blocked`` refusal every time; the refusal path aggregates
+  the repeats of one address (a line and an audit row when it starts knocking,
+  then one per minute with the exact count), so a blocked host hammering us
+  cannot flood either.
 * :meth:`NodeBlockList.on_refusal` listens to the refusal path and feeds
   :class:`~bastion.security.reputation.Reputation`. A block it produces is in
   force at once in memory; it is then persisted off the loop, audited
@@ -51,7 +53,6 @@ from bastion.store.redis_blocks import RedisBlockStore
 
 __all__ = [
     "CLOSE_CODE",
-    "LOG_EVERY_SECONDS",
     "PRUNE_EVERY_SECONDS",
     "BlockBackend",
     "NodeBlockList",
@@ -63,8 +64,6 @@ log = logging.getLogger("bastion.blocks")
 #: Close code for a blocked address's open connections: 4100 tells pusher-js to
 #: reconnect with back-off, and every reconnect is dropped at accept until expiry.
 CLOSE_CODE = 4100
-#: Seconds between log lines and audit rows for one blocked address knocking.
-LOG_EVERY_SECONDS = 60.0
 #: Seconds between prunes of the store's old rows.
 PRUNE_EVERY_SECONDS = 3600.0
 
@@ -127,8 +126,6 @@ class NodeBlockList:
         self.clock = clock
         self.reputation = Reputation.from_settings(settings)
         self.blocks = BlockSet()
-        #: canonical address -> when its ``ip_blocked`` refusal was last logged.
-        self._last_logged: dict[str, float] = {}
         self._change_id = 0
         self._sync: asyncio.Task[None] | None = None
         # Persist tasks in flight; kept so they are not collected and are awaited at stop.
@@ -180,20 +177,11 @@ class NodeBlockList:
             return False
         block = self.blocks.get(key, now)
         if block is None:
-            self._last_logged.pop(key, None)
             return False
-        last = self._last_logged.get(key)
-        if last is None or now - last >= LOG_EVERY_SECONDS or now < last:
-            self._last_logged[key] = now
-            # Counts, logs and audits (through the audit listener) in one place.
-            self.ctx.refusals.record(
-                Reason.IP_BLOCKED,
-                ip=key,
-                detail=f"blocked ({block.source}) until {block.until:.0f}",
-            )
-        else:
-            # Counted every time, like every refusal; only the log and audit are throttled.
-            self.ctx.metrics.refusals[(Reason.IP_BLOCKED.value.slug, "")] += 1
+        # Counted every time; the refusal path aggregates the log lines and audit rows.
+        self.ctx.refusals.record(
+            Reason.IP_BLOCKED, ip=key, detail=f"blocked ({block.source}) until {block.until:.0f}"
+        )
         return True
 
     # --- reputation -------------------------------------------------------------------
@@ -256,7 +244,6 @@ class NodeBlockList:
         now = self.clock()
         block = Block(ip=key, until=now + ttl_seconds, reason=reason, source="manual", created=now)
         self.blocks.put(block)
-        self._last_logged.pop(key, None)
         log.warning("address blocked ip=%s until=%.0f source=manual", key, block.until)
         if self.audit is not None:
             self.audit(from_block(block, id=uuid.uuid4().hex, time=now))
@@ -284,7 +271,6 @@ class NodeBlockList:
         previous = self.blocks.remove(key)
         if previous is not None and not previous.active(now):
             previous = None
-        self._last_logged.pop(key, None)
         self.reputation.forget(key)
         if previous is not None:
             log.info("address unblocked ip=%s source=manual", key)
@@ -351,7 +337,6 @@ class NodeBlockList:
             if change.block is None or not change.block.active(now):
                 if self.blocks.remove(change.ip) is not None:
                     log.info("address unblocked ip=%s", change.ip)
-                self._last_logged.pop(change.ip, None)
                 if change.block is None:
                     self.reputation.forget(change.ip)  # an operator forgave it
                 continue
@@ -368,6 +353,5 @@ class NodeBlockList:
                         change.block.source,
                     )
                     self._close_connections(change.ip)
-        for block in self.blocks.prune(now):
-            self._last_logged.pop(block.ip, None)
+        self.blocks.prune(now)
         return len(changes)
