@@ -1,4 +1,4 @@
-"""Repeated events written once with a count (pure): the aggregator."""
+"""Repeated events written once with a count (pure): the aggregator and failure episodes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bastion.security.repeats import Aggregate, RepeatAggregator
+from bastion.security.repeats import Aggregate, EpisodeReport, FailureEpisode, RepeatAggregator
 
 W = 60.0
 
@@ -84,6 +84,8 @@ def test_invalid_parameters() -> None:
         RepeatAggregator(0)
     with pytest.raises(ValueError):
         RepeatAggregator(1, max_keys=0)
+    with pytest.raises(ValueError):
+        FailureEpisode(0)
 
 
 events = st.lists(
@@ -117,3 +119,18 @@ def test_nothing_is_lost_and_writes_are_bounded(
     if max_keys >= 6:
         windows = math.ceil(now / window) + 1
         assert written + aggregates <= len(per_key) * 2 * windows
+
+
+# --- failure episodes --------------------------------------------------------------------
+
+
+def test_a_failure_episode_is_reported_once_then_reminded_then_recovered() -> None:
+    episode = FailureEpisode(remind_seconds=600)
+    assert episode.success(0.0) is None  # healthy: nothing to say
+    assert episode.failure(10.0) == EpisodeReport("failed", 1, 0.0)
+    reports = [episode.failure(10.0 + 2 * n) for n in range(1, 301)]  # every 2 s
+    assert [r for r in reports if r is not None] == [EpisodeReport("still_failing", 301, 600.0)]
+    assert episode.success(620.0) == EpisodeReport("recovered", 301, 610.0)
+    assert episode.failures == 0
+    assert episode.success(622.0) is None
+    assert episode.failure(700.0) == EpisodeReport("failed", 1, 0.0)  # a new episode

@@ -1,4 +1,4 @@
-"""Repeated events written once with a count: the aggregation of refusals.
+"""Repeated events written once with a count: refusal aggregation and failure episodes.
 
 Pure: no clock, no I/O. ``now`` is an argument everywhere; the callers in
 ``server/`` pass their clock and do the writing.
@@ -22,15 +22,25 @@ count (a node stopping). Memory is bounded: at most ``max_keys`` windows are
 open; a new key past that closes the oldest window early (its aggregate is
 handed over by the next :meth:`~RepeatAggregator.due`), which costs a row, never
 a count.
+
+:class:`FailureEpisode` does the same for a recurring job that fails (a sync
+with Redis every 2 s): the first failure of an episode is reported, then at most
+one reminder every ``remind_seconds``, then one recovery with the number of
+failures and how long the episode lasted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
-__all__ = ["Aggregate", "RepeatAggregator"]
+__all__ = [
+    "Aggregate",
+    "EpisodeReport",
+    "FailureEpisode",
+    "RepeatAggregator",
+]
 
 K = TypeVar("K", bound=Hashable)
 S = TypeVar("S")
@@ -165,3 +175,61 @@ class RepeatAggregator(Generic[K, S]):
             return False
         self._ready.append(Aggregate(key, window.sample, window.count, window.first, window.last))
         return True
+
+
+EpisodeEvent = Literal["failed", "still_failing", "recovered"]
+
+
+@dataclass(frozen=True, slots=True)
+class EpisodeReport:
+    """What to say about a failure episode now.
+
+    Attributes:
+        event: ``failed`` (the first failure), ``still_failing`` (a reminder) or
+            ``recovered`` (the first success after failures).
+        failures: failures in the episode so far (for ``recovered``: in all).
+        seconds: time since the first failure of the episode.
+    """
+
+    event: EpisodeEvent
+    failures: int
+    seconds: float
+
+
+class FailureEpisode:
+    """The failures of one recurring job, reported once per episode with a count.
+
+    Args:
+        remind_seconds: at most one ``still_failing`` report this often (> 0).
+    """
+
+    __slots__ = ("_reminded", "failures", "remind_seconds", "started")
+
+    def __init__(self, remind_seconds: float = 600.0) -> None:
+        if not remind_seconds > 0:
+            raise ValueError("remind_seconds must be > 0")
+        self.remind_seconds = float(remind_seconds)
+        #: Failures in the current episode (0: the job is healthy).
+        self.failures = 0
+        #: When the current episode's first failure happened.
+        self.started = 0.0
+        self._reminded = 0.0
+
+    def failure(self, now: float) -> EpisodeReport | None:
+        """The job failed at ``now``: a report for the first failure and for reminders."""
+        self.failures += 1
+        if self.failures == 1:
+            self.started = self._reminded = now
+            return EpisodeReport("failed", 1, 0.0)
+        if now - self._reminded >= self.remind_seconds or now < self._reminded:
+            self._reminded = now
+            return EpisodeReport("still_failing", self.failures, max(0.0, now - self.started))
+        return None
+
+    def success(self, now: float) -> EpisodeReport | None:
+        """The job succeeded at ``now``: a ``recovered`` report when it had been failing."""
+        if self.failures == 0:
+            return None
+        report = EpisodeReport("recovered", self.failures, max(0.0, now - self.started))
+        self.failures = 0
+        return report

@@ -14,7 +14,11 @@
   (``ip_blocked_auto``), logged at WARNING, and the address's open WebSocket
   connections are closed with 4100.
 * A sync task reads the store's changes every ``sync_seconds``: manual blocks and
-  unblocks from ``bastion block``/``unblock`` (and, later, other nodes' blocks).
+  unblocks from ``bastion block``/``unblock`` (and other nodes' blocks). When the
+  store cannot be read (Redis down, a locked file) it retries every round but logs
+  the outage once (:class:`~bastion.security.repeats.FailureEpisode`): the first
+  failure, a reminder every :data:`REMIND_EVERY_SECONDS` while it lasts, and one
+  line when it syncs again, with the number of failures and the duration.
 * :meth:`NodeBlockList.block_manual` / :meth:`NodeBlockList.unblock_manual` are an
   operator acting through the admin API (:mod:`bastion.api.admin`): in force on
   this node at once, audited (``ip_blocked_manual`` / ``ip_unblocked``) like the
@@ -45,6 +49,7 @@ from typing import Any, Protocol
 from bastion.config import ReputationSettings, Settings
 from bastion.protocol.refusals import Reason
 from bastion.security.audit import AuditEvent, from_block, from_unblock
+from bastion.security.repeats import FailureEpisode
 from bastion.security.reputation import Block, BlockSet, Reputation, canonical_ip
 from bastion.server.context import ServerContext
 from bastion.server.refusals import RefusalRecord
@@ -54,6 +59,7 @@ from bastion.store.redis_blocks import RedisBlockStore
 __all__ = [
     "CLOSE_CODE",
     "PRUNE_EVERY_SECONDS",
+    "REMIND_EVERY_SECONDS",
     "BlockBackend",
     "NodeBlockList",
     "open_block_store",
@@ -66,6 +72,8 @@ log = logging.getLogger("bastion.blocks")
 CLOSE_CODE = 4100
 #: Seconds between prunes of the store's old rows.
 PRUNE_EVERY_SECONDS = 3600.0
+#: Seconds between reminders while the blocks cannot be synced.
+REMIND_EVERY_SECONDS = 600.0
 
 
 class BlockBackend(Protocol):
@@ -126,6 +134,8 @@ class NodeBlockList:
         self.clock = clock
         self.reputation = Reputation.from_settings(settings)
         self.blocks = BlockSet()
+        #: The current run of failed syncs with the store, reported once.
+        self.sync_failures = FailureEpisode(REMIND_EVERY_SECONDS)
         self._change_id = 0
         self._sync: asyncio.Task[None] | None = None
         # Persist tasks in flight; kept so they are not collected and are awaited at stop.
@@ -150,6 +160,7 @@ class NodeBlockList:
                 raise  # a bad blocks file fails start-up
             # Redis down: serve now; the sync task reads every change once it is back.
             self._change_id = 0
+            self.sync_failures.failure(self.clock())
             log.warning("blocks not loaded at start (%s); syncing when redis is back", exc)
         if self.blocks:
             log.info("%d blocked addresses loaded from %s", len(self.blocks), self.store.path)
@@ -325,8 +336,32 @@ class NodeBlockList:
                     last_prune = now
                     await asyncio.to_thread(self.store.prune, now=now)
             except BlockStoreError as exc:
-                # A locked or vanished file must not stop the node: retry next round.
-                log.warning("blocks not synced: %s", exc)
+                # A locked or vanished file must not stop the node: retry next round,
+                # and say so once per outage rather than once per round.
+                report = self.sync_failures.failure(self.clock())
+                if report is not None and report.event == "failed":
+                    log.warning(
+                        "blocks not synced: %s (retrying every %g s; logged again when"
+                        " synced, or every %.0f s while it lasts)",
+                        exc,
+                        self.settings.sync_seconds,
+                        REMIND_EVERY_SECONDS,
+                    )
+                elif report is not None:
+                    log.warning(
+                        "blocks still not synced after %d failures over %.0f s: %s",
+                        report.failures,
+                        report.seconds,
+                        exc,
+                    )
+            else:
+                report = self.sync_failures.success(self.clock())
+                if report is not None:
+                    log.info(
+                        "blocks synced again after %d failures over %.0f s",
+                        report.failures,
+                        report.seconds,
+                    )
 
     async def sync(self) -> int:
         """Apply the store's changes since the last sync; returns how many were read."""
