@@ -268,6 +268,10 @@ class AppSettings(BaseModel):
     client_events_per_app: RateSettings | None = None
     #: Subscribe attempts per connection (over it: subscription_error 429).
     subscribe_attempts: RateSettings = RateSettings(rate=10, burst=100)
+    #: Frames of any kind per connection, checked before decoding (over it: 4301).
+    max_messages_per_second: RateSettings = RateSettings(rate=50, burst=100)
+    #: Refusals a connection may earn, as a decaying budget (spent: close 4100).
+    refusals_per_connection: RateSettings = RateSettings(rate=0.2, burst=20)
     #: Concurrent connections of this app that have not signed in (over it: 4100).
     max_unsigned_connections: PositiveInt | None = None
     #: Seconds a new connection has to sign in before it is closed (4009); unset: never.
@@ -398,7 +402,7 @@ class AuditSettings(BaseModel):
     path: str = "bastion-audit.sqlite3"
     #: Rows older than this many days are deleted.
     retention_days: PositiveInt = 30
-    #: Rows kept at most (oldest deleted first), whatever their age.
+    #: Rows kept at most: past it, the oldest rows of the addresses holding the most go.
     max_rows: PositiveInt = 1_000_000
 
 

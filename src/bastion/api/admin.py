@@ -701,6 +701,11 @@ def _body(body: bytes, *, required: Sequence[str], optional: Sequence[str]) -> d
     return value
 
 
+#: Refusals a set of rows stands for: repeated refusals are aggregated into one row
+#: carrying their ``count`` (bastion.server.refusals); a row without it is one.
+_REFUSALS = "COALESCE(SUM(COALESCE(json_extract(metadata, '$.count'), 1)), 0)"
+
+
 def _aggregate(
     path: str, since: float, until: float
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
@@ -713,19 +718,19 @@ def _aggregate(
     try:
         ips = sqlite.read_rows(
             path,
-            f"SELECT ip, COUNT(*) AS n FROM audit_events WHERE {where} AND ip IS NOT NULL"  # noqa: S608 - placeholders only
+            f"SELECT ip, {_REFUSALS} AS n FROM audit_events WHERE {where} AND ip IS NOT NULL"  # noqa: S608 - placeholders only
             " GROUP BY ip ORDER BY n DESC, ip LIMIT ?",
             [*params, _TOP],
         )
         reasons = sqlite.read_rows(
             path,
-            f"SELECT type, COUNT(*) AS n FROM audit_events WHERE {where}"  # noqa: S608
+            f"SELECT type, {_REFUSALS} AS n FROM audit_events WHERE {where}"  # noqa: S608
             " GROUP BY type ORDER BY n DESC, type LIMIT ?",
             [*params, _TOP],
         )
         failures = sqlite.read_rows(
             path,
-            "SELECT COUNT(*) FROM audit_events"  # noqa: S608
+            f"SELECT {_REFUSALS} FROM audit_events"  # noqa: S608
             f" WHERE time >= ? AND time < ? AND type IN ({auth_marks})",
             [since, until, *auth],
         )

@@ -118,10 +118,22 @@ class Reason(enum.Enum):
         close_code=4100,
         http_status=429,
     )
+    #: The connection's refusal budget is spent: its frames keep being refused.
+    REFUSAL_LIMIT = Rule(
+        "refusal_limit",
+        "Too many refused messages on this connection; reconnect with back-off",
+        close_code=4100,
+    )
     #: Not the peer's fault: a defect in Bastion; the client sees only this message.
     INTERNAL_ERROR = Rule("internal_error", "Internal server error", close_code=1011)
 
     # --- messages: pusher:error, connection stays open ----------------------------
+    #: Checked on every frame before it is decoded; the frame is dropped unread.
+    MESSAGE_RATE = Rule(
+        "message_rate",
+        "Message rejected because of the connection's message rate limit",
+        error_code=4301,
+    )
     MALFORMED_JSON = Rule("malformed_json", "Message is not valid JSON", error_code=4300)
     NOT_AN_OBJECT = Rule("not_an_object", "Message must be a JSON object", error_code=4300)
     JSON_TOO_DEEP = Rule("json_too_deep", "Message nesting is too deep", error_code=4300)
