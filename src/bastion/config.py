@@ -87,6 +87,9 @@ _APP_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _APP_KEY = re.compile(r"^[A-Za-z0-9_\-.]{1,128}$")
 
 PositiveInt = Annotated[int, Field(gt=0)]
+#: Frames a reconnecting client sends besides one subscribe per channel (a sign-in,
+#: a ping, an unsubscribe racing the reconnect): the bursts leave room for them.
+RECONNECT_MARGIN = 5
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
@@ -234,7 +237,9 @@ class AppSettings(BaseModel):
     #: Concurrent connections for this app; ``None`` means no app-level cap.
     max_connections: PositiveInt | None = None
     #: Channels one connection may be subscribed to (over it: subscription_error 403).
-    max_channels_per_connection: PositiveInt = 1000
+    #: The subscribe and message bursts are raised to fit a reconnect that
+    #: resubscribes to all of them (see :attr:`subscribe_burst`).
+    max_channels_per_connection: PositiveInt = 100
     #: Channels of this app with a subscriber on a node (a new one over it: 403).
     max_channels: PositiveInt | None = 100_000
     #: Channels a ``GET /channels`` answer lists at most (more: ``"truncated": true``).
@@ -285,6 +290,27 @@ class AppSettings(BaseModel):
     webhooks: list[WebhookSettings] = Field(default_factory=list)
     #: Refuse to deliver this app's webhooks to loopback, private or link-local addresses.
     webhooks_refuse_private: bool = False
+
+    @property
+    def subscribe_burst(self) -> float:
+        """The subscribe-attempt burst in force: at least a full reconnect's subscribes.
+
+        pusher-js resubscribes to every channel at once when it reconnects, so the
+        burst is never below ``max_channels_per_connection`` plus a margin
+        (:data:`RECONNECT_MARGIN`) for the frames a reconnect sends besides.
+        """
+        return max(
+            float(self.subscribe_attempts.burst),
+            self.max_channels_per_connection + RECONNECT_MARGIN,
+        )
+
+    @property
+    def message_burst(self) -> float:
+        """The message-budget burst in force: at least a full reconnect's frames."""
+        return max(
+            float(self.max_messages_per_second.burst),
+            self.max_channels_per_connection + RECONNECT_MARGIN,
+        )
 
     @field_validator("id")
     @classmethod

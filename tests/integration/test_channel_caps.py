@@ -22,6 +22,9 @@ Connect = Callable[..., Awaitable[PusherClient]]
 def test_the_defaults_bound_channels() -> None:
     settings = AppSettings.model_validate({"id": "1", "key": "k", "secret": "s"})
     assert settings.max_channels_per_connection <= 1_000
+    # A reconnect to every channel fits both bursts.
+    assert settings.subscribe_burst >= settings.max_channels_per_connection + 1
+    assert settings.message_burst >= settings.max_channels_per_connection + 1
     assert settings.max_channels is not None
     assert settings.max_channels_in_query <= 10_000
 

@@ -92,10 +92,15 @@ async def test_closing_an_unsigned_connection_frees_its_slot(
 async def test_subscribe_flood_gets_limit_reached(
     make_node: MakeNode, connect: Connect, logs: LogCheck
 ) -> None:
-    node = await make_node(app={"subscribe_attempts": {"rate": 0.5, "burst": 5}})
+    # One channel at a time: the burst in force is never below a reconnect's
+    # subscribes (max_channels_per_connection + 5), so the cap is 1 for a burst of 6.
+    node = await make_node(
+        app={"subscribe_attempts": {"rate": 0.5, "burst": 6}, "max_channels_per_connection": 1}
+    )
     client = await connect(node)
-    for n in range(5):
+    for n in range(6):
         await client.subscribed(f"flood-{n}")
+        await client.send({"event": "pusher:unsubscribe", "data": {"channel": f"flood-{n}"}})
     refused = await client.subscribe("flood-5")
     assert refused == {
         "event": "pusher:subscription_error",

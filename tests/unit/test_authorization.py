@@ -25,7 +25,6 @@ from bastion.security.channel_auth import Grant, SignedInUser, authorize_subscri
 from bastion.security.client_event_gate import check_client_event
 from bastion.security.limits import memory_limiters
 from bastion.security.payload import ClientEventPolicy
-from bastion.security.ratelimit import TokenBucket
 from bastion.security.signin import verify_signin, verify_signin_token
 from bastion.security.tokens import JwtVerifier
 
@@ -270,7 +269,7 @@ def gate(event: msg.ClientEvent, subscribed: bool = True, **app: Any) -> None:
         event,
         settings,
         subscribed=subscribed,
-        bucket=TokenBucket(rate=1, burst=1, now=0.0),
+        take_token=lambda: True,
         app_bucket=app_bucket,
         policy=ClientEventPolicy(settings.client_event_allowlist, settings.client_event_schemas),
         now=0.0,
@@ -307,15 +306,22 @@ def test_a_spent_bucket_refuses_before_size_and_schema_are_looked_at() -> None:
         {"apps": [{"id": "1", "key": "k", "secret": "s", "enable_client_messages": True}]},
         environ={},
     ).apps[0]
-    bucket = TokenBucket(rate=1, burst=1, now=0.0)
+    tokens = [1]
+
+    def take_token() -> bool:  # a bucket holding one token
+        if not tokens:
+            return False
+        tokens.pop()
+        return True
+
     event = msg.ClientEvent("client-x", "private-chat", "x" * 11_000)
     policy = ClientEventPolicy(None, {})
     kwargs: dict[str, Any] = {"subscribed": True, "app_bucket": None, "policy": policy, "now": 0.0}
     with pytest.raises(Refused) as first:
-        check_client_event(event, settings, bucket=bucket, **kwargs)
+        check_client_event(event, settings, take_token=take_token, **kwargs)
     assert first.value.reason is Reason.CLIENT_EVENT_TOO_LARGE  # a token was spent
     with pytest.raises(Refused) as second:
-        check_client_event(event, settings, bucket=bucket, **kwargs)
+        check_client_event(event, settings, take_token=take_token, **kwargs)
     assert second.value.reason is Reason.CLIENT_EVENT_RATE
 
 

@@ -15,7 +15,7 @@ import jwt
 import pytest
 
 from bastion.adapters.local import local_cluster
-from bastion.config import settings_from_mapping
+from bastion.config import RECONNECT_MARGIN, settings_from_mapping
 from bastion.core.hub import AppState, Hub
 from bastion.core.session import SessionPhase
 from bastion.errors import ConfigError, Refused
@@ -424,13 +424,27 @@ def test_unsigned_cap_counts_only_connections_not_signed_in() -> None:
 
 
 def test_subscribe_bucket() -> None:
-    w = AuthWorld(None, subscribe_attempts={"rate": 1, "burst": 3})
+    w = AuthWorld(None, subscribe_attempts={"rate": 1, "burst": 20}, max_channels_per_connection=1)
     client = w.client()
-    for n in range(3):
+    for n in range(20):
         w.subscribe(client, f"public-{n}")
+        w.hub.unsubscribe(w.app, client.session, f"public-{n}")
     refused = w.refused_subscribe(client, "public-x")
     assert refused.reason is Reason.SUBSCRIBE_RATE
     assert refused.channel == "public-x"
     w.advance(1)
     w.subscribe(client, "public-x")
     assert "public-x" in client.session.channels
+
+
+def test_the_subscribe_burst_always_fits_a_reconnect_to_every_channel() -> None:
+    """pusher-js resubscribes to all its channels at once after a reconnect."""
+    w = AuthWorld(None, subscribe_attempts={"rate": 1, "burst": 3}, max_channels_per_connection=8)
+    assert w.app.settings.subscribe_burst == 8 + RECONNECT_MARGIN
+    client = w.client()
+    for n in range(8):
+        w.subscribe(client, f"public-{n}")  # far past the configured burst of 3
+    for n in range(RECONNECT_MARGIN):
+        w.hub.unsubscribe(w.app, client.session, f"public-{n}")
+        w.subscribe(client, f"public-{n}")  # the margin: frames besides the subscribes
+    assert w.refused_subscribe(client, "public-x").reason is Reason.SUBSCRIBE_RATE

@@ -34,6 +34,7 @@ from bastion.protocol.names import (
 )
 from bastion.protocol.refusals import Reason
 from bastion.security.channel_auth import SignedInUser, authorize_subscribe
+from bastion.security.ratelimit import take_folded
 
 __all__ = ["Channels"]
 
@@ -81,8 +82,16 @@ class Channels:
         echo = name if len(name) <= _ECHO_LIMIT and name.isprintable() else None
         # First, before any work: bounds channel enumeration and auth-endpoint amplification.
         now = self._clock()
-        if session.subscribe_attempts(app.settings.subscribe_attempts, now).take(now) > 0:
+        settings = app.settings
+        full_at = take_folded(
+            session.subscribes_full_at,
+            now,
+            settings.subscribe_attempts.rate,
+            settings.subscribe_burst,
+        )
+        if full_at is None:
             raise Refused(Reason.SUBSCRIBE_RATE, channel=echo)
+        session.subscribes_full_at = full_at
         if not is_valid_channel_name(name, app.settings.max_channel_name_length):
             raise Refused(Reason.SUBSCRIBE_INVALID_CHANNEL, channel=echo)
         channel_type = classify_channel(name)

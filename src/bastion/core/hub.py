@@ -40,6 +40,7 @@ from bastion.protocol.names import is_valid_event_name
 from bastion.protocol.refusals import Reason
 from bastion.security.client_event_gate import check_client_event
 from bastion.security.limits import LimiterFactory, memory_limiters
+from bastion.security.ratelimit import take_folded
 
 __all__ = ["AppState", "Channel", "Hub", "Session"]
 
@@ -146,11 +147,21 @@ class Hub:
             app.client_event_bucket = self.limiters(
                 "client_events_app", app_rate.rate, app_rate.burst, 1, self._clock
             )
+        rate = settings.max_client_events_per_second
+
+        def take_token() -> bool:
+            # The connection's bucket (burst = rate), one float on the session.
+            full_at = take_folded(session.events_full_at, now, rate, rate)
+            if full_at is None:
+                return False
+            session.events_full_at = full_at
+            return True
+
         check_client_event(
             event,
             settings,
             subscribed=channel is not None and event.channel in session.channels,
-            bucket=session.client_event_bucket(settings.max_client_events_per_second, now),
+            take_token=take_token,
             app_bucket=app.client_event_bucket if app_rate is not None else None,
             policy=app.client_events,
             now=now,

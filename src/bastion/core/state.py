@@ -12,14 +12,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bastion.config import AppSettings, RateSettings
+from bastion.config import AppSettings
 from bastion.core.session import Deadlines, SessionPhase
 from bastion.errors import Refused
 from bastion.protocol import messages as msg
 from bastion.protocol.names import ChannelType
 from bastion.security.limits import RateLimiter
 from bastion.security.payload import ClientEventPolicy
-from bastion.security.ratelimit import TokenBucket
 from bastion.security.secrets import SecretSet
 from bastion.security.tokens import JwtVerifier
 
@@ -42,21 +41,21 @@ class Session:
         opened_at: when the connection opened (hub clock), for the sign-in deadline.
         token_expires_at: when the sign-in token expires (hub clock), JWT sign-ins only.
         grants: the sign-in token's ``channels`` claim.
-        bucket: the client-event bucket, and the rate it was made for.
-        subscribe_bucket: the subscribe-attempt bucket, and the settings it was made for.
+        events_full_at: the client-event bucket, folded into the time it is full again
+            (:func:`~bastion.security.ratelimit.take_folded`; read against the app's
+            current rate, so a live reload applies at the next event).
+        subscribes_full_at: the subscribe-attempt bucket, folded the same way.
     """
 
     __slots__ = (
-        "bucket",
-        "bucket_rate",
         "channels",
+        "events_full_at",
         "grants",
         "opened_at",
         "phase",
         "refuse",
         "socket_id",
-        "subscribe_bucket",
-        "subscribe_rate",
+        "subscribes_full_at",
         "token_expires_at",
         "user_id",
         "user_info",
@@ -86,26 +85,9 @@ class Session:
         self.opened_at = opened_at
         self.token_expires_at: float | None = None
         self.grants: tuple[str, ...] = ()
-        self.bucket: TokenBucket | None = None
-        self.bucket_rate: int | None = None
-        self.subscribe_bucket: TokenBucket | None = None
-        self.subscribe_rate: RateSettings | None = None
-
-    def client_event_bucket(self, rate: int, now: float) -> TokenBucket:
-        """This connection's client-event bucket (a new, full one when ``rate`` changed)."""
-        bucket = self.bucket
-        if bucket is None or self.bucket_rate != rate:
-            bucket = self.bucket = TokenBucket(rate=rate, burst=rate, now=now)
-            self.bucket_rate = rate
-        return bucket
-
-    def subscribe_attempts(self, rate: RateSettings, now: float) -> TokenBucket:
-        """This connection's subscribe bucket (a new, full one when ``rate`` changed)."""
-        bucket = self.subscribe_bucket
-        if bucket is None or self.subscribe_rate != rate:
-            bucket = self.subscribe_bucket = TokenBucket(rate.rate, rate.burst, now)
-            self.subscribe_rate = rate
-        return bucket
+        # Full buckets (one float each: a connection's memory is the product's scale).
+        self.events_full_at = 0.0
+        self.subscribes_full_at = 0.0
 
 
 class Member:
@@ -189,8 +171,8 @@ class AppState:
 
         The secrets, the JWT verifier, the client-event policy and the session
         deadlines follow the settings; the app-wide client-event bucket starts full
-        when its rate changed. Per-connection buckets follow by themselves
-        (:meth:`Session.client_event_bucket`).
+        when its rate changed. Per-connection buckets follow by themselves (they are
+        read against the current settings).
         """
         if settings.jwt is not None and jwt is None:
             raise ValueError(f"apps[{settings.id}]: the JWT verifier is built by the caller")

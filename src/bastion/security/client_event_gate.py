@@ -21,6 +21,8 @@ clock. Raises :class:`~bastion.errors.Refused`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bastion.config import AppSettings
 from bastion.errors import Refused
 from bastion.protocol import messages as msg
@@ -28,7 +30,6 @@ from bastion.protocol.names import ChannelKind, classify_channel, is_client_even
 from bastion.protocol.refusals import Reason
 from bastion.security.limits import RateLimiter
 from bastion.security.payload import ClientEventPolicy
-from bastion.security.ratelimit import TokenBucket
 
 __all__ = ["check_client_event"]
 
@@ -38,7 +39,7 @@ def check_client_event(
     settings: AppSettings,
     *,
     subscribed: bool,
-    bucket: TokenBucket,
+    take_token: Callable[[], bool],
     app_bucket: RateLimiter | None,
     policy: ClientEventPolicy,
     now: float,
@@ -49,7 +50,8 @@ def check_client_event(
         event: the client event.
         settings: its app's settings.
         subscribed: whether the sender is subscribed to the event's channel here.
-        bucket: the sender's per-connection bucket.
+        take_token: takes a token of the sender's per-connection bucket (``False``:
+            it is spent; nothing is taken).
         app_bucket: the app-wide bucket (keyed by app id), if the app has one.
         policy: the app's allow-list and schemas.
         now: the buckets' clock.
@@ -68,7 +70,7 @@ def check_client_event(
         raise Refused(Reason.CLIENT_EVENT_CHANNEL)
     if not subscribed:
         raise Refused(Reason.CLIENT_EVENT_NOT_SUBSCRIBED)
-    if bucket.take(now) > 0:
+    if not take_token():
         raise Refused(Reason.CLIENT_EVENT_RATE)
     if app_bucket is not None and app_bucket.take(settings.id, now) > 0:
         raise Refused(Reason.CLIENT_EVENT_APP_RATE)

@@ -292,8 +292,9 @@ class WebSocketConnection(asyncio.Protocol):
         opcode = frame.opcode
         if opcode is not Opcode.CLOSE:
             # Before anything looks at the frame: one float compared, nothing decoded.
-            budget = self.app.settings.max_messages_per_second
-            full_at = take_folded(self._messages, self.last_seen, budget.rate, budget.burst)
+            settings = self.app.settings
+            rate = settings.max_messages_per_second.rate
+            full_at = take_folded(self._messages, self.last_seen, rate, settings.message_burst)
             if full_at is None:
                 self._fragments = None  # the rest of a fragmented message goes with it
                 self.refuse(Refused(Reason.MESSAGE_RATE))
