@@ -92,7 +92,7 @@ class HubNode:
             environ={},
         )
         self.clock = clock
-        self.hub = Hub(settings, str.encode, clock, cluster, app_states(settings))
+        self.hub = Hub(settings, bytes, clock, cluster, app_states(settings))
         self.app: AppState = self.hub.apps_by_id[APP_ID]
         #: Every hub event this node emitted (what its webhooks would get).
         self.events: list[ev.HubEvent] = []

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from bastion.config import settings_from_mapping
 from bastion.errors import Refused
 from bastion.protocol import messages as msg
+from bastion.protocol.codec import encoded_size
 from bastion.protocol.names import classify_channel
 from bastion.protocol.refusals import Reason
 from bastion.protocol.signing import channel_auth_string, sign, signin_auth_string
@@ -269,6 +270,7 @@ def gate(event: msg.ClientEvent, subscribed: bool = True, **app: Any) -> None:
         event,
         settings,
         subscribed=subscribed,
+        data_size=encoded_size(event.data),
         take_token=lambda: True,
         app_bucket=app_bucket,
         policy=ClientEventPolicy(settings.client_event_allowlist, settings.client_event_schemas),
@@ -316,7 +318,13 @@ def test_a_spent_bucket_refuses_before_size_and_schema_are_looked_at() -> None:
 
     event = msg.ClientEvent("client-x", "private-chat", "x" * 11_000)
     policy = ClientEventPolicy(None, {})
-    kwargs: dict[str, Any] = {"subscribed": True, "app_bucket": None, "policy": policy, "now": 0.0}
+    kwargs: dict[str, Any] = {
+        "subscribed": True,
+        "data_size": encoded_size(event.data),
+        "app_bucket": None,
+        "policy": policy,
+        "now": 0.0,
+    }
     with pytest.raises(Refused) as first:
         check_client_event(event, settings, take_token=take_token, **kwargs)
     assert first.value.reason is Reason.CLIENT_EVENT_TOO_LARGE  # a token was spent

@@ -1,7 +1,7 @@
 """The hub, driven with fake sessions, a counting frame function and a fake clock.
 
 No sockets: a session's ``write`` appends the framed bytes to a list and its
-``refuse`` records the refusal; ``frame`` is ``text.encode()`` with a call count,
+``refuse`` records the refusal; ``frame`` is the identity with a call count,
 so "frame once per channel per publish" is observable.
 """
 
@@ -53,7 +53,7 @@ class CountingFrame:
 
     def __call__(self, text: str) -> bytes:
         self.calls += 1
-        return text.encode()
+        return text
 
 
 class Client:

@@ -332,9 +332,10 @@ def test_loads_accepts_standard_json(text: str | bytes) -> None:
     assert msg.loads(text) == json.loads(text)
 
 
-def test_dumps_refuses_non_finite_numbers() -> None:
-    with pytest.raises(ValueError):
-        msg.dumps({"n": float("nan")})
+def test_dumps_never_writes_non_finite_numbers() -> None:
+    # Never NaN on the wire: no decoded value holds one, and a programming error
+    # that makes one yields standard JSON (null), never a token JSON.parse refuses.
+    assert msg.dumps({"n": float("nan")}) == '{"n":null}'
 
 
 # --- fuzzing ----------------------------------------------------------------------------
@@ -424,29 +425,29 @@ def test_fuzz_arbitrary_bytes_decoded_as_text(raw: bytes) -> None:
 
 
 def test_connection_established_wire_format() -> None:
-    assert msg.connection_established("123.456", 120) == (
+    assert msg.connection_established("123.456", 120).decode() == (
         '{"event":"pusher:connection_established",'
         '"data":"{\\"socket_id\\":\\"123.456\\",\\"activity_timeout\\":120}"}'
     )
 
 
 def test_error_data_is_an_object() -> None:
-    assert msg.error("Over quota", 4004) == (
+    assert msg.error("Over quota", 4004).decode() == (
         '{"event":"pusher:error","data":{"message":"Over quota","code":4004}}'
     )
-    assert msg.error("Auth info required", None, "private-a") == (
+    assert msg.error("Auth info required", None, "private-a").decode() == (
         '{"event":"pusher:error","data":{"message":"Auth info required","code":null},'
         '"channel":"private-a"}'
     )
 
 
 def test_ping_and_pong_wire_format() -> None:
-    assert msg.ping() == '{"event":"pusher:ping","data":"{}"}'
-    assert msg.pong() == '{"event":"pusher:pong","data":"{}"}'
+    assert msg.ping().decode() == '{"event":"pusher:ping","data":"{}"}'
+    assert msg.pong().decode() == '{"event":"pusher:pong","data":"{}"}'
 
 
 def test_subscription_succeeded_wire_format() -> None:
-    assert msg.subscription_succeeded("my-channel") == (
+    assert msg.subscription_succeeded("my-channel").decode() == (
         '{"event":"pusher_internal:subscription_succeeded","channel":"my-channel","data":"{}"}'
     )
     presence = '{"presence":{"ids":["1"],"hash":{"1":null},"count":1}}'
@@ -459,54 +460,54 @@ def test_subscription_succeeded_wire_format() -> None:
 
 
 def test_subscription_error_wire_format() -> None:
-    assert msg.subscription_error("private-a", "AuthError", "Invalid signature", 401) == (
+    assert msg.subscription_error("private-a", "AuthError", "Invalid signature", 401).decode() == (
         '{"event":"pusher:subscription_error","channel":"private-a",'
         '"data":{"type":"AuthError","error":"Invalid signature","status":401}}'
     )
 
 
 def test_channel_event_wire_format() -> None:
-    assert msg.channel_event("my-event", "my-channel", '{"a":1}') == (
+    assert msg.channel_event("my-event", "my-channel", '{"a":1}').decode() == (
         '{"event":"my-event","channel":"my-channel","data":"{\\"a\\":1}"}'
     )
-    assert msg.channel_event("client-x", "presence-a", {"a": 1}, user_id="7") == (
+    assert msg.channel_event("client-x", "presence-a", {"a": 1}, user_id="7").decode() == (
         '{"event":"client-x","channel":"presence-a","data":{"a":1},"user_id":"7"}'
     )
 
 
 def test_member_events_wire_format() -> None:
-    assert msg.member_added("presence-a", "7", {"name": "x"}) == (
+    assert msg.member_added("presence-a", "7", {"name": "x"}).decode() == (
         '{"event":"pusher_internal:member_added","channel":"presence-a",'
         '"data":"{\\"user_id\\":\\"7\\",\\"user_info\\":{\\"name\\":\\"x\\"}}"}'
     )
-    assert msg.member_removed("presence-a", "7") == (
+    assert msg.member_removed("presence-a", "7").decode() == (
         '{"event":"pusher_internal:member_removed","channel":"presence-a",'
         '"data":"{\\"user_id\\":\\"7\\"}"}'
     )
 
 
 def test_cache_miss_wire_format() -> None:
-    assert msg.cache_miss("cache-a") == (
+    assert msg.cache_miss("cache-a").decode() == (
         '{"event":"pusher:cache_miss","channel":"cache-a","data":"{}"}'
     )
 
 
 def test_subscription_count_wire_format() -> None:
-    assert msg.subscription_count("my-channel", 3) == (
+    assert msg.subscription_count("my-channel", 3).decode() == (
         '{"event":"pusher_internal:subscription_count","channel":"my-channel",'
         '"data":"{\\"subscription_count\\":3}"}'
     )
 
 
 def test_signin_success_data_is_an_object_echoing_the_string() -> None:
-    assert msg.signin_success('{"id":"1"}') == (
+    assert msg.signin_success('{"id":"1"}').decode() == (
         '{"event":"pusher:signin_success","data":{"user_data":"{\\"id\\":\\"1\\"}"}}'
     )
 
 
 def test_watchlist_events_wire_format() -> None:
     # Spec §9.3: the exact shape pusher-js's watchlist facade reads.
-    assert msg.watchlist_events([("online", ["1", "2"]), ("offline", ["3"])]) == (
+    assert msg.watchlist_events([("online", ["1", "2"]), ("offline", ["3"])]).decode() == (
         '{"event":"pusher_internal:watchlist_events","data":"{\\"events\\":['
         '{\\"name\\":\\"online\\",\\"user_ids\\":[\\"1\\",\\"2\\"]},'
         '{\\"name\\":\\"offline\\",\\"user_ids\\":[\\"3\\"]}]}"}'
@@ -534,23 +535,24 @@ def test_data_is_double_encoded_except_error_and_signin_success(text: str) -> No
     strict_loads(wire["data"])
 
 
-def test_lone_surrogate_from_a_client_escape_encodes_ascii_safe() -> None:
+def test_lone_surrogate_from_a_client_escape_encodes_as_valid_utf8() -> None:
     event = decode_client_message(
         '{"event":"client-x","channel":"private-a","data":{"t":"\\ud800 \\udfff x"}}'
     )
     assert isinstance(event, ClientEvent)
     assert event.data == {"t": "\ud800 \udfff x"}
-    text = msg.channel_event(event.event, event.channel, event.data)
-    assert text.isascii()
-    assert text.encode("utf-8") == text.encode("ascii")
+    frame = msg.channel_event(event.event, event.channel, event.data)
+    text = frame.decode("utf-8")  # valid UTF-8: the surrogates are escaped
     assert "\\ud800" in text
     assert strict_loads(text)["data"] == {"t": "\ud800 \udfff x"}
+    relayed = msg.channel_event(event.event, event.channel, msg.encoded_data(event.data))
+    assert relayed == frame
 
 
-def test_non_ascii_is_escaped() -> None:
-    text = msg.channel_event("e", "a", {"t": "h\u00e9llo \U0001f600"})
-    assert text.isascii()
-    assert strict_loads(text)["data"] == {"t": "h\u00e9llo \U0001f600"}
+def test_non_ascii_is_written_as_utf8() -> None:
+    frame = msg.channel_event("e", "a", {"t": "h\u00e9llo \U0001f600"})
+    assert "h\u00e9llo \U0001f600".encode() in frame  # not six-byte escapes
+    assert strict_loads(frame.decode("utf-8"))["data"] == {"t": "h\u00e9llo \U0001f600"}
 
 
 @settings(max_examples=200, deadline=None)
@@ -559,9 +561,8 @@ def test_client_event_data_roundtrips_through_the_encoder(data: Any) -> None:
     assume(_depth(data) < MAX_JSON_DEPTH)  # the envelope is one level
     event = decode_client_message(frame(event="client-x", channel="private-a", data=data))
     assert isinstance(event, ClientEvent)
-    out = msg.channel_event(event.event, event.channel, event.data, "1")
-    assert out.isascii()
-    assert strict_loads(out) == {
+    out = msg.channel_event(event.event, event.channel, msg.encoded_data(event.data), "1")
+    assert strict_loads(out.decode("utf-8")) == {
         "event": "client-x",
         "channel": "private-a",
         "data": data,

@@ -272,7 +272,7 @@ class Channels:
             announce=app.settings.enable_subscription_count,
         )
 
-    def control(self, app: AppState, name: str, text: str, exclude: str | None) -> None:
+    def control(self, app: AppState, name: str, text: bytes, exclude: str | None) -> None:
         """A member event or a count to the channel's subscribers here.
 
         A subscriber not answered yet gets it after its ``subscription_succeeded``.

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import msgspec
+
 from bastion.adapters.base import Bus, ClusterState
 from bastion.core.state import AppState, Channel, Session
 from bastion.protocol import messages as msg
@@ -20,8 +22,8 @@ from bastion.protocol.names import SERVER_TO_USER_PREFIX, classify_channel
 
 __all__ = ["FanOut", "Frame"]
 
-#: Turns a text message into WebSocket frame bytes (server-side, unmasked).
-Frame = Callable[[str], bytes]
+#: Turns a message's UTF-8 JSON into WebSocket frame bytes (server-side, unmasked).
+Frame = Callable[[bytes], bytes]
 
 
 class FanOut:
@@ -42,7 +44,7 @@ class FanOut:
         #: Frames written to sessions, all kinds together (``/metrics``).
         self.deliveries = 0
 
-    def to_channel(self, channel: Channel, text: str, exclude_socket_id: str | None) -> None:
+    def to_channel(self, channel: Channel, text: bytes, exclude_socket_id: str | None) -> None:
         """Frame ``text`` once and write the same bytes to every subscriber but one."""
         frame = self.frame(text)
         subscribers = channel.subscribers
@@ -56,7 +58,7 @@ class FanOut:
                     session.write(frame)
             self.deliveries += len(subscribers) - 1
 
-    def to_sessions(self, sessions: Iterable[Session], text: str) -> None:
+    def to_sessions(self, sessions: Iterable[Session], text: bytes) -> None:
         """Frame ``text`` once and write it to each of ``sessions``."""
         frame = self.frame(text)
         for session in sessions:
@@ -79,11 +81,19 @@ class FanOut:
                 self.state.cache(app.id, name, event, data, app.settings.cache_ttl)
 
     def relay(
-        self, app: AppState, channel: Channel, session: Session, event: msg.ClientEvent
+        self,
+        app: AppState,
+        channel: Channel,
+        session: Session,
+        event: msg.ClientEvent,
+        data: msgspec.Raw,
     ) -> None:
-        """A client event the gate let through: the channel's other subscribers, everywhere."""
+        """A client event the gate let through: the channel's other subscribers, everywhere.
+
+        ``data`` is the event's data already encoded (written as is, never again).
+        """
         user_id = session.channels[event.channel]
-        text = msg.channel_event(event.event, event.channel, event.data, user_id)
+        text = msg.channel_event(event.event, event.channel, data, user_id)
         self.to_channel(channel, text, session.socket_id)
         # Other nodes' subscribers too; the sender is excluded there by socket id.
         self.bus.publish(

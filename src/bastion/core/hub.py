@@ -157,17 +157,20 @@ class Hub:
             session.events_full_at = full_at
             return True
 
+        # Encoded once: its size is what the limit measures, its bytes what is relayed.
+        data = msg.encoded_data(event.data)
         check_client_event(
             event,
             settings,
             subscribed=channel is not None and event.channel in session.channels,
+            data_size=len(data),
             take_token=take_token,
             app_bucket=app.client_event_bucket if app_rate is not None else None,
             policy=app.client_events,
             now=now,
         )
         assert channel is not None  # the gate refuses an event on a channel not joined here
-        self.fanout.relay(app, channel, session, event)
+        self.fanout.relay(app, channel, session, event, data)
         if self.listeners:
             user_id = session.channels[event.channel]
             self.emit(

@@ -5,21 +5,22 @@ its constructor, so an invalid subscribe or client event cannot exist past
 :func:`decode_client_message`. The frame's size has already been checked by the
 WebSocket layer before this module sees any text.
 
-Server frames follow the protocol's "double encoding": ``data`` is a JSON string
-for every event but ``pusher:error`` and ``pusher:signin_success``, whose
-``data`` is an object. Everything is encoded with ``ensure_ascii=True`` so that
-lone surrogates from a client's ``\\ud800`` escapes can never break UTF-8
-encoding of an outgoing frame.
+Server frames are UTF-8 JSON bytes, ready to be framed. They follow the protocol's
+"double encoding": ``data`` is a JSON string for every event but ``pusher:error``
+and ``pusher:signin_success``, whose ``data`` is an object. The JSON codec is
+:mod:`bastion.protocol.codec` (an outgoing frame is always valid UTF-8, lone
+surrogates included).
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from bastion.errors import Refused
+from bastion.protocol.codec import dumps, encode, encoded_size, loads
 from bastion.protocol.names import RESERVED_EVENT_PREFIXES
 from bastion.protocol.refusals import Reason
 
@@ -37,6 +38,8 @@ __all__ = [
     "connection_established",
     "decode_client_message",
     "dumps",
+    "encode",
+    "encoded_data",
     "error",
     "loads",
     "member_added",
@@ -55,48 +58,8 @@ __all__ = [
 #: Deepest JSON nesting accepted in a client frame (the envelope counts as 1).
 MAX_JSON_DEPTH = 32
 
-
-def dumps(value: Any) -> str:
-    """Compact, ASCII-safe, strictly standard JSON (no NaN or Infinity)."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
-
-
-def utf8_size(value: Any) -> int:
-    """Bytes of ``value`` as compact UTF-8 JSON: what size limits measure.
-
-    Limits count what a user wrote, not the ``\\uXXXX`` escapes of the wire
-    form, so non-Latin text is not penalised six-fold (REST measures the same way).
-    """
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return len(text.encode("utf-8", "surrogatepass"))
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError("number out of range")
-    return value
-
-
-def loads(text: str | bytes) -> Any:
-    """Parse strictly standard JSON from a peer.
-
-    ``NaN``, ``Infinity`` and numbers that overflow to infinity are refused:
-    relayed, they would make ``JSON.parse`` fail in every subscriber.
-
-    Raises:
-        Refused: ``MALFORMED_JSON`` or ``JSON_TOO_DEEP``.
-    """
-    try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise Refused(Reason.JSON_TOO_DEEP) from None
-    except ValueError:
-        raise Refused(Reason.MALFORMED_JSON) from None
+#: Kept under these names for the callers that measure and parse (see :mod:`.codec`).
+utf8_size = encoded_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +177,9 @@ def decode_client_message(text: str, max_depth: int = MAX_JSON_DEPTH) -> ClientM
     frame = loads(text)
     if not isinstance(frame, dict):
         raise Refused(Reason.NOT_AN_OBJECT)
-    if _depth_exceeds(frame, max_depth):
+    # A value nests no deeper than its text has opening brackets: most frames are
+    # cleared by two counts in C, without walking the parsed value.
+    if text.count("{") + text.count("[") > max_depth and _depth_exceeds(frame, max_depth):
         raise Refused(Reason.JSON_TOO_DEEP)
     event = frame.get("event")
     if not isinstance(event, str) or not event:
@@ -255,42 +220,58 @@ def decode_client_message(text: str, max_depth: int = MAX_JSON_DEPTH) -> ClientM
 
 
 # --- server → client ------------------------------------------------------------
+#
+# Each returns the frame's UTF-8 JSON bytes. The key order is part of the wire
+# format as tests and clients read it: event, channel, data, then user_id.
 
 
-def connection_established(socket_id: str, activity_timeout: int) -> str:
+#: Channel events, the hot path: a struct encodes faster than a dict, and a string
+#: ``data`` or a client event's already-encoded ``data`` (``msgspec.Raw``) is
+#: written as is.
+class _ChannelEvent(msgspec.Struct, array_like=False, omit_defaults=True, gc=False):
+    event: str
+    channel: str
+    data: Any
+    user_id: str | None = None
+
+
+_encode_event = msgspec.json.Encoder().encode
+
+
+def connection_established(socket_id: str, activity_timeout: int) -> bytes:
     """The first frame of every connection."""
     data = dumps({"socket_id": socket_id, "activity_timeout": activity_timeout})
-    return dumps({"event": "pusher:connection_established", "data": data})
+    return encode({"event": "pusher:connection_established", "data": data})
 
 
-def error(message: str, code: int | None, channel: str | None = None) -> str:
+def error(message: str, code: int | None, channel: str | None = None) -> bytes:
     """``pusher:error`` (``data`` is an object, as in Pusher's documentation)."""
     frame: dict[str, Any] = {"event": "pusher:error", "data": {"message": message, "code": code}}
     if channel is not None:
         frame["channel"] = channel
-    return dumps(frame)
+    return encode(frame)
 
 
-def ping() -> str:
+def ping() -> bytes:
     """A server ping (``pusher:ping``)."""
-    return '{"event":"pusher:ping","data":"{}"}'
+    return b'{"event":"pusher:ping","data":"{}"}'
 
 
-def pong() -> str:
+def pong() -> bytes:
     """The answer to a client ``pusher:ping``."""
-    return '{"event":"pusher:pong","data":"{}"}'
+    return b'{"event":"pusher:pong","data":"{}"}'
 
 
-def subscription_succeeded(channel: str, data: str = "{}") -> str:
+def subscription_succeeded(channel: str, data: str = "{}") -> bytes:
     """``pusher_internal:subscription_succeeded``; ``data`` is presence JSON or ``{}``."""
-    return dumps(
+    return encode(
         {"event": "pusher_internal:subscription_succeeded", "channel": channel, "data": data}
     )
 
 
-def subscription_error(channel: str, error_type: str, message: str, status: int) -> str:
+def subscription_error(channel: str, error_type: str, message: str, status: int) -> bytes:
     """``pusher:subscription_error`` on ``channel`` (soketi-style body)."""
-    return dumps(
+    return encode(
         {
             "event": "pusher:subscription_error",
             "channel": channel,
@@ -299,53 +280,65 @@ def subscription_error(channel: str, error_type: str, message: str, status: int)
     )
 
 
-def channel_event(event: str, channel: str, data: Any, user_id: str | None = None) -> str:
-    """An event delivered on a channel; ``data`` exactly as the publisher sent it."""
-    frame: dict[str, Any] = {"event": event, "channel": channel, "data": data}
-    if user_id is not None:
-        frame["user_id"] = user_id
-    return dumps(frame)
+def channel_event(event: str, channel: str, data: Any, user_id: str | None = None) -> bytes:
+    """An event delivered on a channel; ``data`` exactly as the publisher sent it.
+
+    ``data`` is a server event's string, a client event's decoded value, or that
+    value already encoded (:func:`encoded_data`), which is written as is.
+    """
+    try:
+        return _encode_event(_ChannelEvent(event, channel, data, user_id))
+    except UnicodeEncodeError:
+        frame: dict[str, Any] = {"event": event, "channel": channel, "data": data}
+        if user_id is not None:
+            frame["user_id"] = user_id
+        return encode(frame)
 
 
-def member_added(channel: str, user_id: str, user_info: Any) -> str:
+def encoded_data(value: Any) -> msgspec.Raw:
+    """A client event's data encoded once: its size is measured and its bytes relayed."""
+    return msgspec.Raw(encode(value))
+
+
+def member_added(channel: str, user_id: str, user_info: Any) -> bytes:
     """``pusher_internal:member_added``."""
     data = dumps({"user_id": user_id, "user_info": user_info})
-    return dumps({"event": "pusher_internal:member_added", "channel": channel, "data": data})
+    return encode({"event": "pusher_internal:member_added", "channel": channel, "data": data})
 
 
-def member_removed(channel: str, user_id: str) -> str:
+def member_removed(channel: str, user_id: str) -> bytes:
     """``pusher_internal:member_removed``."""
     data = dumps({"user_id": user_id})
-    return dumps({"event": "pusher_internal:member_removed", "channel": channel, "data": data})
+    return encode({"event": "pusher_internal:member_removed", "channel": channel, "data": data})
 
 
-def cache_miss(channel: str) -> str:
+def cache_miss(channel: str) -> bytes:
     """``pusher:cache_miss`` after subscribing to an empty cache channel."""
-    return dumps({"event": "pusher:cache_miss", "channel": channel, "data": "{}"})
+    return encode({"event": "pusher:cache_miss", "channel": channel, "data": "{}"})
 
 
-def subscription_count(channel: str, count: int) -> str:
+def subscription_count(channel: str, count: int) -> bytes:
     """``pusher_internal:subscription_count``."""
     data = dumps({"subscription_count": count})
-    return dumps({"event": "pusher_internal:subscription_count", "channel": channel, "data": data})
+    return encode({"event": "pusher_internal:subscription_count", "channel": channel, "data": data})
 
 
-def signin_success(user_data: str) -> str:
+def signin_success(user_data: str) -> bytes:
     """``pusher:signin_success`` echoing the signed ``user_data`` string."""
-    return dumps({"event": "pusher:signin_success", "data": {"user_data": user_data}})
+    return encode({"event": "pusher:signin_success", "data": {"user_data": user_data}})
 
 
-def watchlist_events(events: list[tuple[str, list[str]]]) -> str:
+def watchlist_events(events: list[tuple[str, list[str]]]) -> bytes:
     """``pusher_internal:watchlist_events`` as pusher-js's watchlist facade reads it."""
     data = dumps({"events": [{"name": name, "user_ids": ids} for name, ids in events]})
-    return dumps({"event": "pusher_internal:watchlist_events", "data": data})
+    return encode({"event": "pusher_internal:watchlist_events", "data": data})
 
 
-def token_expiring(expires_in: int) -> str:
+def token_expiring(expires_in: int) -> bytes:
     """``bastion:token_expiring``: sign in again with a fresh token within ``expires_in`` s.
 
     Not a ``pusher_internal:`` event, so pusher-js hands it to ``pusher.bind``
     (global) handlers with ``data`` parsed to ``{"expires_in": N}``.
     """
     data = dumps({"expires_in": expires_in})
-    return dumps({"event": "bastion:token_expiring", "data": data})
+    return encode({"event": "bastion:token_expiring", "data": data})

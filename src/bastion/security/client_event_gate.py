@@ -39,6 +39,7 @@ def check_client_event(
     settings: AppSettings,
     *,
     subscribed: bool,
+    data_size: int,
     take_token: Callable[[], bool],
     app_bucket: RateLimiter | None,
     policy: ClientEventPolicy,
@@ -50,6 +51,7 @@ def check_client_event(
         event: the client event.
         settings: its app's settings.
         subscribed: whether the sender is subscribed to the event's channel here.
+        data_size: bytes of the event's data as compact UTF-8 JSON (as relayed).
         take_token: takes a token of the sender's per-connection bucket (``False``:
             it is spent; nothing is taken).
         app_bucket: the app-wide bucket (keyed by app id), if the app has one.
@@ -74,7 +76,7 @@ def check_client_event(
         raise Refused(Reason.CLIENT_EVENT_RATE)
     if app_bucket is not None and app_bucket.take(settings.id, now) > 0:
         raise Refused(Reason.CLIENT_EVENT_APP_RATE)
-    if msg.utf8_size(event.data) > settings.max_event_payload_bytes:
+    if data_size > settings.max_event_payload_bytes:
         raise Refused(Reason.CLIENT_EVENT_TOO_LARGE)
     if policy.active:
         if not policy.allows(event.event):

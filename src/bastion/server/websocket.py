@@ -153,7 +153,7 @@ class WebSocketConnection(asyncio.Protocol):
             return
         self.transport.write(pending if isinstance(pending, bytes) else b"".join(pending))
 
-    def send(self, text: str) -> None:
+    def send(self, text: bytes) -> None:
         """Frame and write one message to this connection only."""
         if self.state is ConnectionState.OPEN:
             self.write(frame_text(text))
