@@ -556,7 +556,7 @@ class AdminApi:
         try:
             settings = settings_from_json(json.dumps(merged))
         except ConfigError as exc:
-            fields = _error_fields(exc)
+            fields = list(exc.fields)
             node.reload_failed("api", fields)
             return _invalid_config(exc, fields)
         try:
@@ -569,7 +569,7 @@ class AdminApi:
                 fields=list(exc.fields),
             )
         except ConfigError as exc:  # a key file that cannot be read; audited likewise
-            return _invalid_config(exc, _error_fields(exc))
+            return _invalid_config(exc, list(exc.fields))
         return _json({"changed": list(result.changed), "closed_connections": result.closed})
 
     def _block_ip(self, params: Mapping[str, str], body: bytes) -> HttpResponse:
@@ -749,11 +749,6 @@ def _config_document(body: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _BadRequest("body", "the body must be a JSON object")
     return value
-
-
-def _error_fields(error: ConfigError) -> list[str]:
-    # The message names fields and never echoes a value (bastion.config).
-    return [part.partition(":")[0].strip() for part in str(error).split("; ")]
 
 
 def _invalid_config(error: ConfigError, fields: list[str]) -> HttpResponse:

@@ -108,8 +108,7 @@ class RestartRequired(ConfigError):
     """
 
     def __init__(self, fields: Sequence[str]) -> None:
-        super().__init__(f"needs a restart: {', '.join(fields)}")
-        self.fields = tuple(fields)
+        super().__init__(f"needs a restart: {', '.join(fields)}", fields=fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +253,7 @@ def reload_settings(node: Node, new: Settings, source: ReloadSource) -> ReloadRe
     try:
         templates = _build_apps(old, new)
     except ConfigError as exc:
-        record_refused(node, source, "invalid", [str(exc).partition(":")[0]])
+        record_refused(node, source, "invalid", exc.fields)
         raise
     closed = _apply(node, old, new, changed, templates)
     node.metrics.config_reloads["applied"] += 1

@@ -432,8 +432,7 @@ def _on_sighup(node: Node | None, reload: ReloadSettings | None, source: ReloadS
         settings = reload()
     except ConfigError as exc:
         # The message names fields and never echoes a value (bastion.config).
-        fields = [part.partition(":")[0].strip() for part in str(exc).split("; ")]
-        node.reload_failed(source, fields, str(exc))
+        node.reload_failed(source, list(exc.fields), str(exc))
         return
     node.reload(settings, source)
 
