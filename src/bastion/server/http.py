@@ -84,13 +84,13 @@ from websockets.server import ServerProtocol
 from bastion.api.admin import ADMIN_PREFIX, AdminApi, AdminNodeView
 from bastion.api.dashboard import METHODS as DASHBOARD_METHODS
 from bastion.api.dashboard import dashboard_response, is_dashboard_path, with_security_headers
-from bastion.api.ops import Ops
-from bastion.api.rest import (
+from bastion.api.http import (
     HttpRequest,
     HttpResponse,
     error_response,
     rate_limited_response,
 )
+from bastion.api.ops import Ops
 from bastion.config import AppSettings
 from bastion.core.hub import AppState
 from bastion.eager import start
@@ -473,11 +473,7 @@ class HttpConnection(asyncio.Protocol):
             ctx.refusals.record(denial.reason, app_id=app_id, ip=self.ip)
             return rate_limited_response(denial.reason, denial.retry_after)
         request = HttpRequest(
-            method=method,
-            path=path,
-            params=parse_qsl(query, keep_blank_values=True),
-            body=bytes(self.body),
-            ip=self.ip,
+            method=method, path=path, query=query, body=bytes(self.body), ip=self.ip, now=now
         )
         # Eagerly: on one node the answer is ready in this call; a cluster query
         # continues as a task.

@@ -24,7 +24,7 @@ import functools
 from dataclasses import replace
 from importlib import resources
 
-from bastion.api.rest import HttpResponse
+from bastion.api.http import HttpResponse
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
