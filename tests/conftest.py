@@ -18,12 +18,22 @@ Time-outs everywhere are multiplied by ``BASTION_TEST_TIMEOUT_SCALE`` (see
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
+
+# Hypothesis: CI machines are shared and slow at times, so their examples have no
+# per-example deadline (a slow example is not a failing one); locally the default
+# deadline stays and flags accidental slowness. BASTION_HYPOTHESIS_PROFILE overrides.
+settings.register_profile("ci", deadline=None, print_blob=True)
+settings.load_profile(
+    os.environ.get("BASTION_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default")
+)
 
 _TESTS_DIR = Path(__file__).resolve().parent
 if str(_TESTS_DIR) not in sys.path:  # `from support...` works however pytest was started
@@ -109,10 +119,21 @@ def default_app() -> dict[str, Any]:
 # --- the session-wide secrets grep (support/hygiene.py, tests/test_hygiene.py) -------------
 
 
+#: Tests that judge what every other test left behind: they run last.
+_RUN_LAST = ("test_hygiene.py", "test_working_directory.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the hygiene test last: it greps what every other test left behind."""
-    last = [item for item in items if item.path.name == "test_hygiene.py"]
-    items[:] = [item for item in items if item.path.name != "test_hygiene.py"] + last
+    """Run the hygiene checks last: they look at what every other test left behind."""
+    last = [item for item in items if item.path.name in _RUN_LAST]
+    items[:] = [item for item in items if item.path.name not in _RUN_LAST] + last
+
+
+#: Files found in the working directory when the session started (see
+#: tests/test_working_directory.py: no test may leave state files there).
+STARTING_FILES: frozenset[str] = frozenset(
+    entry.name for entry in Path.cwd().iterdir() if entry.is_file()
+)
 
 
 @pytest.fixture(scope="session", autouse=True)

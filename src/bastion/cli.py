@@ -1,4 +1,5 @@
-"""The ``bastion`` command: ``serve``, ``audit``, ``block``, ``unblock``, ``blocks``, ``webhooks``.
+"""The ``bastion`` command: ``serve``, ``audit``, ``block``, ``unblock``, ``blocks``, ``webhooks``,
+``doctor``, ``apps new`` and ``secrets generate`` (:mod:`bastion.cli_keys`).
 
 Exit codes: 0 after a clean shutdown, 2 for an invalid configuration or usage
 (nothing listens in that case), 1 when the audit log, the blocks file, the
@@ -30,6 +31,7 @@ from typing import Any
 import click
 
 from bastion import __version__, logs
+from bastion.cli_keys import apps, secrets_group
 from bastion.config import AppSettings, Settings, load_settings, settings_from_mapping
 from bastion.errors import ConfigError
 from bastion.security.audit import (
@@ -638,3 +640,7 @@ def doctor(config_path: Path) -> None:
     click.echo(f"{counts['pass']} passed, {counts['warn']} warnings, {counts['fail']} failed")
     if verdict == "fail":
         sys.exit(1)
+
+
+main.add_command(apps)
+main.add_command(secrets_group)

@@ -243,6 +243,12 @@ class AppSettings(BaseModel):
     enable_client_messages: bool = False
     #: Concurrent connections for this app; ``None`` means no app-level cap.
     max_connections: PositiveInt | None = None
+    #: Channels one connection may be subscribed to (over it: subscription_error 403).
+    max_channels_per_connection: PositiveInt = 1000
+    #: Channels of this app with a subscriber on a node (a new one over it: 403).
+    max_channels: PositiveInt | None = 100_000
+    #: Channels a ``GET /channels`` answer lists at most (more: ``"truncated": true``).
+    max_channels_in_query: PositiveInt = 10_000
     max_client_events_per_second: PositiveInt = 10
     max_presence_members: PositiveInt = 100
     max_presence_member_size_kb: PositiveFloat = 2
@@ -263,7 +269,8 @@ class AppSettings(BaseModel):
     allowed_origins: list[str] | None = None
     #: With ``allowed_origins`` set, also refuse handshakes that carry no Origin header.
     reject_missing_origin: bool = False
-    #: Signatures the REST replay guard remembers inside the ±600 s window (full: 503).
+    #: Signatures the REST replay guard remembers inside the ±600 s window (beyond it the
+    #: oldest timestamps are forgotten behind a horizon, see security/replay.py).
     replay_guard_max_entries: PositiveInt = 100_000
     #: Signed REST calls for this app, all callers together (over it: 429).
     rest_requests: RateSettings | None = None
@@ -271,6 +278,10 @@ class AppSettings(BaseModel):
     client_events_per_app: RateSettings | None = None
     #: Subscribe attempts per connection (over it: subscription_error 429).
     subscribe_attempts: RateSettings = RateSettings(rate=10, burst=100)
+    #: Frames of any kind per connection, checked before decoding (over it: 4301).
+    max_messages_per_second: RateSettings = RateSettings(rate=50, burst=100)
+    #: Refusals a connection may earn, as a decaying budget (spent: close 4100).
+    refusals_per_connection: RateSettings = RateSettings(rate=0.2, burst=20)
     #: Concurrent connections of this app that have not signed in (over it: 4100).
     max_unsigned_connections: PositiveInt | None = None
     #: Seconds a new connection has to sign in before it is closed (4009); unset: never.
@@ -382,6 +393,9 @@ class ServerSettings(BaseModel):
     max_request_body_kb: PositiveInt = 1024
     #: Concurrent WebSocket connections on this node (over it: close 4100).
     max_connections: PositiveInt | None = None
+    #: Channels with a subscriber on this node, all apps together (a new one over it:
+    #: subscription_error LimitReached 403). About 5 KB of memory each.
+    max_channels: PositiveInt | None = 250_000
     #: Serve TLS on the port (``wss://``, ``https://``); unset: plain TCP.
     tls: TlsSettings | None = None
     #: Seconds a SIGTERM drain may take (close with 4200, flush webhooks and audit).
@@ -398,7 +412,7 @@ class AuditSettings(BaseModel):
     path: str = "bastion-audit.sqlite3"
     #: Rows older than this many days are deleted.
     retention_days: PositiveInt = 30
-    #: Rows kept at most (oldest deleted first), whatever their age.
+    #: Rows kept at most: past it, the oldest rows of the addresses holding the most go.
     max_rows: PositiveInt = 1_000_000
 
 
@@ -502,7 +516,7 @@ class SecuritySettings(BaseModel):
 
 
 class AdapterSettings(BaseModel):
-    """How nodes share state: ``local`` (one node) or ``redis`` (cluster, #5)."""
+    """How nodes share state: ``local`` (one node) or ``redis`` (a cluster over Redis)."""
 
     model_config = _STRICT
 

@@ -1,4 +1,4 @@
-"""In-process counters; #6 exports them to Prometheus.
+"""In-process counters, exported to Prometheus by :mod:`bastion.api.ops`.
 
 Labels are app ids, refusal slugs and close codes only — never a secret, a
 token, a user id or any client-supplied text.

@@ -265,6 +265,8 @@ def test_protocol_md_states_the_numbers_the_code_uses() -> None:
 
 #: Reasons that are security controls of their own: security.md must name each.
 SECURITY_SLUGS = {
+    Reason.MESSAGE_RATE,
+    Reason.REFUSAL_LIMIT,
     Reason.HTTP_ORIGIN_REFUSED,
     Reason.IP_BLOCKED,
     Reason.HTTP_IP_CONNECTIONS,
@@ -283,7 +285,6 @@ SECURITY_SLUGS = {
     Reason.HTTP_IP_RATE,
     Reason.HTTP_APP_RATE,
     Reason.HTTP_REPLAYED,
-    Reason.HTTP_REPLAY_GUARD_FULL,
     Reason.FRAME_TOO_LARGE,
     Reason.HTTP_BODY_TOO_LARGE,
     Reason.HTTP_HEADERS_TOO_LARGE,
@@ -309,6 +310,8 @@ def test_security_md_mentions_every_security_setting() -> None:
         "allowed_origins",
         "reject_missing_origin",
         "subscribe_attempts",
+        "max_messages_per_second",
+        "refusals_per_connection",
         "client_events_per_app",
         "client_event_allowlist",
         "client_event_schemas",
@@ -321,3 +324,39 @@ def test_security_md_mentions_every_security_setting() -> None:
     skip |= {"store_path", "sync_seconds"}  # described in prose and configuration.md
     missing = [name for name in names if name not in skip and f"`{name}`" not in text]
     assert not missing, f"security.md does not mention {missing}"
+
+
+# --- security.md: reputation weights ---------------------------------------------------
+
+
+def _weight_tables() -> tuple[dict[str, float], set[str]]:
+    """The points table (``| Points | Slugs |``) and the zero table of security.md."""
+    section = _section(_read("security.md"), "IP reputation and blocks")
+    points: dict[str, float] = {}
+    zero: set[str] = set()
+    table = ""
+    for line in section.splitlines():
+        if line.startswith("| Points |"):
+            table = "points"
+        elif line.startswith("| Slugs weighing 0 |"):
+            table = "zero"
+        elif not line.startswith("|"):
+            table = ""
+        elif table and not line.startswith("| ---"):
+            cells = _cells(line)
+            slugs = re.findall(r"`([a-z0-9_]+)`", cells[0 if table == "zero" else 1])
+            if table == "zero":
+                zero.update(slugs)
+            else:
+                for slug in slugs:
+                    assert slug not in points, f"{slug} has two weights in security.md"
+                    points[slug] = float(cells[0])
+    return points, zero
+
+
+def test_security_md_states_every_reputation_weight() -> None:
+    from bastion.security.reputation import DEFAULT_POINTS, ZERO_POINTS
+
+    points, zero = _weight_tables()
+    assert points == dict(DEFAULT_POINTS)
+    assert zero == set(ZERO_POINTS)

@@ -183,7 +183,7 @@ async def test_audit_disabled_writes_nothing(tmp_path: Path, start_node: StartNo
     db = tmp_path / "audit.sqlite3"
     node = await start_node(db, enabled=False)
     assert node.audit is None
-    assert node._audit_refusal not in node.refusals.listeners
+    assert node._audit_refusal not in node.refusals.summaries
     client = await open_client(node.port)
     await client.send("{")
     await client.recv()

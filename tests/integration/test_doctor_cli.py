@@ -44,3 +44,48 @@ def test_an_invalid_file_exits_2(tmp_path: Path) -> None:
     bad.write_text("[server]\nport = 'x'\n", encoding="utf-8")
     result = CliRunner().invoke(main, ["doctor", "--config", str(bad)], env={})
     assert result.exit_code == 2 and "server.port" in result.output
+
+
+def test_hardening_round_2_findings_through_the_cli(tmp_path: Path) -> None:
+    config = tmp_path / "open.toml"
+    config.write_text(
+        "[server]\n"
+        'host = "0.0.0.0"\n'
+        "[security]\n"
+        'trusted_proxies = ["0.0.0.0/0"]\n'
+        "[security.reputation]\n"
+        'never_block = ["::/0"]\n'
+        "[admin]\n"
+        'allow_from = ["10.0.0.0/8"]\n'
+        "[[apps]]\n"
+        'id = "1"\n'
+        'key = "k"\n'
+        'allowed_origins = ["https://app.example.com"]\n'
+        "[apps.jwt]\n"
+        'algorithms = ["HS256"]\n'
+        "allow_query_token = true\n",
+        encoding="utf-8",
+    )
+    env = {
+        "BASTION_APPS__0__SECRET": STRONG["BASTION_APPS__0__SECRET"],
+        "BASTION_APPS__0__JWT__SECRET": STRONG["BASTION_APPS__1__JWT__SECRET"],
+        "BASTION_ADMIN__TOKEN": "a" * 32,
+        "BASTION_METRICS__TOKEN": "metrics-token-0123456789abcdefghijklmn",
+    }
+    result = CliRunner().invoke(main, ["doctor", "--config", str(config)], env=env)
+    assert result.exit_code == 1, result.output
+    lines = {line.split(":")[0]: line for line in result.output.splitlines()}
+    for check in (
+        "security.trusted_proxies",
+        "security.never_block",
+        "admin",
+        "admin.token",
+        "metrics",
+        "metrics.token",
+    ):
+        assert f"FAIL  {check}" in lines, (check, result.output)
+    for check in ("admin.proxy", "apps.1.jwt.allow_query_token"):
+        assert f"WARN  {check}" in lines, (check, result.output)
+    assert "TLS only" not in result.output
+    for secret in env.values():
+        assert secret not in result.output

@@ -180,13 +180,27 @@ async def test_official_sdk_signing_with_either_secret(make_node, connect, secre
     await client.expect("rotated", channel)
 
 
-async def test_full_replay_guard_fails_closed_at_the_configured_size(make_node) -> None:
+async def test_a_full_replay_guard_forgets_behind_a_horizon_and_keeps_serving(make_node) -> None:
+    # With room for two signatures, each call past two forgets the oldest timestamp
+    # (behind the horizon) instead of refusing every new call until old ones expire.
     node = await make_node(app={"replay_guard_max_entries": 2})
-    answers = []
-    for seconds_ago in (1, 2, 3):  # three distinct signatures for the same content
-        reply = await rest(
-            node.port, "POST", EVENTS, timestamp=time.time() - seconds_ago, raw_body=_trigger_body()
-        )
-        answers.append(reply.status)
-    assert answers == [200, 200, 503]
-    assert node.metrics.refusal_count("replay_guard_full") == 1
+    body = _trigger_body()
+    now = int(time.time())
+    sent = []
+    for seconds_ago in (50, 40, 30, 20, 10, 0):  # oldest first, as a publisher sends them
+        target = signed_target("POST", EVENTS, body=body, timestamp=now - seconds_ago)
+        reply = await http_request(node.port, "POST", target, body)
+        assert reply.status == 200, reply.body
+        sent.append(target)
+    # Forgotten, yet never replayable: the replay of an evicted request is refused...
+    replay = await http_request(node.port, "POST", sent[0], body)
+    assert (replay.status, replay.json()["reason"]) == (401, "replayed_request")
+    # ...and so is a request never seen but stamped at or before the newest timestamp
+    # forgotten (now - 20), which may have been accepted before.
+    stale = await rest(node.port, "POST", EVENTS, timestamp=now - 20, raw_body=_trigger_body("x"))
+    assert (stale.status, stale.json()["reason"]) == (401, "replayed_request")
+    # Current requests keep passing.
+    for ahead in (1, 2, 3):
+        fresh = await rest(node.port, "POST", EVENTS, timestamp=now + ahead, raw_body=body)
+        assert fresh.status == 200, fresh.body
+    assert node.metrics.refusal_count("replayed_request") == 2

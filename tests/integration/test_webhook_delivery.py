@@ -332,6 +332,36 @@ async def test_refuse_private_dead_letters_a_loopback_endpoint(
     assert any("refused" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        # 100.100.100.200 (a cloud metadata service, in carrier-grade NAT space),
+        # written as one decimal number: the resolver turns it into the address.
+        ("http://1684301000/latest/meta-data", "100.100.100.200"),
+        ("http://[::ffff:100.100.100.200]/hook", "::ffff:100.100.100.200"),
+        # 6to4 wrapping 127.0.0.1 and 10.0.0.1
+        ("http://[2002:7f00:1::1]:9000/hook", "2002:7f00:1::1"),
+        ("https://[2002:a00:1::1]/hook", "2002:a00:1::1"),
+        ("http://[64:ff9b::a9fe:a9fe]/hook", "64:ff9b::a9fe:a9fe"),
+    ],
+)
+async def test_refuse_private_dead_letters_wrapped_and_shared_addresses(
+    tmp_path: Path, url: str, address: str
+) -> None:
+    # Numeric hosts only: the real resolver answers without DNS, and nothing is sent.
+    apps = {APP_ID: app_state(webhooks_refuse_private=True)}
+    async with running(tmp_path, apps) as h:
+        h.enqueue(delivery(url))
+        await eventually(lambda: h.queue.counts().dead == 1)
+        (letter,) = h.queue.dead_letters()
+    assert letter.attempts == 0
+    assert (letter.last_error or "").startswith("refused: ")
+    assert (letter.last_error or "").endswith(f"resolves to a refused address ({address})")
+    (event,) = h.audited
+    assert event.type == "webhook_refused_private"
+    assert h.metrics.webhooks_delivered[APP_ID] == 0
+
+
 async def test_refuse_private_pins_the_checked_address(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -77,9 +77,19 @@ class Client:
 class HubNode:
     """One hub of the test app, over ``cluster``, acting as its clients would."""
 
-    def __init__(self, cluster: Cluster, clock: Clock, **app_fields: Any) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        clock: Clock,
+        server: dict[str, Any] | None = None,
+        **app_fields: Any,
+    ) -> None:
         settings = settings_from_mapping(
-            {"apps": [{"id": APP_ID, "key": KEY, "secret": SECRET, **app_fields}]}, environ={}
+            {
+                "server": server or {},
+                "apps": [{"id": APP_ID, "key": KEY, "secret": SECRET, **app_fields}],
+            },
+            environ={},
         )
         self.clock = clock
         self.hub = Hub(settings, str.encode, clock, cluster, app_states(settings))
@@ -133,11 +143,11 @@ class HubNode:
 class MemoryNodes:
     """``count`` hubs sharing one in-memory cluster and one clock."""
 
-    def __init__(self, count: int, **app_fields: Any) -> None:
+    def __init__(self, count: int, server: dict[str, Any] | None = None, **app_fields: Any) -> None:
         self.clock = Clock()
         self.cluster = MemoryCluster(self.clock)
         self.nodes = [
-            HubNode(self.cluster.join(f"node-{index}"), self.clock, **app_fields)
+            HubNode(self.cluster.join(f"node-{index}"), self.clock, server, **app_fields)
             for index in range(count)
         ]
 

@@ -8,9 +8,18 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bastion.protocol.refusals import Reason
-from bastion.security.audit import REDACTED, AuditEvent, from_refusal, parse_time, redact
+from bastion.security.audit import (
+    REDACTED,
+    AuditEvent,
+    fair_share,
+    from_refusal,
+    parse_time,
+    redact,
+)
 from bastion.server.refusals import RefusalRecord
 from bastion.store.audit import AuditLog, AuditLogError, query
 
@@ -246,6 +255,57 @@ def test_retention_by_age_on_open_and_in_writer(tmp_path: Path) -> None:
     writer.record(event(3, time=NOW))
     assert writer.close(5)
     assert [e.id for e in query(db)] == [event(3).id]
+
+
+def test_a_flood_from_one_address_cannot_push_out_the_others_rows(tmp_path: Path) -> None:
+    db = tmp_path / "audit.sqlite3"
+    audit = open_log(db, batch_size=500)
+    # Older evidence from other addresses, and from no address at all.
+    audit.record(event(1, type="ip_blocked_auto", ip="198.51.100.1", time=NOW - 3 * 86_400))
+    audit.record(event(2, type="auth_signature", ip="198.51.100.2", time=NOW - 2 * 86_400))
+    audit.record(event(3, type="config_loaded", ip=None, time=NOW - 86_400))
+    # Then a flood from one address, all newer.
+    for n in range(100, 1100):
+        audit.record(event(n, ip="203.0.113.7", time=NOW + n))
+    assert audit.close(10)
+    open_log(db, max_rows=50).close(5)  # open prunes
+    kept = query(db, limit=1000)
+    assert len(kept) == 50
+    assert {1, 2, 3} <= {int(e.id, 16) for e in kept}  # every other address's rows
+    flood = sorted(int(e.id, 16) for e in kept if e.ip == "203.0.113.7")
+    assert flood == list(range(1053, 1100))  # the flooder keeps its newest rows
+
+
+def test_more_addresses_than_rows_deletes_the_oldest(tmp_path: Path) -> None:
+    db = tmp_path / "audit.sqlite3"
+    audit = open_log(db)
+    for n in range(10):
+        audit.record(event(n, ip=f"198.51.100.{n}"))
+    assert audit.close(5)
+    open_log(db, max_rows=4).close(5)
+    assert sorted(int(e.id, 16) for e in query(db)) == [6, 7, 8, 9]
+
+
+def test_fair_share_examples() -> None:
+    assert fair_share([], 10) == 0
+    assert fair_share([3, 4], 10) == 4  # everything fits
+    assert fair_share([1, 1, 1, 1000], 40) == 37
+    assert fair_share([5, 5, 5], 2) == 0  # more groups than room
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    counts=st.lists(st.integers(min_value=0, max_value=200), max_size=30),
+    capacity=st.integers(min_value=0, max_value=2000),
+)
+def test_fair_share_is_the_largest_level_that_fits(counts: list[int], capacity: int) -> None:
+    level = fair_share(counts, capacity)
+    kept = sum(min(count, level) for count in counts)
+    if sum(counts) <= capacity:
+        assert level == max(counts, default=0)
+    else:
+        assert kept <= capacity
+        assert sum(min(count, level + 1) for count in counts) > capacity
 
 
 def test_retention_by_max_rows_keeps_newest(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +19,8 @@ from bastion.protocol.names import (
     is_client_event_name,
     is_valid_channel_name,
     is_valid_event_name,
+    is_valid_identity,
+    is_valid_presence_user_id,
     is_valid_socket_id,
     is_valid_user_id,
 )
@@ -344,3 +348,75 @@ def test_a_valid_user_id_always_has_a_valid_server_to_user_channel(user_id: str)
 def test_every_charset_user_id_has_a_valid_server_to_user_channel(user_id: str) -> None:
     assert is_valid_user_id(user_id)
     assert is_valid_channel_name(SERVER_TO_USER_PREFIX + user_id, DEFAULT_CHANNEL_LENGTH)
+
+
+# --- identity strings: presence user ids, sign-in ids, watchlist entries, JWT sub ----------
+
+#: Refused in every identity string, byte for byte (Python escapes).
+BAD_IDENTITIES = [
+    "\ud800x",  # a lone high surrogate, as JSON "\ud800x" decodes
+    "x\udfff",  # a lone low surrogate
+    "\ud83d",  # half of an emoji's pair
+    "\ude00\ud83d",  # both halves, in the wrong order: still two lone surrogates
+    "a\x00b",
+    "line\nbreak",
+    "tab\t",
+    "esc\x1b[31m",
+    "del\x7f",
+    "c1-\x80",
+    "nel\x85",  # NEXT LINE, a C1 control some log viewers break lines at
+    "csi\x9b31m",  # the one-byte CSI of 8-bit terminals
+    "c1-\x9f",
+    "",
+    "u" * (MAX_USER_ID_LENGTH + 1),
+]
+
+#: Accepted as presence user ids (the looser rule).
+GOOD_PRESENCE_IDS = [
+    "1",
+    "alice",
+    "alice+tag@example.com",
+    "Zo\u00eb",
+    "\u674e\u96f7",
+    "\U0001f600",  # an emoji: one code point, no surrogate left once decoded
+    "\u00a0nbsp",  # not a control character
+    "\xa0\xff",  # just above the C1 range
+    "u" * MAX_USER_ID_LENGTH,
+]
+
+
+@pytest.mark.parametrize("user_id", BAD_IDENTITIES, ids=ascii)
+def test_lone_surrogates_and_control_characters_are_never_an_identity(user_id: str) -> None:
+    assert not is_valid_identity(user_id)
+    assert not is_valid_presence_user_id(user_id)
+    assert not is_valid_user_id(user_id)
+
+
+@pytest.mark.parametrize("user_id", GOOD_PRESENCE_IDS, ids=ascii)
+def test_presence_user_ids_may_be_any_other_text(user_id: str) -> None:
+    assert is_valid_identity(user_id)
+    assert is_valid_presence_user_id(user_id)
+
+
+def test_what_json_escapes_produce() -> None:
+    assert not is_valid_presence_user_id(json.loads('"\\ud800x"'))
+    assert not is_valid_presence_user_id(json.loads('"nel\\u0085"'))
+    paired = json.loads('"\\ud83d\\ude00"')  # a proper pair decodes to one code point
+    assert paired == "\U0001f600" and is_valid_presence_user_id(paired)
+
+
+def _forbidden(char: str) -> bool:
+    code = ord(char)
+    return code < 0x20 or 0x7F <= code <= 0x9F or 0xD800 <= code <= 0xDFFF
+
+
+@settings(max_examples=1000)
+@given(text=st.text(st.characters(exclude_categories=()), max_size=MAX_USER_ID_LENGTH + 2))
+def test_an_identity_is_short_text_with_no_control_or_surrogate(text: str) -> None:
+    expected = 0 < len(text) <= MAX_USER_ID_LENGTH and not any(map(_forbidden, text))
+    assert is_valid_identity(text) is expected
+    assert is_valid_presence_user_id(text) is expected
+    if expected:
+        text.encode("utf-8")  # what Redis, SQLite and the logs need: never raises
+    if is_valid_user_id(text):
+        assert expected  # the sign-in rule is the stricter one

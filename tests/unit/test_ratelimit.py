@@ -1,4 +1,8 @@
-"""TokenBucket: rate, burst, Retry-After, and behaviour under a misbehaving clock."""
+"""TokenBucket: rate, burst, Retry-After, and behaviour under a misbehaving clock.
+
+Also the same bucket folded into one float (``take_folded``), which must take the
+same decisions.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bastion.security.ratelimit import _SLACK_SECONDS as SLACK_SECONDS
-from bastion.security.ratelimit import TokenBucket
+from bastion.security.ratelimit import TokenBucket, available_folded, take_folded
 
 
 def test_starts_full_and_grants_the_burst() -> None:
@@ -218,3 +222,53 @@ def test_waiting_exactly_retry_after_succeeds_at_high_rates_on_long_clocks(
     retry_after = bucket.take(origin)
     assert retry_after > 0
     assert bucket.take(origin + retry_after) == 0.0
+
+
+# --- the folded bucket (one float per holder) -------------------------------------------
+
+
+def test_folded_starts_full_grants_the_burst_and_refuses_without_digging() -> None:
+    full_at: float = 0.0  # a fresh bucket
+    for _ in range(5):
+        taken = take_folded(full_at, 100.0, 10, 5)
+        assert taken is not None
+        full_at = taken
+    assert take_folded(full_at, 100.0, 10, 5) is None
+    assert take_folded(full_at, 100.0, 10, 5) is None  # a refusal takes nothing
+    assert available_folded(full_at, 100.0, 10, 5) == pytest.approx(0.0)
+    assert available_folded(full_at, 100.25, 10, 5) == pytest.approx(2.5)
+    assert take_folded(full_at, 100.1, 10, 5) is not None  # one interval later
+
+
+def test_folded_never_refills_beyond_the_burst() -> None:
+    assert available_folded(0.0, 1e6, 50, 100) == 100
+    full_at = take_folded(0.0, 1e6, 50, 100)
+    assert full_at == pytest.approx(1e6 + 0.02)
+
+
+GRID = 64  # time steps of 1/64 s: exact in binary, so both forms see the same instants
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rate=st.sampled_from([0.2, 0.5, 1, 2, 4, 5, 10, 20, 50, 100]),
+    burst=st.integers(min_value=1, max_value=120),
+    start=st.sampled_from([0.0, 1_000.0, 1e6]),
+    advances=st.lists(st.integers(min_value=0, max_value=3 * GRID), max_size=200),
+)
+def test_folded_takes_the_decisions_of_a_token_bucket(
+    rate: float, burst: int, start: float, advances: list[int]
+) -> None:
+    bucket = TokenBucket(rate=rate, burst=burst, now=start)
+    full_at: float = 0.0
+    now = start
+    for advance in advances:
+        now += advance / GRID
+        granted = bucket.take(now) == 0.0
+        taken = take_folded(full_at, now, rate, burst)
+        assert granted == (taken is not None), (now, bucket.available(now))
+        if taken is not None:
+            full_at = taken
+        assert available_folded(full_at, now, rate, burst) == pytest.approx(
+            bucket.available(now), abs=1e-6
+        )

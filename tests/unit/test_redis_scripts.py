@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from bastion.adapters.redis.scripts import (
     FORGED_CACHE,
     FORGED_MEMBER,
+    SCAN_BATCH,
     Reaped,
     StateScripts,
     member_tag,
@@ -292,3 +293,21 @@ async def test_a_cache_event_written_without_the_key_is_a_miss(
     await client.set(f"{prefix}:cache:1:cache-news", moved, px=30_000)  # replayed elsewhere
     assert await a.cached("1:cache-news") is None
     assert FORGED == [FORGED_CACHE, FORGED_CACHE]
+
+
+async def test_occupied_reads_incrementally_and_stops_past_the_limit(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    a = node(client, prefix, "a")
+    names = [f"room-{index:04d}" for index in range(1_200)] + ["other-[x]*?"]
+    for name in names:
+        await a.on(f"1:{name}")
+    assert len(await a.occupied("1")) == len(names)  # every SSCAN step, each name once
+    limited = await a.occupied("1", "room-", limit=10)
+    # Stops once more than the limit is found: at most one SSCAN step's worth over it.
+    assert 10 < len(limited) <= 10 + 2 * SCAN_BATCH
+    assert all(name.startswith("room-") for name in limited)
+    # A prefix is a prefix, not a glob: its *, ? and [ ] are literal.
+    assert await a.occupied("1", "other-[x]*") == {"other-[x]*?": (1, 0)}
+    assert await a.occupied("1", "other-[") == {"other-[x]*?": (1, 0)}
+    assert await a.occupied("1", "room-?") == {}

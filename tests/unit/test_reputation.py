@@ -10,9 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bastion.config import settings_from_mapping
+from bastion.protocol.refusals import Reason
 from bastion.security.audit import from_block, from_unblock
 from bastion.security.reputation import (
     DEFAULT_POINTS,
+    ZERO_POINTS,
     Block,
     BlockSet,
     Reputation,
@@ -73,6 +75,35 @@ def test_default_weights_by_kind() -> None:
         assert rep.weight(slug) == 0
         assert rep.add("203.0.113.7", slug, T0) is None
     assert len(rep) == 0
+
+
+@pytest.mark.parametrize("slug", sorted({reason.value.slug for reason in Reason}))
+def test_every_refusal_is_weighed_or_zero_for_a_stated_reason(slug: str) -> None:
+    # A refusal a remote peer causes must cost it something, unless the zero table
+    # says why not; a new Reason fails here until it is placed in one of the two.
+    weighed, zero = slug in DEFAULT_POINTS, slug in ZERO_POINTS
+    assert weighed != zero, f"{slug}: weighed={weighed}, zero={zero}"
+    if weighed:
+        assert DEFAULT_POINTS[slug] > 0
+        assert reputation().weight(slug) == DEFAULT_POINTS[slug]
+    else:
+        why = ZERO_POINTS[slug]
+        assert isinstance(why, str) and len(why.split()) >= 4, f"{slug}: say why it weighs 0"
+        assert reputation().weight(slug) == 0
+
+
+def test_the_weight_tables_name_only_real_refusals() -> None:
+    slugs = {reason.value.slug for reason in Reason}
+    assert set(DEFAULT_POINTS) <= slugs
+    assert set(ZERO_POINTS) <= slugs
+
+
+def test_a_flood_of_misused_messages_now_scores() -> None:
+    # Issue #11: `{"event":"x"}` in a loop used to weigh nothing.
+    rep = reputation()
+    assert rep.weight("client_event_name") > 0 and rep.weight("message_rate") > 0
+    blocks = [rep.add("203.0.113.7", "client_event_name", T0) for _ in range(100)]
+    assert blocks[-1] is not None
 
 
 def test_points_override_and_zero_ignores() -> None:

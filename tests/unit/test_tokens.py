@@ -22,10 +22,12 @@ from hypothesis import strategies as st
 from bastion.config import JwtSettings
 from bastion.security.tokens import (
     CHECKS,
+    GRANT_SEPARATORS,
     Claims,
     JwtVerifier,
     TokenError,
     grants,
+    is_valid_grant,
     looks_like_jwt,
 )
 
@@ -196,6 +198,29 @@ def test_sub_is_required(hs_verifier: JwtVerifier, sub: Any) -> None:
         payload["sub"] = sub
     token = jwt.api_jws.encode(json.dumps(payload).encode(), SECRET, algorithm="HS256")
     assert check_of(hs_verifier, token) == "missing_sub"
+
+
+@pytest.mark.parametrize(
+    "sub_json",
+    [
+        '"\\ud800x"',  # a lone surrogate, as a JSON escape
+        '"\\udc00"',
+        '"nel\\u0085"',  # a C1 control
+        '"a\\u0000b"',
+        '"line\\nbreak"',
+        '"' + "u" * 129 + '"',
+    ],
+)
+def test_sub_must_be_a_valid_identity(hs_verifier: JwtVerifier, sub_json: str) -> None:
+    # Built by hand so the payload carries exactly these JSON escapes.
+    payload = '{"sub":' + sub_json + ',"exp":' + str(int(NOW + 600)) + "}"
+    token = jwt.api_jws.encode(payload.encode(), SECRET, algorithm="HS256")
+    assert check_of(hs_verifier, token) == "invalid_sub"
+
+
+@pytest.mark.parametrize("sub", ["alice", "Zo\u00eb", "\U0001f600", "u" * 128, "a+b@example.com"])
+def test_any_other_sub_is_accepted(hs_verifier: JwtVerifier, sub: str) -> None:
+    assert hs_verifier.verify(hs(claims(sub=sub)), NOW).sub == sub
 
 
 # --- time, with leeway -----------------------------------------------------------------
@@ -405,15 +430,105 @@ def test_grants_exact_and_prefix() -> None:
     assert not grants(("private-*-x",), "private-a-x")  # "*" only counts at the end
 
 
+#: (pattern, channel, granted), byte for byte.
+GRANT_TABLE = [
+    # Issue #11: a wildcard after a partial segment used to reach into other users.
+    ("private-user-1*", "private-user-1", False),
+    ("private-user-1*", "private-user-12", False),
+    ("private-user-1*", "private-user-1-x", False),
+    ("private-user-1-*", "private-user-1-x", True),
+    ("private-user-1-*", "private-user-1-", True),
+    ("private-user-1-*", "private-user-1-x-y", True),
+    ("private-user-1-*", "private-user-12-x", False),
+    ("private-user-1-*", "private-user-1", False),
+    # every separator of the channel-name set ends a segment
+    ("private-team_*", "private-team_red", True),
+    ("private-k=*", "private-k=v", True),
+    ("private-user@*", "private-user@example.com", True),
+    ("private-a,*", "private-a,b", True),
+    ("private-v1.*", "private-v1.2", True),
+    ("private-v1.*", "private-v12", False),
+    ("private-a;*", "private-a;b", True),
+    # the bare wildcard and a whole kind
+    ("*", "private-anything", True),
+    ("*", "presence-room-1", True),
+    ("private-*", "private-a", True),
+    ("private-*", "presence-a", False),
+    ("presence-*", "presence-a", True),
+    # no separator before the "*": grants nothing at all
+    ("p*", "private-a", False),
+    ("private*", "private-a", False),
+    ("Private-*", "private-a", False),
+    ("private-user-1**", "private-user-1*x", False),
+    # exact names stay exact
+    ("private-user-1", "private-user-1", True),
+    ("private-user-1", "private-user-12", False),
+    ("private-user-1", "private-user-1-x", False),
+]
+
+
+@pytest.mark.parametrize(("pattern", "channel", "granted"), GRANT_TABLE)
+def test_grants_byte_exact(pattern: str, channel: str, granted: bool) -> None:
+    assert grants((pattern,), channel) is granted
+
+
+@pytest.mark.parametrize(
+    ("pattern", "valid"),
+    [
+        ("private-user-1", True),
+        ("private-user-1-*", True),
+        ("*", True),
+        ("private-*", True),
+        ("private-a_*", True),
+        ("private-a.*", True),
+        ("private-*-x", True),  # literal "*": never matches, but harmless
+        ("private-user-1*", False),
+        ("p*", False),
+        ("**", False),
+        ("private-a**", False),
+        ("private-é*", False),
+    ],
+)
+def test_is_valid_grant(pattern: str, valid: bool) -> None:
+    assert is_valid_grant(pattern) is valid
+
+
+@pytest.mark.parametrize("bad", ["private-user-1*", "*x*", "presence-room*"])
+def test_a_token_granting_a_partial_segment_is_refused(hs_verifier: JwtVerifier, bad: str) -> None:
+    token = hs(claims(channels=["private-ok", bad]))
+    assert check_of(hs_verifier, token) == "channels"
+    good = hs(claims(channels=["private-ok", "private-user-1-*", "*"]))
+    assert hs_verifier.verify(good, NOW).channels == ("private-ok", "private-user-1-*", "*")
+
+
 _NAMES = st.text(alphabet="abc-_*", max_size=12)
 
 
 @given(prefix=_NAMES, name=_NAMES)
-def test_a_prefix_pattern_never_grants_a_name_without_the_prefix(prefix: str, name: str) -> None:
-    if grants((prefix + "*",), name):
-        assert name.startswith(prefix)
-    else:
-        assert not name.startswith(prefix)
+def test_a_prefix_pattern_grants_exactly_the_names_under_a_whole_segment(
+    prefix: str, name: str
+) -> None:
+    pattern = prefix + "*"
+    at_boundary = prefix == "" or prefix[-1] in GRANT_SEPARATORS
+    assert grants((pattern,), name) == (at_boundary and name.startswith(prefix))
+    assert is_valid_grant(pattern) == at_boundary
+
+
+_SEGMENT = st.text(alphabet="abcxyz019", min_size=1, max_size=6)
+_TAIL = st.text(alphabet="abc19-_.@", max_size=8)
+
+
+@given(mine=_SEGMENT, other=_SEGMENT, tail=_TAIL, sep=st.sampled_from(sorted(GRANT_SEPARATORS)))
+def test_a_grant_never_reaches_into_another_segment(
+    mine: str, other: str, tail: str, sep: str
+) -> None:
+    """Whatever the ids, ``private-user-{mine}{sep}*`` never grants another user's channels."""
+    pattern = f"private-user-{mine}{sep}*"
+    assert grants((pattern,), f"private-user-{mine}{sep}{tail}")
+    if other != mine:
+        assert not grants((pattern,), f"private-user-{other}{sep}{tail}")
+        assert not grants((pattern,), f"private-user-{other}")
+    assert not grants((f"private-user-{mine}*",), f"private-user-{mine}{other}{tail}")
 
 
 @given(pattern=_NAMES.filter(lambda p: not p.endswith("*")), name=_NAMES)

@@ -210,9 +210,13 @@ class ClusterState(Protocol):
         ...
 
     async def channel_states(
-        self, app_id: str, names: list[str] | None, prefix: str = ""
+        self, app_id: str, names: list[str] | None, prefix: str = "", limit: int | None = None
     ) -> dict[str, ChannelState]:
-        """The cluster's view of ``names``, or of every occupied channel with ``prefix``.
+        """The cluster's view of ``names``, or of the occupied channels with ``prefix``.
+
+        With ``names`` unset and a ``limit``, at most ``limit + 1`` channels are
+        returned (so the caller can tell that there were more), and the work done
+        is bounded by about that many channels, never by the app's whole count.
 
         Raises:
             ClusterUnavailable: the cluster cannot answer right now.

@@ -419,13 +419,15 @@ class MemoryState:
         return {user_id for user_id in user_ids if user_id in users}
 
     async def channel_states(
-        self, app_id: str, names: list[str] | None, prefix: str = ""
+        self, app_id: str, names: list[str] | None, prefix: str = "", limit: int | None = None
     ) -> dict[str, ChannelState]:
         """The channels' states from the shared tables."""
         channels = self._cluster.channels.get(app_id, {})
         members = self._cluster.members.get(app_id, {})
         if names is None:
-            names = [name for name in channels if name.startswith(prefix)]
+            wanted = (name for name in channels if name.startswith(prefix))
+            stop = None if limit is None else limit + 1
+            names = list(itertools.islice(wanted, stop))
         states: dict[str, ChannelState] = {}
         for name in names:
             holders = channels.get(name)

@@ -34,8 +34,9 @@ class LocalReplayClaims:
                 repeat_grace_seconds=REPEAT_GRACE_SECONDS,
             )
         elif guard.max_entries != max_entries:
-            # A live reload: keep every remembered signature (forgetting one would
-            # make it replayable), under the new bound from now on.
+            # A live reload: the guard keeps what it remembers and applies the new
+            # bound at its next signature (what it then forgets goes behind its
+            # horizon, so it can never be replayed).
             guard.max_entries = max_entries
         return guard.check(signature, timestamp, now)
 

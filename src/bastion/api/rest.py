@@ -198,8 +198,6 @@ class RestApi:
         )
         if verdict is Verdict.REPLAYED:
             raise Refused(Reason.HTTP_REPLAYED)
-        if verdict is Verdict.FULL:
-            raise Refused(Reason.HTTP_REPLAY_GUARD_FULL)
 
     async def _route(
         self, app: AppState, request: HttpRequest, params: dict[str, str], match: re.Match[str]
@@ -339,15 +337,19 @@ class RestApi:
             raise Refused(Reason.HTTP_INVALID_INFO)
         if "user_count" in info and not prefix.startswith("presence-"):
             raise Refused(Reason.HTTP_INVALID_INFO, "user_count needs filter_by_prefix=presence-")
-        states = await self.hub.state.channel_states(app.id, None, prefix)
+        limit = app.settings.max_channels_in_query
+        states = await self.hub.state.channel_states(app.id, None, prefix, limit)
         channels: dict[str, dict[str, int]] = {}
-        for name, state in sorted(states.items()):
+        for name, state in sorted(states.items())[:limit]:
             attributes: dict[str, int] = {}
             if "user_count" in info:
                 attributes["user_count"] = state.user_count
             if "subscription_count" in info:
                 attributes["subscription_count"] = state.subscription_count
             channels[name] = attributes
+        if len(states) > limit:
+            # More channels than one answer lists: a narrower filter_by_prefix sees them.
+            return json_response({"channels": channels, "truncated": True})
         return json_response({"channels": channels})
 
     async def _channel(self, app: AppState, name: str, params: dict[str, str]) -> HttpResponse:

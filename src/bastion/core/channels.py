@@ -51,6 +51,7 @@ class Channels:
         emit: hands a hub event to the listeners.
         clock: monotonic seconds (subscribe buckets, token validity).
         wall_clock: Unix seconds (token expiry).
+        max_channels: channels with a subscriber on this node, all apps (``None``: no cap).
     """
 
     def __init__(
@@ -61,7 +62,12 @@ class Channels:
         emit: Callable[[ev.HubEvent], None],
         clock: Callable[[], float],
         wall_clock: Callable[[], float] = time.time,
+        max_channels: int | None = None,
     ) -> None:
+        #: Channels with a subscriber on this node, all apps together.
+        self.count = 0
+        #: ``[server] max_channels`` (a live reload updates it).
+        self.max_channels = max_channels
         self._fanout = fanout
         self._bus = bus
         self._state = state
@@ -90,6 +96,7 @@ class Channels:
         if name in session.channels and existing is not None:
             self._again(app, session, existing)
             return
+        self._check_capacity(app, session, name, existing)
         user_id: str | None = None
         user_info: Any = None
         if channel_type.needs_auth:
@@ -117,6 +124,7 @@ class Channels:
         channel = existing
         if channel is None:
             channel = app.channels[name] = Channel(name, channel_type)
+            self.count += 1
             self._bus.interest_on(app.id, name)
             self._state.channel_on(app.id, name)
         channel.subscribers[session.socket_id] = session
@@ -132,6 +140,24 @@ class Channels:
             member.sockets.add(session.socket_id)
         self._answer_when_ready(app, session, channel, user_id)
         self._count_changed(app, channel)
+
+    def _check_capacity(
+        self, app: AppState, session: Session, name: str, existing: Channel | None
+    ) -> None:
+        """The channel caps: per connection, and for a new channel per app and per node.
+
+        Checked before any authorization work: a flood of subscribes to fresh names
+        costs a few comparisons each, and memory stays bounded (~5 KB a channel).
+        """
+        settings = app.settings
+        if len(session.channels) >= settings.max_channels_per_connection:
+            raise Refused(Reason.SUBSCRIBE_TOO_MANY_CHANNELS, channel=name)
+        if existing is not None:
+            return
+        if settings.max_channels is not None and len(app.channels) >= settings.max_channels:
+            raise Refused(Reason.SUBSCRIBE_APP_CHANNELS_FULL, channel=name)
+        if self.max_channels is not None and self.count >= self.max_channels:
+            raise Refused(Reason.SUBSCRIBE_NODE_CHANNELS_FULL, channel=name)
 
     @staticmethod
     def _signed_in(session: Session, now: float) -> SignedInUser | None:
@@ -221,6 +247,7 @@ class Channels:
                     self._state.member_off(app.id, name, user_id)
         if not channel.subscribers:
             del app.channels[name]
+            self.count -= 1
             self._bus.interest_off(app.id, name)
             self._state.channel_off(app.id, name)
         else:

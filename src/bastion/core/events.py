@@ -1,7 +1,7 @@
 """What the hub reports to listeners (webhooks, audit, metrics) as it acts.
 
 These are the Pusher webhook events, decided where the state changes; a
-listener must not block (the webhook dispatcher of #4 queues them).
+listener must not block (the webhook producer queues them).
 """
 
 from __future__ import annotations

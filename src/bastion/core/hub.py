@@ -79,7 +79,15 @@ class Hub:
             self.apps_by_id[app.id] = app
         self.listeners: list[Callable[[ev.HubEvent], None]] = []
         self.fanout = FanOut(frame, self.bus, self.state)
-        self.channels = Channels(self.fanout, self.bus, self.state, self.emit, clock, wall_clock)
+        self.channels = Channels(
+            self.fanout,
+            self.bus,
+            self.state,
+            self.emit,
+            clock,
+            wall_clock,
+            settings.server.max_channels,
+        )
         self.users = Users(self.fanout, self.state, clock, wall_clock)
         self.connections = 0
         self.max_connections = settings.server.max_connections
@@ -266,6 +274,7 @@ class Hub:
                 self.apps_by_key[template.settings.key] = state
             state.apply(template.settings, template.jwt)
         self.max_connections = settings.server.max_connections
+        self.channels.max_channels = settings.server.max_channels
         return removed
 
     def _unmap_key(self, key: str, state: AppState) -> None:

@@ -3,6 +3,14 @@
 Classification is by **anchored** prefix only: a name merely containing
 ``cache-`` or ``private-`` somewhere is a public channel, and only names that
 start with ``private-`` or ``presence-`` need a signature.
+
+Identity strings (presence user ids, sign-in user ids, watchlist entries, a
+JWT's ``sub``) are 1-128 characters with no control character (C0, DEL, C1)
+and no UTF-16 surrogate code point: a JSON ``\ud800`` escape decodes to a lone
+surrogate that no UTF-8 encoder (Redis, SQLite, a log line) accepts, and C1
+controls such as U+0085 break log lines. :func:`is_valid_identity` is that rule;
+sign-in user ids and watchlist entries are held to the stricter
+:func:`is_valid_user_id`.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ __all__ = [
     "is_client_event_name",
     "is_valid_channel_name",
     "is_valid_event_name",
+    "is_valid_identity",
     "is_valid_presence_user_id",
     "is_valid_socket_id",
     "is_valid_user_id",
@@ -35,6 +44,9 @@ _CHANNEL_CHARS = re.compile(r"[A-Za-z0-9_\-=@,.;]+")
 # [0-9], not \d: Python's \d matches every Unicode decimal digit.
 _SOCKET_ID = re.compile(r"[0-9]{1,20}\.[0-9]{1,20}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Never in an identity string: C0 controls, DEL, C1 controls (Unicode category Cc)
+#: and surrogate code points (a str holds one only when it came from a lone escape).
+_NOT_IN_IDENTITY = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 class ChannelKind(enum.Enum):
@@ -87,22 +99,34 @@ def classify_channel(name: str) -> ChannelType:
     return _PUBLIC
 
 
+def is_valid_identity(text: str) -> bool:
+    """An identity string: 1-128 characters, no control character, no surrogate.
+
+    Controls are C0 (U+0000-U+001F), DEL (U+007F) and C1 (U+0080-U+009F);
+    surrogates are U+D800-U+DFFF, which a Python str only holds when it was
+    decoded from a lone ``\\uD8xx`` escape (a proper pair decodes to one code
+    point). Whatever passes encodes to UTF-8.
+    """
+    return 0 < len(text) <= MAX_USER_ID_LENGTH and not _NOT_IN_IDENTITY.search(text)
+
+
 def is_valid_user_id(user_id: str) -> bool:
     """A signed-in user id: 1-128 characters of the channel-name set (Pusher).
 
     The same set as channel names, so that a signed-in user's
-    ``#server-to-user-{user_id}`` channel is always a valid name.
+    ``#server-to-user-{user_id}`` channel is always a valid name. Stricter than
+    :func:`is_valid_identity` (ASCII only), which it implies.
     """
     return 0 < len(user_id) <= MAX_USER_ID_LENGTH and bool(_CHANNEL_CHARS.fullmatch(user_id))
 
 
 def is_valid_presence_user_id(user_id: str) -> bool:
-    """A presence ``user_id``: 1-128 characters, no control characters.
+    """A presence ``user_id``: any identity string (see :func:`is_valid_identity`).
 
     Looser than :func:`is_valid_user_id`: presence ids never name a channel, and
     real apps use e-mail addresses with ``+`` and non-ASCII names as ids.
     """
-    return 0 < len(user_id) <= MAX_USER_ID_LENGTH and not _CONTROL.search(user_id)
+    return is_valid_identity(user_id)
 
 
 def is_valid_channel_name(name: str, max_length: int) -> bool:

@@ -118,10 +118,22 @@ class Reason(enum.Enum):
         close_code=4100,
         http_status=429,
     )
+    #: The connection's refusal budget is spent: its frames keep being refused.
+    REFUSAL_LIMIT = Rule(
+        "refusal_limit",
+        "Too many refused messages on this connection; reconnect with back-off",
+        close_code=4100,
+    )
     #: Not the peer's fault: a defect in Bastion; the client sees only this message.
     INTERNAL_ERROR = Rule("internal_error", "Internal server error", close_code=1011)
 
     # --- messages: pusher:error, connection stays open ----------------------------
+    #: Checked on every frame before it is decoded; the frame is dropped unread.
+    MESSAGE_RATE = Rule(
+        "message_rate",
+        "Message rejected because of the connection's message rate limit",
+        error_code=4301,
+    )
     MALFORMED_JSON = Rule("malformed_json", "Message is not valid JSON", error_code=4300)
     NOT_AN_OBJECT = Rule("not_an_object", "Message must be a JSON object", error_code=4300)
     JSON_TOO_DEEP = Rule("json_too_deep", "Message nesting is too deep", error_code=4300)
@@ -227,6 +239,26 @@ class Reason(enum.Enum):
         subscription_type="LimitReached",
         http_status=429,
     )
+    SUBSCRIBE_TOO_MANY_CHANNELS = Rule(
+        "subscribe_too_many_channels",
+        "Subscribed to too many channels on this connection",
+        subscription_type="LimitReached",
+        http_status=403,
+    )
+    SUBSCRIBE_APP_CHANNELS_FULL = Rule(
+        "app_channels_full",
+        "The application has too many channels; no new channel can open",
+        subscription_type="LimitReached",
+        http_status=403,
+        severity="info",
+    )
+    SUBSCRIBE_NODE_CHANNELS_FULL = Rule(
+        "node_channels_full",
+        "This server has too many channels; no new channel can open here",
+        subscription_type="LimitReached",
+        http_status=403,
+        severity="info",
+    )
     SUBSCRIBE_NOT_SIGNED_IN = Rule(
         "subscribe_not_signed_in",
         "Server-to-user channels need a sign-in as that user",
@@ -287,12 +319,6 @@ class Reason(enum.Enum):
     )
     HTTP_REPLAYED = Rule(
         "replayed_request", "This signed request was already accepted", http_status=401
-    )
-    #: The replay guard fails closed when full rather than forget a signature.
-    HTTP_REPLAY_GUARD_FULL = Rule(
-        "replay_guard_full",
-        "Too many recent signed requests to guard against replay; retry later",
-        http_status=503,
     )
     HTTP_CLUSTER_UNAVAILABLE = Rule(
         "cluster_unavailable",

@@ -10,12 +10,19 @@ data; redaction is defence in depth against a detail that one day quotes input.
 
 :func:`parse_time` turns the ``bastion audit --since/--until`` forms (``30m``,
 ``1h``, ``2d``, an ISO 8601 time or Unix seconds) into Unix seconds.
+
+:func:`fair_share` is the retention rule of the row cap: when the log holds more
+than ``max_rows``, each address keeps at most the same number of its newest rows,
+chosen as large as the cap allows; addresses below that number keep every row.
+So the rows of one address (a flood) can push out only that address's older
+rows, never the trail of the others.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
@@ -30,6 +37,7 @@ __all__ = [
     "MetadataValue",
     "Severity",
     "bus_forged_event",
+    "fair_share",
     "from_block",
     "from_refusal",
     "from_unblock",
@@ -120,8 +128,24 @@ class AuditEvent:
         )
 
 
-def from_refusal(record: RefusalRecord, *, id: str, time: float) -> AuditEvent:
-    """The audit event for one refusal; ``id`` and ``time`` come from the caller."""
+def from_refusal(
+    record: RefusalRecord,
+    *,
+    id: str,
+    time: float,
+    repeats: tuple[int, float, float] | None = None,
+) -> AuditEvent:
+    """The audit event for one refusal, or for the repeats of one aggregation window.
+
+    Args:
+        record: the refusal (for repeats: the last one of the window).
+        id: the event id, from the caller.
+        time: the event time, from the caller (for repeats: the last one's).
+        repeats: ``(count, first, last)`` when the row stands for ``count`` refusals
+            of the same address, reason and app between ``first`` and ``last`` (Unix
+            seconds); they go into the metadata and the message says so. A row
+            without ``count`` stands for one refusal.
+    """
     rule = record.reason.value
     metadata: dict[str, MetadataValue] = {"reason": record.reason.name}
     for name, value in (
@@ -131,6 +155,11 @@ def from_refusal(record: RefusalRecord, *, id: str, time: float) -> AuditEvent:
     ):
         if value is not None:
             metadata[name] = value
+    message = record.detail
+    if repeats is not None:
+        count, first, last = repeats
+        metadata.update(count=count, first=first, last=last, first_iso=_iso(first))
+        message = f"{message} (repeated {count} times over {max(0.0, last - first):.1f} s)"
     return AuditEvent(
         id=id,
         time=time,
@@ -140,7 +169,7 @@ def from_refusal(record: RefusalRecord, *, id: str, time: float) -> AuditEvent:
         app_id=record.app_id,
         socket_id=record.socket_id,
         user_id=record.user_id,
-        message=record.detail,
+        message=message,
         metadata=metadata,
     )
 
@@ -231,6 +260,27 @@ def bus_forged_event(reason: str, size: int, *, id: str, time: float) -> AuditEv
         message=f"Bus message refused ({reason}): not delivered",
         metadata={"reason": reason, "bytes": size},
     )
+
+
+def fair_share(counts: Iterable[int], capacity: int) -> int:
+    """The largest ``level`` such that ``sum(min(count, level)) <= capacity``.
+
+    The row cap keeps the newest ``level`` rows of each group (address) and every
+    row of a group that has fewer. When every group fits, the largest count is
+    returned (nothing to delete); 0 means the groups outnumber the capacity.
+
+    Args:
+        counts: rows per group (each >= 0).
+        capacity: rows that may be kept (>= 0).
+    """
+    ordered = sorted(counts)
+    remaining = capacity
+    for index, count in enumerate(ordered):
+        groups_left = len(ordered) - index
+        if count * groups_left > remaining:
+            return remaining // groups_left
+        remaining -= count
+    return ordered[-1] if ordered else 0
 
 
 def _iso(seconds: float) -> str:

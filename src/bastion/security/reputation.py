@@ -4,8 +4,10 @@ Pure: no clock, no I/O. ``now`` is an argument (Unix seconds, so that a block's
 ``until`` means the same thing to a node and to ``bastion block``).
 
 Scoring: each refusal slug has a weight (:data:`DEFAULT_POINTS`, overridden by
-``[security.reputation] points``; an unlisted slug weighs 0, because pong
-time-outs, slow consumers and app limits are not hostile). An address's score
+``[security.reputation] points``). Every slug a remote peer can cause is weighed
+unless :data:`ZERO_POINTS` names it with the reason it is not (pong time-outs,
+slow consumers and capacity limits are not hostile; what only a correctly
+signed back end can cause must not get that back end blocked). An address's score
 halves every ``half_life_seconds``; a refusal first decays the score to ``now``,
 then adds its weight. When the score reaches ``threshold``, :meth:`Reputation.add`
 returns a :class:`Block` for ``block_seconds`` and forgets the score (the next
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_POINTS",
+    "ZERO_POINTS",
     "Block",
     "BlockSet",
     "BlockSource",
@@ -50,10 +53,17 @@ BlockSource = Literal["auto", "manual"]
 _FAILED_AUTH = 10.0
 _RATE_LIMIT = 5.0
 _MALFORMED = 5.0
+_PROBE = 2.0
+_MISUSE = 1.0
 
 #: Built-in points per refusal slug. Failed authentication and replays weigh most
 #: (they are guessing or reuse of captured credentials); rate limits and malformed
-#: input less (buggy clients do that too). Anything not listed weighs 0.
+#: input less (buggy clients do that too); probing for apps, paths and protocol
+#: versions less again; a well-formed message the protocol refuses (a client event
+#: on the wrong channel, a bad channel name) least, so that only a connection that
+#: keeps at it adds up (a connection is closed after its refusal budget anyway).
+#: Every slug of :class:`~bastion.protocol.refusals.Reason` is here or in
+#: :data:`ZERO_POINTS` (a test holds both tables to the refusal table).
 DEFAULT_POINTS: Mapping[str, float] = {
     # failed authentication
     "auth_signature": _FAILED_AUTH,
@@ -74,6 +84,9 @@ DEFAULT_POINTS: Mapping[str, float] = {
     "ip_rate_limited": _RATE_LIMIT,
     "connection_rate": _RATE_LIMIT,
     "ip_connection_limit": _RATE_LIMIT,
+    "message_rate": _RATE_LIMIT,
+    # a connection whose frames kept being refused (on top of those refusals)
+    "refusal_limit": 10.0,
     # malformed input
     "malformed_json": _MALFORMED,
     "not_an_object": _MALFORMED,
@@ -85,6 +98,78 @@ DEFAULT_POINTS: Mapping[str, float] = {
     "bad_request": _MALFORMED,
     "headers_too_large": _MALFORMED,
     "unknown_event": _MALFORMED,
+    "body_too_large": _MALFORMED,
+    # probing: unknown apps, paths, versions; unsigned or unauthorised requests
+    "unknown_app": _PROBE,
+    "path_not_found": _PROBE,
+    "unsupported_protocol": _PROBE,
+    "websocket_version": _PROBE,
+    "auth_missing": _PROBE,
+    "auth_version": _PROBE,
+    "query_token_refused": _PROBE,
+    "metrics_forbidden": _PROBE,
+    "host_not_allowed": _PROBE,
+    "not_found": _MISUSE,
+    # well-formed messages the protocol refuses
+    "missing_event": _MISUSE,
+    "invalid_data": _MISUSE,
+    "client_events_disabled": _MISUSE,
+    "client_event_channel": _MISUSE,
+    "client_event_encrypted": _MISUSE,
+    "client_event_not_subscribed": _MISUSE,
+    "client_event_name": _MISUSE,
+    "client_event_too_large": _MISUSE,
+    "client_event_not_allowed": _MISUSE,
+    "client_event_schema": _MISUSE,
+    "subscribe_invalid_channel": _MISUSE,
+    "subscribe_auth_missing": _MISUSE,
+    "subscribe_channel_data": _MISUSE,
+    "subscribe_member_too_large": _MISUSE,
+    "subscribe_not_signed_in": _MISUSE,
+    "subscribe_too_many_channels": _MISUSE,
+    "signin_conflict": _MISUSE,
+    "signin_deadline": _MISUSE,
+}
+
+_SIGNED_BACK_END = (
+    "only a REST call with a valid signature reaches this check: the app's own back"
+    " end, whose bugs must not get it blocked (a stolen secret is not stopped by a score)"
+)
+_CAPACITY = "a capacity limit that legitimate clients reach too; not a sign of hostility"
+
+#: Slugs that weigh nothing by default, each with the reason. An operator can still
+#: weigh any of them with ``points``.
+ZERO_POINTS: Mapping[str, str] = {
+    "app_disabled": "the operator switched the app off; the peer did nothing wrong",
+    "app_removed": "the operator removed the app; the peer did nothing wrong",
+    "terminated": "the app ended the user's connections on purpose",
+    "app_over_quota": _CAPACITY,
+    "over_capacity": _CAPACITY + " (also sent to every client while a node drains)",
+    "unsigned_over_quota": _CAPACITY,
+    "subscribe_presence_full": _CAPACITY,
+    "app_channels_full": _CAPACITY,
+    "node_channels_full": _CAPACITY,
+    "slow_consumer": "a slow network, not an attack; the cut already frees the memory",
+    "pong_timeout": "a lost network path, not an attack",
+    "token_expired": "the normal end of a sign-in token's life",
+    "internal_error": "a defect in Bastion, not the peer's fault",
+    "cluster_unavailable": "Redis is unreachable; not the peer's fault",
+    "ip_blocked": "the address is already blocked; a block must not feed itself",
+    "signin_data_invalid": "the app's auth endpoint signed this user_data; not the peer's doing",
+    "watchlist_too_long": "the app's auth endpoint signed this watchlist; the sign-in succeeds",
+    "app_rate_limited": _SIGNED_BACK_END,
+    "method_not_allowed": _SIGNED_BACK_END,
+    "invalid_body": _SIGNED_BACK_END,
+    "invalid_field": _SIGNED_BACK_END,
+    "payload_too_large": _SIGNED_BACK_END,
+    "too_many_channels": _SIGNED_BACK_END,
+    "batch_too_large": _SIGNED_BACK_END,
+    "invalid_channel": _SIGNED_BACK_END,
+    "invalid_event_name": _SIGNED_BACK_END,
+    "invalid_socket_id": _SIGNED_BACK_END,
+    "invalid_info": _SIGNED_BACK_END,
+    "not_presence": _SIGNED_BACK_END,
+    "encrypted_multi_channel": _SIGNED_BACK_END,
 }
 
 #: Relative slack when comparing a score with the threshold. A burst of refusals

@@ -13,7 +13,12 @@ Rules that close the usual JWT holes:
   ever checked with the HS256 secret, an RS256/ES256 token only with a public
   key of the matching type, so a public key can never be used as an HMAC
   secret (algorithm confusion);
-* ``exp`` is required, and so is ``sub``.
+* ``exp`` is required, and so is ``sub``, an identity string
+  (:func:`~bastion.protocol.names.is_valid_identity`: no control character, no
+  lone surrogate, at most 128 characters);
+* a ``channels`` grant ending in ``*`` must end at a segment boundary (see
+  :func:`grants`): a token carrying ``private-user-1*`` is refused (``channels``)
+  rather than let it grant ``private-user-12``.
 
 A failure raises :class:`TokenError` whose ``check`` names the failed check in
 a word (``signature``, ``expired``…); it never carries the token.
@@ -33,16 +38,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from bastion.errors import PeerError
+from bastion.protocol.names import is_valid_identity
 
 if TYPE_CHECKING:
     from bastion.config import JwtSettings
 
 __all__ = [
     "CHECKS",
+    "GRANT_SEPARATORS",
     "Claims",
     "JwtVerifier",
     "TokenError",
     "grants",
+    "is_valid_grant",
     "looks_like_jwt",
 ]
 
@@ -58,9 +66,15 @@ CHECKS = frozenset(
         "issuer",
         "missing_exp",
         "missing_sub",
+        "invalid_sub",
         "unknown_kid",
+        "channels",
     }
 )
+
+#: Characters that end a segment of a channel name: every character of the
+#: channel-name set that is not a letter or a digit.
+GRANT_SEPARATORS = frozenset("-_=@,.;")
 
 #: Longest token looked at; anything longer is malformed before any decoding.
 MAX_TOKEN_LENGTH = 8192
@@ -114,16 +128,34 @@ def looks_like_jwt(value: str | None) -> bool:
     return bool(value) and _JWT_SHAPE.fullmatch(value or "") is not None
 
 
+def is_valid_grant(pattern: str) -> bool:
+    """Whether ``pattern`` is a ``channels`` entry a token may carry.
+
+    Any entry not ending in ``*`` is (an exact name). One ending in ``*`` is valid
+    when what comes before the ``*`` is empty (every channel) or ends with one of
+    :data:`GRANT_SEPARATORS`, so that the wildcard always covers whole segments:
+    ``private-user-1-*`` is valid, ``private-user-1*`` is not (it would also cover
+    ``private-user-12``).
+    """
+    if not pattern.endswith("*"):
+        return True
+    prefix = pattern[:-1]
+    return not prefix or prefix[-1] in GRANT_SEPARATORS
+
+
 def grants(channels: Iterable[str], name: str) -> bool:
     """Whether a ``channels`` claim grants the channel ``name``.
 
-    An entry grants the exact name, or, when it ends in ``*``, every name that
-    starts with what comes before the ``*``. A ``*`` anywhere else is literal
-    (and so never matches a valid channel name).
+    An entry grants the exact name; a valid entry ending in ``*`` (see
+    :func:`is_valid_grant`) grants every name that starts with what comes before
+    the ``*``, which ends at a segment boundary; ``*`` alone grants every name. An
+    invalid wildcard entry grants nothing (verification refuses tokens carrying
+    one; this holds for claims made any other way too). A ``*`` anywhere but at
+    the end is literal, and so never matches a valid channel name.
     """
     for pattern in channels:
         if pattern.endswith("*"):
-            if name.startswith(pattern[:-1]):
+            if is_valid_grant(pattern) and name.startswith(pattern[:-1]):
                 return True
         elif pattern == name:
             return True
@@ -305,13 +337,20 @@ class JwtVerifier:
         sub = payload.get("sub")
         if not isinstance(sub, str) or not sub:
             raise TokenError("missing_sub")
+        if not is_valid_identity(sub):
+            # Over 128 characters, a control character, or a lone surrogate from a
+            # "\ud800" escape: no user id, and unstorable in Redis or the audit log.
+            raise TokenError("invalid_sub")
         socket_id = payload.get("socket_id")
         if socket_id is not None and not isinstance(socket_id, str):
             raise TokenError("malformed")
+        channels = _string_tuple(payload.get("channels"))
+        if not all(is_valid_grant(pattern) for pattern in channels):
+            raise TokenError("channels")
         return Claims(
             sub=sub,
             exp=float(exp),
-            channels=_string_tuple(payload.get("channels")),
+            channels=channels,
             user_info=payload.get("user_info"),
             socket_id=socket_id,
             watchlist=_string_tuple(payload.get("watchlist")),

@@ -4,15 +4,21 @@
 
 * :meth:`NodeBlockList.check` is asked at accept (and once a trusted proxy names
   the client): a dictionary lookup in memory, nothing else. A blocked address is
-  counted as an ``ip_blocked`` refusal every time, but logged and audited at most
-  once a minute per address, so a blocked host hammering us cannot flood either.
+  recorded as an ``ip_blocked`` refusal every time; the refusal path aggregates
+  the repeats of one address (a line and an audit row when it starts knocking,
+  then one per minute with the exact count), so a blocked host hammering us
+  cannot flood either.
 * :meth:`NodeBlockList.on_refusal` listens to the refusal path and feeds
   :class:`~bastion.security.reputation.Reputation`. A block it produces is in
   force at once in memory; it is then persisted off the loop, audited
   (``ip_blocked_auto``), logged at WARNING, and the address's open WebSocket
   connections are closed with 4100.
 * A sync task reads the store's changes every ``sync_seconds``: manual blocks and
-  unblocks from ``bastion block``/``unblock`` (and, later, other nodes' blocks).
+  unblocks from ``bastion block``/``unblock`` (and other nodes' blocks). When the
+  store cannot be read (Redis down, a locked file) it retries every round but logs
+  the outage once (:class:`~bastion.security.repeats.FailureEpisode`): the first
+  failure, a reminder every :data:`REMIND_EVERY_SECONDS` while it lasts, and one
+  line when it syncs again, with the number of failures and the duration.
 * :meth:`NodeBlockList.block_manual` / :meth:`NodeBlockList.unblock_manual` are an
   operator acting through the admin API (:mod:`bastion.api.admin`): in force on
   this node at once, audited (``ip_blocked_manual`` / ``ip_unblocked``) like the
@@ -43,6 +49,7 @@ from typing import Any, Protocol
 from bastion.config import ReputationSettings, Settings
 from bastion.protocol.refusals import Reason
 from bastion.security.audit import AuditEvent, from_block, from_unblock
+from bastion.security.repeats import FailureEpisode
 from bastion.security.reputation import Block, BlockSet, Reputation, canonical_ip
 from bastion.server.context import ServerContext
 from bastion.server.refusals import RefusalRecord
@@ -51,8 +58,8 @@ from bastion.store.redis_blocks import RedisBlockStore
 
 __all__ = [
     "CLOSE_CODE",
-    "LOG_EVERY_SECONDS",
     "PRUNE_EVERY_SECONDS",
+    "REMIND_EVERY_SECONDS",
     "BlockBackend",
     "NodeBlockList",
     "open_block_store",
@@ -63,10 +70,10 @@ log = logging.getLogger("bastion.blocks")
 #: Close code for a blocked address's open connections: 4100 tells pusher-js to
 #: reconnect with back-off, and every reconnect is dropped at accept until expiry.
 CLOSE_CODE = 4100
-#: Seconds between log lines and audit rows for one blocked address knocking.
-LOG_EVERY_SECONDS = 60.0
 #: Seconds between prunes of the store's old rows.
 PRUNE_EVERY_SECONDS = 3600.0
+#: Seconds between reminders while the blocks cannot be synced.
+REMIND_EVERY_SECONDS = 600.0
 
 
 class BlockBackend(Protocol):
@@ -127,8 +134,8 @@ class NodeBlockList:
         self.clock = clock
         self.reputation = Reputation.from_settings(settings)
         self.blocks = BlockSet()
-        #: canonical address -> when its ``ip_blocked`` refusal was last logged.
-        self._last_logged: dict[str, float] = {}
+        #: The current run of failed syncs with the store, reported once.
+        self.sync_failures = FailureEpisode(REMIND_EVERY_SECONDS)
         self._change_id = 0
         self._sync: asyncio.Task[None] | None = None
         # Persist tasks in flight; kept so they are not collected and are awaited at stop.
@@ -153,6 +160,7 @@ class NodeBlockList:
                 raise  # a bad blocks file fails start-up
             # Redis down: serve now; the sync task reads every change once it is back.
             self._change_id = 0
+            self.sync_failures.failure(self.clock())
             log.warning("blocks not loaded at start (%s); syncing when redis is back", exc)
         if self.blocks:
             log.info("%d blocked addresses loaded from %s", len(self.blocks), self.store.path)
@@ -180,20 +188,11 @@ class NodeBlockList:
             return False
         block = self.blocks.get(key, now)
         if block is None:
-            self._last_logged.pop(key, None)
             return False
-        last = self._last_logged.get(key)
-        if last is None or now - last >= LOG_EVERY_SECONDS or now < last:
-            self._last_logged[key] = now
-            # Counts, logs and audits (through the audit listener) in one place.
-            self.ctx.refusals.record(
-                Reason.IP_BLOCKED,
-                ip=key,
-                detail=f"blocked ({block.source}) until {block.until:.0f}",
-            )
-        else:
-            # Counted every time, like every refusal; only the log and audit are throttled.
-            self.ctx.metrics.refusals[(Reason.IP_BLOCKED.value.slug, "")] += 1
+        # Counted every time; the refusal path aggregates the log lines and audit rows.
+        self.ctx.refusals.record(
+            Reason.IP_BLOCKED, ip=key, detail=f"blocked ({block.source}) until {block.until:.0f}"
+        )
         return True
 
     # --- reputation -------------------------------------------------------------------
@@ -256,7 +255,6 @@ class NodeBlockList:
         now = self.clock()
         block = Block(ip=key, until=now + ttl_seconds, reason=reason, source="manual", created=now)
         self.blocks.put(block)
-        self._last_logged.pop(key, None)
         log.warning("address blocked ip=%s until=%.0f source=manual", key, block.until)
         if self.audit is not None:
             self.audit(from_block(block, id=uuid.uuid4().hex, time=now))
@@ -284,7 +282,6 @@ class NodeBlockList:
         previous = self.blocks.remove(key)
         if previous is not None and not previous.active(now):
             previous = None
-        self._last_logged.pop(key, None)
         self.reputation.forget(key)
         if previous is not None:
             log.info("address unblocked ip=%s source=manual", key)
@@ -339,8 +336,32 @@ class NodeBlockList:
                     last_prune = now
                     await asyncio.to_thread(self.store.prune, now=now)
             except BlockStoreError as exc:
-                # A locked or vanished file must not stop the node: retry next round.
-                log.warning("blocks not synced: %s", exc)
+                # A locked or vanished file must not stop the node: retry next round,
+                # and say so once per outage rather than once per round.
+                report = self.sync_failures.failure(self.clock())
+                if report is not None and report.event == "failed":
+                    log.warning(
+                        "blocks not synced: %s (retrying every %g s; logged again when"
+                        " synced, or every %.0f s while it lasts)",
+                        exc,
+                        self.settings.sync_seconds,
+                        REMIND_EVERY_SECONDS,
+                    )
+                elif report is not None:
+                    log.warning(
+                        "blocks still not synced after %d failures over %.0f s: %s",
+                        report.failures,
+                        report.seconds,
+                        exc,
+                    )
+            else:
+                report = self.sync_failures.success(self.clock())
+                if report is not None:
+                    log.info(
+                        "blocks synced again after %d failures over %.0f s",
+                        report.failures,
+                        report.seconds,
+                    )
 
     async def sync(self) -> int:
         """Apply the store's changes since the last sync; returns how many were read."""
@@ -351,7 +372,6 @@ class NodeBlockList:
             if change.block is None or not change.block.active(now):
                 if self.blocks.remove(change.ip) is not None:
                     log.info("address unblocked ip=%s", change.ip)
-                self._last_logged.pop(change.ip, None)
                 if change.block is None:
                     self.reputation.forget(change.ip)  # an operator forgave it
                 continue
@@ -368,6 +388,5 @@ class NodeBlockList:
                         change.block.source,
                     )
                     self._close_connections(change.ip)
-        for block in self.blocks.prune(now):
-            self._last_logged.pop(block.ip, None)
+        self.blocks.prune(now)
         return len(changes)

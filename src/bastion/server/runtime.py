@@ -41,7 +41,7 @@ from bastion.server.apps import app_states
 from bastion.server.blocklist import NodeBlockList, open_block_store
 from bastion.server.context import Outbox, ServerContext, frame_text
 from bastion.server.http import HttpConnection
-from bastion.server.refusals import RefusalPath, RefusalRecord
+from bastion.server.refusals import RefusalPath, RefusalSummary
 from bastion.server.reload import (
     ReloadResult,
     ReloadSource,
@@ -157,7 +157,7 @@ class Node:
             # Opening runs retention over the whole file: keep it off the loop. Before
             # listening, so a refusal is never missed and a bad path fails start-up.
             self.audit = await asyncio.to_thread(AuditLog.from_settings, self.settings.audit)
-            self.refusals.listeners.append(self._audit_refusal)
+            self.refusals.summaries.append(self._audit_refusal)
             await asyncio.to_thread(self._audit_config, self.audit)
         try:
             await self._start_webhooks()
@@ -183,7 +183,8 @@ class Node:
             await self._stop_blocklist()
             await self._stop_webhooks()
             if self.audit is not None:  # do not leave the writer thread behind
-                self.refusals.listeners.remove(self._audit_refusal)
+                self.refusals.flush_all()
+                self.refusals.summaries.remove(self._audit_refusal)
                 await asyncio.to_thread(self.audit.close, AUDIT_FLUSH_SECONDS)
                 self.audit = None
             raise
@@ -199,6 +200,7 @@ class Node:
             for connection in list(self.ctx.connections):
                 connection.check_liveness(now, server.activity_timeout, server.pong_timeout)
             self.hub.tick()
+            self.refusals.flush()  # aggregated refusals whose window ended
 
     async def stop(self) -> None:
         """Stop accepting, ask every client to reconnect elsewhere (4200), close.
@@ -235,10 +237,12 @@ class Node:
         await self._stop_webhooks(deadline)
         # Before the audit log closes: a block made during the drain is audited too.
         await self._stop_blocklist()
+        # Every aggregated count still open is logged and audited: nothing is lost.
+        self.refusals.flush_all()
         if self.audit is not None:
             # After the drain, so the refusals of the last connections are written too.
             with contextlib.suppress(ValueError):
-                self.refusals.listeners.remove(self._audit_refusal)
+                self.refusals.summaries.remove(self._audit_refusal)
             audit, self.audit = self.audit, None
             flush = max(deadline - loop.time(), AUDIT_FLUSH_FLOOR_SECONDS)
             if not await asyncio.to_thread(audit.close, flush):
@@ -258,9 +262,13 @@ class Node:
         if event.severity == "warning":
             log.warning("%s", event.message)
 
-    def _audit_refusal(self, record: RefusalRecord) -> None:
+    def _audit_refusal(self, summary: RefusalSummary) -> None:
         assert self.audit is not None
-        self.audit.record(from_refusal(record, id=uuid.uuid4().hex, time=time.time()))
+        repeats = (summary.count, summary.first, summary.last) if summary.aggregated else None
+        event = from_refusal(
+            summary.record, id=uuid.uuid4().hex, time=summary.last, repeats=repeats
+        )
+        self.audit.record(event)
 
     def _audit_event(self, event: AuditEvent) -> None:
         if self.audit is not None:

@@ -7,6 +7,22 @@ before the payload is read); text messages are then decoded by
 pre-framed bytes written straight to the transport: a broadcast never awaits
 a subscriber. A subscriber whose transport buffer passes the limit is cut with
 4100 (reconnect with back-off) on the next loop iteration.
+
+Two budgets per connection make a flood cost the sender, not the node:
+
+* the **message budget** (``max_messages_per_second``): every frame but a close
+  (each fragment of a fragmented message, WebSocket pings and pongs included)
+  takes a token before anything else looks at it; a frame over the budget is
+  dropped unread and answered ``pusher:error`` 4301 ``message_rate``;
+* the **refusal budget** (``refusals_per_connection``): every refusal the
+  connection survives (a ``pusher:error`` or a subscription error of severity
+  warning; ``message_rate`` included) takes a token; when none is left the
+  connection is closed with 4100 ``refusal_limit`` instead of being answered.
+
+So a connection that floods gets at most the message burst acted on, then at most
+the refusal burst of answers, then a close. Each budget is one float per
+connection (:func:`~bastion.security.ratelimit.take_folded`), read against the
+app's current settings, so a live reload applies at the next frame.
 """
 
 from __future__ import annotations
@@ -25,6 +41,7 @@ from bastion.errors import Refused
 from bastion.protocol import messages as msg
 from bastion.protocol.names import classify_channel
 from bastion.protocol.refusals import Reason
+from bastion.security.ratelimit import take_folded
 from bastion.server.context import ServerContext, frame_text
 from bastion.server.state import ConnectionState, check_transition
 
@@ -49,7 +66,9 @@ class WebSocketConnection(asyncio.Protocol):
 
     __slots__ = (
         "_fragments",
+        "_messages",
         "_query_token",
+        "_refusals",
         "app",
         "ctx",
         "ip",
@@ -84,6 +103,10 @@ class WebSocketConnection(asyncio.Protocol):
         #: by :meth:`start` and dropped: never logged, never kept.
         self._query_token = query_token
         self._fragments: list[bytes] | None = None
+        #: The message budget, as the loop time at which it is full again (0.0: full).
+        self._messages = 0.0
+        #: The refusal budget, the same way.
+        self._refusals = 0.0
         #: Bytes queued this loop iteration (see Outbox): one chunk, or a list.
         self.pending: bytes | list[bytes] | None = None
         socket_id = new_socket_id(ctx.socket_ids)
@@ -136,7 +159,13 @@ class WebSocketConnection(asyncio.Protocol):
             self.write(frame_text(text))
 
     def refuse(self, refused: Refused) -> None:
-        """Answer a refusal: record it, then close, or send an error frame."""
+        """Answer a refusal: record it, then close, or send an error frame.
+
+        A refusal that leaves the connection open spends its refusal budget
+        (severity ``warning`` only: a full presence channel or a long watchlist is
+        no sign of a broken or hostile client); once the budget is spent the
+        answer is the close ``refusal_limit`` (4100).
+        """
         if self.state is not ConnectionState.OPEN:
             return
         rule = self.ctx.refusals.record(
@@ -149,6 +178,8 @@ class WebSocketConnection(asyncio.Protocol):
         )
         if rule.close_code is not None:
             self.close(rule.close_code, refused.detail)
+        elif rule.severity == "warning" and not self._spend_refusal():
+            self.refuse(Refused(Reason.REFUSAL_LIMIT))
         elif rule.subscription_type is not None and refused.channel is not None:
             self.send(
                 msg.subscription_error(
@@ -157,6 +188,15 @@ class WebSocketConnection(asyncio.Protocol):
             )
         else:
             self.send(msg.error(refused.detail, rule.error_code, refused.channel))
+
+    def _spend_refusal(self) -> bool:
+        """Take a token of the refusal budget; False when it is spent."""
+        budget = self.app.settings.refusals_per_connection
+        full_at = take_folded(self._refusals, self.ctx.loop.time(), budget.rate, budget.burst)
+        if full_at is None:
+            return False
+        self._refusals = full_at
+        return True
 
     def close(self, code: int, reason: str) -> None:
         """Leave every channel now, then send ``pusher:error`` and a close frame."""
@@ -250,6 +290,15 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
+        if opcode is not Opcode.CLOSE:
+            # Before anything looks at the frame: one float compared, nothing decoded.
+            budget = self.app.settings.max_messages_per_second
+            full_at = take_folded(self._messages, self.last_seen, budget.rate, budget.burst)
+            if full_at is None:
+                self._fragments = None  # the rest of a fragmented message goes with it
+                self.refuse(Refused(Reason.MESSAGE_RATE))
+                return
+            self._messages = full_at
         if opcode is Opcode.TEXT:
             if frame.fin:
                 self._on_text(bytes(frame.data))
@@ -264,7 +313,9 @@ class WebSocketConnection(asyncio.Protocol):
                 self._on_text(data)
         elif opcode is Opcode.BINARY:
             self.refuse(Refused(Reason.BINARY_FRAME))
-        # PING is answered by the sans-I/O protocol; PONG and CLOSE need nothing more.
+        # PING is answered by the sans-I/O protocol (before the budget sees it: a ping
+        # over the budget still gets its pong, and its refusal counts); PONG and CLOSE
+        # need nothing more.
 
     def _on_text(self, data: bytes) -> None:
         try:

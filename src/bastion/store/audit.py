@@ -5,7 +5,9 @@ and returns at once. One writer thread takes events off the queue and inserts th
 in batches (up to ``batch_size`` rows, or what arrived within ``batch_seconds``),
 one transaction per batch. Retention runs in the same thread: on open, then every
 ``prune_every`` inserts or ``prune_seconds``, whichever comes first, it deletes rows
-older than ``retention_days`` and then the oldest rows beyond ``max_rows``.
+older than ``retention_days``, then, beyond ``max_rows``, the oldest rows of the
+addresses that hold the most (:func:`~bastion.security.audit.fair_share`): a flood
+from some addresses pushes out their own older rows, never the others' trail.
 :meth:`AuditLog.close` flushes whatever is queued and joins the thread, so a clean
 shutdown loses nothing.
 
@@ -17,7 +19,7 @@ Schema (WAL mode)::
     audit_events(id TEXT PRIMARY KEY, time REAL, type TEXT, severity TEXT, ip TEXT,
                  app_id TEXT, socket_id TEXT, user_id TEXT, message TEXT,
                  metadata TEXT)  -- metadata is a JSON object
-    indexes on time, type, ip
+    indexes on time, type, ip, (ip, time)
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any, Final, cast
 
 from bastion.config import AuditSettings
 from bastion.errors import BastionError
-from bastion.security.audit import AuditEvent, MetadataValue, Severity
+from bastion.security.audit import AuditEvent, MetadataValue, Severity, fair_share
 from bastion.store import sqlite
 
 __all__ = ["AuditLog", "AuditLogError", "query"]
@@ -57,6 +59,7 @@ CREATE TABLE IF NOT EXISTS audit_events (
 CREATE INDEX IF NOT EXISTS audit_events_time ON audit_events (time);
 CREATE INDEX IF NOT EXISTS audit_events_type ON audit_events (type);
 CREATE INDEX IF NOT EXISTS audit_events_ip ON audit_events (ip);
+CREATE INDEX IF NOT EXISTS audit_events_ip_time ON audit_events (ip, time);
 """
 
 _INSERT: Final = (
@@ -95,8 +98,26 @@ def _row(event: AuditEvent) -> tuple[object, ...]:
     )
 
 
+#: Deletes every row beyond the newest ``?`` of its address (rows without one: a group).
+_DELETE_BEYOND_SHARE: Final = """
+DELETE FROM audit_events WHERE rowid IN (
+  SELECT rowid FROM (
+    SELECT rowid, row_number() OVER (PARTITION BY ip ORDER BY time DESC, rowid DESC) AS newer
+    FROM audit_events
+  ) WHERE newer > ?
+)
+"""
+
+
 def prune(connection: sqlite3.Connection, *, now: float, retention_days: int, max_rows: int) -> int:
-    """Delete rows older than ``retention_days``, then the oldest beyond ``max_rows``.
+    """Delete rows older than ``retention_days``; then, beyond ``max_rows``, the oldest
+    rows of the addresses that hold the most.
+
+    Each address keeps its newest ``level`` rows, ``level`` being the largest the
+    cap allows (:func:`~bastion.security.audit.fair_share`); an address with fewer
+    keeps them all, and the rows without an address (configuration, webhooks)
+    count as one address. Only when there are more addresses than ``max_rows``
+    are the oldest rows deleted whoever they belong to.
 
     Returns:
         How many rows were deleted.
@@ -105,13 +126,17 @@ def prune(connection: sqlite3.Connection, *, now: float, retention_days: int, ma
         cutoff = now - retention_days * 86_400
         deleted = connection.execute("DELETE FROM audit_events WHERE time < ?", (cutoff,)).rowcount
         (count,) = connection.execute("SELECT count(*) FROM audit_events").fetchone()
-        excess = int(count) - max_rows
-        if excess > 0:
-            deleted += connection.execute(
-                "DELETE FROM audit_events WHERE rowid IN"
-                " (SELECT rowid FROM audit_events ORDER BY time, rowid LIMIT ?)",
-                (excess,),
-            ).rowcount
+        if int(count) > max_rows:
+            groups = connection.execute("SELECT count(*) FROM audit_events GROUP BY ip")
+            level = fair_share((int(size) for (size,) in groups), max_rows)
+            if level > 0:
+                deleted += connection.execute(_DELETE_BEYOND_SHARE, (level,)).rowcount
+            else:
+                deleted += connection.execute(
+                    "DELETE FROM audit_events WHERE rowid IN"
+                    " (SELECT rowid FROM audit_events ORDER BY time, rowid LIMIT ?)",
+                    (int(count) - max_rows,),
+                ).rowcount
     return int(deleted)
 
 
@@ -130,7 +155,7 @@ class AuditLog:
     Args:
         path: the SQLite file (created with its schema if missing).
         retention_days: rows older than this are deleted.
-        max_rows: rows kept at most, oldest deleted first.
+        max_rows: rows kept at most (see :func:`prune`).
         queue_size: events waiting to be written, at most.
         batch_size: rows per transaction, at most.
         batch_seconds: how long the writer gathers a batch once an event arrives.

@@ -23,6 +23,10 @@ from bastion.store.audit import AuditLogError, query
 
 __all__ = ["RefusalReport", "events", "refusal_report"]
 
+#: Refusals a set of rows stands for: repeated refusals are aggregated into one row
+#: carrying their ``count`` (bastion.server.refusals); a row without it is one.
+_REFUSALS = "COALESCE(SUM(COALESCE(json_extract(metadata, '$.count'), 1)), 0)"
+
 
 @dataclass(frozen=True, slots=True)
 class RefusalReport:
@@ -32,6 +36,9 @@ class RefusalReport:
         top_ips: ``{"ip", "count"}`` of the most refused addresses, most first.
         top_reasons: ``{"reason", "count"}`` of the most frequent refusal types.
         auth_failures: refusals that were failed authentications.
+
+    Counts are refusals, not rows: a row that aggregates repeated refusals
+    (``metadata.count``) counts for each of them.
     """
 
     top_ips: list[dict[str, Any]] = field(default_factory=list)
@@ -78,19 +85,19 @@ def refusal_report(
     try:
         ips = sqlite.read_rows(
             path,
-            f"SELECT ip, COUNT(*) AS n FROM audit_events WHERE {where} AND ip IS NOT NULL"  # noqa: S608 - placeholders only
+            f"SELECT ip, {_REFUSALS} AS n FROM audit_events WHERE {where} AND ip IS NOT NULL"  # noqa: S608 - placeholders only
             " GROUP BY ip ORDER BY n DESC, ip LIMIT ?",
             [*params, top],
         )
         reasons = sqlite.read_rows(
             path,
-            f"SELECT type, COUNT(*) AS n FROM audit_events WHERE {where}"  # noqa: S608
+            f"SELECT type, {_REFUSALS} AS n FROM audit_events WHERE {where}"  # noqa: S608
             " GROUP BY type ORDER BY n DESC, type LIMIT ?",
             [*params, top],
         )
         failures = sqlite.read_rows(
             path,
-            "SELECT COUNT(*) FROM audit_events"  # noqa: S608
+            f"SELECT {_REFUSALS} FROM audit_events"  # noqa: S608
             f" WHERE time >= ? AND time < ? AND type IN ({auth_marks})",
             [since, until, *auth],
         )

@@ -3,20 +3,105 @@
 Every store file is WAL-journalled (readers never block the writer, and a crash
 never corrupts the file) and waits up to :data:`BUSY_SECONDS` for a lock held by
 another process, such as the CLI touching a file a node has open.
+
+The files hold IP addresses, user ids, channel names and webhook bodies, so they
+are owner-only (:data:`FILE_MODE`, ``0600``): a writable open creates a missing
+file with that mode whatever the umask, and SQLite gives the ``-wal``, ``-shm``
+and ``-journal`` files it creates later the database file's mode. A file that
+already exists with group or other permission bits (made by an older version,
+or by hand) is tightened, with its journal files, when this process owns it;
+otherwise it is left alone and a warning is logged once per file. Neither ever
+stops the open. Read-only opens create and change nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import sqlite3
+import stat
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
-__all__ = ["BUSY_SECONDS", "connect", "read_rows", "transaction"]
+__all__ = ["BUSY_SECONDS", "FILE_MODE", "connect", "read_rows", "transaction"]
+
+log = logging.getLogger("bastion.store")
 
 #: Seconds to wait for another connection's lock before failing.
 BUSY_SECONDS = 5.0
+#: Permission bits of every store file and its journal files: owner read/write.
+FILE_MODE: Final = 0o600
+#: The files SQLite keeps beside a database.
+_JOURNAL_SUFFIXES: Final = ("-wal", "-shm", "-journal")
+#: Files already warned about (wide, and someone else's): once per file per process.
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _private_files(path: str) -> None:
+    """Create ``path`` owner-only when missing; tighten it and its journal files.
+
+    Never raises: a path SQLite cannot open either is left for :func:`sqlite3.connect`
+    to report, and a file whose mode cannot be changed only costs a warning.
+    """
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        pass
+    except OSError:
+        return
+    else:
+        try:
+            os.fchmod(fd, FILE_MODE)  # the umask may have taken bits from the owner too
+        finally:
+            os.close(fd)
+    tightened: list[str] = []
+    left: list[str] = []
+    for name in (path, *(path + suffix for suffix in _JOURNAL_SUFFIXES)):
+        outcome = _tighten(name)
+        if outcome is not None:
+            done, note = outcome
+            (tightened if done else left).append(f"{name} ({note})")
+    if tightened:
+        log.info("store files made owner-only (%04o): %s", FILE_MODE, "; ".join(tightened))
+    if left:
+        with _warned_lock:
+            if path in _warned:
+                return
+            _warned.add(path)
+        log.warning(
+            "store files readable beyond their owner, left as they are: %s; make them %04o",
+            "; ".join(left),
+            FILE_MODE,
+        )
+
+
+def _tighten(name: str) -> tuple[bool, str] | None:
+    """Drop group and other bits from ``name`` if this process owns it.
+
+    Returns:
+        ``None`` when there was nothing to do, else whether the file was tightened
+        and a note naming its former mode (and, when left alone, why).
+    """
+    try:
+        info = os.stat(name)
+    except OSError:
+        return None  # absent (journal files come and go), or not ours to look at
+    mode = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISREG(info.st_mode) or not mode & 0o077:
+        return None
+    if info.st_uid != os.geteuid():
+        return False, f"mode {mode:04o}, owned by uid {info.st_uid}, not by this process"
+    try:
+        os.chmod(name, mode & 0o700)
+    except OSError as error:
+        return False, f"mode {mode:04o}, cannot change it: {error.strerror}"
+    return True, f"was {mode:04o}"
 
 
 def connect(
@@ -28,6 +113,9 @@ def connect(
 ) -> sqlite3.Connection:
     """Open ``path`` in autocommit mode with WAL, or read-only (never creating it).
 
+    A writable open makes the file and its journal files owner-only first (see the
+    module docstring).
+
     ``synchronous``: ``NORMAL`` may lose the last transaction on a power cut, never
     the file; ``FULL`` keeps every committed transaction.
     """
@@ -36,6 +124,7 @@ def connect(
         return sqlite3.connect(
             uri, uri=True, timeout=BUSY_SECONDS, check_same_thread=check_same_thread
         )
+    _private_files(path)
     connection = sqlite3.connect(
         path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=check_same_thread
     )

@@ -30,8 +30,10 @@ between enqueue and send is honoured; an app removed from the configuration
 meanwhile sends nothing and the row becomes a dead letter.
 
 SSRF: for an app with ``webhooks_refuse_private``, the host is resolved first and
-the delivery is refused (dead letter, ``webhook_refused_private`` audit) if any
-address is loopback, private, link-local, multicast, reserved or unspecified. The
+the delivery is refused (dead letter, ``webhook_refused_private`` audit) unless
+every address is globally routable unicast (:func:`is_refused_address`: IPv4
+wrapped in IPv6 is judged by the IPv4 address; carrier-grade NAT, Teredo and the
+other special-purpose blocks are refused). The
 request then goes to the address that was checked (``Host`` and TLS SNI keep the
 name), so a second DNS answer cannot swap in an internal address.
 
@@ -117,25 +119,102 @@ def safe_url(url: str) -> str:
     return urlunsplit((parts.scheme, f"{host}{port}", parts.path, "", ""))
 
 
+#: IANA special-purpose IPv4 blocks that are not globally reachable (RFC 6890 and its
+#: updates). Listed here as well as asked of :mod:`ipaddress`, whose answers differ
+#: between Python versions (3.11 calls multicast and 192.0.0.0/24 "global").
+_NOT_GLOBAL_V4: Final = tuple(
+    ipaddress.IPv4Network(block)
+    for block in (
+        "0.0.0.0/8",  # "this network"
+        "10.0.0.0/8",  # private
+        "100.64.0.0/10",  # carrier-grade NAT (cloud metadata at 100.100.100.200)
+        "127.0.0.0/8",  # loopback
+        "169.254.0.0/16",  # link-local (cloud metadata at 169.254.169.254)
+        "172.16.0.0/12",  # private
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.0.2.0/24",  # documentation
+        "192.88.99.0/24",  # 6to4 relay anycast (deprecated)
+        "192.168.0.0/16",  # private
+        "198.18.0.0/15",  # benchmarking
+        "198.51.100.0/24",  # documentation
+        "203.0.113.0/24",  # documentation
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, and the limited broadcast address
+    )
+)
+#: The same for IPv6, after the IPv4-embedding forms have been unwrapped.
+_NOT_GLOBAL_V6: Final = tuple(
+    ipaddress.IPv6Network(block)
+    for block in (
+        "::/8",  # unspecified, loopback, IPv4-compatible and IPv4-translated forms
+        "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): the IPv4 position is a local choice
+        "100::/8",  # discard-only and reserved
+        "2001::/23",  # IETF protocol assignments, Teredo (2001::/32) included
+        "2001:db8::/32",  # documentation
+        "3fff::/20",  # documentation
+        "5f00::/16",  # SRv6 segment identifiers
+        "fc00::/7",  # unique local
+        "fe80::/10",  # link-local
+        "fec0::/10",  # site-local (deprecated)
+        "ff00::/8",  # multicast
+    )
+)
+#: NAT64's well-known prefix (RFC 6052): the last 32 bits are the IPv4 destination.
+_NAT64_WELL_KNOWN: Final = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a packet to ``ip`` is really delivered to, if it wraps one.
+
+    IPv4-mapped (``::ffff:a.b.c.d``), 6to4 (``2002:AABB:CCDD::/48``) and NAT64 with
+    the well-known prefix (``64:ff9b::a.b.c.d``). Teredo also embeds an IPv4
+    address, but it lies in ``2001::/23`` and is refused whole.
+    """
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64_WELL_KNOWN:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+    return None
+
+
 def is_refused_address(address: str) -> bool:
     """Whether ``address`` is one ``webhooks_refuse_private`` must not reach.
 
-    Refused: loopback, private, link-local, multicast, reserved and unspecified
-    addresses, including IPv4 addresses mapped into IPv6. Unparseable: refused.
+    Only globally routable unicast addresses are allowed. An IPv6 address that
+    wraps an IPv4 one (mapped, 6to4, NAT64) is judged by the IPv4 address it
+    wraps. An address is then accepted only when :mod:`ipaddress` calls it
+    global and not private, loopback, link-local, site-local, multicast,
+    reserved or unspecified, and it lies in none of the special-purpose blocks
+    listed above (carrier-grade NAT ``100.64.0.0/10``, Teredo, the local-use
+    NAT64 prefix, documentation and benchmarking ranges among them).
+    Unparseable text: refused.
     """
     try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
+            address.split("%", 1)[0]
+        )
     except ValueError:
         return True
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    blocks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _NOT_GLOBAL_V4
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            ip = embedded
+        else:
+            blocks = _NOT_GLOBAL_V6
+            if ip.is_site_local:
+                return True
     return (
-        ip.is_loopback
+        not ip.is_global
         or ip.is_private
+        or ip.is_loopback
         or ip.is_link_local
         or ip.is_multicast
         or ip.is_reserved
         or ip.is_unspecified
+        or any(ip in block for block in blocks)
     )
 
 

@@ -236,26 +236,12 @@ end
 return out
 """
 
-#: KEYS: the app's channel set. ARGV: key prefix, app id, channel name prefix.
-#: Returns name, subscriber total and member count of each occupied channel whose
-#: name starts with the prefix (the ``/channels`` query in one round trip).
-_APP_CHANNELS = """
-local out = {}
-local wanted = ARGV[3]
-for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if string.sub(name, 1, #wanted) == wanted then
-    local entry = ARGV[2] .. ':' .. name
-    local total = 0
-    for _, count in ipairs(redis.call('HVALS', ARGV[1] .. 'occ:' .. entry)) do
-      total = total + tonumber(count)
-    end
-    table.insert(out, name)
-    table.insert(out, total)
-    table.insert(out, redis.call('HLEN', ARGV[1] .. 'pu:' .. entry))
-  end
-end
-return out
-"""
+#: Channel names read from an app's channel set per SSCAN step: each step's
+#: ``_CHANNEL_INFO`` call blocks Redis for about this many channels' work, never
+#: for the whole app's.
+SCAN_BATCH = 500
+
+_GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
 
 def member_tag(entry: str, user_id: str) -> str:
@@ -320,7 +306,6 @@ class StateScripts:
         self._reap = client.register_script(_REAP)
         self._claim = client.register_script(_CLAIM)
         self._channel_info = client.register_script(_CHANNEL_INFO)
-        self._app_channels = client.register_script(_APP_CHANNELS)
 
     # --- keys ----------------------------------------------------------------------------
 
@@ -491,13 +476,31 @@ class StateScripts:
         values = [int(value) for value in flat]
         return [(values[i] > 0, values[i + 1], values[i + 2]) for i in range(0, len(values), 3)]
 
-    async def occupied(self, app_id: str, prefix: str = "") -> dict[str, tuple[int, int]]:
-        """The app's occupied channels starting with ``prefix``: name → (subscribers, users)."""
-        keys = [self.channels_key(app_id)]
-        flat: Any = await self._app_channels(keys=keys, args=[f"{self._prefix}:", app_id, prefix])
-        return {
-            _text(flat[i]): (int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)
-        }
+    async def occupied(
+        self, app_id: str, prefix: str = "", limit: int | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """The app's occupied channels starting with ``prefix``: name → (subscribers, users).
+
+        Read incrementally: SSCAN steps of :data:`SCAN_BATCH` names, each followed by
+        one ``_CHANNEL_INFO`` call over those names, until the set is exhausted or
+        more than ``limit`` channels were found.
+        """
+        key = self.channels_key(app_id)
+        match = prefix.translate(_GLOB_SPECIAL) + "*"
+        found: dict[str, tuple[int, int]] = {}
+        cursor: Any = 0
+        while True:
+            cursor, raw = await self._client.sscan(key, cursor, match=match, count=SCAN_BATCH)
+            names = [
+                name for name in dict.fromkeys(_text(item) for item in raw) if name not in found
+            ]
+            if names:
+                infos = await self.channel_info([f"{app_id}:{name}" for name in names])
+                for name, (occupied, subscriptions, users) in zip(names, infos, strict=True):
+                    if occupied:
+                        found[name] = (subscriptions, users)
+            if int(cursor) == 0 or (limit is not None and len(found) > limit):
+                return found
 
     def write_cache(self, pipe: Any, entry: str, event: str, data: str, ttl_ms: int) -> None:
         """Queue the write of a cache channel's last event, sealed, on ``pipe``."""

@@ -252,13 +252,13 @@ class RedisState:
         return await self._query(read)
 
     async def channel_states(
-        self, app_id: str, names: list[str] | None, prefix: str = ""
+        self, app_id: str, names: list[str] | None, prefix: str = "", limit: int | None = None
     ) -> dict[str, ChannelState]:
-        """The cluster's view of ``names``, or of every occupied channel with ``prefix``."""
+        """The cluster's view of ``names``, or of the occupied channels with ``prefix``."""
 
         async def read(scripts: StateScripts) -> dict[str, ChannelState]:
             if names is None:
-                found = await scripts.occupied(app_id, prefix)
+                found = await scripts.occupied(app_id, prefix, limit)
                 return {
                     name: ChannelState(True, subscriptions, users)
                     for name, (subscriptions, users) in found.items()
