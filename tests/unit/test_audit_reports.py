@@ -13,7 +13,7 @@ REFUSALS = {"auth_signature", "ip_rate_limited", "origin_refused"}
 AUTH_FAILURES = {"auth_signature"}
 
 
-def event(n: int, type_: str, ip: str | None) -> AuditEvent:
+def event(n: int, type_: str, ip: str | None, count: int | None = None) -> AuditEvent:
     return AuditEvent(
         id=f"{n:032x}",
         time=NOW + n,
@@ -24,7 +24,7 @@ def event(n: int, type_: str, ip: str | None) -> AuditEvent:
         socket_id=None,
         user_id=None,
         message="refused",
-        metadata={},
+        metadata={} if count is None else {"count": count},
     )
 
 
@@ -52,6 +52,7 @@ def test_refusals_are_ranked_by_address_and_reason_within_the_range(tmp_path: Pa
         event(1, "auth_signature", "10.0.0.1"),
         event(2, "auth_signature", "10.0.0.1"),
         event(3, "ip_rate_limited", "10.0.0.2"),
+        event(6, "ip_rate_limited", "10.0.0.4", count=4),  # one row for four refusals
         event(4, "origin_refused", None),
         event(5, "config_changed", "10.0.0.3"),  # not a refusal
         event(50, "auth_signature", "10.0.0.9"),  # outside the range
@@ -59,14 +60,15 @@ def test_refusals_are_ranked_by_address_and_reason_within_the_range(tmp_path: Pa
     report = refusal_report(
         path, NOW, NOW + 10, refusal_types=REFUSALS, auth_failure_types=AUTH_FAILURES, top=2
     )
-    assert report.top_ips == [{"ip": "10.0.0.1", "count": 2}, {"ip": "10.0.0.2", "count": 1}]
+    assert report.top_ips == [{"ip": "10.0.0.4", "count": 4}, {"ip": "10.0.0.1", "count": 2}]
     assert report.top_reasons == [
+        {"reason": "ip_rate_limited", "count": 5},
         {"reason": "auth_signature", "count": 2},
-        {"reason": "ip_rate_limited", "count": 1},
     ]
     assert report.auth_failures == 2
     assert [found.type for found in events(path, since=NOW + 4, limit=10)] == [
         "auth_signature",
+        "ip_rate_limited",
         "config_changed",
         "origin_refused",
     ]
