@@ -198,8 +198,7 @@ class HttpConnection(asyncio.Protocol):
             self.timer = None
         try:
             door = self.ctx.door
-            if door is None:
-                raise RuntimeError("the node has not set its route table")
+            assert door is not None, "the node sets its route table before it listens"
             response = door.answer(self._request())
         except Exception:
             # A defect of ours: the caller gets a generic 500, the trace stays in our log.
@@ -243,13 +242,10 @@ class HttpConnection(asyncio.Protocol):
 
     def _request(self) -> HttpRequest:
         url = httptools.parse_url(self.url)
+        method, path = self.parser.get_method().decode("latin-1"), url.path.decode("latin-1")
         query = url.query.decode("latin-1") if url.query else ""
-        method = self.parser.get_method().decode("latin-1")
-        body = bytes(self.body)
-        path = url.path.decode("latin-1")
-        return HttpRequest(
-            method, path, query, self.headers, body, self.ip, self.operator_ip, time.time()
-        )
+        body, ip, operator_ip = bytes(self.body), self.ip, self.operator_ip
+        return HttpRequest(method, path, query, self.headers, body, ip, operator_ip, time.time())
 
     # --- writing answers, in order -------------------------------------------------------
 
@@ -279,7 +275,7 @@ class HttpConnection(asyncio.Protocol):
             return error_response(Reason.HTTP_INTERNAL_ERROR)
 
     def _answer(self, response: HttpResponse, keep_alive: bool, head: bool = False) -> None:
-        """Write one answer (for a ``HEAD``, ``head``: its headers only); close after it?"""
+        """Write one answer (a ``HEAD``'s headers only), then close unless kept alive."""
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(response.encode(keep_alive=keep_alive, head=head))
