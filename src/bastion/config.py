@@ -83,6 +83,16 @@ WEBHOOK_EVENT_TYPES: tuple[WebhookEventType, ...] = (
 
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class _FieldError(ValueError):
+    """A check across fields that names the one at fault (pydantic gives no location)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 _APP_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _APP_KEY = re.compile(r"^[A-Za-z0-9_\-.]{1,128}$")
 
@@ -584,8 +594,9 @@ class Settings(BaseModel):
             for index, app in enumerate(self.apps):
                 value = getattr(app, field)
                 if value in seen:
-                    raise ValueError(
-                        f"apps.{index}.{field}: duplicate of apps.{seen[value]}.{field}"
+                    raise _FieldError(
+                        f"apps.{index}.{field}",
+                        f"apps.{index}.{field}: duplicate of apps.{seen[value]}.{field}",
                     )
                 seen[value] = index
         return self
@@ -661,7 +672,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
             last = index == len(path) - 1
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"{name}: no list item {part!r} to override")
+                    raise ConfigError(f"{name}: no list item {part!r} to override", fields=(name,))
                 if last:
                     node[int(part)] = _env_value(environ[name], path)
                 else:
@@ -672,21 +683,30 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
                 else:
                     node = node.setdefault(part, {})
             else:
-                raise ConfigError(f"{name}: cannot descend into a scalar")
+                raise ConfigError(f"{name}: cannot descend into a scalar", fields=(name,))
 
 
-def _format_error(error: ValidationError) -> str:
+def _config_error(error: ValidationError) -> ConfigError:
+    """A :class:`ConfigError` naming each field at fault: in its message and its ``fields``."""
     lines = []
+    fields = []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"])
+        cause = item.get("ctx", {}).get("error")
+        if not location and isinstance(cause, _FieldError):
+            location = cause.field  # a check across fields names the one at fault
+        else:
+            cause = None
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown field"
         if message.startswith("Value error, "):
             message = message[len("Value error, ") :]
+        if location:
+            fields.append(location)
         # Never echo the offending input: it may be a secret.
-        lines.append(f"{location}: {message}" if location else message)
-    return "; ".join(lines)
+        lines.append(f"{location}: {message}" if location and cause is None else message)
+    return ConfigError("; ".join(lines), fields=fields)
 
 
 def settings_from_mapping(
@@ -704,7 +724,7 @@ def settings_from_mapping(
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc)) from None
+        raise _config_error(exc) from None
 
 
 def settings_from_json(text: str | bytes) -> Settings:
@@ -719,7 +739,7 @@ def settings_from_json(text: str | bytes) -> Settings:
     try:
         return Settings.model_validate_json(text)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc)) from None
+        raise _config_error(exc) from None
 
 
 def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -733,9 +753,11 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+            raise ConfigError(
+                f"{path}: cannot read ({exc.strerror})", fields=(str(path),)
+            ) from None
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+            raise ConfigError(f"{path}: not valid TOML ({exc})", fields=(str(path),)) from None
     return settings_from_mapping(data, environ)

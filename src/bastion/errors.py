@@ -7,7 +7,8 @@ status), counted and audited, and never crashes anything; local misuse (bad
 configuration, a programming error) stops start-up loudly::
 
     BastionError
-    ├── ConfigError                 local: invalid settings; start-up exits 2
+    ├── ConfigError                 local: invalid settings; start-up exits 2; names
+    │                               the fields at fault in ``fields``
     ├── AuditLogError               local: the audit log cannot be opened or read
     │                               (bastion.store.audit); start-up exits 1
     ├── BlockStoreError             local: the blocks file cannot be opened or written
@@ -30,6 +31,7 @@ close code, a ``pusher:error`` code or an HTTP status lives in one table:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -43,7 +45,19 @@ class BastionError(Exception):
 
 
 class ConfigError(BastionError):
-    """The configuration is invalid; the message names the field."""
+    """The configuration is invalid; the message names the fields, never their values.
+
+    Args:
+        message: what is wrong, field by field (``server.port: Input should be a
+            valid integer``).
+        fields: the paths of the fields at fault, as data (``server.port``,
+            ``apps.0.secret``, ``apps[ID].jwt``, an environment variable or the
+            file that could not be read), so that no caller parses the message.
+    """
+
+    def __init__(self, message: str, *, fields: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.fields: tuple[str, ...] = tuple(fields)
 
 
 class PeerError(BastionError):

@@ -9,7 +9,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
-from bastion.server import http
+from bastion.api import cors
 from bastion.server.runtime import Node
 
 from .clients import (
@@ -279,6 +279,6 @@ async def test_preflight_without_origin_allows_nothing(origin_node: Node) -> Non
 async def test_policy_is_built_once_per_app(origin_node: Node) -> None:
     app = origin_node.hub.apps_by_id[APP_ID]
     await get_channels(origin_node, "https://app.example.com")
-    first = http.origin_policy(app)
+    first = cors.origin_policy(app)
     await get_channels(origin_node, "https://app.example.com")
-    assert http.origin_policy(app) is first
+    assert cors.origin_policy(app) is first

@@ -8,6 +8,7 @@ from bastion.protocol.refusals import Reason
 from bastion.security.admission import (
     AUTH_FAILURE_REASONS,
     CONNECTION_CAP_RETRY_SECONDS,
+    EXEMPT_REMEMBERED,
     WEBSOCKET_AUTH_FAILURE_REASONS,
     Admission,
     AuthFailureBudget,
@@ -128,3 +129,15 @@ def test_auth_failure_reasons_cover_guesses_not_client_bugs() -> None:
         "signin_token_invalid",
         "admin_unauthorized",
     }
+
+
+def test_exemption_is_remembered_per_address_and_bounded() -> None:
+    auth = budget(exempt=("10.0.0.0/8", "::1/128"))
+    # The same answers however often asked, and past the bound of remembered ones.
+    addresses = [f"10.0.{i // 256}.{i % 256}" for i in range(EXEMPT_REMEMBERED + 10)]
+    for _ in range(2):
+        assert all(auth.is_exempt(ip) for ip in addresses)
+        assert not auth.is_exempt("192.0.2.1")
+        assert auth.is_exempt("::1") and auth.is_exempt("::ffff:10.1.2.3")
+        assert not auth.is_exempt("not an address") and not auth.is_exempt(None)
+        assert not auth.is_exempt("")

@@ -513,3 +513,40 @@ def test_invalid_allowed_origins_entry_is_named(entry: str) -> None:
         )
     assert str(raised.value).startswith("apps.0.allowed_origins:")
     assert repr(entry) in str(raised.value)
+
+
+# --- field names as data --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "environ", "fields"),
+    [
+        ({"server": {"port": "6001"}}, {}, ("server.port",)),
+        (
+            {"server": {"port": "x", "nope": 1}, "apps": [app(max_connections=0)]},
+            {},
+            ("server.port", "server.nope", "apps.0.max_connections"),
+        ),
+        # A check across fields names the one at fault, which pydantic cannot locate.
+        ({"apps": [app(), app(key="other")]}, {}, ("apps.1.id",)),
+        ({"apps": [app(), app(id="2")]}, {}, ("apps.1.key",)),
+        ({"apps": [app(jwt={"algorithms": ["RS256"]})]}, {}, ("apps.0.jwt",)),
+        ({"apps": [app()]}, {"BASTION_APPS__3__ID": "x"}, ("BASTION_APPS__3__ID",)),
+    ],
+)
+def test_config_errors_carry_the_field_paths_as_data(
+    data: dict[str, Any], environ: dict[str, str], fields: tuple[str, ...]
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        settings_from_mapping(data, environ=environ)
+    assert raised.value.fields == fields
+    for field in fields:
+        assert field in str(raised.value)  # the message names them too
+    assert SECRET not in str(raised.value)
+
+
+def test_an_unreadable_file_is_named_as_the_field(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError) as raised:
+        load_settings(missing, environ={})
+    assert raised.value.fields == (str(missing),)

@@ -1,9 +1,11 @@
 """Operations endpoints: the Prometheus exposition (``/metrics``) and readiness (``/readyz``).
 
-:class:`Ops` is built once per node and answers both; the listener
-(:mod:`bastion.server.http`) routes the two paths here before any app route and
+:class:`Ops` is built once per node and answers both; the route table
+(:mod:`bastion.api.routes`) routes the two paths here before any app route and
 exempts them from the per-address REST bucket for scrapers that pass the access
-check (a refused scrape spends it like any request).
+check (a refused scrape spends it like any request). The access check is made of
+gates (:mod:`bastion.api.gates`) that :class:`Ops` configures: :attr:`Ops.peers`,
+:attr:`Ops.hosts` and :attr:`Ops.token`.
 
 Exposition. A :class:`NodeCollector` reads the node's
 :class:`~bastion.metrics.Metrics`, its hub and its blocklist *at scrape time*:
@@ -35,7 +37,6 @@ because the endpoint is unauthenticated like ``/healthz``.
 
 from __future__ import annotations
 
-import hmac
 import json
 import re
 import time
@@ -47,12 +48,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
-from bastion.api.rest import HttpResponse
+from bastion.api.gates import AllowedPeers, BearerToken
+from bastion.api.http import NO_STORE, HttpResponse
 from bastion.config import Settings
 from bastion.metrics import Metrics
+from bastion.protocol.refusals import Reason
 from bastion.security.admission import AUTH_FAILURE_REASONS
 from bastion.security.hosts import HostPolicy
-from bastion.security.proxies import parse_ip, parse_networks
 
 __all__ = [
     "AUDIT_FAILURE_WINDOW_SECONDS",
@@ -88,7 +90,6 @@ RATE_LIMIT_SLUGS = frozenset(
 _PREFIX = "bastion_"
 #: What a slug or bus reason looks like; anything else is exported as ``other``.
 _WORD = re.compile(r"[a-z0-9_]{1,64}")
-_NO_STORE = (("Cache-Control", "no-store"),)
 
 
 # --- what Ops reads from a node (bastion.server.runtime.Node satisfies these) ---------
@@ -414,15 +415,11 @@ class Ops:
         self.clock = clock
         settings = node.settings.metrics
         self.enabled = settings.enabled
-        self._allow_from = parse_networks(settings.allow_from)
+        #: Who may scrape without the token (``allow_from``), and with it.
+        self.peers = AllowedPeers(settings.allow_from, Reason.METRICS_FORBIDDEN)
+        self.token = BearerToken(settings.token, Reason.METRICS_FORBIDDEN)
         #: The ``Host`` values a token-less scrape may carry.
         self.hosts = HostPolicy(node.settings.server.host, settings.allowed_hosts)
-        # Bytes once: compare_digest refuses non-ASCII str, and a header may carry any.
-        self._token = (
-            settings.token.get_secret_value().encode("utf-8")
-            if settings.token is not None
-            else None
-        )
         # Our own registry: the process-wide default would be shared by every node here.
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(NodeCollector(node, wall_clock))
@@ -452,23 +449,16 @@ class Ops:
 
     def address_allowed(self, address: str | None) -> bool:
         """Whether ``address`` is in ``allow_from``."""
-        parsed = parse_ip(address) if address else None
-        return parsed is not None and any(parsed in net for net in self._allow_from)
+        return self.peers.allows(address)
 
     def token_valid(self, authorization: Iterable[str]) -> bool:
         """Whether the request carries exactly one ``Bearer`` header with the token."""
-        values = list(authorization)
-        if self._token is None or len(values) != 1:
-            return False
-        scheme, _, credentials = values[0].strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        return hmac.compare_digest(credentials.strip().encode("utf-8"), self._token)
+        return self.token.valid(list(authorization))
 
     def exposition(self) -> HttpResponse:
         """The Prometheus text exposition of the node's counters, read now."""
         return HttpResponse(
-            200, generate_latest(self.registry), content_type=CONTENT_TYPE_LATEST, headers=_NO_STORE
+            200, generate_latest(self.registry), content_type=CONTENT_TYPE_LATEST, headers=NO_STORE
         )
 
     # --- /readyz ------------------------------------------------------------------
@@ -507,4 +497,4 @@ class Ops:
         checks = self.checks()
         ready = all(value == "ok" for value in checks.values())
         body = json.dumps({"ready": ready, "checks": checks}, sort_keys=True).encode()
-        return HttpResponse(200 if ready else 503, body, headers=_NO_STORE)
+        return HttpResponse(200 if ready else 503, body, headers=NO_STORE)

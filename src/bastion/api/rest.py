@@ -10,8 +10,8 @@ the :class:`~bastion.adapters.base.ReplayClaims` of the node), the app's own
 ``Retry-After``; only after the signature and the replay check, so neither a
 stranger nor a replayed request can spend the app's budget), the app must be
 enabled (403), and only then is the body parsed. The per-address limits
-(``ip_rate_limited``, ``auth_failure_limit``) are checked in
-:mod:`bastion.server.http` before a request gets here.
+(``ip_rate_limited``, ``auth_failure_limit``) are gates of the route table
+(:mod:`bastion.api.routes`), passed before a request gets here.
 A multi-event batch is validated whole before any event is delivered.
 Errors are JSON: ``{"error": message, "reason": slug}``.
 
@@ -26,18 +26,23 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from http import HTTPStatus
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 from bastion.adapters.base import ChannelState, ClusterUnavailable, ReplayClaims
+from bastion.api.http import (
+    HttpRequest,
+    HttpResponse,
+    error_response,
+    json_response,
+    rate_limited_response,
+)
 from bastion.config import RateSettings, Settings
 from bastion.core.hub import AppState, Hub
 from bastion.errors import Refused
 from bastion.metrics import Metrics
-from bastion.protocol.messages import dumps, loads
+from bastion.protocol.messages import loads
 from bastion.protocol.names import (
     SERVER_TO_USER_PREFIX,
     ChannelKind,
@@ -48,16 +53,11 @@ from bastion.protocol.names import (
 )
 from bastion.protocol.refusals import Reason
 from bastion.protocol.signing import verify_rest_request
-from bastion.security.limits import (
-    LimiterFactory,
-    RateLimiter,
-    memory_limiters,
-    retry_after_seconds,
-)
+from bastion.security.limits import LimiterFactory, RateLimiter, memory_limiters
 from bastion.security.replay import Verdict
 from bastion.server.refusals import RefusalPath
 
-__all__ = ["HttpRequest", "HttpResponse", "RestApi", "error_response", "rate_limited_response"]
+__all__ = ["RestApi"]
 
 _ROUTE = re.compile(
     r"^/apps/(?P<app_id>[^/]+)/(?:"
@@ -69,57 +69,6 @@ _ROUTE = re.compile(
 #: the app is then the one whose key signed the request.
 _USER_ROUTE = re.compile(r"^/users/(?P<user_id>[^/]+)/terminate_connections$")
 _INFO_ATTRIBUTES = frozenset({"user_count", "subscription_count"})
-
-
-@dataclass(frozen=True, slots=True)
-class HttpRequest:
-    """A parsed HTTP request: the path as received (still URL-encoded)."""
-
-    method: str
-    path: str
-    params: Sequence[tuple[str, str]]
-    body: bytes
-    ip: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class HttpResponse:
-    """A response to write."""
-
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    headers: tuple[tuple[str, str], ...] = field(default=())
-
-    @property
-    def phrase(self) -> str:
-        """The reason phrase for the status line."""
-        try:
-            return HTTPStatus(self.status).phrase
-        except ValueError:
-            return "Unknown"
-
-
-def json_response(value: Any, status: int = 200) -> HttpResponse:
-    """A JSON response."""
-    return HttpResponse(status, dumps(value).encode())
-
-
-def error_response(
-    reason: Reason, detail: str | None = None, headers: tuple[tuple[str, str], ...] = ()
-) -> HttpResponse:
-    """The JSON error body for ``reason``, with any extra ``headers``."""
-    rule = reason.value
-    return HttpResponse(
-        rule.http_status or 400,
-        dumps({"error": detail or rule.message, "reason": rule.slug}).encode(),
-        headers=headers,
-    )
-
-
-def rate_limited_response(reason: Reason, wait: float) -> HttpResponse:
-    """The error for a spent bucket, with ``Retry-After`` in whole seconds (at least 1)."""
-    return error_response(reason, headers=(("Retry-After", str(retry_after_seconds(wait))),))
 
 
 def _info_attributes(raw: Any) -> frozenset[str]:
@@ -167,16 +116,18 @@ class RestApi:
             match = _ROUTE.match(request.path) or _USER_ROUTE.match(request.path)
             if match is None:
                 raise Refused(Reason.HTTP_NOT_FOUND)
+            pairs = parse_qsl(request.query, keep_blank_values=True)
+            params = dict(pairs)
             if "app_id" in match.re.groupindex:
                 app = self.hub.apps_by_id.get(match["app_id"])
             else:
-                app = self.hub.apps_by_key.get(dict(request.params).get("auth_key", ""))
+                app = self.hub.apps_by_key.get(params.get("auth_key", ""))
             if app is None:
                 raise Refused(Reason.HTTP_UNKNOWN_APP)
             failure = verify_rest_request(
                 method=request.method,
                 path=request.path,
-                params=request.params,
+                params=pairs,
                 body=request.body,
                 app_key=app.settings.key,
                 secrets=app.secret_set.active(now),
@@ -184,14 +135,14 @@ class RestApi:
             )
             if failure is not None:
                 raise Refused(failure)
-            await self._check_replay(app, request, now)
+            await self._check_replay(app, params, now)
             wait = self._app_rate(app, now)
             if wait > 0:
                 self.refusals.record(Reason.HTTP_APP_RATE, app_id=app.id, ip=request.ip)
                 return rate_limited_response(Reason.HTTP_APP_RATE, wait)
             if not app.settings.enabled:
                 raise Refused(Reason.HTTP_APP_DISABLED)
-            return await self._route(app, request, match)
+            return await self._route(app, request, params, match)
         except Refused as refused:
             return self._refused(refused, app, request)
         except ClusterUnavailable as error:
@@ -235,10 +186,9 @@ class RestApi:
             )
         return cached[1].take(app.id, now)
 
-    async def _check_replay(self, app: AppState, request: HttpRequest, now: float) -> None:
+    async def _check_replay(self, app: AppState, params: dict[str, str], now: float) -> None:
         # Only reached once the signature verified, so both parameters are present
         # and the timestamp parses; nothing unverified is ever remembered.
-        params = dict(request.params)
         verdict = await self.replay.claim(
             app.id,
             params["auth_signature"],
@@ -250,10 +200,9 @@ class RestApi:
             raise Refused(Reason.HTTP_REPLAYED)
 
     async def _route(
-        self, app: AppState, request: HttpRequest, match: re.Match[str]
+        self, app: AppState, request: HttpRequest, params: dict[str, str], match: re.Match[str]
     ) -> HttpResponse:
         method = request.method
-        params = dict(request.params)
         groups = match.groupdict()
         if groups.get("events") or groups.get("batch"):
             if method != "POST":

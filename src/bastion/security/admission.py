@@ -37,12 +37,16 @@ from bastion.security.proxies import parse_ip, parse_networks
 __all__ = [
     "AUTH_FAILURE_REASONS",
     "CONNECTION_CAP_RETRY_SECONDS",
+    "EXEMPT_REMEMBERED",
     "WEBSOCKET_AUTH_FAILURE_REASONS",
     "Admission",
     "AuthFailureBudget",
     "ConnectionCounter",
     "Denial",
 ]
+
+#: Distinct addresses an :class:`AuthFailureBudget` remembers the exemption of.
+EXEMPT_REMEMBERED = 4096
 
 #: Retry-After for a full per-address cap: no refill time exists, a slot frees
 #: whenever one of the address's connections closes. A few seconds spares the node
@@ -167,16 +171,27 @@ class AuthFailureBudget:
         exempt: CIDRs that neither spend nor are refused (``never_block``).
     """
 
-    __slots__ = ("exempt", "limiter")
+    __slots__ = ("_exempt_seen", "exempt", "limiter")
 
     def __init__(self, limiter: RateLimiter, exempt: Sequence[str] = ()) -> None:
         self.limiter = limiter
         self.exempt = parse_networks(exempt)
+        #: Each address's answer, remembered: asked on every signed REST call, and
+        #: parsing an address costs more than the rest of the check.
+        self._exempt_seen: dict[str, bool] = {}
 
     def is_exempt(self, ip: str | None) -> bool:
         """Whether ``ip`` is outside the budget (no address at all is not exempt)."""
-        address = parse_ip(ip) if ip else None
-        return address is not None and any(address in net for net in self.exempt)
+        if not ip:
+            return False
+        exempt = self._exempt_seen.get(ip)
+        if exempt is None:
+            address = parse_ip(ip)
+            exempt = address is not None and any(address in net for net in self.exempt)
+            if len(self._exempt_seen) >= EXEMPT_REMEMBERED:
+                self._exempt_seen.clear()
+            self._exempt_seen[ip] = exempt
+        return exempt
 
     def refusal(self, ip: str | None, now: float) -> Denial | None:
         """Whether an authentication attempt from ``ip`` is refused at ``now``.

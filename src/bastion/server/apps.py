@@ -39,7 +39,8 @@ def app_state(settings: AppSettings) -> AppState:
         try:
             verifier = JwtVerifier.from_settings(settings.jwt, read_key_file)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"apps[{settings.id}].jwt: {exc}") from None
+            field = f"apps[{settings.id}].jwt"
+            raise ConfigError(f"{field}: {exc}", fields=(field,)) from None
     return AppState(settings, verifier)
 
 

@@ -10,18 +10,22 @@ by a refusal-path listener, so every door that fails an authentication (REST
 signatures, channel auth, sign-ins, tokens, admin tokens) spends it in one place;
 each door asks :attr:`ServerContext.auth_budget` before it verifies an attempt.
 Addresses in ``[security.reputation] never_block`` are outside the budget.
+
+The context knows the open WebSocket connections only as :class:`Connection`,
+what the node's shared parts ask of one, so that the connection's module
+(:mod:`bastion.server.websocket`) can depend on this one and not the reverse.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from bastion.config import RateSettings, Settings
-from bastion.core.hub import Hub
+from bastion.core.hub import AppState, Hub, Session
 from bastion.errors import Refused
 from bastion.metrics import Metrics
 from bastion.protocol.refusals import Reason
@@ -41,11 +45,54 @@ from bastion.security.proxies import TrustedProxies
 from bastion.server.refusals import RefusalPath, RefusalRecord
 
 if TYPE_CHECKING:
+    from bastion.api.http import HttpRequest, HttpResponse
     from bastion.api.ops import Ops
     from bastion.api.rest import RestApi
-    from bastion.server.websocket import WebSocketConnection
 
-__all__ = ["BlockList", "Outbox", "ServerContext", "frame_text"]
+__all__ = ["BlockList", "Connection", "Door", "Outbox", "ServerContext", "frame_text"]
+
+
+class Connection(Protocol):
+    """An open WebSocket connection (:class:`~bastion.server.websocket.WebSocketConnection`)."""
+
+    @property
+    def app(self) -> AppState:
+        """The app it connected to."""
+        ...
+
+    @property
+    def ip(self) -> str | None:
+        """The client's address."""
+        ...
+
+    @property
+    def session(self) -> Session:
+        """Its session in the hub (``socket_id``, user, channels)."""
+        ...
+
+    def flush_pending(self) -> None:
+        """Write what this loop iteration queued for it (the :class:`Outbox`)."""
+        ...
+
+    def refuse(self, refused: Refused) -> None:
+        """Answer a refusal as the protocol says (an error or a close)."""
+        ...
+
+    def close(self, code: int, reason: str) -> None:
+        """Close it with ``code``."""
+        ...
+
+    def check_liveness(self, now: float, activity_timeout: float, pong_timeout: float) -> None:
+        """Ping it when idle, close it when a ping went unanswered."""
+        ...
+
+
+class Door(Protocol):
+    """The plain HTTP side of the listener: the route table (:mod:`bastion.api.routes`)."""
+
+    def answer(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
+        """The answer to ``request``: now, or later."""
+        ...
 
 
 class BlockList(Protocol):
@@ -90,7 +137,7 @@ class Outbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._dirty: list[WebSocketConnection] = []
+        self._dirty: list[Connection] = []
         self._after: list[Callable[[], None]] = []
         self._scheduled = False
 
@@ -99,7 +146,7 @@ class Outbox:
         """Whether writes are queued for this iteration."""
         return bool(self._dirty)
 
-    def mark(self, connection: WebSocketConnection) -> None:
+    def mark(self, connection: Connection) -> None:
         """``connection`` has queued bytes; flush it at the end of this iteration."""
         self._dirty.append(connection)
         self._schedule()
@@ -141,13 +188,15 @@ class ServerContext:
     loop: asyncio.AbstractEventLoop
     rest: RestApi
     outbox: Outbox
-    connections: set[WebSocketConnection] = field(default_factory=set)
+    connections: set[Connection] = field(default_factory=set)
     socket_ids: set[str] = field(default_factory=set)
     draining: bool = False
     #: Set by the node when IP reputation / blocks are in use.
     blocklist: BlockList | None = None
     #: ``/metrics`` and ``/readyz``, set by the node (they read more than this context).
     ops: Ops | None = None
+    #: Answers plain HTTP requests: the route table, set by the node.
+    door: Door | None = None
     #: Builds the per-address limiters (cluster-wide ones with the redis adapter).
     limiters: LimiterFactory = memory_limiters
     #: Whose forwarding headers name the client (``security.trusted_proxies``).

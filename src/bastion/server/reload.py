@@ -52,19 +52,18 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
 from bastion.config import AppSettings, Settings
-from bastion.core.hub import AppState
+from bastion.core.hub import AppState, Hub
 from bastion.errors import ConfigError, Refused
+from bastion.metrics import Metrics
 from bastion.protocol.refusals import Reason
 from bastion.security.audit import AuditEvent, MetadataValue, Severity
 from bastion.server.apps import app_state
-
-if TYPE_CHECKING:
-    from bastion.server.runtime import Node
+from bastion.server.context import ServerContext
 
 __all__ = [
     "CONFIG_CHANGED",
@@ -72,6 +71,7 @@ __all__ = [
     "RESTART_ONLY",
     "ReloadResult",
     "ReloadSource",
+    "ReloadableNode",
     "RestartRequired",
     "changed_fields",
     "record_refused",
@@ -108,8 +108,49 @@ class RestartRequired(ConfigError):
     """
 
     def __init__(self, fields: Sequence[str]) -> None:
-        super().__init__(f"needs a restart: {', '.join(fields)}")
-        self.fields = tuple(fields)
+        super().__init__(f"needs a restart: {', '.join(fields)}", fields=fields)
+
+
+class _SettingsOwner(Protocol):
+    def apply_settings(self, settings: Settings) -> None: ...
+
+
+class ReloadableNode(Protocol):
+    """What a reload reads and asks of a running node (:class:`~bastion.server.runtime.Node`)."""
+
+    settings: Settings
+
+    @property
+    def metrics(self) -> Metrics:
+        """The node's counters (``config_reloads``)."""
+        ...
+
+    @property
+    def hub(self) -> Hub:
+        """The hub, which takes the new apps."""
+        ...
+
+    @property
+    def ctx(self) -> ServerContext:
+        """The listener's context, which takes the new limits."""
+        ...
+
+    @property
+    def rest(self) -> _SettingsOwner:
+        """The REST API, which forgets removed apps' buckets."""
+        ...
+
+    def audit_event(self, event: AuditEvent) -> None:
+        """Record ``event`` in the audit log (nothing when it is off)."""
+        ...
+
+    def rebuild_ops(self) -> None:
+        """``[metrics]`` or ``[admin]`` changed: rebuild the operator endpoints."""
+        ...
+
+    def replace_webhooks(self) -> None:
+        """The apps' webhook endpoints changed."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +227,7 @@ def restart_fields(old: Settings, changed: Iterable[str]) -> list[str]:
 
 
 def _audit(
-    node: Node,
+    node: ReloadableNode,
     type_: str,
     severity: Severity,
     message: str,
@@ -209,7 +250,7 @@ def _audit(
 
 
 def record_refused(
-    node: Node, source: ReloadSource, why: str, fields: Sequence[str], detail: str = ""
+    node: ReloadableNode, source: ReloadSource, why: str, fields: Sequence[str], detail: str = ""
 ) -> None:
     """Count, log and audit a reload that was not applied (field names only).
 
@@ -230,7 +271,7 @@ def record_refused(
     )
 
 
-def reload_settings(node: Node, new: Settings, source: ReloadSource) -> ReloadResult:
+def reload_settings(node: ReloadableNode, new: Settings, source: ReloadSource) -> ReloadResult:
     """Apply ``new`` to the running ``node``, whole or not at all.
 
     Runs on the node's event loop. Counts the attempt in
@@ -254,7 +295,7 @@ def reload_settings(node: Node, new: Settings, source: ReloadSource) -> ReloadRe
     try:
         templates = _build_apps(old, new)
     except ConfigError as exc:
-        record_refused(node, source, "invalid", [str(exc).partition(":")[0]])
+        record_refused(node, source, "invalid", exc.fields)
         raise
     closed = _apply(node, old, new, changed, templates)
     node.metrics.config_reloads["applied"] += 1
@@ -277,7 +318,7 @@ def _build_apps(old: Settings, new: Settings) -> dict[str, AppState]:
 
 
 def _apply(
-    node: Node,
+    node: ReloadableNode,
     old: Settings,
     new: Settings,
     changed: Sequence[str],

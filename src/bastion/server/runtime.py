@@ -26,8 +26,10 @@ from bastion.adapters.base import Cluster
 from bastion.adapters.cluster_limits import ClusterLimits
 from bastion.adapters.local import local_cluster
 from bastion.adapters.redis import redis_cluster
+from bastion.api.admin import AdminApi
 from bastion.api.ops import Ops
 from bastion.api.rest import RestApi
+from bastion.api.routes import front_door
 from bastion.config import Settings
 from bastion.core.hub import Hub
 from bastion.errors import ConfigError
@@ -113,8 +115,10 @@ class Node:
         #: Work a live reload started (a replaced webhook producer's flush, opening
         #: the queue); a stop waits for it.
         self._background: set[asyncio.Task[None]] = set()
+        #: The security admin API (``[admin]``), served by the route table.
+        self.admin: AdminApi
         # Last: the endpoints read the attributes above at request time.
-        self.ctx.ops = Ops(self)
+        self.rebuild_ops()
 
     def _make_cluster(self, loop: asyncio.AbstractEventLoop) -> Cluster:
         """The cluster ``[adapter]`` asks for."""
@@ -299,9 +303,15 @@ class Node:
         record_refused(self, source, "invalid", fields, detail)
 
     def rebuild_ops(self) -> None:
-        """``[metrics]`` or ``[admin]`` changed: answer with the new access rules."""
-        # A new Ops gets its own admin API (bastion.server.http caches one per Ops).
-        self.ctx.ops = Ops(self)
+        """Build the operator endpoints and the route table that serves them.
+
+        At start, and when ``[metrics]`` or ``[admin]`` changed: the new access
+        rules apply from the next request on.
+        """
+        ops = Ops(self)
+        self.admin = AdminApi(self, ops)
+        self.ctx.ops = ops
+        self.ctx.door = front_door(self.ctx, self.hub, self.rest, ops, self.admin)
 
     def replace_webhooks(self) -> None:
         """The apps' webhook endpoints changed: route hub events by the new ones.
@@ -440,8 +450,7 @@ def _on_sighup(node: Node | None, reload: ReloadSettings | None, source: ReloadS
         settings = reload()
     except ConfigError as exc:
         # The message names fields and never echoes a value (bastion.config).
-        fields = [part.partition(":")[0].strip() for part in str(exc).split("; ")]
-        node.reload_failed(source, fields, str(exc))
+        node.reload_failed(source, list(exc.fields), str(exc))
         return
     node.reload(settings, source)
 

@@ -6,14 +6,15 @@ login form for the ``[admin] token``: the script keeps the token in
 ``sessionStorage`` and calls ``/api/security/*`` with it, so the page itself holds
 no secret and needs no token to load.
 
-The listener (:mod:`bastion.server.http`) routes here only when the admin API is
-on (``[admin] token`` set) and the request's operator address (the TCP peer, or
-the client a trusted proxy named) is in ``[admin] allow_from``; anyone else gets
-the 404 of an unknown path. An allowed caller whose ``Host`` header does not name
-this server (DNS rebinding) gets 403 ``host_not_allowed``. Only ``GET`` and
+The route table (:mod:`bastion.api.routes`) routes here only when the admin API
+is on (``[admin] token`` set) and the request's operator address (the TCP peer,
+or the client a trusted proxy named) is in ``[admin] allow_from``; anyone else
+gets the 404 of an unknown path. An allowed caller whose ``Host`` header does not
+name this server (DNS rebinding) gets 403 ``host_not_allowed``. Only ``GET`` and
 ``HEAD`` are answered.
 
-Every answer carries :data:`SECURITY_HEADERS`: a Content-Security-Policy that
+Every answer carries :data:`SECURITY_HEADERS` (a refusal too: the dashboard
+route adds them to every refusal of its gates): a Content-Security-Policy that
 allows only this origin's script, style and ``fetch`` (no inline code at all, no
 frames, no form posts), ``nosniff``, no referrer, and ``no-store``.
 """
@@ -21,10 +22,9 @@ frames, no form posts), ``nosniff``, no referrer, and ``no-store``.
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 from importlib import resources
 
-from bastion.api.rest import HttpResponse
+from bastion.api.http import HttpResponse
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
@@ -33,7 +33,6 @@ __all__ = [
     "SECURITY_HEADERS",
     "dashboard_response",
     "is_dashboard_path",
-    "with_security_headers",
 ]
 
 #: Where the page lives; its assets are beside it.
@@ -80,13 +79,6 @@ def is_dashboard_path(path: str) -> bool:
 def _read(name: str) -> bytes:
     """A shipped file's bytes, read once."""
     return resources.files(__name__).joinpath(name).read_bytes()
-
-
-def with_security_headers(response: HttpResponse) -> HttpResponse:
-    """``response`` with the dashboard's headers added (an error answer, say)."""
-    names = {name.lower() for name, _ in SECURITY_HEADERS}
-    kept = tuple(item for item in response.headers if item[0].lower() not in names)
-    return replace(response, headers=kept + SECURITY_HEADERS)
 
 
 def dashboard_response(method: str, path: str) -> HttpResponse:
