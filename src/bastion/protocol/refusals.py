@@ -20,7 +20,7 @@ import enum
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Reason", "Rule"]
+__all__ = ["Reason", "RefusalRecord", "Rule"]
 
 Severity = Literal["info", "warning"]
 
@@ -363,3 +363,15 @@ class Reason(enum.Enum):
         "Encrypted channels cannot be triggered together with other channels",
         http_status=400,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalRecord:
+    """One refusal, as the refusal path's listeners (audit, reputation) receive it."""
+
+    reason: Reason
+    app_id: str | None
+    ip: str | None
+    socket_id: str | None
+    user_id: str | None
+    detail: str

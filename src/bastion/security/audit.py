@@ -28,8 +28,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from bastion.protocol.refusals import RefusalRecord
     from bastion.security.reputation import Block
-    from bastion.server.refusals import RefusalRecord
 
 __all__ = [
     "BUS_MESSAGE_FORGED",

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bastion.metrics import Metrics
-from bastion.protocol.refusals import Reason, Rule
+from bastion.protocol.refusals import Reason, RefusalRecord, Rule
 from bastion.security.repeats import Aggregate, RepeatAggregator
 
 __all__ = [
@@ -50,18 +50,6 @@ MAX_AGGREGATED_KEYS = 10_000
 
 #: (ip, slug, app id): what makes two refusals "the same" for the log and the audit log.
 RefusalKey = tuple[str | None, str, str | None]
-
-
-@dataclass(frozen=True, slots=True)
-class RefusalRecord:
-    """One refusal, as audit and IP reputation (#3) receive it."""
-
-    reason: Reason
-    app_id: str | None
-    ip: str | None
-    socket_id: str | None
-    user_id: str | None
-    detail: str
 
 
 @dataclass(frozen=True, slots=True)
