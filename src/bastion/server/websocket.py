@@ -2,7 +2,13 @@
 
 Incoming bytes go through the ``websockets`` sans-I/O protocol (masking, RSV
 bits, opcodes, control frames, the frame size limit checked from the header
-before the payload is read); text messages are then decoded by
+before the payload is read), except on the fast path: while nothing is pending
+in that protocol (no partial frame, no fragmented message, the connection open),
+complete, masked, unfragmented text frames within the size limit — what pusher-js
+sends, one Pusher message each — are unmasked here (websockets' own C routine)
+and handled at once; the first frame that is anything else, and everything after
+it, goes to the sans-I/O protocol as before, from a frame boundary, so it sees
+exactly the bytes it would have parsed itself. Text messages are then decoded by
 :mod:`bastion.protocol.messages` and handed to the hub. Outgoing messages are
 pre-framed bytes written straight to the transport: a broadcast never awaits
 a subscriber. A subscriber whose transport buffer passes the limit is cut with
@@ -34,7 +40,13 @@ import time
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 from websockets.server import ServerProtocol
+
+try:  # websockets' C routine (always built on the platforms we ship for)
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - a build without its C extension
+    from websockets.utils import apply_mask
 
 from bastion.core.hub import AppState, Session
 from bastion.errors import Refused
@@ -229,6 +241,16 @@ class WebSocketConnection(asyncio.Protocol):
         self.last_seen = self.ctx.loop.time()
         self.ping_sent_at = None
         proto = self.proto
+        if (
+            self._fragments is None
+            and proto.state is State.OPEN
+            and proto.current_size is None
+            and not proto.reader.buffer
+        ):
+            data = self._fast_frames(data, proto.max_message_size)
+            if not data:
+                self._flush()
+                return
         proto.receive_data(data)
         for frame in proto.events_received():
             if self.state is not ConnectionState.OPEN:
@@ -288,18 +310,58 @@ class WebSocketConnection(asyncio.Protocol):
         # The sans-I/O protocol has already queued its close frame (1002/1009).
         self._mark_failed(reason)
 
+    def _fast_frames(self, data: bytes, max_size: int | None) -> bytes:
+        """Handle the leading complete, masked, final text frames of ``data``.
+
+        Returns what is left from the first frame that is anything else (or is
+        not complete yet): the sans-I/O protocol parses it, from that boundary.
+        """
+        position, end = 0, len(data)
+        while self.state is ConnectionState.OPEN and end - position >= 6:
+            # FIN + text with no RSV bit, then MASK set (a client's frames must be).
+            if data[position] != 0x81:
+                break
+            length = data[position + 1]
+            if length < 0x80:
+                break
+            length &= 0x7F
+            head = position + 2
+            if length == 126:
+                if end - position < 8:
+                    break
+                length = (data[head] << 8) | data[head + 1]
+                head += 2
+            elif length == 127:
+                break  # 64-bit lengths: far past any Pusher message, the slow path judges
+            if max_size is not None and length > max_size:
+                break  # the slow path refuses it (1009), as before
+            start = head + 4
+            stop = start + length
+            if stop > end:
+                break
+            payload = apply_mask(data[start:stop], data[head:start])
+            position = stop
+            if self._spend_message_budget():
+                self._on_text(payload)
+        return data[position:] if position else data
+
+    def _spend_message_budget(self) -> bool:
+        """Take a token of the message budget; a frame past it is refused unread."""
+        # Before anything looks at the frame: one float compared, nothing decoded.
+        settings = self.app.settings
+        rate = settings.max_messages_per_second.rate
+        full_at = take_folded(self._messages, self.last_seen, rate, self.app.message_burst)
+        if full_at is None:
+            self._fragments = None  # the rest of a fragmented message goes with it
+            self.refuse(Refused(Reason.MESSAGE_RATE))
+            return False
+        self._messages = full_at
+        return True
+
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
-        if opcode is not Opcode.CLOSE:
-            # Before anything looks at the frame: one float compared, nothing decoded.
-            settings = self.app.settings
-            rate = settings.max_messages_per_second.rate
-            full_at = take_folded(self._messages, self.last_seen, rate, settings.message_burst)
-            if full_at is None:
-                self._fragments = None  # the rest of a fragmented message goes with it
-                self.refuse(Refused(Reason.MESSAGE_RATE))
-                return
-            self._messages = full_at
+        if opcode is not Opcode.CLOSE and not self._spend_message_budget():
+            return
         if opcode is Opcode.TEXT:
             if frame.fin:
                 self._on_text(bytes(frame.data))
