@@ -8,7 +8,9 @@ complete, masked, unfragmented text frames within the size limit — what pusher
 sends, one Pusher message each — are unmasked here (websockets' own C routine)
 and handled at once; the first frame that is anything else, and everything after
 it, goes to the sans-I/O protocol as before, from a frame boundary, so it sees
-exactly the bytes it would have parsed itself. Text messages are then decoded by
+exactly the bytes it would have parsed itself. That protocol object is made only
+when a connection first needs it (a ping, a close, a fragment): an idle
+connection never holds one. Text messages are then decoded by
 :mod:`bastion.protocol.messages` and handed to the hub. Outgoing messages are
 pre-framed bytes written straight to the transport: a broadcast never awaits
 a subscriber. A subscriber whose transport buffer passes the limit is cut with
@@ -54,7 +56,7 @@ from bastion.protocol import messages as msg
 from bastion.protocol.names import classify_channel
 from bastion.protocol.refusals import Reason
 from bastion.security.ratelimit import take_folded
-from bastion.server.context import ServerContext, frame_text
+from bastion.server.context import ServerContext, close_frame, frame_text
 from bastion.server.state import ConnectionState, check_transition
 
 __all__ = ["WebSocketConnection", "new_socket_id"]
@@ -78,7 +80,9 @@ class WebSocketConnection(asyncio.Protocol):
 
     __slots__ = (
         "_fragments",
+        "_max_size",
         "_messages",
+        "_proto",
         "_query_token",
         "_refusals",
         "app",
@@ -87,7 +91,6 @@ class WebSocketConnection(asyncio.Protocol):
         "last_seen",
         "pending",
         "ping_sent_at",
-        "proto",
         "session",
         "state",
         "transport",
@@ -97,15 +100,18 @@ class WebSocketConnection(asyncio.Protocol):
         self,
         ctx: ServerContext,
         transport: asyncio.Transport,
-        proto: ServerProtocol,
         app: AppState,
         ip: str | None,
         *,
+        max_size: int | None,
         query_token: str | None = None,
     ) -> None:
         self.ctx = ctx
         self.transport = transport
-        self.proto = proto
+        #: The largest frame accepted (the app's payload limit, with headroom).
+        self._max_size = max_size
+        #: The sans-I/O protocol, made when the connection first needs it.
+        self._proto: ServerProtocol | None = None
         self.app = app
         self.ip = ip
         self.state = ConnectionState.OPEN
@@ -123,6 +129,14 @@ class WebSocketConnection(asyncio.Protocol):
         self.pending: bytes | list[bytes] | None = None
         socket_id = new_socket_id(ctx.socket_ids)
         self.session = Session(socket_id, self.write, self.refuse, opened_at=self.last_seen)
+
+    @property
+    def proto(self) -> ServerProtocol:
+        """The sans-I/O protocol (made now if the connection never needed it)."""
+        proto = self._proto
+        if proto is None:
+            proto = self._proto = ServerProtocol(state=State.OPEN, max_size=self._max_size)
+        return proto
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -221,7 +235,9 @@ class WebSocketConnection(asyncio.Protocol):
         self._forget()
         self.ctx.metrics.connections_closed[(self.app.id, code)] += 1
         self.flush_pending()
-        self.proto.send_close(code, reason[:120])
+        if self._proto is None or self._proto.state is State.OPEN:
+            # (Not after the peer's close: the sans-I/O protocol has answered it.)
+            self.transport.write(close_frame(code, reason))
         self._flush()
         self.transport.close()
         # A slow consumer may never drain its buffer; do not wait for it forever.
@@ -240,17 +256,18 @@ class WebSocketConnection(asyncio.Protocol):
         """Parse frames and act on each complete message."""
         self.last_seen = self.ctx.loop.time()
         self.ping_sent_at = None
-        proto = self.proto
-        if (
-            self._fragments is None
-            and proto.state is State.OPEN
-            and proto.current_size is None
-            and not proto.reader.buffer
+        proto = self._proto
+        if self._fragments is None and (
+            proto is None
+            or (
+                proto.state is State.OPEN and proto.current_size is None and not proto.reader.buffer
+            )
         ):
-            data = self._fast_frames(data, proto.max_message_size)
+            data = self._fast_frames(data, self._max_size)
             if not data:
                 self._flush()
                 return
+        proto = self.proto
         proto.receive_data(data)
         for frame in proto.events_received():
             if self.state is not ConnectionState.OPEN:
@@ -285,7 +302,9 @@ class WebSocketConnection(asyncio.Protocol):
     def _flush(self) -> None:
         # Queued messages go before what the sans-I/O protocol wrote after them.
         self.flush_pending()
-        for chunk in self.proto.data_to_send():
+        if self._proto is None:
+            return
+        for chunk in self._proto.data_to_send():
             if chunk:
                 self.transport.write(chunk)
                 continue
@@ -399,8 +418,9 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _fail_invalid_utf8(self) -> None:
         self._mark_failed(Reason.INVALID_UTF8)
-        self.proto.fail(1007, "invalid UTF-8")
-        self._flush()
+        self.flush_pending()
+        self.transport.write(close_frame(1007, "invalid UTF-8"))
+        self.transport.close()
 
     def _mark_failed(self, reason: Reason) -> None:
         """Record a frame-level failure and leave everything; the caller sends the close."""
