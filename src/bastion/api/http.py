@@ -25,8 +25,9 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote_plus
 
-from bastion.protocol.messages import dumps
+from bastion.protocol.codec import encode
 from bastion.protocol.refusals import Reason
 from bastion.security.limits import retry_after_seconds
 
@@ -39,6 +40,7 @@ __all__ = [
     "Refusal",
     "error_response",
     "json_response",
+    "query_pairs",
     "rate_limited_response",
 ]
 
@@ -110,15 +112,36 @@ class HttpResponse:
         ``Content-Length`` included, and never a body: body bytes would be read as
         the start of the next answer on a kept-alive connection.
         """
-        lines = [f"HTTP/1.1 {self.status} {self.phrase}"]
-        if self.status != 204:  # RFC 9110 8.6: no Content-Length on a 204
-            lines += [f"Content-Type: {self.content_type}", f"Content-Length: {len(self.body)}"]
-        lines += [
-            "Connection: keep-alive" if keep_alive else "Connection: close",
-            *(f"{name}: {value}" for name, value in self.headers),
-        ]
-        head_bytes = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        connection = "keep-alive" if keep_alive else "close"
+        extra = "".join(f"{name}: {value}\r\n" for name, value in self.headers)
+        if self.status == 204:  # RFC 9110 8.6: no Content-Length on a 204
+            text = f"HTTP/1.1 204 No Content\r\nConnection: {connection}\r\n{extra}\r\n"
+        else:
+            text = (
+                f"HTTP/1.1 {self.status} {self.phrase}\r\nContent-Type: {self.content_type}\r\n"
+                f"Content-Length: {len(self.body)}\r\nConnection: {connection}\r\n{extra}\r\n"
+            )
+        head_bytes = text.encode("latin-1")
         return head_bytes if head else head_bytes + self.body
+
+
+def query_pairs(query: str) -> list[tuple[str, str]]:
+    """The decoded ``name=value`` pairs of a query string, in order, blanks kept.
+
+    What ``urllib.parse.parse_qsl(query, keep_blank_values=True)`` returns (``&``
+    separates, ``+`` is a space, ``%XX`` is UTF-8 with invalid bytes replaced),
+    without its generic machinery: a signed REST call reads one per request, and
+    the pieces of most need no decoding at all.
+    """
+    pairs = []
+    for piece in query.split("&"):
+        if not piece:
+            continue
+        name, _, value = piece.partition("=")
+        if "%" in piece or "+" in piece:
+            name, value = unquote_plus(name), unquote_plus(value)
+        pairs.append((name, value))
+    return pairs
 
 
 #: A request's answer: now, or later (a REST query waiting for the cluster state).
@@ -127,7 +150,7 @@ Answer = HttpResponse | Awaitable[HttpResponse]
 
 def json_response(value: Any, status: int = 200) -> HttpResponse:
     """A JSON response."""
-    return HttpResponse(status, dumps(value).encode())
+    return HttpResponse(status, encode(value))
 
 
 def error_response(
@@ -137,7 +160,7 @@ def error_response(
     rule = reason.value
     return HttpResponse(
         rule.http_status or 400,
-        dumps({"error": detail or rule.message, "reason": rule.slug}).encode(),
+        encode({"error": detail or rule.message, "reason": rule.slug}),
         headers=headers,
     )
 

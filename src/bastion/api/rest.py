@@ -28,7 +28,7 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote
 
 from bastion.adapters.base import ChannelState, ClusterUnavailable, ReplayClaims
 from bastion.api.http import (
@@ -36,6 +36,7 @@ from bastion.api.http import (
     HttpResponse,
     error_response,
     json_response,
+    query_pairs,
     rate_limited_response,
 )
 from bastion.config import RateSettings, Settings
@@ -116,7 +117,7 @@ class RestApi:
             match = _ROUTE.match(request.path) or _USER_ROUTE.match(request.path)
             if match is None:
                 raise Refused(Reason.HTTP_NOT_FOUND)
-            pairs = parse_qsl(request.query, keep_blank_values=True)
+            pairs = query_pairs(request.query)
             params = dict(pairs)
             if "app_id" in match.re.groupindex:
                 app = self.hub.apps_by_id.get(match["app_id"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable
@@ -81,6 +82,10 @@ class HttpConnection(asyncio.Protocol):
         self.body_limit = ctx.settings.server.max_request_body_kb * 1024
         self.refused = False
         self.timer: asyncio.TimerHandle | None = None
+        #: When the connection times out (loop time; infinite: it does not). The
+        #: timer is moved lazily: a kept-alive request only moves this, and the
+        #: timer, when it fires early, sets itself again for what is left.
+        self.deadline = math.inf
         #: Answers not written yet, in request order; a cluster-wide query's is a task.
         #: Each with its keep-alive and whether it answers a HEAD.
         self.answers: list[tuple[HttpResponse | asyncio.Task[HttpResponse], bool, bool]] = []
@@ -191,9 +196,7 @@ class HttpConnection(asyncio.Protocol):
         """Answer a plain HTTP request (upgrades continue in :meth:`_upgrade`)."""
         if self.parser.should_upgrade() or self.refused:
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = math.inf
         try:
             door = self.ctx.door
             assert door is not None, "the node sets its route table before it listens"
@@ -290,12 +293,19 @@ class HttpConnection(asyncio.Protocol):
         self._answer(refusal.response(), keep_alive=False, head=self.head_request)
 
     def _arm(self, seconds: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.ctx.loop.call_later(seconds, self._timed_out)
+        loop = self.ctx.loop
+        self.deadline = loop.time() + seconds
+        if self.timer is None:
+            self.timer = loop.call_at(self.deadline, self._timed_out)
 
     def _timed_out(self) -> None:
         self.timer = None
+        if self.deadline == math.inf:
+            return
+        loop = self.ctx.loop
+        if loop.time() < self.deadline:
+            self.timer = loop.call_at(self.deadline, self._timed_out)
+            return
         if self.transport is not None and not self.transport.is_closing():
             if self.head:
                 # A client that dribbles its request (head or body) is cut, not waited for.
