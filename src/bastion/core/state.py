@@ -25,6 +25,10 @@ from bastion.security.tokens import JwtVerifier
 __all__ = ["AppState", "Channel", "Member", "Session"]
 
 
+def _gone(_: object) -> None:
+    """What a session's callbacks become once its connection is gone."""
+
+
 class Session:
     """One connection's protocol state, as the hub sees it.
 
@@ -88,6 +92,17 @@ class Session:
         # Full buckets (one float each: a connection's memory is the product's scale).
         self.events_full_at = 0.0
         self.subscribes_full_at = 0.0
+
+    def detach(self) -> None:
+        """The connection is gone: drop its callbacks.
+
+        They are the connection's bound methods, and the connection holds this
+        session: dropped, the pair is freed as soon as the last reference goes,
+        without waiting for the cycle collector (which pauses the whole server
+        for as long as it takes to scan every live object).
+        """
+        self.write = _gone
+        self.refuse = _gone
 
 
 class Member:

@@ -18,6 +18,7 @@ in request order, each after the fan-out its request queued; a ``HEAD`` gets a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -117,6 +118,17 @@ class HttpConnection(asyncio.Protocol):
         if self.slot is not None:
             self.slot.release()
             self.slot = None
+        self._release_parser()
+
+    def _release_parser(self) -> None:
+        """Drop the parser: it holds this protocol's callbacks, a cycle otherwise.
+
+        Called once nothing more is parsed (the connection is gone, or is a
+        WebSocket now), so the pair is freed at once instead of waiting for the
+        cycle collector.
+        """
+        with contextlib.suppress(AttributeError):  # released already
+            del self.parser
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; bound the request head; hand off upgrades."""
@@ -357,6 +369,7 @@ class HttpConnection(asyncio.Protocol):
         )
         connection.slot, self.slot = self.slot, None
         transport.set_protocol(connection)
+        self._release_parser()
         connection.start()
         if rest:
             connection.data_received(rest)

@@ -296,6 +296,10 @@ class WebSocketConnection(asyncio.Protocol):
         self.state = ConnectionState.CLOSED
         self.pending = None
         self._forget()
+        # No reference cycle outlives the connection (the session's callbacks, the
+        # sans-I/O parser's generator): freed at once, never left to the collector.
+        self.session.detach()
+        self._proto = None
 
     # --- frames --------------------------------------------------------------------
 
