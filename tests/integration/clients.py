@@ -26,10 +26,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pusher
+from support.timeouts import DEFAULT_WAIT, within
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
-
-from .timeouts import DEFAULT_WAIT, within
 
 __all__ = [
     "APP_ID",

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from support.timeouts import DEFAULT_WAIT, within
 
 from bastion.security.admission import ConnectionCounter
 from bastion.server.refusals import RefusalRecord
@@ -35,7 +36,6 @@ from .clients import (
     signed_target,
 )
 from .conftest import Connect, LogCheck, MakeNode
-from .timeouts import DEFAULT_WAIT, within
 
 PATH = f"/app/{APP_KEY}?{DEFAULT_QUERY}"
 SLOW = 0.001  # tokens per second: nothing refills during a test

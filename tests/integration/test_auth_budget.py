@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from support.timeouts import within
+
 from bastion.config import settings_from_mapping
 from bastion.server.refusals import RefusalRecord
 from bastion.server.runtime import Node
@@ -34,7 +36,6 @@ from .clients import (
     signed_target,
 )
 from .conftest import Connect, MakeNode, RunNode
-from .timeouts import within
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "bastion.example.toml"
 CHANNELS = f"/apps/{APP_ID}/channels"

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from support.timeouts import scaled
 
 from bastion.server.runtime import Node
 
@@ -45,7 +46,6 @@ from .clients import (
     rest,
     signed_target,
 )
-from .timeouts import scaled
 
 Verdict = Callable[[dict[str, int]], Awaitable[None]]
 

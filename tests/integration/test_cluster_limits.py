@@ -14,6 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from support.redis_server import RedisServer
+from support.timeouts import until
 
 from bastion.config import settings_from_mapping
 from bastion.security.limits import RateLimiter
@@ -33,7 +34,7 @@ from .clients import (
     served,
 )
 from .conftest import SHARED_REDIS, TEST_SECURITY, LogCheck, RunNode
-from .test_redis_cluster import _equals, numsub, private_auth, topic, until
+from .test_redis_cluster import _equals, numsub, private_auth, topic
 
 CHANNEL = "private-room"
 

@@ -22,6 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 from support.redis_server import RedisServer
 from support.server import BastionProcess
+from support.timeouts import until
 
 from bastion.core import events as ev
 from bastion.server.runtime import Node
@@ -37,7 +38,7 @@ from .clients import (
     rest,
 )
 from .conftest import MakeCluster, cluster_server_toml
-from .test_redis_cluster import private_auth, trigger, until
+from .test_redis_cluster import private_auth, trigger
 
 Clients = Callable[[Node], Awaitable[PusherClient]]
 HEARTBEAT = 0.2

@@ -13,6 +13,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from support.timeouts import within
 from websockets.exceptions import InvalidStatus
 
 from bastion.server.runtime import Node
@@ -27,7 +28,6 @@ from .clients import (
     open_ws,
 )
 from .conftest import Connect, LogCheck, MakeNode
-from .timeouts import within
 
 JWT_SECRET = "integration-jwt-secret-of-40-characters!"
 #: Ticks of the node's heartbeat every 0.25 s (deadlines are checked on that tick).

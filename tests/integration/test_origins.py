@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from support.timeouts import within
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
@@ -27,7 +28,6 @@ from .clients import (
     signed_target,
 )
 from .conftest import LogCheck, MakeNode
-from .timeouts import within
 
 ALLOWED = ["https://app.example.com", "https://*.example.com"]
 PATH = f"/app/{APP_KEY}?{DEFAULT_QUERY}"

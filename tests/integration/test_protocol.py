@@ -16,6 +16,7 @@ import socket
 from typing import Any
 
 import pytest
+from support.timeouts import within
 from websockets.exceptions import InvalidStatus
 
 from bastion.server.runtime import Node
@@ -37,7 +38,6 @@ from .clients import (
     read_until_closed,
     rest,
 )
-from .timeouts import within
 
 SOCKET_ID = re.compile(r"^\d+\.\d+$")
 

@@ -9,9 +9,8 @@ adapter's health), each bounded by :func:`timeouts.within`.
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -20,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 from support.pki import make_pki
 from support.redis_server import RedisServer
+from support.timeouts import until
 
 from bastion.adapters.messages import ChannelEvent
 from bastion.server.runtime import Node
@@ -35,22 +35,6 @@ from .clients import (
     rest,
 )
 from .conftest import LogCheck, MakeCluster
-from .timeouts import within
-
-
-async def until(predicate: Callable[[], Any], seconds: float = 5.0) -> None:
-    """Poll ``predicate`` (sync or async) until it holds; fail after ``seconds`` (scaled)."""
-
-    async def poll() -> None:
-        while True:
-            result = predicate()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.01)  # a poll interval, not a synchronisation
-
-    await within(poll(), seconds)
 
 
 def topic(prefix: str, channel: str, app_id: str = APP_ID) -> str:

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from support.timeouts import scaled, within
+
 from bastion.config import settings_from_mapping
 from bastion.security.audit import AuditEvent
 from bastion.server.runtime import Node
@@ -40,7 +42,6 @@ from .clients import (
     build_frame,
 )
 from .conftest import TEST_SECURITY, LogCheck, MakeNode, RunNode
-from .timeouts import scaled, within
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 PATH = f"/app/{APP_KEY}?{DEFAULT_QUERY}"

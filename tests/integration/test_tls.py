@@ -22,6 +22,7 @@ from typing import Any
 import pusher
 import pytest
 from support.pki import Pki, make_pki
+from support.timeouts import scaled, within
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
@@ -30,7 +31,6 @@ from bastion.server.tls import TlsError
 
 from .clients import APP_ID, APP_KEY, APP_SECRET, DEFAULT_QUERY, signed_target
 from .conftest import LogCheck, RunNode, node_settings
-from .timeouts import scaled, within
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
