@@ -30,12 +30,7 @@ from uuid import uuid4
 import pusher
 import pytest
 import redis.asyncio as aioredis
-from support.server import config_toml
-
-from bastion.config import settings_from_mapping
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -48,6 +43,10 @@ from .clients import (
     make_sdk,
     open_client,
 )
+from support.server import config_toml
+
+from bastion.config import settings_from_mapping
+from bastion.server.runtime import Node
 
 MakeNode = Callable[..., Awaitable[Node]]
 Connect = Callable[..., Awaitable[PusherClient]]

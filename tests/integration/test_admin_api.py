@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.clients import APP_ID, APP_KEY, APP_SECRET, HttpResult, http_request, served
 from support.timeouts import until, within
 
 from bastion.config import settings_from_mapping
@@ -22,7 +23,6 @@ from bastion.server.runtime import Node
 from bastion.store.audit import query
 from bastion.store.blocks import list_active
 
-from .clients import APP_ID, APP_KEY, APP_SECRET, HttpResult, http_request, served
 from .conftest import RunNode
 
 TOKEN = "admin-token-0123456789abcdefghijklmnopq"

@@ -15,13 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from support.timeouts import DEFAULT_WAIT, within
-
-from bastion.security.admission import ConnectionCounter
-from bastion.server.refusals import RefusalRecord
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     DEFAULT_QUERY,
@@ -35,6 +29,12 @@ from .clients import (
     rest,
     signed_target,
 )
+from support.timeouts import DEFAULT_WAIT, within
+
+from bastion.security.admission import ConnectionCounter
+from bastion.server.refusals import RefusalRecord
+from bastion.server.runtime import Node
+
 from .conftest import Connect, LogCheck, MakeNode
 
 PATH = f"/app/{APP_KEY}?{DEFAULT_QUERY}"

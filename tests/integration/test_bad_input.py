@@ -20,11 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from support.timeouts import scaled
-
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -46,6 +42,9 @@ from .clients import (
     rest,
     signed_target,
 )
+from support.timeouts import scaled
+
+from bastion.server.runtime import Node
 
 Verdict = Callable[[dict[str, int]], Awaitable[None]]
 

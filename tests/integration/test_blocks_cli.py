@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from support.clients import APP_ID, APP_KEY, APP_SECRET, open_client, served
 from support.timeouts import until
 
 from bastion.cli import main
@@ -25,7 +26,6 @@ from bastion.server.runtime import Node
 from bastion.store.audit import query
 from bastion.store.blocks import list_active
 
-from .clients import APP_ID, APP_KEY, APP_SECRET, open_client, served
 from .conftest import RunNode
 
 

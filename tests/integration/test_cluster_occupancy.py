@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from support.clients import APP_ID, APP_KEY, APP_SECRET, PusherClient, open_client
 from support.server import BastionProcess
 from support.timeouts import scaled, until
 
 from bastion.core import events as ev
 from bastion.server.runtime import Node
 
-from .clients import APP_ID, APP_KEY, APP_SECRET, PusherClient, open_client
 from .conftest import SHARED_REDIS, TEST_SECURITY, MakeCluster, cluster_server_toml
 
 Clients = Callable[[Node], Awaitable[PusherClient]]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.clients import http_request, open_client
 from support.server import config_toml, run_bastion
 from support.timeouts import scaled, until
 from support.webhook_receiver import Received, WebhookReceiver
@@ -25,8 +26,6 @@ from support.webhook_receiver import Received, WebhookReceiver
 from bastion.config import settings_from_mapping
 from bastion.errors import ConfigError
 from bastion.server.runtime import DRAIN_SECONDS
-
-from .clients import http_request, open_client
 
 DRAIN = 1.0
 #: Interpreter start-up is not part of the drain, but its teardown is measured with it.

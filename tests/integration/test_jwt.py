@@ -13,12 +13,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from support.timeouts import within
-from websockets.exceptions import InvalidStatus
-
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_KEY,
     APP_SECRET,
     DEFAULT_QUERY,
@@ -27,6 +22,11 @@ from .clients import (
     hmac_hex,
     open_ws,
 )
+from support.timeouts import within
+from websockets.exceptions import InvalidStatus
+
+from bastion.server.runtime import Node
+
 from .conftest import Connect, LogCheck, MakeNode
 
 JWT_SECRET = "integration-jwt-secret-of-40-characters!"

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.clients import HttpResult, http_request
 from support.timeouts import within
 
 from bastion.config import AdminSettings, MetricsSettings
 from bastion.server.refusals import RefusalRecord
 from bastion.server.runtime import Node
 
-from .clients import HttpResult, http_request
 from .conftest import RunNode, node_settings
 
 SLOW = 0.001  # tokens per second: nothing refills during a test

@@ -5,15 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from support.timeouts import within
-from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
-from websockets.typing import Origin
-
-from bastion.api import cors
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -27,6 +19,14 @@ from .clients import (
     http_request,
     signed_target,
 )
+from support.timeouts import within
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin
+
+from bastion.api import cors
+from bastion.server.runtime import Node
+
 from .conftest import LogCheck, MakeNode
 
 ALLOWED = ["https://app.example.com", "https://*.example.com"]

@@ -16,12 +16,7 @@ import socket
 from typing import Any
 
 import pytest
-from support.timeouts import within
-from websockets.exceptions import InvalidStatus
-
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     OP_BINARY,
@@ -38,6 +33,10 @@ from .clients import (
     read_until_closed,
     rest,
 )
+from support.timeouts import within
+from websockets.exceptions import InvalidStatus
+
+from bastion.server.runtime import Node
 
 SOCKET_ID = re.compile(r"^\d+\.\d+$")
 

@@ -17,15 +17,7 @@ from uuid import uuid4
 
 import pytest
 import redis.asyncio as aioredis
-from support.pki import make_pki
-from support.redis_server import RedisServer
-from support.timeouts import until
-
-from bastion.adapters.messages import ChannelEvent
-from bastion.server.runtime import Node
-from bastion.store.audit import query as query_audit
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -34,6 +26,14 @@ from .clients import (
     hmac_hex,
     rest,
 )
+from support.pki import make_pki
+from support.redis_server import RedisServer
+from support.timeouts import until
+
+from bastion.adapters.messages import ChannelEvent
+from bastion.server.runtime import Node
+from bastion.store.audit import query as query_audit
+
 from .conftest import LogCheck, MakeCluster
 
 

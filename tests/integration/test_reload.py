@@ -16,17 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.server import config_toml, run_bastion
-from support.timeouts import scaled, until, within
-from support.webhook_receiver import WebhookReceiver
-from websockets.asyncio.client import connect as ws_connect
-
-from bastion.config import Settings, settings_from_mapping
-from bastion.server.reload import RestartRequired
-from bastion.server.runtime import Node, _on_sighup
-from bastion.store.audit import query
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -42,6 +32,16 @@ from .clients import (
     open_client,
     rest,
 )
+from support.server import config_toml, run_bastion
+from support.timeouts import scaled, until, within
+from support.webhook_receiver import WebhookReceiver
+from websockets.asyncio.client import connect as ws_connect
+
+from bastion.config import Settings, settings_from_mapping
+from bastion.server.reload import RestartRequired
+from bastion.server.runtime import Node, _on_sighup
+from bastion.store.audit import query
+
 from .conftest import Connect, RunNode
 from .test_workers import (
     MakeBastion,

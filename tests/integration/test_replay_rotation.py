@@ -15,13 +15,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-
-from bastion.adapters.replay import LocalReplayClaims
-from bastion.protocol.signing import REPEAT_GRACE_SECONDS, REST_TIMESTAMP_WINDOW
-from bastion.security.replay import ReplayGuard
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     PusherClient,
@@ -31,6 +25,11 @@ from .clients import (
     rest,
     signed_target,
 )
+
+from bastion.adapters.replay import LocalReplayClaims
+from bastion.protocol.signing import REPEAT_GRACE_SECONDS, REST_TIMESTAMP_WINDOW
+from bastion.security.replay import ReplayGuard
+from bastion.server.runtime import Node
 
 EVENTS = f"/apps/{APP_ID}/events"
 

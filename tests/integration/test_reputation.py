@@ -16,14 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.timeouts import until
-
-from bastion.config import settings_from_mapping
-from bastion.server.runtime import Node
-from bastion.store.audit import query
-from bastion.store.blocks import list_active
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -32,6 +25,13 @@ from .clients import (
     served,
     signed_target,
 )
+from support.timeouts import until
+
+from bastion.config import settings_from_mapping
+from bastion.server.runtime import Node
+from bastion.store.audit import query
+from bastion.store.blocks import list_active
+
 from .conftest import RunNode
 
 EVENTS = f"/apps/{APP_ID}/events"

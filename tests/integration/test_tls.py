@@ -21,6 +21,7 @@ from typing import Any
 
 import pusher
 import pytest
+from support.clients import APP_ID, APP_KEY, APP_SECRET, DEFAULT_QUERY, signed_target
 from support.pki import Pki, make_pki
 from support.timeouts import scaled, within
 from websockets.asyncio.client import connect as ws_connect
@@ -29,7 +30,6 @@ from websockets.exceptions import ConnectionClosed
 from bastion.server.runtime import Node
 from bastion.server.tls import TlsError
 
-from .clients import APP_ID, APP_KEY, APP_SECRET, DEFAULT_QUERY, signed_target
 from .conftest import LogCheck, RunNode, node_settings
 
 SRC = Path(__file__).resolve().parents[2] / "src"

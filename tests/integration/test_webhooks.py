@@ -18,6 +18,7 @@ from typing import Any
 
 import pusher
 import pytest
+from support.clients import APP_ID, APP_KEY, APP_SECRET, PusherClient, make_sdk, open_client
 from support.timeouts import scaled
 from support.webhook_receiver import Received, WebhookReceiver
 
@@ -25,7 +26,6 @@ from bastion.config import settings_from_mapping
 from bastion.server.runtime import Node
 from bastion.store.audit import query as query_audit
 
-from .clients import APP_ID, APP_KEY, APP_SECRET, PusherClient, make_sdk, open_client
 from .conftest import TEST_SECURITY, RunNode
 
 StartNode = Callable[..., Awaitable[Node]]
