@@ -87,7 +87,7 @@ class Channels:
             session.subscribes_full_at,
             now,
             settings.subscribe_attempts.rate,
-            settings.subscribe_burst,
+            app.subscribe_burst,
         )
         if full_at is None:
             raise Refused(Reason.SUBSCRIBE_RATE, channel=echo)

@@ -188,6 +188,9 @@ class AppState:
             and previous.client_events_per_app != settings.client_events_per_app
         ):
             self.client_event_bucket = None
+        #: The bursts in force (they never go below a reconnect's frames).
+        self.message_burst = settings.message_burst
+        self.subscribe_burst = settings.subscribe_burst
         token = settings.jwt
         self.deadlines = Deadlines(
             settings.signin_deadline_seconds,

@@ -14,7 +14,6 @@ surrogates included).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -61,19 +60,21 @@ MAX_JSON_DEPTH = 32
 #: Kept under these names for the callers that measure and parse (see :mod:`.codec`).
 utf8_size = encoded_size
 
+# The client messages are frozen msgspec structs rather than dataclasses: the same
+# immutability and constructor validation (``__post_init__``), built about three
+# times faster (one per message on the hot path), and untracked by the cyclic
+# garbage collector (``gc=False``: they hold no reference cycle).
 
-@dataclass(frozen=True, slots=True)
-class Ping:
+
+class Ping(msgspec.Struct, frozen=True, gc=False):
     """``pusher:ping`` from the client."""
 
 
-@dataclass(frozen=True, slots=True)
-class Pong:
+class Pong(msgspec.Struct, frozen=True, gc=False):
     """``pusher:pong`` from the client (answer to a server ping)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Subscribe:
+class Subscribe(msgspec.Struct, frozen=True, gc=False):
     """``pusher:subscribe``: join ``channel``, with ``auth`` when it needs one."""
 
     channel: str
@@ -85,8 +86,7 @@ class Subscribe:
             raise Refused(Reason.INVALID_DATA, "pusher:subscribe needs a channel")
 
 
-@dataclass(frozen=True, slots=True)
-class Unsubscribe:
+class Unsubscribe(msgspec.Struct, frozen=True, gc=False):
     """``pusher:unsubscribe``: leave ``channel``."""
 
     channel: str
@@ -96,8 +96,7 @@ class Unsubscribe:
             raise Refused(Reason.INVALID_DATA, "pusher:unsubscribe needs a channel")
 
 
-@dataclass(frozen=True, slots=True)
-class Signin:
+class Signin(msgspec.Struct, frozen=True, gc=False):
     """``pusher:signin`` with the app server's ``auth`` and the signed ``user_data``."""
 
     auth: str
@@ -108,8 +107,7 @@ class Signin:
             raise Refused(Reason.INVALID_DATA, "pusher:signin needs auth and user_data")
 
 
-@dataclass(frozen=True, slots=True)
-class ClientEvent:
+class ClientEvent(msgspec.Struct, frozen=True, gc=False):
     """A ``client-*`` event to relay to the channel's other subscribers.
 
     ``data`` is the decoded JSON value as received (object, string or other).
@@ -127,6 +125,10 @@ class ClientEvent:
 
 
 ClientMessage = Ping | Pong | Subscribe | Unsubscribe | Signin | ClientEvent
+
+#: Messages without fields: one instance each (they are immutable).
+_PING = Ping()
+_PONG = Pong()
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:
@@ -185,10 +187,16 @@ def decode_client_message(text: str, max_depth: int = MAX_JSON_DEPTH) -> ClientM
     if not isinstance(event, str) or not event:
         raise Refused(Reason.MISSING_EVENT)
 
+    # Client events first: they are most of the traffic (no reserved name starts so).
+    if event.startswith("client-"):
+        channel = frame.get("channel")
+        if not isinstance(channel, str):
+            raise Refused(Reason.INVALID_DATA, "client events need a string channel")
+        return ClientEvent(event, channel, frame.get("data"))
     if event == "pusher:ping":
-        return Ping()
+        return _PING
     if event == "pusher:pong":
-        return Pong()
+        return _PONG
     if event == "pusher:subscribe":
         data = _data_object(frame)
         channel = data.get("channel")
@@ -211,11 +219,6 @@ def decode_client_message(text: str, max_depth: int = MAX_JSON_DEPTH) -> ClientM
         return Signin(auth=auth or "", user_data=user_data or "")
     if event.startswith(RESERVED_EVENT_PREFIXES):
         raise Refused(Reason.UNKNOWN_EVENT)
-    if event.startswith("client-"):
-        channel = frame.get("channel")
-        if not isinstance(channel, str):
-            raise Refused(Reason.INVALID_DATA, "client events need a string channel")
-        return ClientEvent(event=event, channel=channel, data=frame.get("data"))
     raise Refused(Reason.CLIENT_EVENT_NAME)
 
 

@@ -16,6 +16,7 @@ sign-in user ids and watchlist entries are held to the stricter
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 
@@ -91,8 +92,14 @@ _PREFIXES: tuple[tuple[str, ChannelType], ...] = (
 _PUBLIC = ChannelType(ChannelKind.PUBLIC)
 
 
+#: Names remembered by the memos below: an attacker's stream of fresh names only
+#: evicts (least recently used), so memory stays bounded.
+_MEMO = 4096
+
+
+@functools.lru_cache(maxsize=_MEMO)
 def classify_channel(name: str) -> ChannelType:
-    """The type of channel ``name``, by anchored prefix."""
+    """The type of channel ``name``, by anchored prefix (memoised: it runs per message)."""
     for prefix, channel_type in _PREFIXES:
         if name.startswith(prefix):
             return channel_type
@@ -148,8 +155,9 @@ def is_valid_event_name(name: str, max_length: int) -> bool:
     return 0 < len(name) <= max_length and not _CONTROL.search(name)
 
 
+@functools.lru_cache(maxsize=_MEMO)
 def is_client_event_name(name: str, max_length: int) -> bool:
-    """A client event name: starts with ``client-`` (the prefix is what counts)."""
+    """A client event name: starts with ``client-`` (memoised: it runs per message)."""
     return name.startswith(CLIENT_EVENT_PREFIX) and is_valid_event_name(name, max_length)
 
 

@@ -21,6 +21,7 @@ Pure: addresses and header values in, an address out.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -61,7 +62,22 @@ def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
 
 
 def parse_ip(value: str) -> IPAddress | None:
-    """An address from a header or peer name (IPv4-mapped IPv6 unwrapped), or ``None``."""
+    """An address from a header or peer name (IPv4-mapped IPv6 unwrapped), or ``None``.
+
+    Every connection and forwarded request asks this of a few recurring spellings
+    (its peer, its proxies), so short ones are remembered (boundedly); a longer
+    text is no address anyone sends and is parsed each time.
+    """
+    if len(value) <= _REMEMBERED_LENGTH:
+        return _remembered_ip(value)
+    return _parse_ip(value)
+
+
+#: Longer than any address with brackets and a port ("[v6%zone]:65535").
+_REMEMBERED_LENGTH = 64
+
+
+def _parse_ip(value: str) -> IPAddress | None:
     text = value.strip()
     if text.startswith("[") and "]" in text:  # Forwarded: "[2001:db8::1]:4711"
         text = text[1 : text.index("]")]
@@ -74,6 +90,9 @@ def parse_ip(value: str) -> IPAddress | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+_remembered_ip = functools.lru_cache(maxsize=4096)(_parse_ip)
 
 
 def _forwarded_for(value: str) -> list[str]:

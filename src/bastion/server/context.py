@@ -49,7 +49,15 @@ if TYPE_CHECKING:
     from bastion.api.ops import Ops
     from bastion.api.rest import RestApi
 
-__all__ = ["BlockList", "Connection", "Door", "Outbox", "ServerContext", "frame_text"]
+__all__ = [
+    "BlockList",
+    "Connection",
+    "Door",
+    "Outbox",
+    "ServerContext",
+    "close_frame",
+    "frame_text",
+]
 
 
 class Connection(Protocol):
@@ -105,6 +113,13 @@ class BlockList(Protocol):
         audited) as an ``ip_blocked`` refusal: the caller only drops the request.
         """
         ...
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    """A server close frame (RFC 6455 §5.5.1): the code, then the reason (≤ 123 bytes)."""
+    text = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    body = code.to_bytes(2, "big") + text
+    return bytes((0x88, len(body))) + body
 
 
 def frame_text(payload: bytes) -> bytes:

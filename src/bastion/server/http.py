@@ -25,10 +25,9 @@ from collections.abc import Awaitable
 from typing import cast
 
 import httptools
-from websockets.protocol import State
-from websockets.server import ServerProtocol
 
 from bastion.api.http import HttpRequest, HttpResponse, Refusal, error_response
+from bastion.protocol.handshake import Failed, check_handshake
 from bastion.protocol.refusals import Reason
 from bastion.security.proxies import FORWARDING_HEADERS, ClientAddress, TrustedProxies, parse_ip
 from bastion.server.context import ServerContext
@@ -38,7 +37,6 @@ from bastion.server.upgrade import (
     AdmittedConnection,
     Slot,
     close_after_101,
-    handshake,
     max_frame_size,
     read_upgrade,
 )
@@ -321,18 +319,19 @@ class HttpConnection(asyncio.Protocol):
         # Admitted: held by this protocol until the WebSocket takes it over;
         # connection_lost gives it back if the upgrade is refused after this point.
         self.slot = Slot(ctx.admission, self.ip or "")
-        if not handshake(transport, self.url, self.headers):
+        answer = check_handshake(self.headers)
+        transport.write(answer.response)
+        if isinstance(answer, Failed):
             self.refused = True
-            ctx.refusals.record(Reason.WEBSOCKET_PROTOCOL, ip=self.ip, detail="bad handshake")
+            ctx.refusals.record(Reason.WEBSOCKET_PROTOCOL, ip=self.ip, detail=answer.reason)
             transport.close()
             return
-        proto = ServerProtocol(state=State.OPEN, max_size=max_frame_size(upgrade.app))
         for after in AFTER_101:
             reason = after(upgrade, ctx)
             if reason is not None:
                 self.refused = True
                 rule = ctx.refusals.record(reason, app_id=upgrade.app_id, ip=self.ip)
-                close_after_101(transport, proto, rule)
+                close_after_101(transport, rule)
                 return
         assert upgrade.app is not None and self.slot is not None  # AFTER_101 checked the app
         if self.timer is not None:
@@ -340,7 +339,12 @@ class HttpConnection(asyncio.Protocol):
             self.timer = None
         token = upgrade.params.get("token") or None
         connection = AdmittedConnection(
-            ctx, transport, proto, upgrade.app, self.ip, query_token=token
+            ctx,
+            transport,
+            upgrade.app,
+            self.ip,
+            max_size=max_frame_size(upgrade.app),
+            query_token=token,
         )
         connection.slot, self.slot = self.slot, None
         transport.set_protocol(connection)

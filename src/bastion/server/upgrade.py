@@ -20,10 +20,11 @@ admission          the address's concurrent cap, then its new-connection     429
 
 Every 429 carries ``Retry-After``. A plain upgrade is not an authentication
 attempt: only one carrying a token meets the budget. The handshake itself
-(headers, key) is then validated by the ``websockets`` library, which writes the
-``101``. After it (:data:`AFTER_101`), a refusal is a Pusher close with its code:
-an unknown app key (4001), an unsupported ``protocol`` (4007), a draining node
-(4100), then the hub's own admission (connection caps, 4004 / 4100).
+(headers, key) is then checked by :func:`bastion.protocol.handshake.check_handshake`,
+whose answer is written: the ``101``, or 426 / 400 recorded as ``websocket_protocol``.
+After it (:data:`AFTER_101`), a refusal is a Pusher close with its code: an
+unknown app key (4001), an unsupported ``protocol`` (4007), a draining node (4100),
+then the hub's own admission (connection caps, 4004 / 4100).
 
 The blocklist answers before any of these: a blocked TCP peer is dropped at
 accept, and an address a trusted proxy names that is blocked gets 403
@@ -33,15 +34,14 @@ accept, and an address a trusted proxy names that is blocked gets 403
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 from urllib.parse import parse_qsl, unquote
 
 import httptools
-from websockets.datastructures import Headers
-from websockets.http11 import Request
-from websockets.server import ServerProtocol
 
 from bastion.api.cors import origin_policy
 from bastion.api.http import HttpRequest, Refusal
@@ -49,7 +49,7 @@ from bastion.core.hub import AppState
 from bastion.protocol import messages as msg
 from bastion.protocol.refusals import Reason, Rule
 from bastion.security.admission import Admission, AuthFailureBudget
-from bastion.server.context import ServerContext, frame_text
+from bastion.server.context import ServerContext, close_frame, frame_text
 from bastion.server.websocket import WebSocketConnection
 
 __all__ = [
@@ -60,7 +60,6 @@ __all__ = [
     "Upgrade",
     "UpgradeLimits",
     "close_after_101",
-    "handshake",
     "max_frame_size",
     "read_upgrade",
 ]
@@ -112,8 +111,28 @@ def read_upgrade(
         HttpRequest(method=method, path=path, headers=headers, ip=ip, now=now),
         key,
         ctx.hub.apps_by_key.get(key) if key is not None else None,
-        dict(parse_qsl(parsed.query.decode("latin-1") if parsed.query else "")),
+        _query(parsed.query.decode("latin-1")) if parsed.query else _NO_QUERY,
     )
+
+
+_NO_QUERY: Mapping[str, str] = MappingProxyType({})
+
+
+def _parse_query(query: str) -> Mapping[str, str]:
+    return MappingProxyType(dict(parse_qsl(query)))
+
+
+#: pusher-js sends one query per library version ("protocol=7&client=js&version=…"),
+#: so the parsed form of short ones is remembered (boundedly, and read-only since
+#: shared); a query carrying a token is never kept.
+_remembered_query = functools.lru_cache(maxsize=256)(_parse_query)
+_REMEMBERED_LENGTH = 96
+
+
+def _query(query: str) -> Mapping[str, str]:
+    if len(query) <= _REMEMBERED_LENGTH and "token" not in query:
+        return _remembered_query(query)
+    return _parse_query(query)
 
 
 class UpgradeLimits(Protocol):
@@ -276,28 +295,8 @@ class AdmittedConnection(WebSocketConnection):
             self.slot.release()
 
 
-def handshake(transport: asyncio.Transport, url: bytes, headers: Sequence[tuple[str, str]]) -> bool:
-    """Validate the opening handshake (``websockets``) and write its answer.
-
-    Returns:
-        Whether it was the 101: the connection is a WebSocket from the next byte
-        (frames then go to a ``ServerProtocol`` that starts ``OPEN``).
-    """
-    protocol = ServerProtocol()
-    response = protocol.accept(Request(url.decode("latin-1"), Headers(headers)))
-    protocol.send_response(response)
-    for chunk in protocol.data_to_send():
-        if chunk:
-            transport.write(chunk)
-    return response.status_code == 101
-
-
-def close_after_101(transport: asyncio.Transport, proto: ServerProtocol, rule: Rule) -> None:
+def close_after_101(transport: asyncio.Transport, rule: Rule) -> None:
     """Refuse an upgraded connection: the ``pusher:error``, then the close frame."""
     code = rule.close_code or 4000
-    transport.write(frame_text(msg.error(rule.message, code)))
-    proto.send_close(code, rule.message)
-    for chunk in proto.data_to_send():
-        if chunk:
-            transport.write(chunk)
+    transport.write(frame_text(msg.error(rule.message, code)) + close_frame(code, rule.message))
     transport.close()

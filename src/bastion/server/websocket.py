@@ -2,7 +2,15 @@
 
 Incoming bytes go through the ``websockets`` sans-I/O protocol (masking, RSV
 bits, opcodes, control frames, the frame size limit checked from the header
-before the payload is read); text messages are then decoded by
+before the payload is read), except on the fast path: while nothing is pending
+in that protocol (no partial frame, no fragmented message, the connection open),
+complete, masked, unfragmented text frames within the size limit — what pusher-js
+sends, one Pusher message each — are unmasked here (websockets' own C routine)
+and handled at once; the first frame that is anything else, and everything after
+it, goes to the sans-I/O protocol as before, from a frame boundary, so it sees
+exactly the bytes it would have parsed itself. That protocol object is made only
+when a connection first needs it (a ping, a close, a fragment): an idle
+connection never holds one. Text messages are then decoded by
 :mod:`bastion.protocol.messages` and handed to the hub. Outgoing messages are
 pre-framed bytes written straight to the transport: a broadcast never awaits
 a subscriber. A subscriber whose transport buffer passes the limit is cut with
@@ -34,7 +42,13 @@ import time
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
+from websockets.protocol import State
 from websockets.server import ServerProtocol
+
+try:  # websockets' C routine (always built on the platforms we ship for)
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - a build without its C extension
+    from websockets.utils import apply_mask
 
 from bastion.core.hub import AppState, Session
 from bastion.errors import Refused
@@ -42,7 +56,7 @@ from bastion.protocol import messages as msg
 from bastion.protocol.names import classify_channel
 from bastion.protocol.refusals import Reason
 from bastion.security.ratelimit import take_folded
-from bastion.server.context import ServerContext, frame_text
+from bastion.server.context import ServerContext, close_frame, frame_text
 from bastion.server.state import ConnectionState, check_transition
 
 __all__ = ["WebSocketConnection", "new_socket_id"]
@@ -66,7 +80,9 @@ class WebSocketConnection(asyncio.Protocol):
 
     __slots__ = (
         "_fragments",
+        "_max_size",
         "_messages",
+        "_proto",
         "_query_token",
         "_refusals",
         "app",
@@ -75,7 +91,6 @@ class WebSocketConnection(asyncio.Protocol):
         "last_seen",
         "pending",
         "ping_sent_at",
-        "proto",
         "session",
         "state",
         "transport",
@@ -85,15 +100,18 @@ class WebSocketConnection(asyncio.Protocol):
         self,
         ctx: ServerContext,
         transport: asyncio.Transport,
-        proto: ServerProtocol,
         app: AppState,
         ip: str | None,
         *,
+        max_size: int | None,
         query_token: str | None = None,
     ) -> None:
         self.ctx = ctx
         self.transport = transport
-        self.proto = proto
+        #: The largest frame accepted (the app's payload limit, with headroom).
+        self._max_size = max_size
+        #: The sans-I/O protocol, made when the connection first needs it.
+        self._proto: ServerProtocol | None = None
         self.app = app
         self.ip = ip
         self.state = ConnectionState.OPEN
@@ -111,6 +129,14 @@ class WebSocketConnection(asyncio.Protocol):
         self.pending: bytes | list[bytes] | None = None
         socket_id = new_socket_id(ctx.socket_ids)
         self.session = Session(socket_id, self.write, self.refuse, opened_at=self.last_seen)
+
+    @property
+    def proto(self) -> ServerProtocol:
+        """The sans-I/O protocol (made now if the connection never needed it)."""
+        proto = self._proto
+        if proto is None:
+            proto = self._proto = ServerProtocol(state=State.OPEN, max_size=self._max_size)
+        return proto
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -209,7 +235,9 @@ class WebSocketConnection(asyncio.Protocol):
         self._forget()
         self.ctx.metrics.connections_closed[(self.app.id, code)] += 1
         self.flush_pending()
-        self.proto.send_close(code, reason[:120])
+        if self._proto is None or self._proto.state is State.OPEN:
+            # (Not after the peer's close: the sans-I/O protocol has answered it.)
+            self.transport.write(close_frame(code, reason))
         self._flush()
         self.transport.close()
         # A slow consumer may never drain its buffer; do not wait for it forever.
@@ -228,6 +256,17 @@ class WebSocketConnection(asyncio.Protocol):
         """Parse frames and act on each complete message."""
         self.last_seen = self.ctx.loop.time()
         self.ping_sent_at = None
+        proto = self._proto
+        if self._fragments is None and (
+            proto is None
+            or (
+                proto.state is State.OPEN and proto.current_size is None and not proto.reader.buffer
+            )
+        ):
+            data = self._fast_frames(data, self._max_size)
+            if not data:
+                self._flush()
+                return
         proto = self.proto
         proto.receive_data(data)
         for frame in proto.events_received():
@@ -263,7 +302,9 @@ class WebSocketConnection(asyncio.Protocol):
     def _flush(self) -> None:
         # Queued messages go before what the sans-I/O protocol wrote after them.
         self.flush_pending()
-        for chunk in self.proto.data_to_send():
+        if self._proto is None:
+            return
+        for chunk in self._proto.data_to_send():
             if chunk:
                 self.transport.write(chunk)
                 continue
@@ -288,18 +329,58 @@ class WebSocketConnection(asyncio.Protocol):
         # The sans-I/O protocol has already queued its close frame (1002/1009).
         self._mark_failed(reason)
 
+    def _fast_frames(self, data: bytes, max_size: int | None) -> bytes:
+        """Handle the leading complete, masked, final text frames of ``data``.
+
+        Returns what is left from the first frame that is anything else (or is
+        not complete yet): the sans-I/O protocol parses it, from that boundary.
+        """
+        position, end = 0, len(data)
+        while self.state is ConnectionState.OPEN and end - position >= 6:
+            # FIN + text with no RSV bit, then MASK set (a client's frames must be).
+            if data[position] != 0x81:
+                break
+            length = data[position + 1]
+            if length < 0x80:
+                break
+            length &= 0x7F
+            head = position + 2
+            if length == 126:
+                if end - position < 8:
+                    break
+                length = (data[head] << 8) | data[head + 1]
+                head += 2
+            elif length == 127:
+                break  # 64-bit lengths: far past any Pusher message, the slow path judges
+            if max_size is not None and length > max_size:
+                break  # the slow path refuses it (1009), as before
+            start = head + 4
+            stop = start + length
+            if stop > end:
+                break
+            payload = apply_mask(data[start:stop], data[head:start])
+            position = stop
+            if self._spend_message_budget():
+                self._on_text(payload)
+        return data[position:] if position else data
+
+    def _spend_message_budget(self) -> bool:
+        """Take a token of the message budget; a frame past it is refused unread."""
+        # Before anything looks at the frame: one float compared, nothing decoded.
+        settings = self.app.settings
+        rate = settings.max_messages_per_second.rate
+        full_at = take_folded(self._messages, self.last_seen, rate, self.app.message_burst)
+        if full_at is None:
+            self._fragments = None  # the rest of a fragmented message goes with it
+            self.refuse(Refused(Reason.MESSAGE_RATE))
+            return False
+        self._messages = full_at
+        return True
+
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
-        if opcode is not Opcode.CLOSE:
-            # Before anything looks at the frame: one float compared, nothing decoded.
-            settings = self.app.settings
-            rate = settings.max_messages_per_second.rate
-            full_at = take_folded(self._messages, self.last_seen, rate, settings.message_burst)
-            if full_at is None:
-                self._fragments = None  # the rest of a fragmented message goes with it
-                self.refuse(Refused(Reason.MESSAGE_RATE))
-                return
-            self._messages = full_at
+        if opcode is not Opcode.CLOSE and not self._spend_message_budget():
+            return
         if opcode is Opcode.TEXT:
             if frame.fin:
                 self._on_text(bytes(frame.data))
@@ -337,8 +418,9 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _fail_invalid_utf8(self) -> None:
         self._mark_failed(Reason.INVALID_UTF8)
-        self.proto.fail(1007, "invalid UTF-8")
-        self._flush()
+        self.flush_pending()
+        self.transport.write(close_frame(1007, "invalid UTF-8"))
+        self.transport.close()
 
     def _mark_failed(self, reason: Reason) -> None:
         """Record a frame-level failure and leave everything; the caller sends the close."""

@@ -1,0 +1,114 @@
+"""The WebSocket opening handshake (RFC 6455 §4.2): check the request, answer it.
+
+Pure: the request's headers in, the answer's bytes out. The listener's gates have
+already checked the path, the method and ``Sec-WebSocket-Version`` (426 naming 13);
+this checks what remains, as the ``websockets`` library did before (the same
+statuses): ``Connection`` must list ``upgrade`` and ``Upgrade`` must be exactly
+``websocket`` (else **426** with ``Upgrade: websocket``; either header malformed
+is **400**), and there must be one ``Sec-WebSocket-Key`` that is base64 of 16
+bytes (else **400**). No extension and
+no subprotocol is ever negotiated (permessage-deflate stays off).
+
+It runs for every connection, so the answer is built directly: the 101 carries
+``Upgrade``, ``Connection`` and ``Sec-WebSocket-Accept`` (no ``Date``: a 1xx needs
+none, and no ``Server``: nothing to tell a scanner).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["Accepted", "Failed", "accept_value", "check_handshake"]
+
+#: RFC 6455 §1.3.
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A valid handshake: the 101 response to write."""
+
+    response: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """An invalid handshake: its status, why (for the log), and the response to write."""
+
+    status: int
+    reason: str
+    response: bytes
+
+
+def accept_value(key: str) -> str:
+    """``Sec-WebSocket-Accept`` for ``key`` (RFC 6455 §4.2.2)."""
+    digest = hashlib.sha1(key.encode("ascii") + _GUID, usedforsecurity=False).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+#: RFC 9110 §5.6.2 ``token``; an ``Upgrade`` element may name a version after ``/``.
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_PROTOCOL = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+(?:/[-!#$%&'*+.^_`|~0-9a-zA-Z]+)?")
+
+
+def _elements(
+    headers: Sequence[tuple[str, str]], name: str, item: re.Pattern[str]
+) -> list[str] | None:
+    """The lower-cased list elements of every ``name`` header; None if one is malformed.
+
+    RFC 9110 §5.6.1: ``1#element``, separated by commas with optional whitespace;
+    empty elements are ignored, but a header must hold at least one.
+    """
+    found: list[str] = []
+    for key, value in headers:
+        if key.lower() != name:
+            continue
+        elements = [element.strip(" \t") for element in value.split(",")]
+        elements = [element for element in elements if element]
+        if not elements or not all(item.fullmatch(element) for element in elements):
+            return None
+        found.extend(element.lower() for element in elements)
+    return found
+
+
+def _failed(status: int, reason: str, extra: str = "") -> Failed:
+    body = f"Failed to open a WebSocket connection: {reason}.\n".encode()
+    phrase = "Upgrade Required" if status == 426 else "Bad Request"
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\n{extra}Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return Failed(status, reason, head.encode("latin-1") + body)
+
+
+def check_handshake(headers: Sequence[tuple[str, str]]) -> Accepted | Failed:
+    """Check an upgrade request's handshake headers and make the answer."""
+    connection = _elements(headers, "connection", _TOKEN)
+    if connection is None:
+        return _failed(400, "malformed Connection header")
+    if "upgrade" not in connection:
+        return _failed(426, "invalid Connection header", "Upgrade: websocket\r\n")
+    upgrade = _elements(headers, "upgrade", _PROTOCOL)
+    if upgrade is None:
+        return _failed(400, "malformed Upgrade header")
+    if upgrade != ["websocket"]:
+        return _failed(426, "invalid Upgrade header", "Upgrade: websocket\r\n")
+    keys = [value for key, value in headers if key.lower() == "sec-websocket-key"]
+    if len(keys) != 1:
+        return _failed(400, "missing or repeated Sec-WebSocket-Key header")
+    key = keys[0].strip()
+    try:
+        raw = base64.b64decode(key.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raw = b""
+    if len(raw) != 16:
+        return _failed(400, "invalid Sec-WebSocket-Key header")
+    return Accepted(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_value(key).encode("ascii") + b"\r\n\r\n"
+    )
