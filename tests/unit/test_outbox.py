@@ -33,8 +33,6 @@ import pytest
 import uvloop
 from support.clients import OP_PING, OP_PONG, OP_TEXT, RawWebSocket, build_frame
 from support.timeouts import until, within
-from websockets.protocol import State
-from websockets.server import ServerProtocol
 
 from bastion.config import settings_from_mapping
 from bastion.core.hub import AppState
@@ -42,6 +40,7 @@ from bastion.protocol import messages as msg
 from bastion.server.context import frame_text
 from bastion.server.runtime import Node
 from bastion.server.state import ConnectionState
+from bastion.server.upgrade import max_frame_size
 from bastion.server.websocket import WebSocketConnection
 
 APP_ID, KEY, SECRET = "12345", "app-key", "app-secret"
@@ -169,7 +168,7 @@ async def wire(
     counted = CountedWrites(transport, name, log)
     app = app_of(node)
     assert node.hub.admit(app) is None
-    conn = Watched(node.ctx, counted, ServerProtocol(state=State.OPEN), app, "127.0.0.1")
+    conn = Watched(node.ctx, counted, app, "127.0.0.1", max_size=max_frame_size(app))
     conn.name, conn.log = name, log
     transport.set_protocol(conn)
     conn.start()
