@@ -1,7 +1,7 @@
 """Fixtures for the integration tests: a real Bastion node in-process on 127.0.0.1.
 
-* ``make_node(server=..., app=..., extra_apps=..., security=...)`` starts a
-  :class:`Node` on an OS-chosen port with the default app (id ``12345``, key
+* ``make_node(server=..., app=..., extra_apps=..., security=..., wall_clock=...)``
+  starts a :class:`Node` on an OS-chosen port with the default app (id ``12345``, key
   ``app-key``, client events on) plus a second app (``67890``/``other-key``); every
   node is stopped at teardown. ``security`` overrides ``[security]`` keys over
   :data:`TEST_SECURITY` (every test connects from 127.0.0.1).
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,7 @@ from uuid import uuid4
 import pusher
 import pytest
 import redis.asyncio as aioredis
-from support.server import config_toml
-
-from bastion.config import settings_from_mapping
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -48,6 +44,10 @@ from .clients import (
     make_sdk,
     open_client,
 )
+from support.server import config_toml
+
+from bastion.config import settings_from_mapping
+from bastion.server.runtime import Node
 
 MakeNode = Callable[..., Awaitable[Node]]
 Connect = Callable[..., Awaitable[PusherClient]]
@@ -99,16 +99,19 @@ def node_settings(
     return settings_from_mapping(document, environ={})
 
 
-RunNode = Callable[[Any], Awaitable[Node]]
+RunNode = Callable[..., Awaitable[Node]]
 
 
 @pytest.fixture
 async def run_node() -> AsyncIterator[RunNode]:
-    """Factory: ``await run_node(settings)`` starts a node; all are stopped at teardown."""
+    """Factory: ``await run_node(settings)`` starts a node; all are stopped at teardown.
+
+    ``wall_clock=`` gives the node a clock the test moves (see :class:`Node`).
+    """
     nodes: list[Node] = []
 
-    async def factory(settings: Any) -> Node:
-        node = Node(settings, asyncio.get_running_loop())
+    async def factory(settings: Any, *, wall_clock: Callable[[], float] = time.time) -> Node:
+        node = Node(settings, asyncio.get_running_loop(), wall_clock=wall_clock)
         await node.start()
         nodes.append(node)
         return node
@@ -131,11 +134,12 @@ async def make_node(
         app: Mapping[str, Any] | None = None,
         extra_apps: tuple[Mapping[str, Any], ...] = (),
         security: Mapping[str, Any] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> Node:
         settings = node_settings(
             server, app, extra_apps, security, state_dir=tmp_path_factory.mktemp("node")
         )
-        return await run_node(settings)
+        return await run_node(settings, wall_clock=wall_clock)
 
     yield factory
 

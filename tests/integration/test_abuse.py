@@ -11,9 +11,10 @@ Limits are tiny with a negligible refill rate, so outcomes depend on counts only
 
 from __future__ import annotations
 
+from support.clients import APP_ID, RawWebSocket, make_sdk, open_client, served
+
 from bastion.server.runtime import Node
 
-from .clients import APP_ID, RawWebSocket, make_sdk, open_client, served
 from .conftest import MakeNode
 from .test_admission import upgrade
 from .test_protocol import subscribe_with_sdk

@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.clients import APP_ID, APP_KEY, APP_SECRET, HttpResult, http_request, served
+from support.timeouts import until, within
 
 from bastion.config import settings_from_mapping
 from bastion.server.runtime import Node
 from bastion.store.audit import query
 from bastion.store.blocks import list_active
 
-from .clients import APP_ID, APP_KEY, APP_SECRET, HttpResult, http_request, served
 from .conftest import RunNode
-from .timeouts import poll, within
 
 TOKEN = "admin-token-0123456789abcdefghijklmnopq"
 BEARER = f"Authorization: Bearer {TOKEN}"
@@ -104,7 +104,7 @@ async def audited(node: Node, count: int, **filters: Any) -> None:
             return False
         return sum(int(event.metadata.get("count") or 1) for event in events) >= count
 
-    await poll(enough)
+    await until(enough)
 
 
 async def test_every_get_route_answers_with_the_token(start_node: StartNode) -> None:
@@ -222,7 +222,7 @@ async def test_block_and_unblock_another_address(start_node: StartNode) -> None:
     async def stored() -> bool:
         return [b.ip for b in list_active(path, now=0)] == ["192.0.2.7"]
 
-    await poll(stored)
+    await until(stored)
 
     result = await call(node, "POST", "unblock-ip", {"ip": "192.0.2.7"})
     assert result.json() == {"unblocked": True, "ip": "192.0.2.7"}
@@ -233,7 +233,7 @@ async def test_block_and_unblock_another_address(start_node: StartNode) -> None:
     async def lifted() -> bool:
         return list_active(path, now=0) == []
 
-    await poll(lifted)
+    await until(lifted)
 
 
 async def test_block_ip_refuses_never_block_and_bad_bodies(start_node: StartNode) -> None:

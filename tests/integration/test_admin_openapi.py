@@ -28,11 +28,10 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 from schemathesis.core.failures import FailureGroup
+from support.clients import APP_ID, APP_KEY, APP_SECRET
 
 from bastion.config import settings_from_mapping
 from bastion.server.runtime import Node
-
-from .clients import APP_ID, APP_KEY, APP_SECRET
 
 TOKEN = "admin-token-0123456789abcdefghijklmnopq"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -15,12 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-
-from bastion.security.admission import ConnectionCounter
-from bastion.server.refusals import RefusalRecord
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     DEFAULT_QUERY,
@@ -34,8 +29,13 @@ from .clients import (
     rest,
     signed_target,
 )
+from support.timeouts import DEFAULT_WAIT, within
+
+from bastion.security.admission import ConnectionCounter
+from bastion.server.refusals import RefusalRecord
+from bastion.server.runtime import Node
+
 from .conftest import Connect, LogCheck, MakeNode
-from .timeouts import DEFAULT_WAIT, within
 
 PATH = f"/app/{APP_KEY}?{DEFAULT_QUERY}"
 SLOW = 0.001  # tokens per second: nothing refills during a test

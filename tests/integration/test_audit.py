@@ -17,12 +17,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-
-from bastion.config import settings_from_mapping
-from bastion.server.runtime import Node
-from bastion.store.audit import query
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -34,6 +29,11 @@ from .clients import (
     open_client,
     signed_target,
 )
+
+from bastion.config import settings_from_mapping
+from bastion.server.runtime import Node
+from bastion.store.audit import query
+
 from .conftest import RunNode
 
 EVENTS = f"/apps/{APP_ID}/events"

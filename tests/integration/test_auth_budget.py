@@ -17,11 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bastion.config import settings_from_mapping
-from bastion.server.refusals import RefusalRecord
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -33,8 +29,13 @@ from .clients import (
     rest,
     signed_target,
 )
+from support.timeouts import within
+
+from bastion.config import settings_from_mapping
+from bastion.server.refusals import RefusalRecord
+from bastion.server.runtime import Node
+
 from .conftest import Connect, MakeNode, RunNode
-from .timeouts import within
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "bastion.example.toml"
 CHANNELS = f"/apps/{APP_ID}/channels"

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from support.clients import APP_ID, APP_KEY, APP_SECRET, open_client, served
+from support.timeouts import until
 
 from bastion.cli import main
 from bastion.config import load_settings
@@ -24,9 +26,7 @@ from bastion.server.runtime import Node
 from bastion.store.audit import query
 from bastion.store.blocks import list_active
 
-from .clients import APP_ID, APP_KEY, APP_SECRET, open_client, served
 from .conftest import RunNode
-from .timeouts import poll
 
 
 def write_config(
@@ -173,13 +173,13 @@ async def test_cli_block_reaches_a_running_node(tmp_path: Path, start_node: Star
 
     result = await acli("block", "127.0.0.1", "--ttl", "10m", "--config", str(config))
     assert result.exit_code == 0, result.output
-    await poll(lambda: dropped(node.port))  # within sync_seconds (0.1 s)
+    await until(lambda: dropped(node.port))  # within sync_seconds (0.1 s)
     closed = await client.closed()  # the open connection is closed too
     assert closed.code == 4100
 
     result = await acli("unblock", "127.0.0.1", "--config", str(config))
     assert result.exit_code == 0, result.output
-    await poll(lambda: served(node.port))
+    await until(lambda: served(node.port))
     client = await open_client(node.port)
     await client.close()
 
@@ -197,7 +197,7 @@ async def test_manual_blocks_apply_with_reputation_disabled(
     assert node.blocklist.on_refusal not in node.refusals.listeners
     result = await acli("block", "127.0.0.1", "--config", str(config))
     assert result.exit_code == 0, result.output
-    await poll(lambda: dropped(node.port))
+    await until(lambda: dropped(node.port))
 
 
 async def test_a_block_made_before_start_applies_at_once(

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from support.redis_server import RedisServer
+from support.timeouts import until
 
 from .conftest import LogCheck, RunNode
 from .test_cluster_limits import start_cluster
-from .test_redis_cluster import until
 
 SYNC_SECONDS = 0.05
 

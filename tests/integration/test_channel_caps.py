@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from support.clients import APP_ID, PusherClient, rest
+
 from bastion.config import AppSettings
 from bastion.server.runtime import Node
 
-from .clients import APP_ID, PusherClient, rest
 from .conftest import MakeCluster, MakeNode
 
 Connect = Callable[..., Awaitable[PusherClient]]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from support.clients import APP_ID, PusherClient, make_sdk
+
 from bastion.server.runtime import Node
 
-from .clients import APP_ID, PusherClient, make_sdk
 from .test_protocol import subscribe_with_sdk
 
 POINT = {

@@ -13,15 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from support.redis_server import RedisServer
-
-from bastion.config import settings_from_mapping
-from bastion.security.limits import RateLimiter
-from bastion.security.reputation import Block
-from bastion.server.runtime import Node
-from bastion.store.redis_blocks import RedisBlockStore
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -32,8 +24,17 @@ from .clients import (
     rest,
     served,
 )
+from support.redis_server import RedisServer
+from support.timeouts import until
+
+from bastion.config import settings_from_mapping
+from bastion.security.limits import RateLimiter
+from bastion.security.reputation import Block
+from bastion.server.runtime import Node
+from bastion.store.redis_blocks import RedisBlockStore
+
 from .conftest import SHARED_REDIS, TEST_SECURITY, LogCheck, RunNode
-from .test_redis_cluster import _equals, numsub, private_auth, topic, until
+from .test_redis_cluster import _equals, numsub, private_auth, topic
 
 CHANNEL = "private-room"
 

@@ -17,14 +17,14 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from support.clients import APP_ID, APP_KEY, APP_SECRET, PusherClient, open_client
 from support.server import BastionProcess
+from support.timeouts import scaled, until
 
 from bastion.core import events as ev
 from bastion.server.runtime import Node
 
-from .clients import APP_ID, APP_KEY, APP_SECRET, PusherClient, open_client
 from .conftest import SHARED_REDIS, TEST_SECURITY, MakeCluster, cluster_server_toml
-from .test_redis_cluster import until
 
 Clients = Callable[[Node], Awaitable[PusherClient]]
 HEARTBEAT = 0.2
@@ -246,8 +246,6 @@ async def test_a_clean_stop_sends_the_vacated_webhook(
     from support.webhook_receiver import WebhookReceiver
 
     from bastion.config import settings_from_mapping
-
-    from .timeouts import scaled
 
     with WebhookReceiver() as receiver:
         settings = settings_from_mapping(

@@ -20,13 +20,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from support.redis_server import RedisServer
-from support.server import BastionProcess
-
-from bastion.core import events as ev
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -36,8 +30,15 @@ from .clients import (
     open_client,
     rest,
 )
+from support.redis_server import RedisServer
+from support.server import BastionProcess
+from support.timeouts import until
+
+from bastion.core import events as ev
+from bastion.server.runtime import Node
+
 from .conftest import MakeCluster, cluster_server_toml
-from .test_redis_cluster import private_auth, trigger, until
+from .test_redis_cluster import private_auth, trigger
 
 Clients = Callable[[Node], Awaitable[PusherClient]]
 HEARTBEAT = 0.2

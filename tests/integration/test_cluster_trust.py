@@ -14,13 +14,14 @@ import json
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
+from support.clients import APP_ID, PusherClient, data_of, rest
+from support.timeouts import until
 
 from bastion.server.runtime import Node
 from bastion.store.audit import query as query_audit
 
-from .clients import APP_ID, PusherClient, data_of, rest
 from .conftest import MakeCluster
-from .test_redis_cluster import numsub, private_auth, topic, trigger, until
+from .test_redis_cluster import numsub, private_auth, topic, trigger
 
 Clients = Callable[[Node], Awaitable[PusherClient]]
 ROOM = "presence-room"

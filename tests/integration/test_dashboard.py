@@ -15,11 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from bastion.config import settings_from_mapping
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -29,6 +25,10 @@ from .clients import (
     HttpResult,
     http_request,
 )
+
+from bastion.config import settings_from_mapping
+from bastion.server.runtime import Node
+
 from .conftest import Connect, RunNode
 
 TOKEN = "dashboard-admin-token-0123456789abcdefghij"

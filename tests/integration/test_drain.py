@@ -18,16 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.clients import http_request, open_client
 from support.server import config_toml, run_bastion
-from support.timeouts import scaled
+from support.timeouts import scaled, until
 from support.webhook_receiver import Received, WebhookReceiver
 
 from bastion.config import settings_from_mapping
 from bastion.errors import ConfigError
 from bastion.server.runtime import DRAIN_SECONDS
-
-from .clients import http_request, open_client
-from .timeouts import poll
 
 DRAIN = 1.0
 #: Interpreter start-up is not part of the drain, but its teardown is measured with it.
@@ -75,7 +73,7 @@ def test_sigterm_drains_on_time_and_loses_no_queued_webhook(tmp_path: Path) -> N
             async def until_sigterm() -> float:
                 client = await open_client(first.port)
                 await client.subscribed("news")  # channel_occupied: its attempt hangs
-                await poll(lambda: in_flight(first.port), scaled(10))
+                await until(lambda: in_flight(first.port), 10)
                 started = time.monotonic()
                 os.kill(first.pid, signal.SIGTERM)
                 closed = await client.closed()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 
+from support.clients import RawWebSocket, build_frame
+
 from bastion.server.runtime import Node
 
-from .clients import RawWebSocket, build_frame
 from .conftest import MakeNode
 
 OP_CONT, OP_TEXT, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x8, 0x9, 0xA

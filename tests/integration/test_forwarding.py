@@ -10,12 +10,13 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from support.clients import APP_KEY, DEFAULT_QUERY, RawWebSocket
+from support.timeouts import within
+
 from bastion.server.refusals import RefusalRecord
 from bastion.server.runtime import Node
 
-from .clients import APP_KEY, DEFAULT_QUERY, RawWebSocket
 from .conftest import MakeNode
-from .timeouts import within
 
 TRUST_LOOPBACK = {"trusted_proxies": ["127.0.0.1/32"]}
 PATH = f"/app/{APP_KEY}?{DEFAULT_QUERY}"

@@ -26,12 +26,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.clients import APP_KEY, APP_SECRET, PusherClient, hmac_hex, open_client
+from support.timeouts import DEFAULT_WAIT, within
 from websockets.exceptions import ConnectionClosed
 
 from bastion.server.runtime import Node
-
-from .clients import APP_KEY, APP_SECRET, PusherClient, hmac_hex, open_client
-from .timeouts import DEFAULT_WAIT, within
 
 #: Close codes a text frame of valid UTF-8 may legitimately earn: a failed sign-in, and
 #: the refusal budget (``refusal_limit``) spent by a connection whose frames keep being

@@ -10,12 +10,12 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from support.clients import APP_ID, http_request
+from support.timeouts import within
 
 from bastion.config import AdminSettings
 
-from .clients import APP_ID, http_request
 from .conftest import RunNode, node_settings
-from .timeouts import within
 
 ADMIN_TOKEN = "head-admin-token-0123456789abcdefghijklm"
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from support.clients import APP_KEY, APP_SECRET, data_of, hmac_hex
 
 from bastion.server.runtime import Node
-
-from .clients import APP_KEY, APP_SECRET, data_of, hmac_hex
 
 
 @pytest.mark.parametrize(

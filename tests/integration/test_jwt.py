@@ -13,11 +13,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from websockets.exceptions import InvalidStatus
-
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_KEY,
     APP_SECRET,
     DEFAULT_QUERY,
@@ -26,8 +22,12 @@ from .clients import (
     hmac_hex,
     open_ws,
 )
+from support.timeouts import within
+from websockets.exceptions import InvalidStatus
+
+from bastion.server.runtime import Node
+
 from .conftest import Connect, LogCheck, MakeNode
-from .timeouts import within
 
 JWT_SECRET = "integration-jwt-secret-of-40-characters!"
 #: Ticks of the node's heartbeat every 0.25 s (deadlines are checked on that tick).

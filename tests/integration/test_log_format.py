@@ -14,9 +14,7 @@ import uuid
 from typing import Any
 
 import pytest
-from support.server import DEFAULT_APP, BastionProcess, config_toml
-
-from .clients import (
+from support.clients import (
     APP_KEY,
     OTHER_APP_SECRET,
     hmac_hex,
@@ -24,6 +22,7 @@ from .clients import (
     open_client,
     signed_target,
 )
+from support.server import DEFAULT_APP, BastionProcess, config_toml
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BODY = json.dumps({"name": "e", "channel": "c", "data": "{}"}).encode()

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.clients import HttpResult, http_request
+from support.timeouts import within
 
 from bastion.config import AdminSettings, MetricsSettings
 from bastion.server.refusals import RefusalRecord
 from bastion.server.runtime import Node
 
-from .clients import HttpResult, http_request
 from .conftest import RunNode, node_settings
-from .timeouts import within
 
 SLOW = 0.001  # tokens per second: nothing refills during a test
 TRUST_LOOPBACK = {"trusted_proxies": ["127.0.0.1/32"]}

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.clients import APP_ID, APP_SECRET, OTHER_APP_SECRET, HttpResult, http_request
 
 from bastion.config import MetricsSettings, WebhookDeliverySettings
 from bastion.server.runtime import Node
 
-from .clients import APP_ID, APP_SECRET, OTHER_APP_SECRET, HttpResult, http_request
 from .conftest import Connect, MakeNode, RunNode, node_settings
 
 TOKEN = "scrape-token-0123456789abcdefghijklmnop"

@@ -5,14 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
-from websockets.typing import Origin
-
-from bastion.api import cors
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -26,8 +19,15 @@ from .clients import (
     http_request,
     signed_target,
 )
+from support.timeouts import within
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin
+
+from bastion.api import cors
+from bastion.server.runtime import Node
+
 from .conftest import LogCheck, MakeNode
-from .timeouts import within
 
 ALLOWED = ["https://app.example.com", "https://*.example.com"]
 PATH = f"/app/{APP_KEY}?{DEFAULT_QUERY}"

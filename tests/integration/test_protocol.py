@@ -16,11 +16,7 @@ import socket
 from typing import Any
 
 import pytest
-from websockets.exceptions import InvalidStatus
-
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     OP_BINARY,
@@ -37,7 +33,10 @@ from .clients import (
     read_until_closed,
     rest,
 )
-from .timeouts import within
+from support.timeouts import within
+from websockets.exceptions import InvalidStatus
+
+from bastion.server.runtime import Node
 
 SOCKET_ID = re.compile(r"^\d+\.\d+$")
 
@@ -104,10 +103,10 @@ async def test_protocol_ping_gets_protocol_pong(node: Node, connect) -> None:
 
 async def test_silent_client_is_pinged_then_closed_4201(make_node, connect) -> None:
     node = await make_node(server={"activity_timeout": 1, "pong_timeout": 0.5})
+    loop = asyncio.get_running_loop()
+    started = loop.time()  # before the connection: its activity starts later
     client = await connect(node)
     assert client.activity_timeout == 1
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     ping = await client.expect("pusher:ping")
     assert loop.time() - started >= 0.9, "pinged before activity_timeout elapsed"
     closed = await client.closed()

@@ -9,23 +9,15 @@ adapter's health), each bounded by :func:`timeouts.within`.
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import pytest
 import redis.asyncio as aioredis
-from support.pki import make_pki
-from support.redis_server import RedisServer
-
-from bastion.adapters.messages import ChannelEvent
-from bastion.server.runtime import Node
-from bastion.store.audit import query as query_audit
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -34,23 +26,15 @@ from .clients import (
     hmac_hex,
     rest,
 )
+from support.pki import make_pki
+from support.redis_server import RedisServer
+from support.timeouts import until
+
+from bastion.adapters.messages import ChannelEvent
+from bastion.server.runtime import Node
+from bastion.store.audit import query as query_audit
+
 from .conftest import LogCheck, MakeCluster
-from .timeouts import within
-
-
-async def until(predicate: Callable[[], Any], seconds: float = 5.0) -> None:
-    """Poll ``predicate`` (sync or async) until it holds; fail after ``seconds`` (scaled)."""
-
-    async def poll() -> None:
-        while True:
-            result = predicate()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.01)  # a poll interval, not a synchronisation
-
-    await within(poll(), seconds)
 
 
 def topic(prefix: str, channel: str, app_id: str = APP_ID) -> str:

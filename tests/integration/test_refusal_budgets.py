@@ -22,12 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bastion.config import settings_from_mapping
-from bastion.security.audit import AuditEvent
-from bastion.server.runtime import Node
-from bastion.store.audit import AuditLog, query
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -39,8 +34,14 @@ from .clients import (
     RawWebSocket,
     build_frame,
 )
+from support.timeouts import scaled, within
+
+from bastion.config import settings_from_mapping
+from bastion.security.audit import AuditEvent
+from bastion.server.runtime import Node
+from bastion.store.audit import AuditLog, query
+
 from .conftest import TEST_SECURITY, LogCheck, MakeNode, RunNode
-from .timeouts import scaled, within
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 PATH = f"/app/{APP_KEY}?{DEFAULT_QUERY}"

@@ -16,17 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.server import config_toml, run_bastion
-from support.timeouts import scaled as support_scaled
-from support.webhook_receiver import WebhookReceiver
-from websockets.asyncio.client import connect as ws_connect
-
-from bastion.config import Settings, settings_from_mapping
-from bastion.server.reload import RestartRequired
-from bastion.server.runtime import Node, _on_sighup
-from bastion.store.audit import query
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -42,6 +32,16 @@ from .clients import (
     open_client,
     rest,
 )
+from support.server import config_toml, run_bastion
+from support.timeouts import scaled, until, within
+from support.webhook_receiver import WebhookReceiver
+from websockets.asyncio.client import connect as ws_connect
+
+from bastion.config import Settings, settings_from_mapping
+from bastion.server.reload import RestartRequired
+from bastion.server.runtime import Node, _on_sighup
+from bastion.store.audit import query
+
 from .conftest import Connect, RunNode
 from .test_workers import (
     MakeBastion,
@@ -51,7 +51,6 @@ from .test_workers import (
     _worker_pids,
     needs_redis,
 )
-from .timeouts import poll, within
 
 ROTATED = "rotated-secret-0123456789abcdefghijkl"
 TOKEN = "admin-token-0123456789abcdefghijklmnopq"
@@ -97,7 +96,7 @@ async def audit_types(node: Node, wanted: str) -> list[Any]:
         rows = query(node.settings.audit.path, type=wanted, limit=10)
         return bool(rows)
 
-    await poll(seen)
+    await until(seen)
     return rows
 
 
@@ -279,7 +278,7 @@ async def test_a_webhook_endpoint_added_live_receives_events(
         apps = document(tmp_path)["apps"]
         apps[0] = {**apps[0], "webhooks": [{"url": receiver.url, "event_types": ["client_event"]}]}
         node.apply_config(load(document(tmp_path, apps=apps)))
-        await poll(lambda: _true(node.webhook_producer is not None))
+        await until(lambda: node.webhook_producer is not None)
         sender, listener = await connect(node), await connect(node)
         sdk = make_sdk(node.port)
         for client in (sender, listener):
@@ -287,15 +286,9 @@ async def test_a_webhook_endpoint_added_live_receives_events(
             await client.subscribed("private-chat", auth["auth"])
         await sender.send({"event": "client-hi", "channel": "private-chat", "data": {}})
         await listener.expect("client-hi", "private-chat")
-        received = await asyncio.to_thread(
-            receiver.wait_for, lambda got: len(got) >= 1, support_scaled(10)
-        )
+        received = await asyncio.to_thread(receiver.wait_for, lambda got: len(got) >= 1, scaled(10))
         events = received[0].json()["events"]
         assert [event["name"] for event in events] == ["client_event"]
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_put_config_applies_live_and_round_trips(reload_node: Node, connect: Connect) -> None:
@@ -327,7 +320,7 @@ async def test_put_config_applies_live_and_round_trips(reload_node: Node, connec
     restart = await call("PUT", {"audit": {"path": "elsewhere.sqlite3"}})
     assert (restart.status, restart.json()["fields"]) == (409, ["audit.path"])
     rows = await audit_types(node, "config_change_refused")
-    await poll(lambda: _true(len(query(node.settings.audit.path, type=rows[0].type)) >= 2))
+    await until(lambda: len(query(node.settings.audit.path, type=rows[0].type)) >= 2)
     results = {row.metadata["result"] for row in query(node.settings.audit.path, type=rows[0].type)}
     assert results == {"invalid", "restart_required"}
 

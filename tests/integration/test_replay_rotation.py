@@ -13,15 +13,10 @@ import asyncio
 import json
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
-
-from bastion.adapters.replay import LocalReplayClaims
-from bastion.protocol.signing import REPEAT_GRACE_SECONDS, REST_TIMESTAMP_WINDOW
-from bastion.security.replay import ReplayGuard
-from bastion.server.runtime import Node
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     PusherClient,
@@ -31,6 +26,14 @@ from .clients import (
     rest,
     signed_target,
 )
+from support.hubs import Clock
+
+from bastion.adapters.replay import LocalReplayClaims
+from bastion.protocol.signing import REPEAT_GRACE_SECONDS, REST_TIMESTAMP_WINDOW
+from bastion.security.replay import ReplayGuard
+from bastion.server.runtime import Node
+
+from .conftest import RunNode, node_settings
 
 EVENTS = f"/apps/{APP_ID}/events"
 
@@ -116,8 +119,8 @@ async def test_python_sdk_identical_triggers_in_a_row(node: Node, connect) -> No
 # --- rotation ---------------------------------------------------------------------------
 
 NEW, OLD, EXPIRED = "new-secret", "old-secret", "expired-secret"
-#: Long enough for the first half of the test to finish before the old secret lapses.
-OLD_LIFETIME = 2.0
+#: How long the old secret still verifies after the test starts, on the node's clock.
+OLD_LIFETIME = 60.0
 
 
 async def _channel_auth(client: PusherClient, secret: str, channel: str) -> dict[str, object]:
@@ -126,21 +129,30 @@ async def _channel_auth(client: PusherClient, secret: str, channel: str) -> dict
 
 
 async def test_previous_secret_verifies_until_it_expires(make_node, connect) -> None:
-    old_expiry = time.time() + OLD_LIFETIME
+    # The node reads the time from a clock the test moves: expiry is decided by
+    # that clock, not by how fast this machine runs the first half.
+    clock = Clock(time.time())
+    old_expiry = clock() + OLD_LIFETIME
     node = await make_node(
         app={
             "secret": NEW,
             "previous_secrets": [
                 {"secret": OLD, "expires_at": datetime.fromtimestamp(old_expiry, UTC)},
-                {"secret": EXPIRED, "expires_at": datetime.fromtimestamp(time.time() - 1, UTC)},
+                {"secret": EXPIRED, "expires_at": datetime.fromtimestamp(clock() - 1, UTC)},
             ],
-        }
+        },
+        wall_clock=clock,
     )
     client = await connect(node)
 
     async def trigger(secret: str) -> str | None:
         reply = await rest(
-            node.port, "POST", EVENTS, {"name": "e", "channel": "c", "data": "x"}, secret=secret
+            node.port,
+            "POST",
+            EVENTS,
+            {"name": "e", "channel": "c", "data": "x"},
+            secret=secret,
+            timestamp=clock(),  # signed "now" on the node's clock: inside the window
         )
         return None if reply.status == 200 else reply.json()["reason"]
 
@@ -153,9 +165,8 @@ async def test_previous_secret_verifies_until_it_expires(make_node, connect) -> 
     )
     refused = await _channel_auth(client, EXPIRED, "private-b")
     assert refused["event"] == "pusher:subscription_error"
-    assert time.time() < old_expiry, "the node was too slow for this test's timing"
 
-    await asyncio.sleep(old_expiry - time.time() + 0.05)
+    clock.advance(old_expiry - clock() + 1)  # one second past the old secret's expiry
 
     # After it: only the newest verifies.
     assert await trigger(OLD) == "auth_signature"
@@ -166,6 +177,34 @@ async def test_previous_secret_verifies_until_it_expires(make_node, connect) -> 
     assert (await _channel_auth(client, NEW, "private-d"))["event"] == (
         "pusher_internal:subscription_succeeded"
     )
+
+
+async def test_an_app_added_by_a_reload_reads_the_node_clock(
+    run_node: RunNode, connect, tmp_path: Path
+) -> None:
+    # A reload builds the state of an added app: its channel auth must expire
+    # secrets on the same clock as the apps built at start (REST reads the clock
+    # per request).
+    clock = Clock(time.time())
+    node = await run_node(node_settings(state_dir=tmp_path), wall_clock=clock)
+    expires_at = datetime.fromtimestamp(clock() + OLD_LIFETIME, UTC)
+    added = {
+        "id": "777",
+        "key": "added-key",
+        "secret": NEW,
+        "previous_secrets": [{"secret": OLD, "expires_at": expires_at}],
+    }
+    node.reload(node_settings(extra_apps=[added], state_dir=tmp_path), "api")
+    client = await connect(node, key="added-key")
+
+    async def subscribe(secret: str, channel: str) -> object:
+        auth = f"added-key:{hmac_hex(secret, f'{client.socket_id}:{channel}')}"
+        return (await client.subscribe(channel, auth))["event"]
+
+    assert await subscribe(OLD, "private-a") == "pusher_internal:subscription_succeeded"
+    clock.advance(OLD_LIFETIME + 1)
+    assert await subscribe(OLD, "private-b") == "pusher:subscription_error"
+    assert await subscribe(NEW, "private-c") == "pusher_internal:subscription_succeeded"
 
 
 @pytest.mark.parametrize("secret", [NEW, OLD])

@@ -16,13 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from bastion.config import settings_from_mapping
-from bastion.server.runtime import Node
-from bastion.store.audit import query
-from bastion.store.blocks import list_active
-
-from .clients import (
+from support.clients import (
     APP_ID,
     APP_KEY,
     APP_SECRET,
@@ -31,8 +25,14 @@ from .clients import (
     served,
     signed_target,
 )
+from support.timeouts import until
+
+from bastion.config import settings_from_mapping
+from bastion.server.runtime import Node
+from bastion.store.audit import query
+from bastion.store.blocks import list_active
+
 from .conftest import RunNode
-from .timeouts import poll
 
 EVENTS = f"/apps/{APP_ID}/events"
 TRIGGER = json.dumps({"name": "e", "channels": ["c"], "data": "{}"}).encode()
@@ -93,7 +93,7 @@ async def test_bad_signatures_block_the_address(tmp_path: Path, start_node: Star
             await asyncio.to_thread(list_active, tmp_path / "blocks.sqlite3", now=time.time())
         )
 
-    await poll(persisted)
+    await until(persisted)
     [block] = list_active(tmp_path / "blocks.sqlite3", now=time.time())
     assert (block.ip, block.source) == ("127.0.0.1", "auto")
     assert 800 < block.until - time.time() <= 900
@@ -115,7 +115,7 @@ async def test_block_expires_after_block_seconds(start_node: StartNode) -> None:
     node = await start_node(threshold=20, block_seconds=1)
     assert [await bad_signature(node.port) for _ in range(2)] == [401, 401]
     assert not await served(node.port)
-    await poll(lambda: served(node.port))  # the only time-based wait: one second
+    await until(lambda: served(node.port))  # the only time-based wait: one second
     client = await open_client(node.port)  # and WebSockets are served again
     await client.close()
 

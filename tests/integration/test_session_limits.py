@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from .clients import (
+from support.clients import (
     APP_KEY,
     APP_SECRET,
     OTHER_APP_KEY,
@@ -15,6 +15,7 @@ from .clients import (
     open_ws,
     read_until_closed,
 )
+
 from .conftest import Connect, LogCheck, MakeNode
 
 #: Ticks of the node's heartbeat every 0.25 s (deadlines are checked on that tick).

@@ -22,6 +22,7 @@ from typing import Any
 
 import pusher
 import pytest
+from support.timeouts import scaled, until, within
 from support.webhook_receiver import Received, WebhookReceiver
 
 from bastion.config import AppSettings, WebhookDeliverySettings
@@ -30,8 +31,6 @@ from bastion.metrics import Metrics
 from bastion.security.audit import AuditEvent
 from bastion.store.webhook_queue import NewDelivery, WebhookQueue
 from bastion.webhooks.dispatcher import WebhookDispatcher, is_refused_address, safe_url
-
-from .timeouts import scaled
 
 APP_ID = "4242"
 APP_KEY = "hook-app-key"
@@ -72,14 +71,6 @@ async def wait_for(
     receiver: WebhookReceiver, predicate: Callable[[list[Received]], bool], seconds: float = 5
 ) -> list[Received]:
     return await asyncio.to_thread(receiver.wait_for, predicate, scaled(seconds))
-
-
-async def eventually(check: Callable[[], bool], seconds: float = 5) -> None:
-    deadline = time.monotonic() + scaled(seconds)
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 class Harness:
@@ -136,7 +127,7 @@ async def test_delivery_carries_headers_the_official_sdk_verifies(tmp_path: Path
             sent = delivery(receiver.url)
             assert h.enqueue(sent) == 1
             (got,) = await wait_for(receiver, lambda r: len(r) >= 1)
-            await eventually(lambda: h.metrics.webhooks_delivered[APP_ID] == 1)
+            await until(lambda: h.metrics.webhooks_delivered[APP_ID] == 1)
             assert h.queue.counts().done == 1
     assert got.body == sent.body and got.path == "/hook"
     assert got.header("Content-Type") == "application/json"
@@ -172,7 +163,7 @@ async def test_failing_receiver_gets_it_after_retries_with_one_idempotency_key(
             sent = delivery(receiver.url)
             h.enqueue(sent)
             received = await wait_for(receiver, lambda r: any(x.status == 200 for x in r))
-            await eventually(lambda: h.metrics.webhooks_delivered[APP_ID] == 1)
+            await until(lambda: h.metrics.webhooks_delivered[APP_ID] == 1)
             assert h.metrics.webhook_attempts_failed[APP_ID] == 3
             assert h.queue.counts().done == 1
     assert [r.status for r in received] == [503, 503, 503, 200]
@@ -187,7 +178,7 @@ async def test_network_errors_are_retried(tmp_path: Path) -> None:
         port = probe.getsockname()[1]
     async with running(tmp_path) as h:
         h.enqueue(delivery(f"http://127.0.0.1:{port}/hook"))
-        await eventually(lambda: h.metrics.webhook_attempts_failed[APP_ID] >= 3)
+        await until(lambda: h.metrics.webhook_attempts_failed[APP_ID] >= 3)
         counts = h.queue.counts()
     assert (counts.pending, counts.dead) == (1, 0)
     with WebhookQueue.open(
@@ -202,7 +193,7 @@ async def test_a_timed_out_attempt_is_retried(tmp_path: Path) -> None:
         receiver.hang = True
         async with running(tmp_path, timeout_seconds=0.2, stop_timeout=1) as h:
             h.enqueue(delivery(receiver.url))
-            await eventually(lambda: h.metrics.webhook_attempts_failed[APP_ID] >= 2)
+            await until(lambda: h.metrics.webhook_attempts_failed[APP_ID] >= 2)
             assert h.queue.counts().pending == 1 and h.queue.counts().dead == 0
 
 
@@ -211,11 +202,14 @@ async def test_a_400_is_a_dead_letter_without_retries(tmp_path: Path) -> None:
         receiver.fail_next(1, status=400)
         async with running(tmp_path) as h:
             h.enqueue(delivery(receiver.url.replace("/hook", "/hook?access=abc123")))
-            await eventually(lambda: h.queue.counts().dead == 1)
+            await until(lambda: h.queue.counts().dead == 1)
             (letter,) = h.queue.dead_letters()
-            await asyncio.sleep(0.1)  # would have been retried by now
+            # Never retried: a dead letter is not pending, and only pending rows are
+            # ever claimed; nothing is due even an hour from now.
+            assert h.queue.counts().pending == 0
+            assert h.queue.next_due_at(time.time() + 3600) is None
             assert len(receiver.received) == 1
-            await eventually(lambda: h.metrics.webhooks_dead[APP_ID] == 1)
+            await until(lambda: h.metrics.webhooks_dead[APP_ID] == 1)
     assert letter.attempts == 1 and letter.last_error == "HTTP 400 (not retried)"
     (event,) = h.audited
     assert (event.type, event.severity, event.app_id) == ("webhook_dead", "warning", APP_ID)
@@ -228,7 +222,7 @@ async def test_give_up_age_moves_it_to_the_dead_letters(tmp_path: Path) -> None:
         receiver.fail_next(10_000, status=500)
         async with running(tmp_path, give_up_after_seconds=0.2) as h:
             h.enqueue(delivery(receiver.url))
-            await eventually(lambda: h.queue.counts().dead == 1)
+            await until(lambda: h.queue.counts().dead == 1)
             (letter,) = h.queue.dead_letters()
     assert letter.attempts >= 2
     assert letter.last_error is not None and "gave up" in letter.last_error
@@ -242,13 +236,15 @@ async def test_a_hanging_endpoint_does_not_delay_another(tmp_path: Path) -> None
             tmp_path, concurrency_per_endpoint=2, timeout_seconds=30, stop_timeout=1
         ) as h:
             h.enqueue(*[delivery(slow.url, channel=f"s{n}") for n in range(10)])
-            await asyncio.sleep(0.1)  # the slow endpoint's slots are taken
-            started = time.monotonic()
+            # Both of the slow endpoint's slots are taken by attempts that hang ...
+            await until(lambda: h.metrics.webhooks_in_flight == 2)
             h.enqueue(delivery(fast.url))
-            await wait_for(fast, lambda r: len(r) == 1, seconds=2)
-            assert time.monotonic() - started < scaled(2)
+            # ... and the other endpoint is served meanwhile (long before the slow
+            # attempts' 30 s timeout): none of them has been answered yet.
+            await wait_for(fast, lambda r: len(r) == 1)
+            assert slow.received == []
             # Only the slow endpoint's slots stay taken.
-            await eventually(lambda: h.metrics.webhooks_in_flight == 2)
+            await until(lambda: h.metrics.webhooks_in_flight == 2)
             assert h.queue.counts().pending == 10
 
 
@@ -258,14 +254,18 @@ async def test_stop_is_bounded_and_a_restart_resumes(tmp_path: Path) -> None:
         sent = delivery(receiver.url)
         async with running(tmp_path, timeout_seconds=30, stop_timeout=0.5) as h:
             h.enqueue(sent)
-            await eventually(lambda: h.metrics.webhooks_in_flight == 1)
-            started = time.monotonic()
-            await h.dispatcher.stop(scaled(0.5))
-            assert time.monotonic() - started <= scaled(0.5) + 0.2
+            await until(lambda: h.metrics.webhooks_in_flight == 1)
+            # stop() gives the hanging attempt up at its 0.5 s deadline instead of
+            # waiting for the attempt's own 30 s timeout: it returns (bounded wait),
+            # the attempt was cancelled, not ended (no failure recorded, nothing
+            # answered), and its row is still pending.
+            await within(h.dispatcher.stop(scaled(0.5)))
+            assert h.metrics.webhook_attempts_failed[APP_ID] == 0
+            assert receiver.received == []
             assert h.queue.counts().pending == 1
         receiver.hang = False
         async with running(tmp_path) as again:
-            await eventually(lambda: again.queue.counts().done == 1)
+            await until(lambda: again.queue.counts().done == 1)
     delivered = receiver.delivered()
     assert delivered and {r.header("Idempotency-Key") for r in delivered} == {sent.idempotency_key}
 
@@ -278,7 +278,7 @@ async def test_two_dispatchers_on_one_queue_file_send_each_row_once(tmp_path: Pa
             assert one.queue.owner != two.queue.owner
             assert one.enqueue(*sent) == 40
             two.dispatcher.wake()
-            await eventually(
+            await until(
                 lambda: (
                     one.metrics.webhooks_delivered[APP_ID] + two.metrics.webhooks_delivered[APP_ID]
                     == 40
@@ -302,13 +302,13 @@ async def test_rows_of_a_dead_or_stopped_worker_go_to_another(tmp_path: Path) ->
             worker.claim_due(time.time(), limit=1, lease_seconds=0.2)
             async with running(tmp_path) as live:
                 await wait_for(receiver, lambda r: len(r) >= 1)
-                await eventually(lambda: live.queue.counts().done == 1)
+                await until(lambda: live.queue.counts().done == 1)
                 keys = {r.header("Idempotency-Key") for r in receiver.received}
                 assert keys == {crashed.idempotency_key}  # the live lease is respected
                 # The other worker stops cleanly: its row is sent at once, not in an hour.
                 worker.release_all()
                 live.dispatcher.wake()
-                await eventually(lambda: live.queue.counts().done == 2)
+                await until(lambda: live.queue.counts().done == 2)
     keys = {r.header("Idempotency-Key") for r in receiver.delivered()}
     assert len(receiver.received) == 2
     assert keys == {held.idempotency_key, crashed.idempotency_key}
@@ -322,7 +322,7 @@ async def test_refuse_private_dead_letters_a_loopback_endpoint(
         async with running(tmp_path, apps) as h:
             with caplog.at_level(logging.WARNING, logger="bastion.webhooks"):
                 h.enqueue(delivery(receiver.url))
-                await eventually(lambda: h.queue.counts().dead == 1)
+                await until(lambda: h.queue.counts().dead == 1)
             (letter,) = h.queue.dead_letters()
         assert receiver.received == []
     assert letter.attempts == 0 and (letter.last_error or "").startswith("refused: ")
@@ -352,7 +352,7 @@ async def test_refuse_private_dead_letters_wrapped_and_shared_addresses(
     apps = {APP_ID: app_state(webhooks_refuse_private=True)}
     async with running(tmp_path, apps) as h:
         h.enqueue(delivery(url))
-        await eventually(lambda: h.queue.counts().dead == 1)
+        await until(lambda: h.queue.counts().dead == 1)
         (letter,) = h.queue.dead_letters()
     assert letter.attempts == 0
     assert (letter.last_error or "").startswith("refused: ")
@@ -427,7 +427,7 @@ async def test_an_app_removed_from_config_is_a_dead_letter(tmp_path: Path) -> No
     with WebhookReceiver() as receiver:
         async with running(tmp_path) as h:
             h.enqueue(delivery(receiver.url, app_id="gone"))
-            await eventually(lambda: h.queue.counts().dead == 1)
+            await until(lambda: h.queue.counts().dead == 1)
             (letter,) = h.queue.dead_letters()
         assert receiver.received == []
     assert letter.last_error == "app is no longer configured" and letter.attempts == 0
@@ -453,7 +453,7 @@ async def test_logs_never_carry_the_query_body_or_signature(
             # (stored as configured) deliberately carries a token.
             async with running(tmp_path, name="queue-with-token-url.db") as h:
                 h.enqueue(delivery(url, channel="private-body-marker"))
-                await eventually(lambda: h.queue.counts().dead == 1)
+                await until(lambda: h.queue.counts().dead == 1)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "retrying" in text and "dead letters" in text
     assert "s3cr3t-query-value" not in text and "token=" not in text

@@ -18,15 +18,15 @@ from typing import Any
 
 import pusher
 import pytest
+from support.clients import APP_ID, APP_KEY, APP_SECRET, PusherClient, make_sdk, open_client
+from support.timeouts import scaled
 from support.webhook_receiver import Received, WebhookReceiver
 
 from bastion.config import settings_from_mapping
 from bastion.server.runtime import Node
 from bastion.store.audit import query as query_audit
 
-from .clients import APP_ID, APP_KEY, APP_SECRET, PusherClient, make_sdk, open_client
 from .conftest import TEST_SECURITY, RunNode
-from .timeouts import scaled
 
 StartNode = Callable[..., Awaitable[Node]]
 
@@ -174,7 +174,7 @@ async def connect(node: Node, opened: list[PusherClient]) -> PusherClient:
     return client
 
 
-async def until(client: PusherClient, event: str, channel: str | None = None) -> dict[str, Any]:
+async def skip_to(client: PusherClient, event: str, channel: str | None = None) -> dict[str, Any]:
     """The next frame with ``event`` (on ``channel``), skipping the others.
 
     The app counts subscriptions (for the subscription_count webhooks), so frames such
@@ -197,7 +197,7 @@ async def join(
     if channel_data is not None:
         data["channel_data"] = channel_data
     await client.send({"event": "pusher:subscribe", "data": data})
-    await until(client, "pusher_internal:subscription_succeeded", channel)
+    await skip_to(client, "pusher_internal:subscription_succeeded", channel)
 
 
 async def subscribe_signed(
@@ -213,7 +213,7 @@ async def unsubscribe(client: PusherClient, channel: str) -> None:
     """Unsubscribe and wait until the server has handled it (its pong follows)."""
     await client.send({"event": "pusher:unsubscribe", "data": {"channel": channel}})
     await client.send({"event": "pusher:ping", "data": {}})
-    await until(client, "pusher:pong")
+    await skip_to(client, "pusher:pong")
 
 
 def names_on(received: list[Received], channel: str) -> list[str]:
@@ -229,16 +229,16 @@ async def test_every_event_type_arrives_signed(start_node, receiver, clients) ->
 
     await join(alice, "news")  # channel_occupied, subscription_count
     await join(alice, "cache-prices")  # + cache_miss
-    await until(alice, "pusher:cache_miss", "cache-prices")
+    await skip_to(alice, "pusher:cache_miss", "cache-prices")
     await subscribe_signed(alice, node, "presence-room", {"user_id": "alice"})  # member_added
     await subscribe_signed(bob, node, "presence-room", {"user_id": "bob"})
-    await until(alice, "pusher_internal:member_added", "presence-room")
+    await skip_to(alice, "pusher_internal:member_added", "presence-room")
     await subscribe_signed(alice, node, "private-chat")
     await subscribe_signed(bob, node, "private-chat")
     await alice.send({"event": "client-typing", "channel": "private-chat", "data": {"x": [1]}})
-    await until(bob, "client-typing", "private-chat")
+    await skip_to(bob, "client-typing", "private-chat")
     await alice.send({"event": "client-hi", "channel": "presence-room", "data": "plain"})
-    await until(bob, "client-hi", "presence-room")
+    await skip_to(bob, "client-hi", "presence-room")
     await unsubscribe(bob, "presence-room")  # member_removed (after the delay)
     await unsubscribe(alice, "news")  # channel_vacated (after the delay)
 
@@ -545,7 +545,7 @@ async def test_a_broken_queue_never_breaks_the_hub(
     client = await connect(node, clients)
     await join(client, "still-works")
     await client.send({"event": "pusher:ping", "data": {}})
-    await until(client, "pusher:pong")
+    await skip_to(client, "pusher:pong")
     producer = node.webhook_producer
     assert producer is not None
     await asyncio.wait_for(producer.drained(), scaled(10))

@@ -14,16 +14,15 @@ import uuid
 from pathlib import Path
 
 from click.testing import CliRunner, Result
+from support.timeouts import scaled, until
 from support.webhook_receiver import WebhookReceiver
 
 from bastion.cli import main
 from bastion.config import AppSettings, WebhookDeliverySettings
 from bastion.core.hub import AppState
 from bastion.metrics import Metrics
-from bastion.store.webhook_queue import DeadLetter, NewDelivery, WebhookQueue
+from bastion.store.webhook_queue import NewDelivery, WebhookQueue
 from bastion.webhooks.dispatcher import WebhookDispatcher
-
-from .timeouts import scaled
 
 APP_ID = "4243"
 APP_KEY = "cli-hook-key"
@@ -143,15 +142,6 @@ def test_unreadable_queue_exits_1(tmp_path: Path) -> None:
         assert result.exit_code == 1 and "webhooks.sqlite3" in result.output
 
 
-async def _dead_letters_soon(queue: WebhookQueue) -> list[DeadLetter]:
-    deadline = time.monotonic() + scaled(5)
-    while True:
-        letters = queue.dead_letters()
-        if letters or time.monotonic() > deadline:
-            return letters
-        await asyncio.sleep(0.02)
-
-
 async def test_a_retried_dead_letter_is_delivered_by_a_running_dispatcher(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     settings = WebhookDeliverySettings.model_validate(
@@ -180,7 +170,8 @@ async def test_a_retried_dead_letter_is_delivered_by_a_running_dispatcher(tmp_pa
             )
             dispatcher.wake()
             await asyncio.to_thread(receiver.wait_for, lambda r: len(r) == 1, scaled(5))
-            (letter,) = await _dead_letters_soon(queue)
+            await until(queue.dead_letters)
+            (letter,) = queue.dead_letters()
             letter_id = str(letter.id)
             # The operator retries from another process; the node sees it on its next poll.
             retried = await asyncio.to_thread(

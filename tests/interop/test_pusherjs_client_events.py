@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
+from support.clients import PusherClient, data_of
 from support.server import DEFAULT_APP
-from support.wsclient import PusherWsClient
 
 from .node_driver import NodeDriver
 
@@ -100,24 +100,25 @@ async def test_client_event_on_encrypted_channel_is_refused(bastion, py_pusher) 
     # pusher-js cannot even send one (see test_pusherjs_channels); a raw client can, and
     # Bastion must answer pusher:error and relay nothing.
     channel = "private-encrypted-vault"
-    sender = await PusherWsClient.connect(bastion.ws_url(KEY))
-    receiver = await PusherWsClient.connect(bastion.ws_url(KEY))
+    sender = await PusherClient.connect(bastion.ws_url(KEY))
+    receiver = await PusherClient.connect(bastion.ws_url(KEY))
     try:
         for client in (sender, receiver):
             auth = py_pusher.authenticate(channel, client.socket_id)
             assert "shared_secret" in auth
-            frame = await client.subscribe(channel, auth["auth"])
-            assert frame.event == "pusher_internal:subscription_succeeded", frame.raw
+            frame = await client.subscribe(channel, auth["auth"], interleaved=True)
+            assert frame["event"] == "pusher_internal:subscription_succeeded", frame
 
-        await sender.send("client-leak", {"plain": "text"}, channel=channel)
+        leak = {"event": "client-leak", "data": {"plain": "text"}, "channel": channel}
+        await sender.send(leak)
 
-        error = await sender.expect("pusher:error")
-        assert isinstance(error.data, dict), error.raw
-        assert error.data.get("message"), error.raw
+        error = await sender.wait_for("pusher:error")
+        assert isinstance(data_of(error), dict), error
+        assert data_of(error).get("message"), error
         await asyncio.to_thread(py_pusher.trigger, channel, "barrier", {"n": 1})
-        await receiver.expect("barrier", channel=channel)
+        await receiver.wait_for("barrier", channel)
         assert not receiver.received("client-leak")
-        assert not sender.closed.is_set(), "a refused client event must not close the socket"
+        assert sender.is_open, "a refused client event must not close the socket"
     finally:
         await sender.close()
         await receiver.close()

@@ -14,66 +14,68 @@ import json
 import nacl.secret
 import pusher.errors
 import pytest
+from support.clients import PusherClient, data_of
 from support.server import DEFAULT_APP, app_spec
-from support.wsclient import PusherWsClient
 
 KEY = DEFAULT_APP["key"]
 
 
 @pytest.fixture
 async def ws(bastion):
-    client = await PusherWsClient.connect(bastion.ws_url(KEY))
+    client = await PusherClient.connect(bastion.ws_url(KEY))
     try:
         yield client
     finally:
         await client.close()
 
 
-async def test_handshake_frame(ws: PusherWsClient) -> None:
+async def test_handshake_frame(ws: PusherClient) -> None:
     established = ws.received("pusher:connection_established")[0]
-    assert isinstance(established.raw_data, str), "data is a JSON-encoded string"
-    assert established.data["activity_timeout"] == 120
+    assert isinstance(established["data"], str), "data is a JSON-encoded string"
+    assert data_of(established)["activity_timeout"] == 120
     assert ws.socket_id and ws.socket_id.count(".") == 1
 
 
-async def test_private_channel_auth_is_accepted(ws: PusherWsClient, py_pusher) -> None:
+async def test_private_channel_auth_is_accepted(ws: PusherClient, py_pusher) -> None:
     auth = py_pusher.authenticate("private-orders", ws.socket_id)
 
-    frame = await ws.subscribe("private-orders", auth["auth"])
+    frame = await ws.subscribe("private-orders", auth["auth"], interleaved=True)
 
-    assert frame.event == "pusher_internal:subscription_succeeded", frame.raw
-    assert frame.channel == "private-orders"
+    assert frame["event"] == "pusher_internal:subscription_succeeded", frame
+    assert frame["channel"] == "private-orders"
 
 
-async def test_presence_channel_auth_is_accepted(ws: PusherWsClient, py_pusher) -> None:
+async def test_presence_channel_auth_is_accepted(ws: PusherClient, py_pusher) -> None:
     member = {"user_id": "u-1", "user_info": {"name": "Ada", "role": "admin"}}
     auth = py_pusher.authenticate("presence-board", ws.socket_id, member)
 
-    frame = await ws.subscribe("presence-board", auth["auth"], auth["channel_data"])
+    frame = await ws.subscribe(
+        "presence-board", auth["auth"], auth["channel_data"], interleaved=True
+    )
 
-    assert frame.event == "pusher_internal:subscription_succeeded", frame.raw
-    assert isinstance(frame.raw_data, str)
-    presence = frame.data["presence"]
+    assert frame["event"] == "pusher_internal:subscription_succeeded", frame
+    assert isinstance(frame["data"], str)
+    presence = data_of(frame)["presence"]
     assert presence["ids"] == ["u-1"]
     assert presence["hash"] == {"u-1": {"name": "Ada", "role": "admin"}}
     assert presence["count"] == 1
 
 
-async def test_encrypted_channel_auth_and_python_decrypt(ws: PusherWsClient, py_pusher) -> None:
+async def test_encrypted_channel_auth_and_python_decrypt(ws: PusherClient, py_pusher) -> None:
     channel = "private-encrypted-ledger"
     auth = py_pusher.authenticate(channel, ws.socket_id)
     shared_secret = base64.b64decode(auth["shared_secret"])
     assert len(shared_secret) == 32
 
     # Like pusher-js: the shared secret never goes to the server.
-    frame = await ws.subscribe(channel, auth["auth"])
-    assert frame.event == "pusher_internal:subscription_succeeded", frame.raw
+    frame = await ws.subscribe(channel, auth["auth"], interleaved=True)
+    assert frame["event"] == "pusher_internal:subscription_succeeded", frame
 
     await asyncio.to_thread(py_pusher.trigger, channel, "entry", {"amount": 42})
 
-    event = await ws.expect("entry", channel=channel)
-    assert isinstance(event.raw_data, str)
-    envelope = event.data
+    event = await ws.wait_for("entry", channel)
+    assert isinstance(event["data"], str)
+    envelope = data_of(event)
     assert set(envelope) == {"nonce", "ciphertext"}
     box = nacl.secret.SecretBox(shared_secret)
     plaintext = box.decrypt(
@@ -82,59 +84,60 @@ async def test_encrypted_channel_auth_and_python_decrypt(ws: PusherWsClient, py_
     assert json.loads(plaintext) == {"amount": 42}
 
 
-async def test_user_authentication_is_accepted(ws: PusherWsClient, py_pusher) -> None:
+async def test_user_authentication_is_accepted(ws: PusherClient, py_pusher) -> None:
     user = {"id": "alice", "user_info": {"name": "Alice"}, "watchlist": ["bob"]}
     auth = py_pusher.authenticate_user(ws.socket_id, user)
 
     await ws.signin(auth["auth"], auth["user_data"])
 
-    success = await ws.expect("pusher:signin_success")
-    data = success.data if isinstance(success.data, dict) else json.loads(success.data)
+    success = await ws.wait_for("pusher:signin_success")
+    data = data_of(success)
+    data = data if isinstance(data, dict) else json.loads(data)
     assert json.loads(data["user_data"]) == user
     # Signed in as alice: her server-to-user channel is allowed.
-    frame = await ws.subscribe("#server-to-user-alice")
-    assert frame.event == "pusher_internal:subscription_succeeded", frame.raw
+    frame = await ws.subscribe("#server-to-user-alice", interleaved=True)
+    assert frame["event"] == "pusher_internal:subscription_succeeded", frame
 
 
 async def test_private_auth_for_another_socket_is_refused(bastion, py_pusher) -> None:
     async with (
-        await PusherWsClient.connect(bastion.ws_url(KEY)) as victim,
-        await PusherWsClient.connect(bastion.ws_url(KEY)) as thief,
+        await PusherClient.connect(bastion.ws_url(KEY)) as victim,
+        await PusherClient.connect(bastion.ws_url(KEY)) as thief,
     ):
         stolen = py_pusher.authenticate("private-orders", victim.socket_id)
 
-        frame = await thief.subscribe("private-orders", stolen["auth"])
+        frame = await thief.subscribe("private-orders", stolen["auth"], interleaved=True)
 
-        assert frame.event == "pusher:subscription_error", frame.raw
-        assert frame.data["type"] == "AuthError"
-        assert frame.data["status"] == 401
+        assert frame["event"] == "pusher:subscription_error", frame
+        assert data_of(frame)["type"] == "AuthError"
+        assert data_of(frame)["status"] == 401
         await thief.ping()  # the socket stays open
-        assert not thief.closed.is_set()
+        assert thief.is_open
 
 
-async def test_presence_channel_data_tampering_is_refused(ws: PusherWsClient, py_pusher) -> None:
+async def test_presence_channel_data_tampering_is_refused(ws: PusherClient, py_pusher) -> None:
     auth = py_pusher.authenticate("presence-board", ws.socket_id, {"user_id": "u-1"})
     forged = auth["channel_data"].replace("u-1", "admin")
 
-    frame = await ws.subscribe("presence-board", auth["auth"], forged)
+    frame = await ws.subscribe("presence-board", auth["auth"], forged, interleaved=True)
 
-    assert frame.event == "pusher:subscription_error", frame.raw
-    assert frame.data["status"] == 401
+    assert frame["event"] == "pusher:subscription_error", frame
+    assert data_of(frame)["status"] == 401
 
 
 async def test_server_to_user_channel_of_someone_else_is_refused(
-    ws: PusherWsClient, py_pusher
+    ws: PusherClient, py_pusher
 ) -> None:
     auth = py_pusher.authenticate_user(ws.socket_id, {"id": "alice"})
     await ws.signin(auth["auth"], auth["user_data"])
-    await ws.expect("pusher:signin_success")
+    await ws.wait_for("pusher:signin_success")
 
-    frame = await ws.subscribe("#server-to-user-bob")
+    frame = await ws.subscribe("#server-to-user-bob", interleaved=True)
 
-    assert frame.event == "pusher:subscription_error", frame.raw
+    assert frame["event"] == "pusher:subscription_error", frame
     await asyncio.to_thread(py_pusher.send_to_user, "bob", "secret", {"for": "bob"})
     await asyncio.to_thread(py_pusher.send_to_user, "alice", "barrier", {})
-    await ws.expect("barrier")
+    await ws.wait_for("barrier")
     assert not ws.received("secret")
 
 
@@ -142,13 +145,12 @@ async def test_user_authentication_with_wrong_secret_closes_4009(bastion) -> Non
     from .conftest import make_py_pusher
 
     impostor = make_py_pusher(bastion, secret="not-the-app-secret")
-    async with await PusherWsClient.connect(bastion.ws_url(KEY)) as ws:
+    async with await PusherClient.connect(bastion.ws_url(KEY)) as ws:
         auth = impostor.authenticate_user(ws.socket_id, {"id": "alice"})
 
         await ws.signin(auth["auth"], auth["user_data"])
 
-        code, _reason = await ws.wait_closed()
-        assert code == 4009
+        assert (await ws.closed()).code == 4009
         assert not ws.received("pusher:signin_success")
 
 
@@ -157,16 +159,16 @@ async def test_watchlist_over_the_limit_is_truncated_with_4302(make_bastion) -> 
 
     server = make_bastion(apps=[app_spec(max_watchlist_size=2)])
     sdk = make_py_pusher(server)
-    async with await PusherWsClient.connect(server.ws_url(KEY)) as ws:
+    async with await PusherClient.connect(server.ws_url(KEY)) as ws:
         auth = sdk.authenticate_user(ws.socket_id, {"id": "w", "watchlist": ["a", "b", "c"]})
 
         await ws.signin(auth["auth"], auth["user_data"])
 
-        await ws.expect("pusher:signin_success")
-        error = await ws.expect("pusher:error")
-        assert error.data["code"] == 4302
+        await ws.wait_for("pusher:signin_success")
+        error = await ws.wait_for("pusher:error")
+        assert data_of(error)["code"] == 4302
         await ws.ping()
-        assert not ws.closed.is_set()
+        assert ws.is_open
 
 
 async def test_no_secret_or_signature_reaches_the_server_logs(make_bastion) -> None:
@@ -176,18 +178,18 @@ async def test_no_secret_or_signature_reaches_the_server_logs(make_bastion) -> N
     server = make_bastion(extra_args=("--log-level", "debug"))
     sdk = make_py_pusher(server, encryption_master_key_base64=base64.b64encode(b"k" * 32).decode())
     signatures = []
-    async with await PusherWsClient.connect(server.ws_url(KEY)) as ws:
+    async with await PusherClient.connect(server.ws_url(KEY)) as ws:
         for channel in ("private-a", "private-encrypted-b"):
             auth = sdk.authenticate(channel, ws.socket_id)
             signatures.append(auth["auth"].split(":", 1)[1])
-            await ws.subscribe(channel, auth["auth"])
+            await ws.subscribe(channel, auth["auth"], interleaved=True)
         bad = make_py_pusher(server, secret="wrong-secret").authenticate("private-c", ws.socket_id)
         signatures.append(bad["auth"].split(":", 1)[1])
-        await ws.subscribe("private-c", bad["auth"])
+        await ws.subscribe("private-c", bad["auth"], interleaved=True)
         user = sdk.authenticate_user(ws.socket_id, {"id": "alice"})
         signatures.append(user["auth"].split(":", 1)[1])
         await ws.signin(user["auth"], user["user_data"])
-        await ws.expect("pusher:signin_success")
+        await ws.wait_for("pusher:signin_success")
     await asyncio.to_thread(sdk.trigger, "private-a", "e", {})
     with pytest.raises(pusher.errors.PusherBadAuth):
         await asyncio.to_thread(make_py_pusher(server, secret="wrong-secret").trigger, "x", "e", {})

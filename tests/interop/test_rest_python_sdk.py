@@ -1,6 +1,6 @@
 """Every REST endpoint through the PyPI ``pusher`` SDK against a real Bastion.
 
-Subscribers are raw WebSocket clients (``support.wsclient``), authorised with the same
+Subscribers are raw WebSocket clients (``support.clients.PusherClient``), authorised with the same
 SDK's ``authenticate`` / ``authenticate_user``, so these tests need no Node. The SDK is
 synchronous (requests); it runs in a thread so the event loop keeps reading frames.
 """
@@ -16,10 +16,10 @@ import pusher.errors
 import pytest
 import requests
 from pusher.http import POST, Request
+from support.clients import PusherClient, data_of
 from support.server import DEFAULT_APP, BastionProcess
 from support.signing import signed_rest_request
 from support.timeouts import scaled
-from support.wsclient import PusherWsClient
 
 from .conftest import make_py_pusher
 
@@ -28,16 +28,18 @@ KEY = DEFAULT_APP["key"]
 SECRET = DEFAULT_APP["secret"]
 
 
-async def _client(server: BastionProcess) -> PusherWsClient:
-    return await PusherWsClient.connect(server.ws_url(KEY))
+async def _client(server: BastionProcess) -> PusherClient:
+    return await PusherClient.connect(server.ws_url(KEY))
 
 
-async def _subscribe(client: PusherWsClient, sdk: pusher.Pusher, channel: str, **presence) -> None:
+async def _subscribe(client: PusherClient, sdk: pusher.Pusher, channel: str, **presence) -> None:
     auth: dict = {}
     if channel.startswith(("private-", "presence-")):
         auth = sdk.authenticate(channel, client.socket_id, presence or None)
-    frame = await client.subscribe(channel, auth.get("auth"), auth.get("channel_data"))
-    assert frame.event == "pusher_internal:subscription_succeeded", frame.raw
+    frame = await client.subscribe(
+        channel, auth.get("auth"), auth.get("channel_data"), interleaved=True
+    )
+    assert frame["event"] == "pusher_internal:subscription_succeeded", frame
 
 
 def _sdk_send(sdk: pusher.Pusher, method: str, path: str, params: dict) -> dict:
@@ -53,9 +55,9 @@ async def test_trigger_delivers_the_data_string_unchanged(bastion, py_pusher) ->
         result = await asyncio.to_thread(py_pusher.trigger, "news", "headline", {"title": "x"})
 
         assert result == {}
-        frame = await sub.expect("headline", channel="news")
-        assert frame.raw_data == json.dumps({"title": "x"}), "data is relayed as the SDK's string"
-        assert frame.data == {"title": "x"}
+        frame = await sub.wait_for("headline", "news")
+        assert frame["data"] == json.dumps({"title": "x"}), "data is relayed as the SDK's string"
+        assert data_of(frame) == {"title": "x"}
 
 
 async def test_trigger_to_several_channels(bastion, py_pusher) -> None:
@@ -65,8 +67,8 @@ async def test_trigger_to_several_channels(bastion, py_pusher) -> None:
 
         await asyncio.to_thread(py_pusher.trigger, ["one", "private-two"], "multi", "plain text")
 
-        assert (await sub.expect("multi", channel="one")).raw_data == "plain text"
-        assert (await sub.expect("multi", channel="private-two")).raw_data == "plain text"
+        assert (await sub.wait_for("multi", "one"))["data"] == "plain text"
+        assert (await sub.wait_for("multi", "private-two"))["data"] == "plain text"
 
 
 async def test_trigger_with_socket_id_excludes_that_connection(bastion, py_pusher) -> None:
@@ -75,10 +77,10 @@ async def test_trigger_with_socket_id_excludes_that_connection(bastion, py_pushe
         await _subscribe(other, py_pusher, "room")
 
         await asyncio.to_thread(py_pusher.trigger, "room", "echo", {"n": 1}, origin.socket_id)
-        await other.expect("echo", channel="room")
+        await other.wait_for("echo", "room")
         await asyncio.to_thread(py_pusher.trigger, "room", "barrier", {})
 
-        await origin.expect("barrier", channel="room")
+        await origin.wait_for("barrier", "room")
         assert not origin.received("echo"), "the excluded socket must not get the event"
 
 
@@ -115,8 +117,8 @@ async def test_trigger_batch(bastion, py_pusher) -> None:
         result = await asyncio.to_thread(py_pusher.trigger_batch, batch)
 
         assert result == {}
-        assert (await sub.expect("first", channel="b-one")).data == {"i": 1}
-        assert (await sub.expect("second", channel="private-b-two")).raw_data == "raw"
+        assert data_of(await sub.wait_for("first", "b-one")) == {"i": 1}
+        assert (await sub.wait_for("second", "private-b-two"))["data"] == "raw"
 
 
 async def test_trigger_batch_with_info(bastion, py_pusher) -> None:
@@ -147,7 +149,7 @@ async def test_channels_info(bastion, py_pusher) -> None:
         assert presence == {"channels": {"presence-lobby": {"user_count": 2}}}
 
         # Occupied channels only: after leaving, "news" is gone.
-        await a.send("pusher:unsubscribe", {"channel": "news"})
+        await a.send({"event": "pusher:unsubscribe", "data": {"channel": "news"}})
         await a.ping()
         after = await asyncio.to_thread(py_pusher.channels_info)
         assert "news" not in after["channels"]
@@ -199,27 +201,26 @@ async def test_send_to_user(bastion, py_pusher) -> None:
     async with await _client(bastion) as sub:
         auth = py_pusher.authenticate_user(sub.socket_id, {"id": "alice"})
         await sub.signin(auth["auth"], auth["user_data"])
-        await sub.expect("pusher:signin_success")
+        await sub.wait_for("pusher:signin_success")
         await _subscribe(sub, py_pusher, "#server-to-user-alice")
 
         await asyncio.to_thread(py_pusher.send_to_user, "alice", "note", {"x": 1})
 
-        frame = await sub.expect("note", channel="#server-to-user-alice")
-        assert frame.data == {"x": 1}
+        frame = await sub.wait_for("note", "#server-to-user-alice")
+        assert data_of(frame) == {"x": 1}
 
 
 async def test_terminate_user_connections(bastion, py_pusher) -> None:
     async with await _client(bastion) as sub:
         auth = py_pusher.authenticate_user(sub.socket_id, {"id": "alice"})
         await sub.signin(auth["auth"], auth["user_data"])
-        await sub.expect("pusher:signin_success")
+        await sub.wait_for("pusher:signin_success")
 
         # The SDK uses /users/{id}/terminate_connections (no /apps/{app_id} prefix).
         result = await asyncio.to_thread(py_pusher.terminate_user_connections, "alice")
 
         assert result == {}
-        code, _reason = await sub.wait_closed()
-        assert code == 4009
+        assert (await sub.closed()).code == 4009
 
 
 def test_wrong_secret_is_rejected_with_401(bastion: BastionProcess) -> None:

@@ -22,10 +22,10 @@ from typing import Any
 
 import pusher
 import pytest
+from support.clients import PusherClient
 from support.server import DEFAULT_APP, BastionProcess, app_spec, config_toml, run_bastion_cli
 from support.timeouts import scaled
 from support.webhook_receiver import Received, WebhookReceiver
-from support.wsclient import PusherWsClient
 
 from .node_driver import NodeDriver
 
@@ -142,10 +142,10 @@ def test_webhooks_are_valid_for_the_node_and_python_sdks(
 
 
 async def _subscribe_many(server: BastionProcess, channels: list[str]) -> None:
-    async with await PusherWsClient.connect(server.ws_url(KEY)) as client:
+    async with await PusherClient.connect(server.ws_url(KEY)) as client:
         for channel in channels:
-            frame = await client.subscribe(channel)
-            assert frame.event == "pusher_internal:subscription_succeeded", frame
+            frame = await client.subscribe(channel, interleaved=True)
+            assert frame["event"] == "pusher_internal:subscription_succeeded", frame
 
 
 def test_pending_webhooks_survive_sigkill_and_are_delivered_after_restart(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
@@ -26,7 +27,7 @@ from support.server import (
     run_bastion_cli,
 )
 from support.signing import channel_auth, signed_rest_request, user_auth
-from support.timeouts import ENV_VAR, scaled
+from support.timeouts import ENV_VAR, scaled, until, within
 
 
 def test_scaled_defaults_to_one(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,6 +45,50 @@ def test_scaled_rejects_nonsense(monkeypatch: pytest.MonkeyPatch, bad: str) -> N
     monkeypatch.setenv(ENV_VAR, bad)
     with pytest.raises(ValueError, match=ENV_VAR):
         scaled(1)
+
+
+async def test_until_returns_once_a_sync_or_async_condition_holds() -> None:
+    calls: list[int] = []
+
+    def third_time() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    async def ready() -> bool:
+        return len(calls) >= 3
+
+    await until(third_time)
+    await until(ready)
+    assert len(calls) == 3
+
+
+async def test_until_fails_with_the_message_at_the_deadline() -> None:
+    with pytest.raises(AssertionError, match="never true"):
+        await until(lambda: False, 0.05, message="never true")
+    with pytest.raises(AssertionError, match="described late: 7"):
+        await until(lambda: False, 0.05, message=lambda: f"described late: {7}")
+
+
+async def test_until_cancels_a_condition_still_running_at_the_deadline() -> None:
+    cancelled = asyncio.Event()
+
+    async def hangs() -> bool:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return True
+
+    with pytest.raises(AssertionError):
+        await until(hangs, 0.05)
+    assert cancelled.is_set()
+
+
+async def test_within_raises_timeout_error() -> None:
+    assert await within(asyncio.sleep(0, "done")) == "done"
+    with pytest.raises(TimeoutError):
+        await within(asyncio.Event().wait(), 0.01)
 
 
 def test_default_config_is_the_documented_one() -> None:

@@ -8,6 +8,9 @@ oversized file fails start-up (exit 2) or the reload (400), naming the app, and
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from bastion.config import AppSettings, Settings
 from bastion.core.state import AppState
 from bastion.errors import ConfigError
@@ -28,8 +31,10 @@ def read_key_file(path: str) -> str:
     return text
 
 
-def app_state(settings: AppSettings) -> AppState:
+def app_state(settings: AppSettings, wall_clock: Callable[[], float] = time.time) -> AppState:
     """A fresh runtime state for ``settings``, its JWT verifier read from its key files.
+
+    ``wall_clock`` (Unix seconds) decides when a retiring secret stops verifying.
 
     Raises:
         ConfigError: a key file cannot be read or parsed (``apps[ID].jwt: …``).
@@ -41,9 +46,9 @@ def app_state(settings: AppSettings) -> AppState:
         except (OSError, ValueError) as exc:
             field = f"apps[{settings.id}].jwt"
             raise ConfigError(f"{field}: {exc}", fields=(field,)) from None
-    return AppState(settings, verifier)
+    return AppState(settings, verifier, wall_clock)
 
 
-def app_states(settings: Settings) -> list[AppState]:
+def app_states(settings: Settings, wall_clock: Callable[[], float] = time.time) -> list[AppState]:
     """A runtime state for every app of ``settings``."""
-    return [app_state(app) for app in settings.apps]
+    return [app_state(app, wall_clock) for app in settings.apps]

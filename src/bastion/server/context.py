@@ -214,6 +214,9 @@ class ServerContext:
     door: Door | None = None
     #: Builds the per-address limiters (cluster-wide ones with the redis adapter).
     limiters: LimiterFactory = memory_limiters
+    #: Unix seconds, read once per HTTP request or upgrade (``HttpRequest.now``:
+    #: the REST signature window, the secrets active then). ``Node(wall_clock=)``.
+    wall_clock: Callable[[], float] = time.time
     #: Whose forwarding headers name the client (``security.trusted_proxies``).
     proxies: TrustedProxies = field(init=False)
     #: WebSocket admission per client address (concurrent cap, new-connection bucket).

@@ -258,7 +258,8 @@ class HttpConnection(asyncio.Protocol):
         method, path = self.parser.get_method().decode("latin-1"), url.path.decode("latin-1")
         query = url.query.decode("latin-1") if url.query else ""
         body, ip, operator_ip = bytes(self.body), self.ip, self.operator_ip
-        return HttpRequest(method, path, query, self.headers, body, ip, operator_ip, time.time())
+        now = self.ctx.wall_clock()
+        return HttpRequest(method, path, query, self.headers, body, ip, operator_ip, now)
 
     # --- writing answers, in order -------------------------------------------------------
 
@@ -331,7 +332,7 @@ class HttpConnection(asyncio.Protocol):
         assert transport is not None
         ctx = self.ctx
         method = self.parser.get_method().decode("latin-1")
-        upgrade = read_upgrade(ctx, self.url, method, self.headers, self.ip, time.time())
+        upgrade = read_upgrade(ctx, self.url, method, self.headers, self.ip, ctx.wall_clock())
         for gate in BEFORE_101:
             refusal = gate(upgrade, ctx)
             if refusal is not None:

@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -293,7 +293,7 @@ def reload_settings(node: ReloadableNode, new: Settings, source: ReloadSource) -
         record_refused(node, source, "restart_required", restart)
         raise RestartRequired(restart)
     try:
-        templates = _build_apps(old, new)
+        templates = _build_apps(old, new, node.ctx.wall_clock)
     except ConfigError as exc:
         record_refused(node, source, "invalid", exc.fields)
         raise
@@ -311,10 +311,12 @@ def reload_settings(node: ReloadableNode, new: Settings, source: ReloadSource) -
     return ReloadResult(tuple(changed), closed)
 
 
-def _build_apps(old: Settings, new: Settings) -> dict[str, AppState]:
+def _build_apps(
+    old: Settings, new: Settings, wall_clock: Callable[[], float]
+) -> dict[str, AppState]:
     """A fresh state for every added or changed app (reads JWT key files; may fail)."""
     before = {app.id: app for app in old.apps}
-    return {app.id: app_state(app) for app in new.apps if before.get(app.id) != app}
+    return {app.id: app_state(app, wall_clock) for app in new.apps if before.get(app.id) != app}
 
 
 def _apply(

@@ -69,9 +69,23 @@ AUDIT_FLUSH_SECONDS = 10.0
 
 
 class Node:
-    """One running Bastion node (usable in-process by tests and benchmarks)."""
+    """One running Bastion node (usable in-process by tests and benchmarks).
 
-    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+    Args:
+        settings: the loaded configuration.
+        loop: the event loop the node runs on (its ``time`` is the monotonic clock).
+        wall_clock: Unix seconds for authentication: the expiry of retiring secrets
+            (REST signatures and channel auth), the REST timestamp window and token
+            expiry. ``time.time`` in production; tests pass a clock they move.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.refusals = RefusalPath(self.metrics)
@@ -85,7 +99,8 @@ class Node:
             frame_text,
             loop.time,
             self.cluster,
-            app_states(settings),
+            app_states(settings, wall_clock),
+            wall_clock=wall_clock,
             limiters=limiters,
         )
         self.rest = RestApi(
@@ -100,6 +115,7 @@ class Node:
             self.rest,
             Outbox(loop),
             limiters=limiters,
+            wall_clock=wall_clock,
         )
         self._server: asyncio.Server | None = None
         self._tick: asyncio.Task[None] | None = None

@@ -1,13 +1,22 @@
 """Test clients for a live Bastion: a Pusher client, a raw socket, a signed REST caller.
 
 * :class:`PusherClient` wraps a ``websockets`` client connection and speaks the
-  Pusher protocol (JSON frames, ``data`` double-encoding) for the normal cases.
+  Pusher protocol (JSON frames, ``data`` double-encoding). It reads only when the
+  test asks (a test can leave frames unread, or read ``client.ws`` itself):
+
+  - :meth:`~PusherClient.recv` / :meth:`~PusherClient.expect` take *the next*
+    frame (``expect`` asserts what it is): nothing may come in between;
+  - :meth:`~PusherClient.wait_for` takes the earliest frame that matches and keeps
+    the frames it passes over for later reads (:meth:`~PusherClient.received`
+    lists every frame read so far): for streams where other frames interleave.
+
 * :class:`RawWebSocket` writes hand-built bytes (handshakes, frames with wrong
   masking, RSV bits, binary opcodes, lying length headers) for the malformed cases.
 * :func:`http_request` and :func:`rest` speak HTTP/1.1 over a plain socket, so a
-  request can be signed (or mis-signed) exactly as a test needs.
+  request can be signed (or mis-signed) exactly as a test needs (signatures by
+  :mod:`support.signing`).
 
-Every wait goes through :func:`timeouts.within`; nothing sleeps to synchronise.
+Every wait goes through :mod:`support.timeouts`; nothing sleeps to synchronise.
 """
 
 from __future__ import annotations
@@ -15,20 +24,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
-import hmac
 import json
 import os
-import time
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
 
 import pusher
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
+from .signing import hmac_hex, signed_rest_request
 from .timeouts import DEFAULT_WAIT, within
 
 __all__ = [
@@ -51,6 +59,7 @@ __all__ = [
     "make_sdk",
     "open_client",
     "open_ws",
+    "open_ws_url",
     "read_until_closed",
     "rest",
     "served",
@@ -68,13 +77,10 @@ DEFAULT_QUERY = "protocol=7&client=bastion-tests&version=0.0.1&flash=false"
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
-
-def hmac_hex(secret: str, message: str) -> str:
-    """Lowercase hex HMAC-SHA256, as every Pusher signature is made."""
-    return hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+Message = dict[str, Any]
 
 
-def data_of(message: dict[str, Any]) -> Any:
+def data_of(message: Message) -> Any:
     """A server frame's ``data``, decoded when it is the usual JSON string."""
     data = message.get("data")
     if isinstance(data, str):
@@ -94,60 +100,99 @@ class Closed:
 
     code: int
     reason: str
-    frames: list[dict[str, Any]]
+    frames: list[Message]
+
+
+#: The server's answers to ``pusher:subscribe``.
+_ANSWERS = frozenset(
+    ("pusher_internal:subscription_succeeded", "pusher:subscription_error", "pusher:error")
+)
+
+
+def _parse(raw: str | bytes) -> Message:
+    assert isinstance(raw, str), f"expected a text frame, got {raw!r}"
+    parsed: Message = json.loads(raw)
+    return parsed
 
 
 class PusherClient:
-    """A Pusher-speaking test client on a ``websockets`` connection."""
+    """A Pusher-speaking test client on a ``websockets`` connection.
 
-    def __init__(self, ws: ClientConnection, established: dict[str, Any]) -> None:
+    Open one with :func:`open_client` (a port) or :meth:`connect` (a URL); it is an
+    async context manager that closes the connection on exit.
+    """
+
+    def __init__(self, ws: ClientConnection, established: Message) -> None:
         self.ws = ws
         self.established = established
         data = data_of(established)
         self.socket_id: str = data["socket_id"]
         self.activity_timeout: int = data["activity_timeout"]
+        #: Every frame read so far, in order (``connection_established`` first).
+        self.frames: list[Message] = [established]
+        #: Frames read but not yet returned (passed over by :meth:`wait_for`).
+        self._unread: deque[Message] = deque()
 
-    async def send(self, message: dict[str, Any] | str) -> None:
+    @classmethod
+    async def connect(cls, url: str, **connect_kwargs: Any) -> PusherClient:
+        """Connect to ``url`` (``ws://…/app/KEY?…``) and read ``connection_established``."""
+        ws = await open_ws_url(url, **connect_kwargs)
+        first = _parse(await within(ws.recv()))
+        assert first["event"] == "pusher:connection_established", first
+        return cls(ws, first)
+
+    async def __aenter__(self) -> PusherClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError, TimeoutError):
+            await self.close()
+
+    # --- sending --------------------------------------------------------------------------
+
+    async def send(self, message: Message | str) -> None:
         """Send one text frame (a dict is JSON-encoded)."""
         text = message if isinstance(message, str) else json.dumps(message)
         await within(self.ws.send(text))
 
-    async def recv(self, seconds: float = DEFAULT_WAIT) -> dict[str, Any]:
-        """The next frame, parsed."""
-        raw = await within(self.ws.recv(), seconds)
-        assert isinstance(raw, str), f"expected a text frame, got {raw!r}"
-        parsed: dict[str, Any] = json.loads(raw)
-        return parsed
-
-    async def expect(self, event: str, channel: str | None = None) -> dict[str, Any]:
-        """The next frame, asserting its event (and channel)."""
-        message = await self.recv()
-        assert message.get("event") == event, f"expected {event}, got {message}"
-        if channel is not None:
-            assert message.get("channel") == channel, message
-        return message
-
     async def subscribe(
-        self, channel: str, auth: str | None = None, channel_data: str | None = None
-    ) -> dict[str, Any]:
-        """Send ``pusher:subscribe`` and return the server's first answer."""
+        self,
+        channel: str,
+        auth: str | None = None,
+        channel_data: str | None = None,
+        *,
+        interleaved: bool = False,
+    ) -> Message:
+        """Send ``pusher:subscribe`` and return the server's answer.
+
+        The answer is the next frame; with ``interleaved=True`` it is the first
+        ``subscription_succeeded``, ``subscription_error`` or ``pusher:error`` on
+        ``channel``, the frames before it (member or count updates, watchlist events)
+        kept for later reads.
+        """
         data: dict[str, Any] = {"channel": channel}
         if auth is not None:
             data["auth"] = auth
         if channel_data is not None:
             data["channel_data"] = channel_data
         await self.send({"event": "pusher:subscribe", "data": data})
-        return await self.recv()
+        if not interleaved:
+            return await self.recv()
+        return await self.wait_for(channel=channel, where=lambda m: m["event"] in _ANSWERS)
 
     async def subscribed(
         self, channel: str, auth: str | None = None, channel_data: str | None = None
-    ) -> dict[str, Any]:
+    ) -> Message:
         """Subscribe and assert success; returns ``subscription_succeeded``."""
         reply = await self.subscribe(channel, auth, channel_data)
         assert reply["event"] == "pusher_internal:subscription_succeeded", reply
         assert reply["channel"] == channel, reply
         assert isinstance(reply["data"], str), reply
         return reply
+
+    async def signin(self, auth: str, user_data: str) -> None:
+        """Send ``pusher:signin`` (the answer is read like any other frame)."""
+        await self.send({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}})
 
     async def barrier(self) -> None:
         """Ping and assert the very next frame is the pong: nothing else was pending.
@@ -159,9 +204,108 @@ class PusherClient:
         message = await self.recv()
         assert message["event"] == "pusher:pong", f"unexpected frame before pong: {message}"
 
+    async def ping(self, seconds: float = DEFAULT_WAIT) -> Message:
+        """Ping and wait for the pong, passing over (and keeping) other frames.
+
+        A round trip: the server has handled everything sent before. Unlike
+        :meth:`barrier`, frames may come before the pong (subscription counts, …).
+        """
+        await self.send({"event": "pusher:ping", "data": {}})
+        return await self.wait_for("pusher:pong", seconds=seconds)
+
+    # --- receiving ------------------------------------------------------------------------
+
+    async def _read(self) -> Message:
+        message = _parse(await self.ws.recv())
+        self.frames.append(message)
+        return message
+
+    async def recv(self, seconds: float = DEFAULT_WAIT) -> Message:
+        """The next frame not yet returned, parsed."""
+        if self._unread:
+            return self._unread.popleft()
+        return await within(self._read(), seconds)
+
+    async def expect(
+        self, event: str, channel: str | None = None, *, seconds: float = DEFAULT_WAIT
+    ) -> Message:
+        """The next frame, asserting its event (and channel)."""
+        message = await self.recv(seconds)
+        assert message.get("event") == event, f"expected {event}, got {message}"
+        if channel is not None:
+            assert message.get("channel") == channel, message
+        return message
+
+    async def wait_for(
+        self,
+        event: str | None = None,
+        channel: str | None = None,
+        *,
+        where: Callable[[Message], bool] | None = None,
+        seconds: float = DEFAULT_WAIT,
+    ) -> Message:
+        """The earliest frame not yet returned with ``event`` (on ``channel``, ``where``).
+
+        The frames it passes over stay for later reads, in order.
+
+        Raises:
+            TimeoutError: no such frame within ``scaled(seconds)``.
+            AssertionError: the connection closed first.
+        """
+
+        def matches(message: Message) -> bool:
+            return (
+                (event is None or message.get("event") == event)
+                and (channel is None or message.get("channel") == channel)
+                and (where is None or where(message))
+            )
+
+        for index, message in enumerate(self._unread):
+            if matches(message):
+                del self._unread[index]
+                return message
+
+        async def read_until_match() -> Message:
+            while True:
+                try:
+                    message = await self._read()
+                except ConnectionClosed as exc:
+                    code = exc.rcvd.code if exc.rcvd is not None else 1006
+                    raise AssertionError(
+                        f"connection closed ({code}) before {event!r} on {channel!r}; "
+                        f"got {self.frames[-10:]}"
+                    ) from None
+                if matches(message):
+                    return message
+                self._unread.append(message)
+
+        try:
+            return await within(read_until_match(), seconds)
+        except TimeoutError:
+            raise TimeoutError(
+                f"no {event!r} frame on {channel!r} in time; got {self.frames[-10:]}"
+            ) from None
+
+    def received(self, event: str | None = None, channel: str | None = None) -> list[Message]:
+        """Every frame read so far (returned or not) with ``event`` (on ``channel``)."""
+        return [
+            message
+            for message in self.frames
+            if (event is None or message.get("event") == event)
+            and (channel is None or message.get("channel") == channel)
+        ]
+
     async def closed(self, seconds: float = DEFAULT_WAIT) -> Closed:
-        """Read until the server closes; return the close code and the frames before it."""
-        return await read_until_closed(self.ws, seconds)
+        """Read until the server closes; the close code and the frames not yet returned."""
+        unread, self._unread = list(self._unread), deque()
+        ended = await read_until_closed(self.ws, seconds)
+        self.frames.extend(ended.frames)
+        return Closed(ended.code, ended.reason, unread + ended.frames)
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the connection is open (no close frame received or sent)."""
+        return self.ws.state is State.OPEN
 
     async def close(self) -> None:
         """Close politely (used at teardown)."""
@@ -170,7 +314,7 @@ class PusherClient:
 
 async def read_until_closed(ws: ClientConnection, seconds: float = DEFAULT_WAIT) -> Closed:
     """Read frames until the server closes ``ws``; the code is 1006 without a close frame."""
-    frames: list[dict[str, Any]] = []
+    frames: list[Message] = []
 
     async def drain() -> Closed:
         while True:
@@ -186,30 +330,34 @@ async def read_until_closed(ws: ClientConnection, seconds: float = DEFAULT_WAIT)
     return await within(drain(), seconds)
 
 
+async def open_ws_url(url: str, **connect_kwargs: Any) -> ClientConnection:
+    """A raw ``websockets`` connection to ``url`` (first frame not read).
+
+    Loopback only, no compression, no keepalive pings (tests control all traffic);
+    ``connect_kwargs`` (``ssl=``, ``sock=``, ``max_queue=``…) override the defaults.
+    """
+    options: dict[str, Any] = {
+        "proxy": None,
+        "compression": None,
+        "ping_interval": None,
+        "open_timeout": None,
+        "close_timeout": 2,
+        "max_queue": 1024,
+        **connect_kwargs,
+    }
+    return await within(connect(url, **options))
+
+
 async def open_ws(port: int, key: str = APP_KEY, query: str = DEFAULT_QUERY) -> ClientConnection:
     """A raw ``websockets`` connection to ``/app/{key}`` (first frame not read)."""
-    uri = f"ws://127.0.0.1:{port}/app/{key}" + (f"?{query}" if query else "")
-    return await within(
-        connect(
-            uri,
-            proxy=None,
-            compression=None,
-            ping_interval=None,
-            open_timeout=None,
-            close_timeout=2,
-            max_queue=1024,
-        )
-    )
+    return await open_ws_url(f"ws://127.0.0.1:{port}/app/{key}" + (f"?{query}" if query else ""))
 
 
 async def open_client(port: int, key: str = APP_KEY, query: str = DEFAULT_QUERY) -> PusherClient:
     """Connect and read ``pusher:connection_established``."""
-    ws = await open_ws(port, key, query)
-    raw = await within(ws.recv())
-    assert isinstance(raw, str)
-    first = json.loads(raw)
-    assert first["event"] == "pusher:connection_established", first
-    return PusherClient(ws, first)
+    return await PusherClient.connect(
+        f"ws://127.0.0.1:{port}/app/{key}" + (f"?{query}" if query else "")
+    )
 
 
 # --- the raw socket ---------------------------------------------------------------------
@@ -444,15 +592,16 @@ def signed_target(
     timestamp: float | None = None,
 ) -> str:
     """``path?query`` signed per the REST API's auth_version 1.0 (protocol note §15.2)."""
-    query = dict(params)
-    query["auth_key"] = key
-    query["auth_timestamp"] = str(int(time.time() if timestamp is None else timestamp))
-    query["auth_version"] = "1.0"
-    if body:
-        query["body_md5"] = hashlib.md5(body).hexdigest()
-    ordered = "&".join(f"{name}={value}" for name, value in sorted(query.items()))
-    query["auth_signature"] = hmac_hex(secret, f"{method}\n{path}\n{ordered}")
-    return f"{path}?{urlencode(query)}"
+    target, _ = signed_rest_request(
+        method=method,
+        path=path,
+        key=key,
+        secret=secret,
+        body=body,
+        params=dict(params),
+        timestamp=None if timestamp is None else int(timestamp),
+    )
+    return target
 
 
 async def rest(
