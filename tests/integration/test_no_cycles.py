@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import uvloop
+from support.clients import APP_ID, APP_KEY, APP_SECRET, RawWebSocket, hmac_hex, open_client, rest
+from support.timeouts import until
 
 from bastion.server.runtime import Node
 
-from .clients import APP_ID, APP_KEY, APP_SECRET, RawWebSocket, hmac_hex, open_client, rest
 from .conftest import node_settings
-from .timeouts import poll
 
 _SERVER_TYPES = ("bastion.", "httptools.", "websockets.", "uvloop.")
 
@@ -79,10 +79,7 @@ def _server_garbage() -> collections.Counter[str]:
 
 
 async def _all_gone(node: Node) -> None:
-    async def gone() -> bool:
-        return not node.ctx.connections
-
-    await poll(gone)
+    await until(lambda: not node.ctx.connections)
 
 
 def _auth(socket_id: str, channel: str, channel_data: str | None = None) -> str:
