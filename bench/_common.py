@@ -1120,6 +1120,7 @@ async def recv_pipe(conn: Any, wait_s: float | None = None) -> Any:
             await asyncio.wait_for(fut, wait_s)
     finally:
         loop.remove_reader(fd)
+        os.set_blocking(fd, True)  # the loop made it non-blocking; pipes need blocking
     return conn.recv()
 
 
@@ -1291,3 +1292,40 @@ def side_by_side(
     out["loadavg_end"] = loadavg()
     out["command"] = shlex.join(["python", *sys.argv])
     return out
+
+
+def fleet_window(
+    target: Target,
+    fn: Callable[[Any, Any], Any],
+    specs: Sequence[Any],
+    server_cpu: int | None,
+    *,
+    warmup: float,
+    seconds: float,
+    setup_s: float,
+    done_s: float = 60.0,
+) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Start generators, wait until ready, run warm-up then the measured window.
+
+    Returns the generators' ``ready`` infos, their ``done`` results and the CPU
+    figures of the window (see :class:`Window`).
+    """
+    fleet = Fleet(fn, specs, generator_cpus(server_cpu))
+    try:
+        ready = fleet.recv_all("ready", setup_s + 30)
+        t_go = time.perf_counter() + 0.2
+        t_start = t_go + warmup
+        t_end = t_start + seconds
+        fleet.send_all(("go", t_go, t_start, t_end))
+        time.sleep(max(0.0, t_start - time.perf_counter()))
+        window = Window(target.pid, fleet.pids)
+        time.sleep(max(0.0, t_end - time.perf_counter()))
+        cpu = window.close()
+        done = fleet.recv_all("done", done_s)
+    finally:
+        fleet.close()
+    return ready, done, cpu
+
+
+def per_unit_us(cpu_s: float, units: int) -> float | None:
+    return round(cpu_s * 1e6 / units, 2) if units else None
