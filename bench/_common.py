@@ -901,11 +901,12 @@ class PusherClient(asyncio.Protocol):
             elif opcode == 0x9:
                 self.transport.write(client_frame(payload, 0xA))  # type: ignore[union-attr]
             elif opcode == 0x8:
+                # The server closes the TCP connection first (RFC 6455 §7.1.1), so the
+                # TIME_WAIT is its own and this side's ports are free again at once.
                 if not self.closing:
                     self.last_error = f"close {payload[:2].hex()} {payload[2:80]!r}"
                     self.closing = True
                     self.transport.write(client_frame(payload[:2], 0x8))  # type: ignore[union-attr]
-                self.transport.close()  # type: ignore[union-attr]
                 return
         if pos < n:
             self.buf = data[pos:]
