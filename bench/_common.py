@@ -146,6 +146,7 @@ class ServerProcess:
         self._ready = threading.Event()
         self.ready_line = ""
         self.proc: subprocess.Popen[str] | None = None
+        self.gc_probe: str | None = None  # the GC probe's output file, when started with one
 
     def _drain(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -219,6 +220,7 @@ def bastion_server(cpu: int | None, config: str = CONFIG_TOML, gc_probe: str | N
         cpu,
         env,
     )
+    server.gc_probe = gc_probe
     try:
         line = server.start()
         port = int(line.rsplit(":", 1)[1].strip("/"))
@@ -972,7 +974,8 @@ class PusherClient(asyncio.Protocol):
         )
 
     def send(self, frame: bytes) -> None:
-        self.transport.write(frame)  # type: ignore[union-attr]
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame)
 
     def close(self) -> asyncio.Future[None]:
         """Close handshake: send a close frame and let the server close the TCP first."""
@@ -1262,10 +1265,15 @@ def side_by_side(
             os.sched_setaffinity(0, generator_cpus(server_cpu) or {0})
     out: dict[str, Any] = {"bench": name, "params": params, "machine": machine_info()}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
-    for _ in range(args.repeat):
+    for rep in range(args.repeat):
         for kind in kinds:
+            probe = None
+            if getattr(args, "gc_probe", False) and kind == "bastion":
+                probe = str(_TMP / f"bastion-bench-gc-{os.getpid()}-{rep}.jsonl")
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(probe)
             try:
-                with serve(kind, server_cpu, getattr(args, "gc_probe_file", None)) as (proc, t):
+                with serve(kind, server_cpu, probe) as (proc, t):
                     try:
                         result = measure(t, proc, server_cpu)
                     except Exception as exc:
@@ -1330,3 +1338,42 @@ def fleet_window(
 
 def per_unit_us(cpu_s: float, units: int) -> float | None:
     return round(cpu_s * 1e6 / units, 2) if units else None
+
+
+class HttpLane:
+    """One signed REST request at a time on a keep-alive connection, reopened whenever
+    the server does not keep it alive (soketi answers ``Connection: close``)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.client: TriggerClient | None = None
+        self.waiter: asyncio.Future[tuple[int, bool]] | None = None
+        self.opened = 0
+
+    def _on_response(self, client: TriggerClient) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            status = client.parser.get_status_code()
+            self.waiter.set_result((status, client.parser.should_keep_alive()))
+
+    async def request(self, data: bytes) -> int:
+        """Send one complete request; return the status (0 when the connection failed)."""
+        loop = asyncio.get_running_loop()
+        if self.client is None or self.client.closed:
+            _t, self.client = await loop.create_connection(
+                lambda: TriggerClient(self._on_response), HOST, self.port
+            )
+            self.opened += 1
+        self.waiter = loop.create_future()
+        self.client.transport.write(data)
+        try:
+            status, keep = await asyncio.wait_for(self.waiter, 30)
+        except TimeoutError:
+            status, keep = 0, False
+        if not keep:
+            self.client.transport.close()
+            self.client = None
+        return int(status)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.transport.close()
