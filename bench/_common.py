@@ -1173,6 +1173,11 @@ class Window:
             "generator_cpu_share_per_process": [round(g / seconds, 3) for g in gens],
             # One generator process at >= 90 % of a core could not have gone faster.
             "generator_bottleneck": busiest >= 0.9,
+            # Idle CPU left on the machine: near 0 means everything, the generator and
+            # the server included, waited for a core (other work on a shared box).
+            "machine_idle_share": round(busy["idle_s"] / (seconds * (os.cpu_count() or 1)), 3)
+            if seconds > 0
+            else None,
             "rss_kib": vm_rss_kib(self.server_pid),
             "loadavg_start": self.loadavg0,
             "loadavg_end": loadavg(),

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue #13's side-by-side set at the issue's sizes: each benchmark runs Bastion then
+# soketi, --repeat rounds (default 3), medians; one JSON file per benchmark in OUT_DIR,
+# plus machine.json (nproc, CPU model, load average, commit) written before each step.
+#
+#   bench/baseline.sh OUT_DIR            # everything, the 14-minute soak x3 included
+#   SKIP_SOAK=1 bench/baseline.sh OUT_DIR
+#   REPEAT=1 SOAK_MINUTES=3 bench/baseline.sh OUT_DIR
+#
+# Needs soketi from /work/shared/peers/install-soketi.sh. Run from the repository root.
+set -u
+OUT=${1:?usage: bench/baseline.sh OUT_DIR}
+PY=${PYTHON:-.venv/bin/python}
+REPEAT=${REPEAT:-3}
+mkdir -p "$OUT"
+
+machine() {  # append one line per step: what the machine looked like when it started
+  "$PY" - "$1" >>"$OUT/machine.jsonl" <<'PY'
+import json, os, subprocess, sys, time
+sys.path.insert(0, "bench")
+from _common import machine_info
+info = machine_info()
+info["step"] = sys.argv[1]
+info["utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+print(json.dumps(info))
+PY
+}
+
+step() {  # step NAME command...
+  local name=$1
+  shift
+  machine "$name"
+  echo "== $name: $*" >&2
+  "$@" >"$OUT/$name.json" 2>"$OUT/$name.stderr" || echo "   $name exited $?" >&2
+  [ -s "$OUT/$name.stderr" ] || rm -f "$OUT/$name.stderr"
+}
+
+step client_events "$PY" bench/client_events.py --compare soketi --repeat "$REPEAT"
+step rest_triggers "$PY" bench/rest_triggers.py --compare soketi --repeat "$REPEAT"
+step connect_storm "$PY" bench/connect_storm.py --compare soketi --repeat "$REPEAT"
+step reconnect_storm "$PY" bench/connect_storm.py --reconnect-storm --compare soketi --repeat "$REPEAT"
+step json_codecs "$PY" bench/json_codecs.py
+if [ -z "${SKIP_SOAK:-}" ]; then
+  step soak "$PY" bench/soak.py --compare soketi --repeat "$REPEAT" --minutes "${SOAK_MINUTES:-14}"
+fi
+machine end
