@@ -1242,6 +1242,32 @@ def add_server_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--repeat", type=int, default=1, help="(Bastion, soketi) rounds; medians")
     ap.add_argument("--workers", type=int, default=0, help="generator processes (0: auto)")
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin to CPUs")
+    ap.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        help="before each run, wait until this share of the machine's CPU is idle (0: never)",
+    )
+    ap.add_argument("--wait-max", type=float, default=300.0, help="longest such wait, seconds")
+
+
+def wait_for_quiet(idle_share: float, max_wait: float, probe_s: float = 2.0) -> dict[str, Any]:
+    """Wait (bounded) until the machine's idle share over ``probe_s`` reaches ``idle_share``.
+
+    On a shared machine, other people's test suites come and go; starting a run in a
+    lull makes its figures less noisy. Returns how long it waited and the idle share
+    it last saw.
+    """
+    t0 = time.monotonic()
+    seen = None
+    while True:
+        sampler = CpuSampler()
+        time.sleep(probe_s)
+        busy = sampler.since(0.0)
+        total = busy["idle_s"] + busy["other_processes_cpu_s"] + busy["softirq_s"]
+        seen = round(busy["idle_s"] / total, 3) if total > 0 else None
+        if seen is None or seen >= idle_share or time.monotonic() - t0 >= max_wait:
+            return {"waited_s": round(time.monotonic() - t0, 1), "idle_share_before": seen}
 
 
 def worker_count(args: argparse.Namespace) -> int:
@@ -1277,6 +1303,7 @@ def side_by_side(
                 probe = str(_TMP / f"bastion-bench-gc-{os.getpid()}-{rep}.jsonl")
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(probe)
+            quiet = wait_for_quiet(args.wait_idle, args.wait_max) if args.wait_idle > 0 else {}
             try:
                 with serve(kind, server_cpu, probe) as (proc, t):
                     try:
@@ -1289,6 +1316,7 @@ def side_by_side(
             except Exception as exc:  # the server did not start
                 result = {"error": f"start {kind}: {type(exc).__name__}: {exc}"[:2000]}
             result["loadavg_after"] = loadavg()
+            result.update(quiet)
             runs[kind].append(result)
     for kind in kinds:
         out[kind] = summarise(runs[kind])

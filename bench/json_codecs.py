@@ -329,6 +329,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=7, help="timeit repetitions (best is kept)")
     ap.add_argument("--no-strictness", dest="strict", action="store_false")
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables, not JSON")
+    ap.add_argument("--wait-idle", type=float, default=0.0, help="wait for this idle share")
+    ap.add_argument("--wait-max", type=float, default=300.0, help="longest such wait, seconds")
     ap.add_argument("--from", dest="saved", help="render this saved JSON result as Markdown")
     ap.add_argument("--case", nargs=2, metavar=("LIB", "CASE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -339,6 +341,12 @@ def main() -> None:
         with open(args.saved) as f:
             print(markdown(json.load(f)))
         return
+    quiet: dict[str, Any] = {}
+    if args.wait_idle > 0:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _common import wait_for_quiet
+
+        quiet = wait_for_quiet(args.wait_idle, args.wait_max)
     versions = {lib: available(lib) for lib in LIBS}
     libs = [lib for lib in LIBS if versions[lib]]
     result: dict[str, Any] = {
@@ -350,6 +358,7 @@ def main() -> None:
     if args.strict:
         result["strictness"] = strictness(libs)
     result["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    result.update(quiet)
     print(markdown(result) if args.markdown else json.dumps(result))
 
 
