@@ -5,6 +5,7 @@
 #
 #   bench/baseline.sh OUT_DIR            # everything, the 14-minute soak x3 included
 #   SKIP_SOAK=1 bench/baseline.sh OUT_DIR
+#   STEPS="soak" bench/baseline.sh OUT_DIR       # only these steps
 #   REPEAT=1 SOAK_MINUTES=3 WAIT_IDLE=0 bench/baseline.sh OUT_DIR
 # Before each run it waits (at most WAIT_MAX=300 s) until WAIT_IDLE=0.7 of the machine's
 # CPU is idle: other people's test suites come and go on a shared box.
@@ -34,6 +35,10 @@ PY
 step() {  # step NAME command...
   local name=$1
   shift
+  case " ${STEPS:-client_events rest_triggers connect_storm reconnect_storm json_codecs soak} " in
+    *" $name "*) ;;
+    *) return 0 ;;
+  esac
   machine "$name"
   echo "== $name: $*" >&2
   "$@" >"$OUT/$name.json" 2>"$OUT/$name.stderr" || echo "   $name exited $?" >&2
