@@ -7,7 +7,10 @@ pair plays ping-pong with client events carrying a small object (``{"t":..,"x":.
 "y":..,"typing":true}``, the shape of typing/cursor updates): A sends, the server
 relays to B, B answers at once, the server relays to A, and so on, so every pair
 always has one event in flight. Private-channel auth is signed here with the app
-secret, as an app's auth endpoint would.
+secret, as an app's auth endpoint would. ``--rate R`` paces the pairs so that the
+servers relay R events a second in all (each side waits for its pair's next slot
+before answering): both servers then do the same work per second, which takes the
+load level out of the per-message comparison.
 
 The clients live in ``--workers`` generator processes (default: one per CPU the
 server is not pinned to). After ``--warmup`` seconds of play the measured window of
@@ -23,6 +26,7 @@ Prints ONE JSON object. Loopback only; every wait is bounded.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -69,6 +73,15 @@ async def generator(conn: Any, spec: dict[str, Any]) -> None:
     lat = array("q")
     last_seen = array("q", [0] * len(pairs))
     st = {"in_window": 0, "total": 0, "start": 1 << 62, "end": 1 << 62}
+    # --rate: each pair sends at most every `interval` µs (0: answer at once).
+    interval = int(1e6 * len(pairs) / spec["rate"]) if spec["rate"] else 0
+    next_send = array("q", [0] * len(pairs))
+    loop = asyncio.get_running_loop()
+
+    def send(client: PusherClient, pair: int) -> None:
+        now = time.perf_counter_ns() // 1000
+        if now < st["end"]:
+            client.send(_frame(pair, now))
 
     def on_message(client: PusherClient, payload: bytes) -> None:
         now = time.perf_counter_ns() // 1000
@@ -78,12 +91,20 @@ async def generator(conn: Any, spec: dict[str, Any]) -> None:
         sent = int(payload[i + 4 : payload.find(b",", i)])
         st["total"] += 1
         pair = client.tag >> 1
+        k = pair - pairs.start
         if st["start"] <= now < st["end"]:
             lat.append(now - sent)
             st["in_window"] += 1
-            last_seen[pair - pairs.start] = now
-        if now < st["end"]:
-            client.send(_frame(pair, now))
+            last_seen[k] = now
+        if now >= st["end"]:
+            return
+        if interval:
+            due = next_send[k]
+            next_send[k] = max(now, due) + interval
+            if due > now:
+                loop.call_later((due - now) / 1e6, send, client, pair)
+                return
+        client.send(_frame(pair, now))
 
     specs: list[tuple[Any, Any]] = []
     for p in pairs:
@@ -128,7 +149,13 @@ def measure(args: argparse.Namespace) -> Callable[..., dict[str, Any]]:
         workers = worker_count(args)
         idle = max(0, args.clients - 2 * args.pairs)
         specs = [
-            {"target": target, "pairs": p, "idle": i, "setup_s": args.setup_seconds}
+            {
+                "target": target,
+                "pairs": p,
+                "idle": i,
+                "setup_s": args.setup_seconds,
+                "rate": args.rate * len(p) / args.pairs if args.rate else 0,
+            }
             for p, i in zip(split(args.pairs, workers), split(idle, workers), strict=True)
         ]
         ready, done, cpu = fleet_window(
@@ -166,6 +193,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=500, help="ping-ponging private-channel pairs")
     ap.add_argument("--clients", type=int, default=5000, help="connections in all (rest idle)")
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="relayed events a second in all, paced per pair (0: as fast as the server relays)",
+    )
     ap.add_argument("--seconds", type=float, default=10.0, help="measured window")
     ap.add_argument("--warmup", type=float, default=3.0, help="play before the window opens")
     ap.add_argument("--setup-seconds", type=float, default=120.0, help="bound to connect all")
@@ -181,6 +214,7 @@ def main() -> None:
         "warmup": args.warmup,
         "workers": worker_count(args),
         "event": EVENT,
+        "rate": args.rate or None,
     }
     result = side_by_side(
         args,
