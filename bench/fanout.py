@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import hmac
 import json
 import os
 import signal
@@ -39,7 +38,6 @@ import sys
 import time
 from array import array
 from base64 import b64encode
-from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -56,6 +54,7 @@ from _common import (
     HOST,
     Counter,
     CpuSampler,
+    TriggerClient,
     bastion_server,
     close_all,
     connect_subscribers,
@@ -65,6 +64,7 @@ from _common import (
     iter_server_frames,
     pin,
     raise_nofile,
+    signed_post,
 )
 
 GOAL_DELIVERIES_PER_S = 150_000
@@ -244,53 +244,7 @@ def signed_trigger(seq: int, pad: int, timestamp: int) -> bytes:
         {"name": "e", "channel": CHANNEL, "data": f"{seq:08d}" + "x" * pad},
         separators=(",", ":"),
     ).encode()
-    params = {
-        "auth_key": APP_KEY,
-        "auth_timestamp": str(timestamp),
-        "auth_version": "1.0",
-        "body_md5": hashlib.md5(body).hexdigest(),
-    }
-    query = "&".join(f"{k}={params[k]}" for k in sorted(params))
-    path = f"/apps/{APP_ID}/events"
-    to_sign = f"POST\n{path}\n{query}".encode()
-    signature = hmac.new(APP_SECRET.encode(), to_sign, hashlib.sha256).hexdigest()
-    return (
-        f"POST {path}?{query}&auth_signature={signature} HTTP/1.1\r\n"
-        f"Host: {HOST}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-
-
-class TriggerClient(asyncio.Protocol):
-    """Keep-alive HTTP client; calls ``on_response(self)`` after each full response."""
-
-    def __init__(self, on_response: Callable[[TriggerClient], None]) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.on_response = on_response
-        self.errors: list[str] = []
-        self.body = bytearray()
-        self.closed = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-
-    def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
-
-    def on_message_begin(self) -> None:
-        self.body = bytearray()
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
-    def on_message_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if status != 200:
-            self.errors.append(f"{status} {bytes(self.body[:200]).decode('utf-8', 'replace')}")
-        self.on_response(self)
+    return signed_post(f"/apps/{APP_ID}/events", body, APP_KEY, APP_SECRET, timestamp)
 
 
 async def measure(port: int, pid: int, args: argparse.Namespace, deadline: float) -> dict[str, Any]:
