@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-__all__ = ["Metrics"]
+__all__ = ["GC_PAUSE_BUCKETS", "Metrics"]
+
+#: Upper bounds, in seconds, of the ``bastion_gc_pause_seconds`` buckets (+Inf after).
+GC_PAUSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Metrics:
@@ -55,6 +58,22 @@ class Metrics:
         # --- live configuration reloads (bastion.server.reload) ---
         #: result → reloads: ``applied``, ``unchanged``, ``restart_required``, ``invalid``.
         self.config_reloads: Counter[str] = Counter()
+        # --- the cycle collector (bastion.server.collector; bastion serve only) ---
+        #: generation → pauses per bucket of :data:`GC_PAUSE_BUCKETS`, then +Inf.
+        self.gc_pauses: dict[int, list[int]] = {}
+        #: generation → seconds paused in total.
+        self.gc_pause_seconds: dict[int, float] = {}
+
+    def gc_collected(self, generation: int, seconds: float) -> None:
+        """Count one collection of ``generation`` that paused the process ``seconds``."""
+        buckets = self.gc_pauses.get(generation)
+        if buckets is None:
+            buckets = self.gc_pauses[generation] = [0] * (len(GC_PAUSE_BUCKETS) + 1)
+        index = 0
+        while index < len(GC_PAUSE_BUCKETS) and seconds > GC_PAUSE_BUCKETS[index]:
+            index += 1
+        buckets[index] += 1
+        self.gc_pause_seconds[generation] = self.gc_pause_seconds.get(generation, 0.0) + seconds
 
     def refusal_count(self, slug: str) -> int:
         """Refusals with ``slug`` across every app."""

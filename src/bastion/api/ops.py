@@ -37,7 +37,9 @@ because the endpoint is unauthenticated like ``/healthz``.
 
 from __future__ import annotations
 
+import gc
 import json
+import math
 import re
 import time
 from collections import Counter
@@ -45,13 +47,18 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import CollectorRegistry
 
 from bastion.api.gates import AllowedPeers, BearerToken
 from bastion.api.http import NO_STORE, HttpResponse
 from bastion.config import Settings
-from bastion.metrics import Metrics
+from bastion.metrics import GC_PAUSE_BUCKETS, Metrics
 from bastion.protocol.refusals import Reason
 from bastion.security.admission import AUTH_FAILURE_REASONS
 from bastion.security.hosts import HostPolicy
@@ -378,6 +385,9 @@ class NodeCollector:
             reloads.add_metric([_word(result)], count)
         yield reloads
 
+        # --- the cycle collector (process-wide) ---
+        yield from _collector_families(metrics)
+
         # --- the audit log ---
         audit = node.audit
         if audit is not None:
@@ -391,6 +401,35 @@ class NodeCollector:
                 "Audit events lost because their batch failed to write.",
                 value=audit.failed,
             )
+
+
+def _collector_families(metrics: Metrics) -> Iterator[Metric]:
+    """The cycle collector's pauses (timed by ``bastion serve``) and what it never scans."""
+    pauses = HistogramMetricFamily(
+        _PREFIX + "gc_pause_seconds",
+        "Pauses of the whole process by the cycle collector, by generation.",
+        labels=["generation"],
+    )
+    collections = CounterMetricFamily(
+        _PREFIX + "gc_collections",
+        "Cycle collector passes, by generation.",
+        labels=["generation"],
+    )
+    for generation, counts in sorted(metrics.gc_pauses.items()):
+        cumulative, buckets = 0, []
+        for bound, count in zip((*GC_PAUSE_BUCKETS, math.inf), counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+        label = str(generation)
+        pauses.add_metric([label], buckets, metrics.gc_pause_seconds[generation])
+        collections.add_metric([label], cumulative)
+    yield pauses
+    yield collections
+    yield GaugeMetricFamily(
+        _PREFIX + "gc_frozen_objects",
+        "Objects moved out of the cycle collector's sight (level under churn, unless a leak).",
+        value=gc.get_freeze_count(),
+    )
 
 
 # --- the endpoints ----------------------------------------------------------------------

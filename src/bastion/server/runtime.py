@@ -39,6 +39,7 @@ from bastion.security.config_audit import CONFIG_LOADED, config_event, fingerpri
 from bastion.security.limits import LimiterFactory, memory_limiters
 from bastion.server.apps import app_states
 from bastion.server.blocklist import NodeBlockList, open_block_store
+from bastion.server.collector import Collector
 from bastion.server.context import Outbox, ServerContext, frame_text
 from bastion.server.http import HttpConnection
 from bastion.server.refusals import RefusalPath, RefusalSummary
@@ -508,11 +509,17 @@ async def run(
     started.append(node)
     if early:  # a SIGHUP while starting: apply it now rather than lose it
         _on_sighup(node, reload, reload_source)
+    # What start-up built is frozen before the first client: the process's own.
+    collector = Collector(loop, node.metrics)
+    collector.start()
     if on_ready is not None:
         on_ready(settings.server.host, node.port)
     await stop.wait()
     log.info("draining on signal")
-    await node.stop()
+    try:
+        await node.stop()
+    finally:
+        collector.stop()
 
 
 def serve(
