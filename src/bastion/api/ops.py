@@ -12,9 +12,12 @@ Exposition. A :class:`NodeCollector` reads the node's
 nothing is counted twice and nothing lives in the process-wide default registry,
 so several nodes in one process (the tests, the benchmarks) never collide. Label
 values are app ids this node knows (anything else is counted under ``app=""``),
-refusal slugs, close codes and fixed bus reasons; a value that is not a short
-lower-case word becomes ``other``. Never a secret, token, user id, address or
-client text.
+refusal slugs, close codes and their classes, route templates, status classes
+and fixed bus reasons; a value that is not a short lower-case word becomes
+``other``. Never a secret, token, user id, address or client text.
+The histograms are counted in plain Python on the event
+(:class:`~bastion.metrics.Histogram`) and exported here as histogram families;
+docs/observability.md lists every family with its labels.
 
 Access to ``/metrics`` (``[metrics]``): the request must carry
 ``Authorization: Bearer <token>`` equal to ``token`` (compared in constant time,
@@ -57,8 +60,9 @@ from prometheus_client.registry import CollectorRegistry
 
 from bastion.api.gates import AllowedPeers, BearerToken
 from bastion.api.http import NO_STORE, HttpResponse
+from bastion.api.templates import TEMPLATES
 from bastion.config import Settings
-from bastion.metrics import GC_PAUSE_BUCKETS, Metrics
+from bastion.metrics import GC_PAUSE_BUCKETS, Histogram, Metrics
 from bastion.protocol.refusals import Reason
 from bastion.security.admission import AUTH_FAILURE_REASONS
 from bastion.security.hosts import HostPolicy
@@ -183,17 +187,58 @@ def _word(value: str) -> str:
     return value if _WORD.fullmatch(value) else "other"
 
 
+def _histogram(
+    name: str,
+    doc: str,
+    labels: Sequence[str],
+    histogram: Histogram[Any],
+    label_of: Callable[[Any], tuple[str, ...] | None],
+) -> HistogramMetricFamily:
+    """A histogram family from ``histogram``'s series, keys turned into labels.
+
+    ``label_of`` maps a key to its label values (``None``: left out); keys that map
+    to the same labels are added together.
+    """
+    merged: dict[tuple[str, ...], list[float]] = {}
+    for key, series in histogram.by_key.items():
+        values = label_of(key)
+        if values is None:
+            continue
+        total = merged.get(values)
+        if total is None:
+            merged[values] = list(series)
+        else:
+            for index, count in enumerate(series):
+                total[index] += count
+    family = HistogramMetricFamily(_PREFIX + name, doc, labels=list(labels))
+    bounds = (*(repr(float(bound)) for bound in histogram.bounds), "+Inf")
+    for values, series in sorted(merged.items()):
+        cumulative, buckets = 0, []
+        for bound, count in zip(bounds, series[:-1], strict=True):
+            cumulative += int(count)
+            buckets.append((bound, cumulative))
+        family.add_metric(list(values), buckets, series[-1])
+    return family
+
+
 class NodeCollector:
     """A prometheus-client collector reading one node's counters at scrape time.
 
     Args:
         node: the node whose counters are exported.
         wall_clock: Unix seconds (block expiry is wall-clock).
+        checks: the readiness checks (``bastion_ready``); none: not exported.
     """
 
-    def __init__(self, node: NodeView, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        node: NodeView,
+        wall_clock: Callable[[], float] = time.time,
+        checks: Callable[[], Mapping[str, str]] | None = None,
+    ) -> None:
         self.node = node
         self.wall_clock = wall_clock
+        self.checks = checks
 
     def collect(self) -> Iterator[Metric]:
         """Every ``bastion_*`` family, read from the node now."""
@@ -249,6 +294,7 @@ class NodeCollector:
             closed.add_metric(list(labels), count)
         yield closed
         yield per_app("messages_in", "Client frames received.", metrics.messages_in)
+        yield from _traffic_families(metrics, app_of)
         yield per_app(
             "events_published", "Events published through the REST API.", metrics.events_published
         )
@@ -318,6 +364,7 @@ class NodeCollector:
             "Webhook deliveries dropped because the queue was full.",
             metrics.webhooks_dropped,
         )
+        yield from _webhook_histograms(metrics, app_of)
         yield GaugeMetricFamily(
             _PREFIX + "webhook_queue_pending",
             "Pending webhook deliveries at the dispatcher's last count.",
@@ -385,8 +432,32 @@ class NodeCollector:
             reloads.add_metric([_word(result)], count)
         yield reloads
 
-        # --- the cycle collector (process-wide) ---
+        # --- the cycle collector (process-wide) and the loop ---
         yield from _collector_families(metrics)
+        yield _histogram(
+            "event_loop_lag_seconds",
+            "How late the loop ran a sampling timer (every 0.25 s): what every client waited.",
+            (),
+            metrics.loop_lag,
+            lambda key: (),
+        )
+
+        # --- readiness ---
+        if self.checks is not None:
+            checks = self.checks()
+            yield GaugeMetricFamily(
+                _PREFIX + "ready",
+                "1 while the node is ready for traffic (every /readyz check ok).",
+                value=int(all(value == "ok" for value in checks.values())),
+            )
+            each = GaugeMetricFamily(
+                _PREFIX + "ready_check",
+                "1 while this /readyz check is ok, else 0.",
+                labels=["check"],
+            )
+            for check, value in sorted(checks.items()):
+                each.add_metric([_word(check)], int(value == "ok"))
+            yield each
 
         # --- the audit log ---
         audit = node.audit
@@ -401,6 +472,78 @@ class NodeCollector:
                 "Audit events lost because their batch failed to write.",
                 value=audit.failed,
             )
+
+
+def _traffic_families(metrics: Metrics, app_of: Callable[[str], str]) -> Iterator[Metric]:
+    """Connections' lives, reconnects, message sizes, REST and publish latency."""
+    yield _histogram(
+        "connection_duration_seconds",
+        "How long WebSocket connections lived, at their close, by close code class.",
+        ("app", "code_class"),
+        metrics.connection_seconds,
+        lambda key: (app_of(key[0]), _word(key[1])),
+    )
+    yield _histogram(
+        "connection_messages_per_minute",
+        "Messages a connection sent per minute of its life, at its close.",
+        ("app",),
+        metrics.connection_rates,
+        lambda key: (app_of(key),),
+    )
+    reconnects = CounterMetricFamily(
+        _PREFIX + "reconnects",
+        "Connections that arrived within 30 s of a close from the same address or user.",
+        labels=["app", "match"],
+    )
+    totals: Counter[tuple[str, str]] = Counter()
+    for (app_id, match), count in metrics.reconnects.items():
+        totals[(app_of(app_id), _word(match))] += count
+    for labels, count in sorted(totals.items()):
+        reconnects.add_metric(list(labels), count)
+    yield reconnects
+    yield _histogram(
+        "message_size_bytes",
+        "Size of each client message, bytes.",
+        ("app",),
+        metrics.message_bytes,
+        lambda key: (app_of(key),),
+    )
+    yield _histogram(
+        "rest_request_duration_seconds",
+        "HTTP requests, from read to answer written, by route template and status class.",
+        ("route", "status_class"),
+        metrics.request_seconds,
+        lambda key: (key[0] if key[0] in TEMPLATES else "other", _word(key[1])),
+    )
+    yield _histogram(
+        "publish_fanout_seconds",
+        "Accepted REST publishes, from the request read to the local fan-out written.",
+        ("app",),
+        metrics.publish_seconds,
+        lambda key: (app_of(key),),
+    )
+
+
+def _webhook_histograms(metrics: Metrics, app_of: Callable[[str], str]) -> Iterator[Metric]:
+    """Webhook latency and attempts by app."""
+
+    def apps_only(key: str) -> tuple[str, ...] | None:
+        return (app_of(key),)
+
+    yield _histogram(
+        "webhook_delivery_seconds",
+        "Webhook deliveries, from queued to answered 2xx (retries included).",
+        ("app",),
+        metrics.webhook_seconds,
+        apps_only,
+    )
+    yield _histogram(
+        "webhook_attempts",
+        "Attempts each webhook delivery took, counted when delivered or dead.",
+        ("app",),
+        metrics.webhook_attempts,
+        apps_only,
+    )
 
 
 def _collector_families(metrics: Metrics) -> Iterator[Metric]:
@@ -461,7 +604,7 @@ class Ops:
         self.hosts = HostPolicy(node.settings.server.host, settings.allowed_hosts)
         # Our own registry: the process-wide default would be shared by every node here.
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(NodeCollector(node, wall_clock))
+        self.registry.register(NodeCollector(node, wall_clock, self.checks))
         #: The audit log's ``failed`` count at the last probe, and when it last grew.
         self._audit_failed = 0
         self._audit_failed_at: float | None = None

@@ -29,6 +29,7 @@ from typing import cast
 import httptools
 
 from bastion.api.http import HttpRequest, HttpResponse, Refusal, error_response
+from bastion.api.templates import request_route
 from bastion.protocol.handshake import Failed, check_handshake
 from bastion.protocol.refusals import Reason
 from bastion.security.proxies import FORWARDING_HEADERS, ClientAddress, TrustedProxies, parse_ip
@@ -53,6 +54,8 @@ MAX_HEADERS = 64
 #: Idle seconds allowed between keep-alive requests.
 KEEPALIVE_SECONDS = 60.0
 _DIGITS = re.compile(r"[0-9]{1,18}")
+#: A routed request's path and when it was read (``time.perf_counter``), or nothing.
+_Timing = tuple[str, float] | None
 
 
 class HttpConnection(asyncio.Protocol):
@@ -88,8 +91,10 @@ class HttpConnection(asyncio.Protocol):
         #: timer, when it fires early, sets itself again for what is left.
         self.deadline = math.inf
         #: Answers not written yet, in request order; a cluster-wide query's is a task.
-        #: Each with its keep-alive and whether it answers a HEAD.
-        self.answers: list[tuple[HttpResponse | asyncio.Task[HttpResponse], bool, bool]] = []
+        #: Each with its keep-alive, whether it answers a HEAD, and its path and start.
+        self.answers: list[
+            tuple[HttpResponse | asyncio.Task[HttpResponse], bool, bool, _Timing]
+        ] = []
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -209,31 +214,34 @@ class HttpConnection(asyncio.Protocol):
         if self.parser.should_upgrade() or self.refused:
             return
         self.deadline = math.inf
+        started, path = time.perf_counter(), ""
         try:
             door = self.ctx.door
             assert door is not None, "the node sets its route table before it listens"
-            response = door.answer(self._request())
+            request = self._request()
+            path = request.path
+            response = door.answer(request)
         except Exception:
             # A defect of ours: the caller gets a generic 500, the trace stays in our log.
             log.exception("internal error handling an HTTP request")
             self.ctx.refusals.record(Reason.HTTP_INTERNAL_ERROR, ip=self.ip)
             response = error_response(Reason.HTTP_INTERNAL_ERROR)
         keep_alive = self.parser.should_keep_alive() and not self.ctx.draining
-        head = self.head_request
+        head, timing = self.head_request, (path, started)
         outbox = self.ctx.outbox
         if not isinstance(response, HttpResponse):
             # A cluster-wide query: answered when it completes, still in order.
             task = asyncio.ensure_future(self._finish(response))
-            self.answers.append((task, keep_alive, head))
+            self.answers.append((task, keep_alive, head, timing))
             task.add_done_callback(self._answer_ready)
         elif self.answers or outbox.busy:
             # Answer once the deliveries this request queued are written: a publisher
             # cannot outrun the fan-out, and pipelined answers keep their order.
-            self.answers.append((response, keep_alive, head))
+            self.answers.append((response, keep_alive, head, timing))
             if len(self.answers) == 1:
                 outbox.after_flush(self._write_answers)
         else:
-            self._answer(response, keep_alive, head)
+            self._answer(response, keep_alive, head, timing)
         if keep_alive:
             self.head = bytearray()
             self.head_done = False
@@ -266,13 +274,13 @@ class HttpConnection(asyncio.Protocol):
     def _write_answers(self) -> None:
         """Write the answers that are ready, in order, up to the first pending one."""
         while self.answers:
-            response, keep_alive, head = self.answers[0]
+            response, keep_alive, head, timing = self.answers[0]
             if isinstance(response, asyncio.Task):
                 if not response.done():
                     return
                 response = response.result()
             del self.answers[0]
-            self._answer(response, keep_alive, head)
+            self._answer(response, keep_alive, head, timing)
 
     def _answer_ready(self, task: asyncio.Task[HttpResponse]) -> None:
         if self.ctx.outbox.busy:
@@ -288,11 +296,20 @@ class HttpConnection(asyncio.Protocol):
             self.ctx.refusals.record(Reason.HTTP_INTERNAL_ERROR, ip=self.ip)
             return error_response(Reason.HTTP_INTERNAL_ERROR)
 
-    def _answer(self, response: HttpResponse, keep_alive: bool, head: bool = False) -> None:
-        """Write one answer (a ``HEAD``'s headers only), then close unless kept alive."""
+    def _answer(
+        self, response: HttpResponse, keep_alive: bool, head: bool = False, timing: _Timing = None
+    ) -> None:
+        """Write one answer (a ``HEAD``'s headers only), then close unless kept alive.
+
+        A routed request's answer is timed, by route template (never the path).
+        """
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(response.encode(keep_alive=keep_alive, head=head))
+        if timing is not None:
+            route, app_id = request_route(timing[0])
+            seconds = time.perf_counter() - timing[1]
+            self.ctx.metrics.request_answered(route, app_id, response.status, seconds)
         if not keep_alive and transport is not None:
             transport.close()
 

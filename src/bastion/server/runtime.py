@@ -42,6 +42,7 @@ from bastion.server.blocklist import NodeBlockList, open_block_store
 from bastion.server.collector import Collector
 from bastion.server.context import Outbox, ServerContext, frame_text
 from bastion.server.http import HttpConnection
+from bastion.server.lag import LoopLagProbe
 from bastion.server.refusals import RefusalPath, RefusalSummary
 from bastion.server.reload import (
     ReloadResult,
@@ -90,6 +91,8 @@ class Node:
         self.settings = settings
         self.metrics = Metrics()
         self.refusals = RefusalPath(self.metrics)
+        #: Samples the loop's lag between start and stop.
+        self.lag = LoopLagProbe(loop, self.metrics)
         #: Cluster-wide rate limits (redis adapter only), synced between start and stop.
         self.cluster_limits: ClusterLimits | None = None
         limiters = self._make_limiters()
@@ -205,6 +208,7 @@ class Node:
                 await asyncio.to_thread(self.audit.close, AUDIT_FLUSH_SECONDS)
                 self.audit = None
             raise
+        self.lag.start()
         self._tick = asyncio.create_task(self._heartbeat())
 
     async def _heartbeat(self) -> None:
@@ -230,6 +234,7 @@ class Node:
         budget = self.settings.server.drain_seconds
         deadline = loop.time() + budget
         self.ctx.draining = True
+        self.lag.stop()
         if self._server is not None:
             self._server.close()
         for connection in list(self.ctx.connections):

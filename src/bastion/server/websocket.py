@@ -39,6 +39,7 @@ import asyncio
 import logging
 import secrets
 import time
+from bisect import bisect_left
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
 from websockets.frames import Frame, Opcode
@@ -52,6 +53,7 @@ except ImportError:  # pragma: no cover - a build without its C extension
 
 from bastion.core.hub import AppState, Session
 from bastion.errors import Refused
+from bastion.metrics import MESSAGE_BYTES_BUCKETS
 from bastion.protocol import messages as msg
 from bastion.protocol.names import classify_channel
 from bastion.protocol.refusals import Reason
@@ -84,7 +86,10 @@ class WebSocketConnection(asyncio.Protocol):
         "_messages",
         "_proto",
         "_query_token",
+        "_received",
+        "_reconnect",
         "_refusals",
+        "_sizes",
         "app",
         "ctx",
         "ip",
@@ -125,6 +130,12 @@ class WebSocketConnection(asyncio.Protocol):
         self._messages = 0.0
         #: The refusal budget, the same way.
         self._refusals = 0.0
+        #: Text messages received (the message rate at close), and whether this
+        #: connection was counted as a reconnect (once at most).
+        self._received = 0
+        self._reconnect = False
+        #: The app's message-size series, counted into on each message (no lookup).
+        self._sizes = ctx.metrics.message_bytes.series(app.id)
         #: Bytes queued this loop iteration (see Outbox): one chunk, or a list.
         self.pending: bytes | list[bytes] | None = None
         socket_id = new_socket_id(ctx.socket_ids)
@@ -148,6 +159,8 @@ class WebSocketConnection(asyncio.Protocol):
         ctx.connections.add(self)
         ctx.socket_ids.add(self.session.socket_id)
         ctx.metrics.connections_opened[self.app.id] += 1
+        if ctx.reconnects.arrived(self.app.id, self.ip, self.last_seen):
+            self._reconnected("address")
         self.send(
             msg.connection_established(self.session.socket_id, ctx.settings.server.activity_timeout)
         )
@@ -157,6 +170,8 @@ class WebSocketConnection(asyncio.Protocol):
                 ctx.hub.signin_token(self.app, self.session, token)
             except Refused as refused:
                 self.refuse(refused)
+            else:
+                self._signed_in()
 
     def write(self, data: bytes) -> None:
         """Queue pre-framed bytes; they go out with this iteration's other writes."""
@@ -233,7 +248,7 @@ class WebSocketConnection(asyncio.Protocol):
             self.send(msg.error(reason, code))
         self.state = check_transition(self.state, ConnectionState.CLOSING)
         self._forget()
-        self.ctx.metrics.connections_closed[(self.app.id, code)] += 1
+        self._closed(code)
         self.flush_pending()
         if self._proto is None or self._proto.state is State.OPEN:
             # (Not after the peer's close: the sans-I/O protocol has answered it.)
@@ -242,6 +257,26 @@ class WebSocketConnection(asyncio.Protocol):
         self.transport.close()
         # A slow consumer may never drain its buffer; do not wait for it forever.
         self.ctx.loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
+
+    def _closed(self, code: int) -> None:
+        """Count this connection's end (once): code, life, message rate; remember it."""
+        ctx, session = self.ctx, self.session
+        now = ctx.loop.time()
+        seconds = max(0.0, now - (session.opened_at or now))
+        ctx.metrics.connection_closed(self.app.id, code, seconds, self._received)
+        ctx.reconnects.closed(self.app.id, self.ip, session.user_id, now)
+
+    def _reconnected(self, match: str) -> None:
+        self._reconnect = True
+        self.ctx.metrics.reconnects[(self.app.id, match)] += 1
+
+    def _signed_in(self) -> None:
+        """A sign-in: a reconnect if the same user's connection closed just before this one."""
+        user_id, opened_at = self.session.user_id, self.session.opened_at
+        if self._reconnect or user_id is None or opened_at is None:
+            return
+        if self.ctx.reconnects.signed_in(self.app.id, user_id, opened_at):
+            self._reconnected("user")
 
     def _forget(self) -> None:
         ctx = self.ctx
@@ -292,7 +327,7 @@ class WebSocketConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """The transport is gone: forget the connection."""
         if self.state is ConnectionState.OPEN:
-            self.ctx.metrics.connections_closed[(self.app.id, 1006)] += 1
+            self._closed(1006)
         self.state = ConnectionState.CLOSED
         self.pending = None
         self._forget()
@@ -314,9 +349,11 @@ class WebSocketConnection(asyncio.Protocol):
                 continue
             # The sans-I/O protocol asks for EOF: after a close handshake, or after
             # it failed the connection (1002/1007/1009). Either way the TCP side ends.
-            if self.state is ConnectionState.OPEN:
+            if self.state is ConnectionState.OPEN:  # the peer closed: its code (1005: none)
                 self.state = check_transition(self.state, ConnectionState.CLOSING)
                 self._forget()
+                received = self._proto.close_rcvd
+                self._closed(received.code if received is not None else 1005)
             self.transport.close()
 
     def _on_parser_error(self, exc: Exception) -> None:
@@ -410,6 +447,10 @@ class WebSocketConnection(asyncio.Protocol):
             self._fail_invalid_utf8()
             return
         self.ctx.metrics.messages_in[self.app.id] += 1
+        self._received += 1
+        sizes, size = self._sizes, len(data)
+        sizes[bisect_left(MESSAGE_BYTES_BUCKETS, size)] += 1
+        sizes[-1] += size
         try:
             message = msg.decode_client_message(text)
             self._dispatch(message)
@@ -433,7 +474,7 @@ class WebSocketConnection(asyncio.Protocol):
         )
         self.state = check_transition(self.state, ConnectionState.CLOSING)
         self._forget()
-        self.ctx.metrics.connections_closed[(self.app.id, reason.value.close_code or 1011)] += 1
+        self._closed(reason.value.close_code or 1011)
 
     def _dispatch(self, message: msg.ClientMessage) -> None:
         hub, app, session = self.ctx.hub, self.app, self.session
@@ -450,6 +491,7 @@ class WebSocketConnection(asyncio.Protocol):
         elif isinstance(message, msg.Signin):
             self._check_auth_budget(None)
             hub.signin(app, session, message)
+            self._signed_in()
         # Pong: receiving it already counted as activity.
 
     def _check_auth_budget(self, channel: str | None) -> None:

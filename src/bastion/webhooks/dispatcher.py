@@ -465,7 +465,10 @@ class WebhookDispatcher:
         )
         if decision.action == "done":
             await asyncio.to_thread(self.queue.mark_done, delivery.id, now=now)
-            self.metrics.webhooks_delivered[delivery.app_id] += 1
+            metrics = self.metrics
+            metrics.webhooks_delivered[delivery.app_id] += 1
+            metrics.webhook_seconds.observe(delivery.app_id, max(0.0, now - delivery.created_at))
+            metrics.webhook_attempts.observe(delivery.app_id, delivery.attempts + 1)
             return
         self.metrics.webhook_attempts_failed[delivery.app_id] += 1
         reason = decision.reason or "failed"
@@ -549,6 +552,8 @@ class WebhookDispatcher:
             self.queue.mark_dead, delivery.id, now=now, error=reason, attempted=attempted
         )
         self.metrics.webhooks_dead[delivery.app_id] += 1
+        if attempted:
+            self.metrics.webhook_attempts.observe(delivery.app_id, delivery.attempts + 1)
         log.warning(
             "webhook to %s moved to the dead letters (delivery %d): %s",
             safe_url(delivery.url),
