@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from bastion.errors import ConfigError
+from bastion.security.alert_rules import DEFAULT_RULES, AlertRule, AlertSeverity
 from bastion.security.origins import parse_patterns
 from bastion.security.payload import ClientEventPolicy
 from bastion.security.proxies import ForwardedHeader, parse_networks
@@ -43,6 +44,8 @@ __all__ = [
     "WEBHOOK_EVENT_TYPES",
     "AdapterSettings",
     "AdminSettings",
+    "AlertRuleSettings",
+    "AlertSettings",
     "AppSettings",
     "AuditSettings",
     "JwtSettings",
@@ -499,6 +502,73 @@ class MetricsSettings(BaseModel):
     allowed_hosts: HostNames = Field(default_factory=list)
 
 
+class AlertRuleSettings(BaseModel):
+    """One alert rule of ``[alerts]``; what is unset keeps the rule's built-in value."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    #: Events within the window that raise the alert.
+    threshold: PositiveInt | None = None
+    #: The sliding window, seconds; a raised alert stays open (damped) as long.
+    window_seconds: Annotated[float, Field(gt=0, le=86_400)] | None = None
+    severity: AlertSeverity | None = None
+
+
+class AlertSettings(BaseModel):
+    """Security alerts: thresholds over sliding windows (``[alerts]``)."""
+
+    model_config = _STRICT
+
+    enabled: bool = True
+    #: Operator endpoint that receives each alert as a signed POST (through the
+    #: durable webhook queue); unset: alerts are audited, logged and counted only.
+    url: str | None = None
+    #: Signs the alert POSTs (``X-Pusher-Signature``, HMAC-SHA256); required with ``url``.
+    secret: LongSecret | None = None
+    #: Refuse to deliver alerts to loopback, private or link-local addresses.
+    refuse_private: bool = False
+    #: Addresses and reasons an alert names at most.
+    top: Annotated[int, Field(ge=1, le=50)] = 5
+    auth_failures: AlertRuleSettings = AlertRuleSettings()
+    rate_limit_hits: AlertRuleSettings = AlertRuleSettings()
+    payload_refusals: AlertRuleSettings = AlertRuleSettings()
+    origin_refusals: AlertRuleSettings = AlertRuleSettings()
+    new_blocks: AlertRuleSettings = AlertRuleSettings()
+    forged_bus_messages: AlertRuleSettings = AlertRuleSettings()
+    webhook_dead_letters: AlertRuleSettings = AlertRuleSettings()
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _secret_with_url(self) -> AlertSettings:
+        if self.url is not None and self.secret is None:
+            raise ValueError("secret is required when url is set")
+        return self
+
+    def rules(self) -> list[AlertRule]:
+        """The enabled rules, each setting left unset taking the rule's built-in value."""
+        rules = []
+        for default in DEFAULT_RULES:
+            given: AlertRuleSettings = getattr(self, default.signal)
+            if not given.enabled:
+                continue
+            rules.append(
+                AlertRule(
+                    default.signal,
+                    given.threshold or default.threshold,
+                    given.window_seconds or default.window_seconds,
+                    given.severity or default.severity,
+                )
+            )
+        return rules
+
+
 class ReputationSettings(BaseModel):
     """IP reputation: refusals add decaying points; past the threshold the IP is blocked."""
 
@@ -585,6 +655,7 @@ class Settings(BaseModel):
     webhooks: WebhookDeliverySettings = WebhookDeliverySettings()
     metrics: MetricsSettings = MetricsSettings()
     admin: AdminSettings = AdminSettings()
+    alerts: AlertSettings = AlertSettings()
     apps: list[AppSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -235,6 +235,9 @@ class Metrics:
         # --- live configuration reloads (bastion.server.reload) ---
         #: result → reloads: ``applied``, ``unchanged``, ``restart_required``, ``invalid``.
         self.config_reloads: Counter[str] = Counter()
+        # --- security alerts (bastion.server.alerts) ---
+        #: (alert, severity) → alerts raised.
+        self.alerts: Counter[tuple[str, str]] = Counter()
         # --- the cycle collector (bastion.server.collector; bastion serve only) ---
         #: generation → pauses per bucket of :data:`GC_PAUSE_BUCKETS`, then +Inf.
         self.gc_pauses: dict[int, list[int]] = {}

@@ -150,6 +150,7 @@ def filled_node(settings: Settings | None = None) -> FakeNode:
     m.webhook_seconds.observe("app-1", 0.2)
     m.webhook_attempts.observe("app-1", 3)
     m.loop_lag.observe("", 0.004)
+    m.alerts[("auth_failures", "warning")] = 1
     node.cluster_limits = FakeClusterLimits(healthy=True, syncs=30, failures=1)
     node.audit = FakeAudit(dropped=1, failed=0)
     node.blocklist = FakeBlockList(FakeBlockSet([1.0, 10**12, 10**12]))
@@ -235,6 +236,8 @@ def test_label_values_are_app_ids_slugs_codes_and_reasons_only() -> None:
                     "route",
                     "status_class",
                     "match",
+                    "alert",
+                    "severity",
                 }, (name, key)
                 if key == "app":
                     assert value in app_ids, (name, value)
@@ -421,7 +424,7 @@ def test_a_foreign_host_needs_the_token_even_from_an_allowed_address() -> None:
     assert ops.hosts.allows(["127.0.0.1:6001"]) and not ops.hosts.allows(["evil.example"])
 
 
-# --- histograms, readiness --------------------------------------------------------
+# --- histograms, alerts, readiness --------------------------------------------------------
 
 
 def buckets(series: dict[tuple[tuple[str, str], ...], float], **labels: str) -> dict[str, float]:
@@ -466,6 +469,7 @@ def test_histograms_are_exported_cumulative_with_their_sum_and_count() -> None:
     assert attempts["2.0"] == 0 and attempts["3.0"] == 1
     lag = buckets(f["bastion_event_loop_lag_seconds_bucket"])
     assert lag["0.0025"] == 0 and lag["0.005"] == 1
+    assert f["bastion_alerts_total"] == {(("alert", "auth_failures"), ("severity", "warning")): 1}
 
 
 def test_histogram_labels_stay_bounded_whatever_was_counted() -> None:
@@ -488,6 +492,54 @@ def test_histogram_labels_stay_bounded_whatever_was_counted() -> None:
     assert f["bastion_publish_fanout_seconds_count"][(("app", ""),)] == 1
 
 
+def test_alert_deliveries_are_counted_apart_from_the_apps_webhooks() -> None:
+    node = filled_node()
+    m = node.metrics
+    m.webhooks_delivered["@alerts"] = 2
+    m.webhooks_dead["@alerts"] = 1
+    m.webhook_seconds.observe("@alerts", 0.5)
+    _, f = scrape(node)
+    assert f["bastion_alert_deliveries_total"] == {
+        (("result", "delivered"),): 2,
+        (("result", "failed"),): 0,
+        (("result", "dead"),): 1,
+        (("result", "dropped"),): 0,
+    }
+    assert (("app", ""),) not in f["bastion_webhooks_delivered_total"]
+    assert f["bastion_webhooks_dead_total"][(("app", "app-1"),)] == 1
+    assert f["bastion_webhook_delivery_seconds_count"] == {(("app", "app-1"),): 1}
+
+
+def test_alert_families_list_every_rule_from_the_start() -> None:
+    from bastion.security.alerts import AlertEngine, AlertRule
+
+    class FakeAlerts:
+        def __init__(self) -> None:
+            self.engine = AlertEngine(
+                [
+                    AlertRule("auth_failures", 1, 60, "warning"),
+                    AlertRule("new_blocks", 1, 60, "critical"),
+                ]
+            )
+
+        def open_alerts(self) -> list[Any]:
+            return self.engine.open_alerts(0.5)
+
+    node = filled_node()
+    node.metrics.alerts.clear()
+    node.alerts = FakeAlerts()  # type: ignore[attr-defined]
+    node.alerts.engine.observe("new_blocks", 0.0)
+    _, f = scrape(node)
+    assert f["bastion_alerts_total"] == {
+        (("alert", "auth_failures"), ("severity", "warning")): 0,
+        (("alert", "new_blocks"), ("severity", "critical")): 0,
+    }
+    assert f["bastion_alerts_open"] == {
+        (("alert", "auth_failures"),): 0,
+        (("alert", "new_blocks"),): 1,
+    }
+
+
 def test_readiness_is_exported_as_gauges() -> None:
     node = FakeNode(make_settings(adapter=REDIS))
     node.audit = FakeAudit()
@@ -501,3 +553,14 @@ def test_readiness_is_exported_as_gauges() -> None:
         (("check", "bus"),): 0,
         (("check", "serving"),): 1,
     }
+
+
+def test_alerts_with_a_url_need_the_webhook_queue_to_be_ready() -> None:
+    settings = make_settings(
+        audit={"enabled": False},
+        alerts={"url": "https://ops.example.test/alerts", "secret": "a" * 32},
+    )
+    node = FakeNode(settings)
+    assert readiness(Ops(node))[1]["checks"]["webhook_queue"] == "closed"
+    node.webhook_queue, node.webhook_dispatcher = object(), object()
+    assert readiness(Ops(node))[0] == 200

@@ -12,9 +12,9 @@ Exposition. A :class:`NodeCollector` reads the node's
 nothing is counted twice and nothing lives in the process-wide default registry,
 so several nodes in one process (the tests, the benchmarks) never collide. Label
 values are app ids this node knows (anything else is counted under ``app=""``),
-refusal slugs, close codes and their classes, route templates, status classes
-and fixed bus reasons; a value that is not a short lower-case word becomes
-``other``. Never a secret, token, user id, address or client text.
+refusal slugs, close codes and their classes, route templates, status classes,
+alert rule names and fixed bus reasons; a value that is not a short lower-case
+word becomes ``other``. Never a secret, token, user id, address or client text.
 The histograms are counted in plain Python on the event
 (:class:`~bastion.metrics.Histogram`) and exported here as histogram families;
 docs/observability.md lists every family with its labels.
@@ -65,6 +65,7 @@ from bastion.config import Settings
 from bastion.metrics import GC_PAUSE_BUCKETS, Histogram, Metrics
 from bastion.protocol.refusals import Reason
 from bastion.security.admission import AUTH_FAILURE_REASONS
+from bastion.security.alerts import ALERTS_SENDER, Alert
 from bastion.security.hosts import HostPolicy
 
 __all__ = [
@@ -101,6 +102,13 @@ RATE_LIMIT_SLUGS = frozenset(
 _PREFIX = "bastion_"
 #: What a slug or bus reason looks like; anything else is exported as ``other``.
 _WORD = re.compile(r"[a-z0-9_]{1,64}")
+#: Webhook delivery counters of the alerts sender → ``bastion_alert_deliveries_total``.
+_ALERT_DELIVERY_RESULTS = (
+    ("delivered", "webhooks_delivered"),
+    ("failed", "webhook_attempts_failed"),
+    ("dead", "webhooks_dead"),
+    ("dropped", "webhooks_dropped"),
+)
 
 
 # --- what Ops reads from a node (bastion.server.runtime.Node satisfies these) ---------
@@ -142,6 +150,18 @@ class _BlockSetView(Protocol):
 class _BlockListView(Protocol):
     @property
     def blocks(self) -> _BlockSetView: ...
+
+
+class _AlertsView(Protocol):
+    @property
+    def engine(self) -> _AlertEngineView: ...
+
+    def open_alerts(self) -> list[Alert]: ...
+
+
+class _AlertEngineView(Protocol):
+    @property
+    def rules(self) -> Mapping[str, Any]: ...
 
 
 class _AuditView(Protocol):
@@ -255,6 +275,8 @@ class NodeCollector:
         def per_app(name: str, doc: str, counter: Mapping[str, int]) -> CounterMetricFamily:
             totals: Counter[str] = Counter(dict.fromkeys(app_ids, 0))
             for app_id, count in counter.items():
+                if app_id == ALERTS_SENDER:  # alert deliveries have their own family
+                    continue
                 totals[app_of(app_id)] += count
             family = CounterMetricFamily(_PREFIX + name, doc, labels=["app"])
             for app_id, count in sorted(totals.items()):
@@ -442,7 +464,8 @@ class NodeCollector:
             lambda key: (),
         )
 
-        # --- readiness ---
+        # --- security alerts and readiness ---
+        yield from _alert_families(metrics, getattr(node, "alerts", None))
         if self.checks is not None:
             checks = self.checks()
             yield GaugeMetricFamily(
@@ -525,10 +548,10 @@ def _traffic_families(metrics: Metrics, app_of: Callable[[str], str]) -> Iterato
 
 
 def _webhook_histograms(metrics: Metrics, app_of: Callable[[str], str]) -> Iterator[Metric]:
-    """Webhook latency and attempts by app."""
+    """Webhook latency and attempts by app (alert deliveries are counted apart)."""
 
     def apps_only(key: str) -> tuple[str, ...] | None:
-        return (app_of(key),)
+        return None if key == ALERTS_SENDER else (app_of(key),)
 
     yield _histogram(
         "webhook_delivery_seconds",
@@ -544,6 +567,43 @@ def _webhook_histograms(metrics: Metrics, app_of: Callable[[str], str]) -> Itera
         metrics.webhook_attempts,
         apps_only,
     )
+
+
+def _alert_families(metrics: Metrics, alerts: _AlertsView | None) -> Iterator[Metric]:
+    """Alerts raised and open, and how their deliveries to the operator fared."""
+    raised = CounterMetricFamily(
+        _PREFIX + "alerts",
+        "Security alerts raised, by rule and severity.",
+        labels=["alert", "severity"],
+    )
+    totals: Counter[tuple[str, str]] = Counter()
+    if alerts is not None:  # every rule's series exists from the start, at 0
+        for name, rule in alerts.engine.rules.items():
+            totals[(_word(name), _word(rule.severity))] += 0
+    for (name, severity), count in metrics.alerts.items():
+        totals[(_word(name), _word(severity))] += count
+    for labels, count in sorted(totals.items()):
+        raised.add_metric(list(labels), count)
+    yield raised
+    if alerts is not None:
+        open_now = {alert.rule for alert in alerts.open_alerts()}
+        family = GaugeMetricFamily(
+            _PREFIX + "alerts_open",
+            "1 while the rule's last alert is open (raised within its window).",
+            labels=["alert"],
+        )
+        for name in sorted(alerts.engine.rules):
+            family.add_metric([_word(name)], int(name in open_now))
+        yield family
+    deliveries = CounterMetricFamily(
+        _PREFIX + "alert_deliveries",
+        "Alert POSTs to [alerts] url, by result (failed counts attempts).",
+        labels=["result"],
+    )
+    for result, counter in _ALERT_DELIVERY_RESULTS:
+        counts: Mapping[str, int] = getattr(metrics, counter)
+        deliveries.add_metric([result], counts.get(ALERTS_SENDER, 0))
+    yield deliveries
 
 
 def _collector_families(metrics: Metrics) -> Iterator[Metric]:
@@ -654,7 +714,8 @@ class Ops:
             checks["audit"] = self._audit_check()
         if settings.adapter.driver == "redis":
             checks["bus"] = "ok" if node.hub.bus.healthy else "disconnected"
-        if any(app.webhooks for app in settings.apps):
+        alert_url = settings.alerts.enabled and settings.alerts.url is not None
+        if alert_url or any(app.webhooks for app in settings.apps):
             open_ = node.webhook_queue is not None and node.webhook_dispatcher is not None
             checks["webhook_queue"] = "ok" if open_ else "closed"
         return checks
