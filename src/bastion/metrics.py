@@ -23,6 +23,8 @@ __all__ = [
     "LOOP_LAG_BUCKETS",
     "MESSAGES_PER_MINUTE_BUCKETS",
     "MESSAGE_BYTES_BUCKETS",
+    "MESSAGE_BYTES_INDEX",
+    "MESSAGE_BYTES_SUM",
     "REQUEST_SECONDS_BUCKETS",
     "WEBHOOK_ATTEMPTS_BUCKETS",
     "WEBHOOK_SECONDS_BUCKETS",
@@ -50,19 +52,14 @@ CONNECTION_SECONDS_BUCKETS = (
 )
 #: ``bastion_connection_messages_per_minute``: what a connection sent, per minute of its life.
 MESSAGES_PER_MINUTE_BUCKETS = (0.0, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3000.0)
-#: ``bastion_message_size_bytes``: a client message's payload, in bytes.
-MESSAGE_BYTES_BUCKETS = (
-    64.0,
-    128.0,
-    256.0,
-    512.0,
-    1024.0,
-    2048.0,
-    4096.0,
-    8192.0,
-    16_384.0,
-    65_536.0,
-)
+#: ``bastion_message_size_bytes``: a client message's payload, in bytes. Integers, as
+#: the sizes are: counted per message, an int compared with ints is the fast path.
+MESSAGE_BYTES_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16_384, 65_536)
+#: The bucket of every size up to 1 KiB, looked up instead of searched: most client
+#: messages are that small, and a tuple index is the cheapest thing CPython does.
+MESSAGE_BYTES_INDEX = tuple(bisect_left(MESSAGE_BYTES_BUCKETS, size) for size in range(1025))
+#: Where a message-size series keeps its sum (after the buckets and +Inf).
+MESSAGE_BYTES_SUM = len(MESSAGE_BYTES_BUCKETS) + 1
 #: ``bastion_rest_request_duration_seconds`` and ``bastion_publish_fanout_seconds``.
 REQUEST_SECONDS_BUCKETS = (
     0.0005,
@@ -108,19 +105,23 @@ class Histogram(Generic[K]):
 
     A series is one list: the count of each bucket of :attr:`bounds` (a value
     lands in the first bucket whose bound is at least the value, Prometheus's
-    ``le``), then the +Inf bucket, then the sum of the values. Hot paths may keep
-    a series (:meth:`series`) and count into it themselves.
+    ``le``), then the +Inf bucket, then the sum of the values. The counts are
+    integers, and so is the sum of an ``integer`` histogram (sizes): integer
+    arithmetic is what CPython does fastest. Hot paths may keep a series
+    (:meth:`series`) and count into it themselves.
 
     Args:
         bounds: the buckets' upper bounds, increasing.
+        integer: the values are integers (the sum starts at ``0``, not ``0.0``).
     """
 
-    __slots__ = ("bounds", "by_key")
+    __slots__ = ("bounds", "by_key", "integer")
 
-    def __init__(self, bounds: tuple[float, ...]) -> None:
+    def __init__(self, bounds: tuple[float, ...], *, integer: bool = False) -> None:
         if list(bounds) != sorted(set(bounds)):
             raise ValueError("histogram bounds must be strictly increasing")
         self.bounds = bounds
+        self.integer = integer
         #: key → counts per bucket, the +Inf count, then the sum.
         self.by_key: dict[K, list[float]] = {}
 
@@ -128,7 +129,9 @@ class Histogram(Generic[K]):
         """The series of ``key`` (made empty the first time)."""
         series = self.by_key.get(key)
         if series is None:
-            series = self.by_key[key] = [0.0] * (len(self.bounds) + 2)
+            empty: list[float] = [0] * (len(self.bounds) + 1)
+            empty.append(0 if self.integer else 0.0)
+            series = self.by_key[key] = empty
         return series
 
     def observe(self, key: K, value: float) -> None:
@@ -179,8 +182,9 @@ class Metrics:
         self.connections_opened: Counter[str] = Counter()
         #: (app id, close code) → connections closed.
         self.connections_closed: Counter[tuple[str, int]] = Counter()
-        #: (app id, close class) → how long connections lived, at their close.
-        self.connection_seconds: Histogram[tuple[str, str]] = Histogram(CONNECTION_SECONDS_BUCKETS)
+        #: (app id, close code) → how long connections lived, at their close (the
+        #: collector exports the code's class: :func:`close_class`).
+        self.connection_seconds: Histogram[tuple[str, int]] = Histogram(CONNECTION_SECONDS_BUCKETS)
         #: app id → messages a connection sent per minute of its life, at its close.
         self.connection_rates: Histogram[str] = Histogram(MESSAGES_PER_MINUTE_BUCKETS)
         #: (app id, ``address`` or ``user``) → connections that were reconnects
@@ -190,12 +194,13 @@ class Metrics:
         self.messages_in: Counter[str] = Counter()
         #: app id → the size of each client message, bytes (connections count into
         #: their app's series themselves, see :meth:`Histogram.series`).
-        self.message_bytes: Histogram[str] = Histogram(MESSAGE_BYTES_BUCKETS)
+        self.message_bytes: Histogram[str] = Histogram(MESSAGE_BYTES_BUCKETS, integer=True)
         #: app id → REST events published.
         self.events_published: Counter[str] = Counter()
         # --- HTTP (bastion.server.http) ---
-        #: (route template, status class) → seconds from the request read to its answer written.
-        self.request_seconds: Histogram[tuple[str, str]] = Histogram(REQUEST_SECONDS_BUCKETS)
+        #: (route template, status) → seconds from the request read to its answer written
+        #: (the collector exports the status's class: :func:`status_class`).
+        self.request_seconds: Histogram[tuple[str, int]] = Histogram(REQUEST_SECONDS_BUCKETS)
         #: app id → seconds from a publish request read to its local fan-out written.
         self.publish_seconds: Histogram[str] = Histogram(REQUEST_SECONDS_BUCKETS)
         # --- the event loop (bastion.server.lag) ---
@@ -248,10 +253,17 @@ class Metrics:
         """Count one connection's end: its close code, how long it lived, how chatty it was.
 
         The message rate is over the connection's whole life, at least a second of it.
+        Every connection ends here: the two observations are written out, not called.
         """
-        self.connections_closed[(app_id, code)] += 1
-        self.connection_seconds.observe((app_id, close_class(code)), seconds)
-        self.connection_rates.observe(app_id, messages * 60.0 / max(seconds, 1.0))
+        key = (app_id, code)
+        self.connections_closed[key] += 1
+        lives = self.connection_seconds.by_key.get(key) or self.connection_seconds.series(key)
+        lives[bisect_left(CONNECTION_SECONDS_BUCKETS, seconds)] += 1
+        lives[-1] += seconds
+        rate = messages * 60.0 / seconds if seconds > 1.0 else messages * 60.0
+        rates = self.connection_rates.by_key.get(app_id) or self.connection_rates.series(app_id)
+        rates[bisect_left(MESSAGES_PER_MINUTE_BUCKETS, rate)] += 1
+        rates[-1] += rate
 
     def request_answered(
         self, route: str, publish_app: str | None, status: int, seconds: float
@@ -265,7 +277,7 @@ class Metrics:
             status: the answer's status.
             seconds: from the request read to its answer written.
         """
-        self.request_seconds.observe((route, status_class(status)), seconds)
+        self.request_seconds.observe((route, status), seconds)
         if publish_app is not None and 200 <= status <= 299:
             self.publish_seconds.observe(publish_app, seconds)
 

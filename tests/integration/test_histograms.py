@@ -53,6 +53,9 @@ async def test_a_connection_closed_by_its_client_is_timed_and_its_messages_count
     client = await connect(node)
     for _ in range(3):
         await client.ping()
+    big = json.dumps({"event": "pusher:ping", "data": {"pad": "x" * 1500}})
+    await client.send(big)  # past the lookup table of small sizes
+    await client.expect("pusher:pong")
     await client.close()  # the client's own close (1000): counted like the server's
     await until(lambda: node.metrics.connections_closed[(APP_ID, 1000)] == 1)
     _, found = await scrape(node)
@@ -63,9 +66,12 @@ async def test_a_connection_closed_by_its_client_is_timed_and_its_messages_count
     )
     assert one(found, "bastion_connection_messages_per_minute_count", app=APP_ID) == 1
     assert one(found, "bastion_connection_messages_per_minute_sum", app=APP_ID) > 0
-    assert one(found, "bastion_message_size_bytes_count", app=APP_ID) == 3
+    assert one(found, "bastion_message_size_bytes_count", app=APP_ID) == 4
     ping = len(json.dumps({"event": "pusher:ping", "data": {}}))  # what client.ping() sends
-    assert one(found, "bastion_message_size_bytes_sum", app=APP_ID) == 3 * ping
+    assert one(found, "bastion_message_size_bytes_sum", app=APP_ID) == 3 * ping + len(big)
+    assert one(found, "bastion_message_size_bytes_bucket", app=APP_ID, le="64.0") == 3
+    assert one(found, "bastion_message_size_bytes_bucket", app=APP_ID, le="1024.0") == 3
+    assert one(found, "bastion_message_size_bytes_bucket", app=APP_ID, le="2048.0") == 4
 
 
 async def test_a_client_back_from_the_same_address_is_a_reconnect(

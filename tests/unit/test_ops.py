@@ -139,8 +139,8 @@ def filled_node(settings: Settings | None = None) -> FakeNode:
     m.bus_forged["bad_signature"] = 5
     m.config_reloads["applied"] = 2
     m.config_reloads["restart_required"] = 1
-    m.connection_seconds.observe(("app-1", "normal"), 42.0)
-    m.connection_seconds.observe(("app-1", "backoff"), 3.0)
+    m.connection_seconds.observe(("app-1", 1000), 42.0)
+    m.connection_seconds.observe(("app-1", 4100), 3.0)
     m.connection_rates.observe("app-1", 30.0)
     m.connection_rates.observe("app-1", 0.0)
     m.reconnects[("app-1", "address")] = 2
@@ -475,8 +475,8 @@ def test_histograms_are_exported_cumulative_with_their_sum_and_count() -> None:
 def test_histogram_labels_stay_bounded_whatever_was_counted() -> None:
     node = filled_node()
     m = node.metrics
-    m.connection_seconds.observe(("user-typed app id", "Weird Class"), 1.0)
-    m.request_seconds.observe(("/apps/12345/channels/secret-channel", "2xx"), 0.1)
+    m.connection_seconds.observe(("user-typed app id", 3999), 1.0)
+    m.request_seconds.observe(("/apps/12345/channels/secret-channel", 200), 0.1)
     m.publish_seconds.observe("<script>", 0.1)
     text, f = scrape(node)
     assert "user-typed" not in text and "secret-channel" not in text and "<script>" not in text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bastion.security.reconnects import RecentCloses, Reconnects
+from bastion.security.reconnects import Reconnects
 
 
 def test_an_arrival_from_the_same_address_and_app_soon_after_a_close_is_a_reconnect() -> None:
@@ -47,38 +47,41 @@ def test_a_signed_in_user_is_matched_by_the_time_its_connection_opened() -> None
 def test_no_address_and_no_user_remember_nothing() -> None:
     seen = Reconnects(window_seconds=30)
     seen.closed("app", None, None, now=100.0)
-    assert len(seen.by_address) == 0 and len(seen.by_user) == 0
+    assert seen.remembered() == (0, 0)
     assert not seen.arrived("app", None, opened_at=100.5)
 
 
 def test_memory_is_bounded_oldest_first() -> None:
-    closes = RecentCloses(window_seconds=30, max_entries=3)
+    seen = Reconnects(window_seconds=30, max_entries=3)
     for index in range(5):
-        closes.closed(f"k{index}", now=100.0 + index)
-    assert len(closes) == 3
-    assert not closes.take("k0", 105.0)
-    assert not closes.take("k1", 105.0)
-    assert closes.take("k4", 105.0)
+        seen.closed("app", f"10.0.0.{index}", f"user-{index}", now=100.0 + index)
+    assert seen.remembered() == (3, 3)
+    assert not seen.arrived("app", "10.0.0.0", 105.0)
+    assert not seen.arrived("app", "10.0.0.1", 105.0)
+    assert seen.arrived("app", "10.0.0.4", 105.0)
+    assert not seen.signed_in("app", "user-1", 105.0)
+    assert seen.signed_in("app", "user-2", 105.0)
 
 
-def test_closes_older_than_the_window_are_dropped_as_new_ones_come() -> None:
-    closes = RecentCloses(window_seconds=10, max_entries=100)
-    closes.closed("old", now=0.0)
-    closes.closed("new", now=50.0)
-    assert len(closes) == 1
+def test_a_close_older_than_the_window_is_never_matched() -> None:
+    seen = Reconnects(window_seconds=10)
+    seen.closed("app", "10.0.0.1", None, now=0.0)
+    seen.closed("app", "10.0.0.2", None, now=50.0)
+    assert not seen.arrived("app", "10.0.0.1", 50.5)
+    assert seen.arrived("app", "10.0.0.2", 50.5)
 
 
-def test_a_key_that_closes_again_is_remembered_at_its_last_close() -> None:
-    closes = RecentCloses(window_seconds=10, max_entries=2)
-    closes.closed("a", now=0.0)
-    closes.closed("b", now=1.0)
-    closes.closed("a", now=2.0)  # moves to the end: "b" is now the oldest
-    closes.closed("c", now=3.0)
-    assert not closes.take("b", 3.5)
-    assert closes.take("a", 3.5)
+def test_an_address_that_closes_again_is_remembered_at_its_last_close() -> None:
+    seen = Reconnects(window_seconds=10, max_entries=2)
+    seen.closed("app", "a", None, now=0.0)
+    seen.closed("app", "b", None, now=1.0)
+    seen.closed("app", "a", None, now=2.0)  # moves to the end: "b" is now the oldest
+    seen.closed("app", "c", None, now=3.0)
+    assert not seen.arrived("app", "b", 3.5)
+    assert seen.arrived("app", "a", 3.5)
 
 
 @pytest.mark.parametrize(("window", "entries"), [(0, 1), (-1, 1), (1, 0)])
 def test_bad_bounds_are_refused(window: float, entries: int) -> None:
     with pytest.raises(ValueError):
-        RecentCloses(window, entries)
+        Reconnects(window, entries)

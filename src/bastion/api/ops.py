@@ -62,7 +62,7 @@ from bastion.api.gates import AllowedPeers, BearerToken
 from bastion.api.http import NO_STORE, HttpResponse
 from bastion.api.templates import TEMPLATES
 from bastion.config import Settings
-from bastion.metrics import GC_PAUSE_BUCKETS, Histogram, Metrics
+from bastion.metrics import GC_PAUSE_BUCKETS, Histogram, Metrics, close_class, status_class
 from bastion.protocol.refusals import Reason
 from bastion.security.admission import AUTH_FAILURE_REASONS
 from bastion.security.alerts import ALERTS_SENDER, Alert
@@ -504,7 +504,7 @@ def _traffic_families(metrics: Metrics, app_of: Callable[[str], str]) -> Iterato
         "How long WebSocket connections lived, at their close, by close code class.",
         ("app", "code_class"),
         metrics.connection_seconds,
-        lambda key: (app_of(key[0]), _word(key[1])),
+        lambda key: (app_of(key[0]), close_class(int(key[1]))),
     )
     yield _histogram(
         "connection_messages_per_minute",
@@ -536,7 +536,7 @@ def _traffic_families(metrics: Metrics, app_of: Callable[[str], str]) -> Iterato
         "HTTP requests, from read to answer written, by route template and status class.",
         ("route", "status_class"),
         metrics.request_seconds,
-        lambda key: (key[0] if key[0] in TEMPLATES else "other", _word(key[1])),
+        lambda key: (key[0] if key[0] in TEMPLATES else "other", status_class(int(key[1]))),
     )
     yield _histogram(
         "publish_fanout_seconds",

@@ -21,95 +21,84 @@ of reconnects (a bad deploy, a proxy cutting connections, a client loop) shows
 as a rate climbing in ``bastion_reconnects_total``, next to opens and closes.
 
 Memory is bounded: at most ``max_entries`` closes are remembered per rule,
-oldest forgotten first, and a close older than the window is dropped when met.
+oldest forgotten first (a close older than the window is remembered until then,
+but never matched). Every connection's life runs through here, so each call is a
+dictionary operation or two, inline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-
-__all__ = ["MAX_REMEMBERED_CLOSES", "RECONNECT_WINDOW_SECONDS", "RecentCloses", "Reconnects"]
+__all__ = ["MAX_REMEMBERED_CLOSES", "RECONNECT_WINDOW_SECONDS", "Reconnects"]
 
 #: Seconds after a close within which an arrival from the same address or user is a
 #: reconnect. pusher-js retries after about a second and backs off to tens of seconds.
 RECONNECT_WINDOW_SECONDS = 30.0
-#: Closes remembered per rule at most (a few MB at worst).
-MAX_REMEMBERED_CLOSES = 50_000
-
-
-class RecentCloses:
-    """When each key last closed, for ``window_seconds``, at most ``max_entries`` keys.
-
-    Args:
-        window_seconds: how long a close is remembered (> 0).
-        max_entries: keys remembered at most (>= 1).
-    """
-
-    __slots__ = ("_closed", "max_entries", "window_seconds")
-
-    def __init__(self, window_seconds: float, max_entries: int) -> None:
-        if not window_seconds > 0:
-            raise ValueError("window_seconds must be > 0")
-        if max_entries < 1:
-            raise ValueError("max_entries must be >= 1")
-        self.window_seconds = float(window_seconds)
-        self.max_entries = max_entries
-        #: key → when it closed, oldest first (a key that closes again moves to the end).
-        self._closed: dict[Hashable, float] = {}
-
-    def __len__(self) -> int:
-        return len(self._closed)
-
-    def closed(self, key: Hashable, now: float) -> None:
-        """``key`` closed at ``now``."""
-        closed = self._closed
-        closed.pop(key, None)
-        closed[key] = now
-        horizon = now - self.window_seconds
-        while closed:
-            oldest = next(iter(closed))
-            if len(closed) <= self.max_entries and closed[oldest] >= horizon:
-                break
-            del closed[oldest]
-
-    def take(self, key: Hashable, opened_at: float) -> bool:
-        """Whether ``key`` closed within the window before ``opened_at``; forgets that close."""
-        at = self._closed.get(key)
-        if at is None or not 0.0 <= opened_at - at <= self.window_seconds:
-            return False
-        del self._closed[key]
-        return True
+#: Closes remembered per rule at most (a few MB at worst): 20,000 closes within the
+#: window is over 600 a second, a storm's rate.
+MAX_REMEMBERED_CLOSES = 20_000
 
 
 class Reconnects:
     """Both rules of the module docstring, for one node.
 
     Args:
-        window_seconds: :data:`RECONNECT_WINDOW_SECONDS`.
-        max_entries: :data:`MAX_REMEMBERED_CLOSES` per rule.
+        window_seconds: :data:`RECONNECT_WINDOW_SECONDS` (> 0).
+        max_entries: :data:`MAX_REMEMBERED_CLOSES` per rule (>= 1).
     """
 
-    __slots__ = ("by_address", "by_user")
+    __slots__ = ("_by_address", "_by_user", "max_entries", "window_seconds")
 
     def __init__(
         self,
         window_seconds: float = RECONNECT_WINDOW_SECONDS,
         max_entries: int = MAX_REMEMBERED_CLOSES,
     ) -> None:
-        self.by_address = RecentCloses(window_seconds, max_entries)
-        self.by_user = RecentCloses(window_seconds, max_entries)
+        if not window_seconds > 0:
+            raise ValueError("window_seconds must be > 0")
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self.window_seconds = float(window_seconds)
+        self.max_entries = max_entries
+        #: (app id, address) and (app id, user id) → when it last closed, oldest
+        #: first (a key that closes again moves to the end).
+        self._by_address: dict[tuple[str, str], float] = {}
+        self._by_user: dict[tuple[str, str], float] = {}
+
+    def remembered(self) -> tuple[int, int]:
+        """Closes remembered now: by address, by user."""
+        return len(self._by_address), len(self._by_user)
 
     def closed(self, app_id: str, ip: str | None, user_id: str | None, now: float) -> None:
         """A connection of ``app_id`` from ``ip``, signed in as ``user_id``, closed at ``now``."""
         if ip is not None:
-            self.by_address.closed((app_id, ip), now)
+            closes = self._by_address
+            key = (app_id, ip)
+            closes.pop(key, None)
+            closes[key] = now
+            if len(closes) > self.max_entries:
+                del closes[next(iter(closes))]
         if user_id is not None:
-            self.by_user.closed((app_id, user_id), now)
+            closes = self._by_user
+            key = (app_id, user_id)
+            closes.pop(key, None)
+            closes[key] = now
+            if len(closes) > self.max_entries:
+                del closes[next(iter(closes))]
 
     def arrived(self, app_id: str, ip: str | None, opened_at: float) -> bool:
         """Whether a connection opening at ``opened_at`` from ``ip`` is a reconnect."""
-        return ip is not None and self.by_address.take((app_id, ip), opened_at)
+        if ip is None:
+            return False
+        return self._take(self._by_address, (app_id, ip), opened_at)
 
     def signed_in(self, app_id: str, user_id: str, opened_at: float) -> bool:
         """Whether a connection opened at ``opened_at``, now signed in as ``user_id``, is one."""
-        return self.by_user.take((app_id, user_id), opened_at)
+        return self._take(self._by_user, (app_id, user_id), opened_at)
+
+    def _take(self, closes: dict[tuple[str, str], float], key: tuple[str, str], at: float) -> bool:
+        """Whether ``key`` closed within the window before ``at``; forgets that close."""
+        closed_at = closes.get(key)
+        if closed_at is None or not 0.0 <= at - closed_at <= self.window_seconds:
+            return False
+        del closes[key]
+        return True

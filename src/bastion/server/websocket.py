@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - a build without its C extension
 
 from bastion.core.hub import AppState, Session
 from bastion.errors import Refused
-from bastion.metrics import MESSAGE_BYTES_BUCKETS
+from bastion.metrics import MESSAGE_BYTES_BUCKETS, MESSAGE_BYTES_INDEX, MESSAGE_BYTES_SUM
 from bastion.protocol import messages as msg
 from bastion.protocol.names import classify_channel
 from bastion.protocol.refusals import Reason
@@ -260,11 +260,12 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _closed(self, code: int) -> None:
         """Count this connection's end (once): code, life, message rate; remember it."""
-        ctx, session = self.ctx, self.session
+        ctx, session, app_id = self.ctx, self.session, self.app.id
         now = ctx.loop.time()
-        seconds = max(0.0, now - (session.opened_at or now))
-        ctx.metrics.connection_closed(self.app.id, code, seconds, self._received)
-        ctx.reconnects.closed(self.app.id, self.ip, session.user_id, now)
+        opened_at = session.opened_at
+        seconds = now - opened_at if opened_at is not None and now > opened_at else 0.0
+        ctx.metrics.connection_closed(app_id, code, seconds, self._received)
+        ctx.reconnects.closed(app_id, self.ip, session.user_id, now)
 
     def _reconnected(self, match: str) -> None:
         self._reconnect = True
@@ -449,8 +450,11 @@ class WebSocketConnection(asyncio.Protocol):
         self.ctx.metrics.messages_in[self.app.id] += 1
         self._received += 1
         sizes, size = self._sizes, len(data)
-        sizes[bisect_left(MESSAGE_BYTES_BUCKETS, size)] += 1
-        sizes[-1] += size
+        if size <= 1024:
+            sizes[MESSAGE_BYTES_INDEX[size]] += 1
+        else:
+            sizes[bisect_left(MESSAGE_BYTES_BUCKETS, size)] += 1
+        sizes[MESSAGE_BYTES_SUM] += size
         try:
             message = msg.decode_client_message(text)
             self._dispatch(message)
