@@ -32,6 +32,8 @@ from websockets.exceptions import ConnectionClosed
 
 from bastion.server.runtime import Node
 
+from .conftest import MakeNode
+
 #: Close codes a text frame of valid UTF-8 may legitimately earn: a failed sign-in, and
 #: the refusal budget (``refusal_limit``) spent by a connection whose frames keep being
 #: refused, as the fuzzer's are (the connection lives over many examples).
@@ -261,6 +263,20 @@ class Fuzzer:
             if connection is not None:
                 with contextlib.suppress(Exception):
                     await connection.close()
+
+
+@pytest.fixture
+async def node(make_node: MakeNode) -> Node:
+    """The fuzzed node, with a frame budget (``max_messages_per_second``) out of reach.
+
+    The fuzzing connection lives across examples and sends as fast as the loop lets
+    it: on a quiet machine that passes 50 frames a second, and the budget then
+    answers the very ping :func:`sync` waits on with a 4301 instead of a pong (the
+    test timed out whenever the machine was idle). The budget has its own tests
+    (``test_refusal_budgets.py``); here it would only stand between the fuzzer and
+    the paths it fuzzes.
+    """
+    return await make_node(app={"max_messages_per_second": {"rate": 100_000, "burst": 100_000}})
 
 
 @pytest.fixture
