@@ -291,6 +291,12 @@ class AppSettings(BaseModel):
     max_unsigned_connections: PositiveInt | None = None
     #: Seconds a new connection has to sign in before it is closed (4009); unset: never.
     signin_deadline_seconds: PositiveFloat | None = None
+    #: Signed-in connections one user may hold in this app, cluster-wide; unset: no cap.
+    max_connections_per_user: PositiveInt | None = None
+    #: Past ``max_connections_per_user``: ``refuse`` the new sign-in (``pusher:error``
+    #: 4303, the connection stays anonymous) or ``close_oldest`` (the user's oldest
+    #: connection is closed with 4009: one session per user with a cap of 1).
+    user_connection_policy: Literal["refuse", "close_oldest"] = "refuse"
     #: Client event names accepted (exact, or a prefix ending in ``*``); unset: any.
     client_event_allowlist: list[str] | None = None
     #: A JSON Schema (draft 2020-12) per client event name, checked against ``data``.

@@ -250,6 +250,8 @@ class Hub:
                 self.users.notify_watchers(app, message.user_id, "offline")
             case cm.Terminate():
                 self.users.terminate_local(app, message.user_id)
+            case cm.Replaced():
+                self.users.replace_local(app, message.user_id, message.socket_ids)
 
     def emit(self, event: ev.HubEvent) -> None:
         """Hand a hub event to every listener (webhooks, metrics); never blocks."""

@@ -177,6 +177,9 @@ class AppState:
         self.connections = 0
         #: Open connections that have not signed in (``max_unsigned_connections``).
         self.unsigned = 0
+        #: Sign-ins waiting for the cluster's count of their user's connections
+        #: (``max_connections_per_user``): socket id → session.
+        self.signing_in: dict[str, Session] = {}
         #: The app-wide client event bucket (keyed by app id; cluster-wide with redis).
         self.client_event_bucket: RateLimiter | None = None
         self.apply(settings, jwt)

@@ -7,6 +7,15 @@ user's first signed-in connection on this node, and its last, go to the cluster
 state, which decides online and offline for the whole cluster and hands them back
 to the watchers (:meth:`Users.notify_watchers`). A watchlist's first report is
 read from the cluster; changes that arrive before it is written follow it.
+
+In an app with ``max_connections_per_user``, a connection's first sign-in waits
+for the cluster state's count of the user's connections
+(:meth:`~bastion.adapters.base.ClusterState.claim_connection`: at once on one node,
+one Redis round trip in a cluster): over the cap it is refused
+(``USER_CONNECTION_LIMIT``, the connection stays anonymous), or, with
+``user_connection_policy = "close_oldest"``, the user's oldest connections are
+closed wherever they are (``SESSION_REPLACED``) and this one signs in. A sign-in
+again as the same user (a fresh token) is not counted again.
 """
 
 from __future__ import annotations
@@ -60,7 +69,7 @@ class Users:
             verifier=app.jwt,
             now=self._wall_clock(),
         )
-        self._signed_in(app, session, signed)
+        self._admit(app, session, signed)
 
     def signin_token(self, app: AppState, session: Session, token: str) -> None:
         """Sign the connection in with a bare token (the URL's ``?token=``).
@@ -75,7 +84,37 @@ class Users:
             verifier=app.jwt,
             now=self._wall_clock(),
         )
-        self._signed_in(app, session, signed)
+        self._admit(app, session, signed)
+
+    def _admit(self, app: AppState, session: Session, signed: SignIn) -> None:
+        """Sign in now, or once the cluster has counted the user's connections."""
+        limit = app.settings.max_connections_per_user
+        if limit is None or session.user_id is not None:
+            self._signed_in(app, session, signed)
+            return
+        socket_id = session.socket_id
+        if socket_id in app.signing_in:
+            # pusher-js never sends a second sign-in before the first is answered.
+            raise Refused(Reason.SIGNIN_CONFLICT)
+        app.signing_in[socket_id] = session
+        user_id = signed.user_id
+
+        def counted(admitted: bool) -> None:
+            if app.signing_in.pop(socket_id, None) is None:
+                # Closed (or replaced) while the cluster counted: give the place back.
+                if admitted:
+                    self._state.release_connection(app.id, user_id, socket_id)
+                return
+            if admitted:
+                self._signed_in(app, session, signed)
+            else:
+                session.refuse(Refused(Reason.USER_CONNECTION_LIMIT))
+
+        close_oldest = app.settings.user_connection_policy == "close_oldest"
+        claim = self._state.claim_connection(
+            app.id, user_id, socket_id, limit, close_oldest=close_oldest
+        )
+        drive(claim, counted)
 
     def _signed_in(self, app: AppState, session: Session, signed: SignIn) -> None:
         first_time = session.user_id is None
@@ -113,8 +152,10 @@ class Users:
                 if not sockets:
                     del app.users[user_id]
                     self._state.user_off(app.id, user_id)
+            self._state.release_connection(app.id, user_id, session.socket_id)
         else:
             app.unsigned -= 1
+            app.signing_in.pop(session.socket_id, None)
         for watched in session.watchlist:
             watchers = app.watchers.get(watched)
             if watchers is not None:
@@ -194,6 +235,19 @@ class Users:
             else:
                 session.write(frame)
         self._fanout.deliveries += len(watchers)
+
+    @staticmethod
+    def replace_local(app: AppState, user_id: str, socket_ids: tuple[str, ...]) -> None:
+        """Close those of ``socket_ids`` this node holds for ``user_id``: replaced.
+
+        A connection still waiting for its own count goes too: the cluster no
+        longer counts it.
+        """
+        sockets = app.users.get(user_id, {})
+        for socket_id in socket_ids:
+            session = sockets.get(socket_id) or app.signing_in.get(socket_id)
+            if session is not None:
+                session.refuse(Refused(Reason.SESSION_REPLACED))
 
     @staticmethod
     def terminate_local(app: AppState, user_id: str) -> int:

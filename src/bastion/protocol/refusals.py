@@ -111,6 +111,14 @@ class Reason(enum.Enum):
         close_code=4009,
         severity="info",
     )
+    #: ``user_connection_policy = "close_oldest"``: a newer connection of the same user
+    #: took this one's place (one session per user). 40xx: pusher-js does not reconnect.
+    SESSION_REPLACED = Rule(
+        "session_replaced",
+        "Signed in on a newer connection; this one was closed",
+        close_code=4009,
+        severity="info",
+    )
     #: Shared by both doors: close 4100 on a WebSocket, HTTP 429 before an upgrade or on REST.
     AUTH_FAILURE_LIMIT = Rule(
         "auth_failure_limit",
@@ -187,6 +195,14 @@ class Reason(enum.Enum):
         "client_event_schema",
         "Client event data does not match the schema for its name",
         error_code=4300,
+    )
+    #: ``user_connection_policy = "refuse"``: the sign-in is refused, the connection
+    #: stays open and anonymous.
+    USER_CONNECTION_LIMIT = Rule(
+        "user_connection_limit",
+        "This user already holds the most connections allowed; sign-in refused",
+        error_code=4303,
+        severity="info",
     )
     WATCHLIST_TOO_LONG = Rule(
         "watchlist_too_long",

@@ -147,6 +147,8 @@ ZERO_POINTS: Mapping[str, str] = {
     "over_capacity": _CAPACITY + " (also sent to every client while a node drains)",
     "unsigned_over_quota": _CAPACITY,
     "subscribe_presence_full": _CAPACITY,
+    "user_connection_limit": _CAPACITY + " (a user with one tab too many)",
+    "session_replaced": "the same user signed in on a newer connection; the app's policy",
     "app_channels_full": _CAPACITY,
     "node_channels_full": _CAPACITY,
     "slow_consumer": "a slow network, not an attack; the cut already frees the memory",

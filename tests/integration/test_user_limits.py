@@ -1,0 +1,164 @@
+"""Limits that follow users, across two real nodes over the real Redis (issue #15).
+
+Every test uses its own key ``prefix`` on the shared Redis at 127.0.0.1:6379; the
+outage test runs a private ``redis-server`` (:mod:`support.redis_server`) it can
+kill and restart. Waits are on observable state (a frame, a close, a Redis key,
+the bus's health), bounded by :mod:`support.timeouts`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis.asyncio as aioredis
+from support.clients import APP_ID, APP_KEY, APP_SECRET, PusherClient, hmac_hex
+from support.redis_server import RedisServer
+from support.timeouts import until
+
+from bastion.server.runtime import Node
+
+from .conftest import LogCheck, MakeCluster
+
+
+async def signin(client: PusherClient, user: dict[str, Any]) -> None:
+    """Send an HMAC ``pusher:signin`` as the app's auth endpoint would sign it."""
+    user_data = json.dumps(user)
+    auth = f"{APP_KEY}:{hmac_hex(APP_SECRET, f'{client.socket_id}::user::{user_data}')}"
+    await client.signin(auth, user_data)
+
+
+async def signed_in(client: PusherClient, user: dict[str, Any]) -> None:
+    await signin(client, user)
+    await client.expect("pusher:signin_success")
+
+
+async def counted(redis: aioredis.Redis, prefix: str, user_id: str) -> list[str]:
+    """The socket ids Redis counts for ``user_id``, oldest first."""
+    members = await redis.zrange(f"{prefix}:uconn:{APP_ID}:{user_id}", 0, -1)
+    return [member.decode().partition("\n")[2] for member in members]
+
+
+async def counts(redis: aioredis.Redis, prefix: str, user_id: str, expected: list[str]) -> bool:
+    return await counted(redis, prefix, user_id) == expected
+
+
+async def test_a_user_over_the_cap_is_refused_whichever_node_they_reach(
+    make_cluster: MakeCluster,
+    clients: Any,
+    shared_redis: aioredis.Redis,
+    prefix: str,
+    logs: LogCheck,
+) -> None:
+    a, b = await make_cluster(2, prefix=prefix, app={"max_connections_per_user": 2})
+    first, second = await clients(a), await clients(b)
+    await signed_in(first, {"id": "alice"})
+    await signed_in(second, {"id": "alice"})
+    for node in (a, b):  # a third connection is refused on either node
+        extra = await clients(node)
+        await signin(extra, {"id": "alice"})
+        error = await extra.expect("pusher:error")
+        assert error["data"]["code"] == 4303, error
+        await extra.barrier()  # still open, and anonymous
+        await extra.subscribed("public-news")
+        assert node.metrics.refusals[("user_connection_limit", APP_ID)] == 1
+    assert await counted(shared_redis, prefix, "alice") == [first.socket_id, second.socket_id]
+    # One of alice's connections closes (on A): a new one on B has room again.
+    await first.close()
+    await until(lambda: counts(shared_redis, prefix, "alice", [second.socket_id]))
+    again = await clients(b)
+    await signed_in(again, {"id": "alice"})
+    assert await counted(shared_redis, prefix, "alice") == [second.socket_id, again.socket_id]
+    logs.assert_clean()
+
+
+async def test_one_session_per_user_closes_the_old_one_on_the_other_node(
+    make_cluster: MakeCluster,
+    clients: Any,
+    shared_redis: aioredis.Redis,
+    prefix: str,
+    logs: LogCheck,
+) -> None:
+    a, b = await make_cluster(
+        2,
+        prefix=prefix,
+        app={"max_connections_per_user": 1, "user_connection_policy": "close_oldest"},
+    )
+    old = await clients(a)
+    await signed_in(old, {"id": "alice"})
+    new = await clients(b)
+    await signed_in(new, {"id": "alice"})
+    closed = await old.closed()
+    assert closed.code == 4009, closed
+    assert [f["data"]["code"] for f in closed.frames if f["event"] == "pusher:error"] == [4009]
+    assert a.metrics.refusals[("session_replaced", APP_ID)] == 1
+    await new.barrier()  # the new one is untouched
+    assert await counted(shared_redis, prefix, "alice") == [new.socket_id]
+    # And back the other way: a newer sign-in on A replaces the one on B.
+    newer = await clients(a)
+    await signed_in(newer, {"id": "alice"})
+    assert (await new.closed()).code == 4009
+    await until(lambda: counts(shared_redis, prefix, "alice", [newer.socket_id]))
+    logs.assert_clean()
+
+
+async def test_while_redis_is_down_each_node_counts_its_own_and_says_so(
+    make_cluster: MakeCluster, clients: Any, prefix: str, logs: LogCheck
+) -> None:
+    with RedisServer() as server:
+        a, b = await make_cluster(
+            2,
+            url=server.url,
+            prefix=prefix,
+            app={"max_connections_per_user": 1},
+            reconnect_max_seconds=0.2,
+        )
+        assert a.ctx.ops is not None
+        assert a.ctx.ops.checks()["user_limits"] == "ok"
+        server.kill()
+        await until(lambda: not a.hub.bus.healthy and not b.hub.bus.healthy)
+        assert a.ctx.ops.checks()["user_limits"] == "per_node"
+        # The cap now holds per node: one connection of alice on each.
+        on_a, on_b = await clients(a), await clients(b)
+        await signed_in(on_a, {"id": "alice"})
+        await signed_in(on_b, {"id": "alice"})
+        extra = await clients(a)
+        await signin(extra, {"id": "alice"})
+        assert (await extra.expect("pusher:error"))["data"]["code"] == 4303
+        assert a.metrics.user_limits_per_node == 2 and b.metrics.user_limits_per_node == 1
+        # Back: each node records its connection, and the cluster counts both.
+        server.start()
+        await until(lambda: a.hub.bus.healthy and b.hub.bus.healthy, 15)
+        private = aioredis.from_url(server.url)
+        try:
+            await until(lambda: _count_is(private, prefix, "alice", 2), 15)
+            assert a.ctx.ops.checks()["user_limits"] == "ok"
+            late = await clients(b)
+            await signin(late, {"id": "alice"})
+            assert (await late.expect("pusher:error"))["data"]["code"] == 4303
+            assert b.metrics.user_limits_per_node == 1  # decided in Redis this time
+        finally:
+            await private.aclose()
+        for node in (a, b):
+            await node.stop()
+    logs.assert_clean()
+
+
+async def _count_is(redis: aioredis.Redis, prefix: str, user_id: str, expected: int) -> bool:
+    return len(await counted(redis, prefix, user_id)) == expected
+
+
+async def test_a_stopped_node_uncounts_its_connections(
+    make_cluster: MakeCluster, clients: Any, shared_redis: aioredis.Redis, prefix: str
+) -> None:
+    a, b = await make_cluster(2, prefix=prefix, app={"max_connections_per_user": 1})
+    on_a = await clients(a)
+    await signed_in(on_a, {"id": "alice"})
+    await b.stop()  # B held nothing; A stops next with alice counted
+    await a.stop()
+    assert await counted(shared_redis, prefix, "alice") == []
+    assert not await shared_redis.exists(f"{prefix}:nodeuconn:{_node_id(a)}")
+
+
+def _node_id(node: Node) -> str:
+    return node.hub.bus.node_id
