@@ -43,8 +43,10 @@ __all__ = [
     "WEBHOOK_EVENT_TYPES",
     "AdapterSettings",
     "AdminSettings",
+    "AnonymousSettings",
     "AppSettings",
     "AuditSettings",
+    "ConnectionLimits",
     "JwtSettings",
     "MetricsSettings",
     "RateSettings",
@@ -168,6 +170,41 @@ class RateSettings(BaseModel):
     burst: PositiveInt
 
 
+#: A role's name in ``[apps.roles.NAME]``.
+_ROLE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+#: Claims Bastion reads for themselves: none of them can also name the role.
+_RESERVED_CLAIMS = frozenset(
+    {"sub", "exp", "nbf", "iat", "aud", "iss", "channels", "user_info", "socket_id", "watchlist"}
+)
+#: ``user_data`` keys of a sign-in that mean something else than a role.
+_RESERVED_USER_DATA = frozenset({"id", "user_info", "watchlist"})
+
+
+class ConnectionLimits(BaseModel):
+    """Per-connection limits of a role (``[apps.roles.NAME]``); unset: the app's own."""
+
+    model_config = _STRICT
+
+    #: Client events per second and at once (over it: 4301 ``client_event_rate``).
+    max_client_events_per_second: PositiveInt | None = None
+    #: Frames of any kind per connection (over it: 4301 ``message_rate``).
+    max_messages_per_second: RateSettings | None = None
+    #: Subscribe attempts per connection (over it: subscription_error 429).
+    subscribe_attempts: RateSettings | None = None
+    #: Channels one connection may be subscribed to (over it: subscription_error 403).
+    max_channels_per_connection: PositiveInt | None = None
+    #: A presence member's ``user_info`` size in KiB (over it: subscription_error 413).
+    max_presence_member_size_kb: PositiveFloat | None = None
+
+
+class AnonymousSettings(ConnectionLimits):
+    """Connections that have not signed in (``[apps.anonymous]``)."""
+
+    #: Concurrent connections of this app that have not signed in (over it: 4100);
+    #: the same as the app's ``max_unsigned_connections``, which still works.
+    max_connections: PositiveInt | None = None
+
+
 JwtAlgorithm = Literal["HS256", "RS256", "ES256"]
 
 
@@ -196,6 +233,15 @@ class JwtSettings(BaseModel):
     expiry_warning_seconds: PositiveFloat = 60
     #: Seconds after ``exp`` a connection may still renew before it is closed (4009).
     expiry_grace_seconds: PositiveFloat = 30
+    #: The claim that names the sign-in's role (``[apps.roles.NAME]``).
+    role_claim: Annotated[str, Field(pattern=r"^[!-~]{1,128}$")] = "role"
+
+    @field_validator("role_claim")
+    @classmethod
+    def _not_a_claim_of_ours(cls, value: str) -> str:
+        if value in _RESERVED_CLAIMS:
+            raise ValueError(f"{value!r} is a claim Bastion reads for itself")
+        return value
 
     @field_validator("secret")
     @classmethod
@@ -297,6 +343,14 @@ class AppSettings(BaseModel):
     #: 4303, the connection stays anonymous) or ``close_oldest`` (the user's oldest
     #: connection is closed with 4009: one session per user with a cap of 1).
     user_connection_policy: Literal["refuse", "close_oldest"] = "refuse"
+    #: Per-connection limits by role (``[apps.roles.NAME]``), for sign-ins naming one.
+    roles: dict[str, ConnectionLimits] = Field(default_factory=dict)
+    #: The role of a sign-in that names none (a role of ``roles``); unset: the app's limits.
+    default_role: str | None = None
+    #: Per-connection limits of connections that have not signed in.
+    anonymous: AnonymousSettings | None = None
+    #: The key of an HMAC sign-in's ``user_data`` that names its role.
+    role_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,64}$")] = "role"
     #: Client event names accepted (exact, or a prefix ending in ``*``); unset: any.
     client_event_allowlist: list[str] | None = None
     #: A JSON Schema (draft 2020-12) per client event name, checked against ``data``.
@@ -327,6 +381,47 @@ class AppSettings(BaseModel):
             float(self.max_messages_per_second.burst),
             self.max_channels_per_connection + RECONNECT_MARGIN,
         )
+
+    @property
+    def unsigned_cap(self) -> int | None:
+        """Concurrent anonymous connections in force (``[apps.anonymous] max_connections``,
+        or the older ``max_unsigned_connections``)."""
+        anonymous = self.anonymous
+        if anonymous is not None and anonymous.max_connections is not None:
+            return anonymous.max_connections
+        return self.max_unsigned_connections
+
+    @field_validator("roles")
+    @classmethod
+    def _role_names(cls, value: dict[str, ConnectionLimits]) -> dict[str, ConnectionLimits]:
+        for name in value:
+            if not _ROLE_NAME.match(name):
+                raise ValueError(f"{name!r} is not a role name (1-64 of A-Z a-z 0-9 _ - .)")
+        return value
+
+    @field_validator("role_key")
+    @classmethod
+    def _role_key(cls, value: str) -> str:
+        if value in _RESERVED_USER_DATA:
+            raise ValueError(f"{value!r} is a user_data key Bastion reads for itself")
+        return value
+
+    @model_validator(mode="after")
+    def _roles_and_anonymous(self) -> AppSettings:
+        if self.default_role is not None and self.default_role not in self.roles:
+            raise ValueError(f"default_role {self.default_role!r} is not a role of [apps.roles]")
+        anonymous = self.anonymous
+        if (
+            anonymous is not None
+            and anonymous.max_connections is not None
+            and self.max_unsigned_connections is not None
+            and anonymous.max_connections != self.max_unsigned_connections
+        ):
+            raise ValueError(
+                "max_unsigned_connections and anonymous.max_connections differ: keep one"
+                " (anonymous.max_connections is the new place)"
+            )
+        return self
 
     @field_validator("id")
     @classmethod

@@ -17,8 +17,10 @@ from support.redis_server import RedisServer
 from support.timeouts import until
 
 from bastion.server.runtime import Node
+from bastion.store.audit import query as query_audit
 
 from .conftest import LogCheck, MakeCluster
+from .test_redis_cluster import private_auth
 
 
 async def signin(client: PusherClient, user: dict[str, Any]) -> None:
@@ -162,3 +164,59 @@ async def test_a_stopped_node_uncounts_its_connections(
 
 def _node_id(node: Node) -> str:
     return node.hub.bus.node_id
+
+
+# --- roles ---------------------------------------------------------------------------------
+
+ROLES: dict[str, Any] = {
+    "max_channels_per_connection": 2,
+    "anonymous": {"max_channels_per_connection": 1},
+    "roles": {"staff": {"max_channels_per_connection": 4, "max_client_events_per_second": 3}},
+}
+
+
+async def channels_accepted(client: PusherClient, count: int) -> int:
+    """Subscribe to ``count`` public channels; how many were accepted before a 403."""
+    for index in range(count):
+        reply = await client.subscribe(f"room-{index}")
+        if reply["event"] != "pusher_internal:subscription_succeeded":
+            assert reply["event"] == "pusher:subscription_error", reply
+            assert reply["data"]["status"] == 403, reply
+            return index
+    return count
+
+
+async def test_a_roles_limits_apply_and_an_anonymous_connections_differ_on_any_node(
+    make_cluster: MakeCluster, clients: Any, prefix: str, logs: LogCheck
+) -> None:
+    a, b = await make_cluster(2, prefix=prefix, app=ROLES)
+    for node in (a, b):
+        anonymous, plain, staff = await clients(node), await clients(node), await clients(node)
+        await signed_in(plain, {"id": "paul"})
+        await signed_in(staff, {"id": "sara", "role": "staff"})
+        assert await channels_accepted(anonymous, 3) == 1
+        assert await channels_accepted(plain, 3) == 2
+        assert await channels_accepted(staff, 5) == 4
+    # The staff role's client-event rate (3) over the app's (10 by default).
+    sender = await clients(a)
+    await signed_in(sender, {"id": "sara", "role": "staff"})
+    await sender.subscribed("private-room", auth=private_auth(sender, "private-room"))
+    for n in range(4):
+        await sender.send({"event": "client-n", "channel": "private-room", "data": {"n": n}})
+    error = await sender.expect("pusher:error")
+    assert error["data"]["code"] == 4301
+    logs.assert_clean()
+
+
+async def test_an_unconfigured_role_gets_the_defaults_and_is_audited_once(
+    make_cluster: MakeCluster, clients: Any, prefix: str
+) -> None:
+    (a,) = await make_cluster(1, prefix=prefix, app=ROLES)
+    for user in ("ann", "bob"):
+        client = await clients(a)
+        await signed_in(client, {"id": user, "role": "admin"})
+        assert await channels_accepted(client, 3) == 2  # the signed-in defaults
+    assert a.audit is not None
+    await until(lambda: len(query_audit(a.settings.audit.path, type="role_unknown")) == 1)
+    [row] = query_audit(a.settings.audit.path, type="role_unknown")
+    assert (row.app_id, row.user_id, row.metadata["role"]) == (APP_ID, "ann", "admin")

@@ -17,6 +17,8 @@ __all__ = [
     "HubEvent",
     "MemberAdded",
     "MemberRemoved",
+    "Notice",
+    "RoleUnknown",
     "SubscriptionCountChanged",
 ]
 
@@ -84,6 +86,18 @@ class SubscriptionCountChanged:
     subscription_count: int
 
 
+@dataclass(frozen=True, slots=True)
+class RoleUnknown:
+    """A sign-in carried a role the app does not configure (once per app and role).
+
+    A security notice (:attr:`bastion.core.hub.Hub.notices`), not a webhook event.
+    """
+
+    app_id: str
+    user_id: str
+    role: str
+
+
 HubEvent = (
     ChannelOccupied
     | ChannelVacated
@@ -93,3 +107,6 @@ HubEvent = (
     | CacheMiss
     | SubscriptionCountChanged
 )
+
+#: Security notices for the audit log (:attr:`bastion.core.hub.Hub.notices`).
+Notice = RoleUnknown

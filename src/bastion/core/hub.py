@@ -79,6 +79,8 @@ class Hub:
             self.apps_by_key[app.settings.key] = app
             self.apps_by_id[app.id] = app
         self.listeners: list[Callable[[ev.HubEvent], None]] = []
+        #: Called with each security notice (the audit log); must not block.
+        self.notices: list[Callable[[ev.Notice], None]] = []
         self.fanout = FanOut(frame, self.bus, self.state)
         self.channels = Channels(
             self.fanout,
@@ -89,7 +91,7 @@ class Hub:
             wall_clock,
             settings.server.max_channels,
         )
-        self.users = Users(self.fanout, self.state, clock, wall_clock)
+        self.users = Users(self.fanout, self.state, clock, wall_clock, self.notify)
         self.connections = 0
         self.max_connections = settings.server.max_connections
         self.bus.attach(self.receive)
@@ -111,7 +113,7 @@ class Hub:
         limit = app.settings.max_connections
         if limit is not None and app.connections >= limit:
             return Reason.APP_OVER_QUOTA
-        unsigned = app.settings.max_unsigned_connections
+        unsigned = app.settings.unsigned_cap
         if unsigned is not None and app.unsigned >= unsigned:
             return Reason.UNSIGNED_OVER_QUOTA
         app.connections += 1
@@ -147,7 +149,7 @@ class Hub:
             app.client_event_bucket = self.limiters(
                 "client_events_app", app_rate.rate, app_rate.burst, 1, self._clock
             )
-        rate = settings.max_client_events_per_second
+        rate = app.tiers[session.tier].client_events_per_second
 
         def take_token() -> bool:
             # The connection's bucket (burst = rate), one float on the session.
@@ -252,6 +254,11 @@ class Hub:
                 self.users.terminate_local(app, message.user_id)
             case cm.Replaced():
                 self.users.replace_local(app, message.user_id, message.socket_ids)
+
+    def notify(self, notice: ev.Notice) -> None:
+        """Hand a security notice to every notice listener (the audit log)."""
+        for listener in self.notices:
+            listener(notice)
 
     def emit(self, event: ev.HubEvent) -> None:
         """Hand a hub event to every listener (webhooks, metrics); never blocks."""

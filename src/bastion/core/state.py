@@ -12,17 +12,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bastion.config import AppSettings
+from bastion.config import RECONNECT_MARGIN, AppSettings
 from bastion.core.session import Deadlines, SessionPhase
 from bastion.errors import Refused
 from bastion.protocol import messages as msg
 from bastion.protocol.names import ChannelType
 from bastion.security.limits import RateLimiter
 from bastion.security.payload import ClientEventPolicy
+from bastion.security.roles import ANONYMOUS, Tiers
 from bastion.security.secrets import SecretSet
 from bastion.security.tokens import JwtVerifier
 
-__all__ = ["AppState", "Channel", "Member", "Session"]
+__all__ = ["MAX_UNKNOWN_ROLES", "AppState", "Channel", "Member", "Session"]
+
+#: Unconfigured roles an app remembers (and reports) at most.
+MAX_UNKNOWN_ROLES = 100
 
 
 def _gone(_: object) -> None:
@@ -49,6 +53,8 @@ class Session:
             (:func:`~bastion.security.ratelimit.take_folded`; read against the app's
             current rate, so a live reload applies at the next event).
         subscribes_full_at: the subscribe-attempt bucket, folded the same way.
+        tier: whose per-connection limits apply (:mod:`bastion.security.roles`):
+            anonymous until it signs in, then its role's or the signed-in default.
     """
 
     __slots__ = (
@@ -60,6 +66,7 @@ class Session:
         "refuse",
         "socket_id",
         "subscribes_full_at",
+        "tier",
         "token_expires_at",
         "user_id",
         "user_info",
@@ -92,6 +99,7 @@ class Session:
         # Full buckets (one float each: a connection's memory is the product's scale).
         self.events_full_at = 0.0
         self.subscribes_full_at = 0.0
+        self.tier = ANONYMOUS
 
     def detach(self) -> None:
         """The connection is gone: drop its callbacks.
@@ -180,6 +188,9 @@ class AppState:
         #: Sign-ins waiting for the cluster's count of their user's connections
         #: (``max_connections_per_user``): socket id → session.
         self.signing_in: dict[str, Session] = {}
+        #: Roles seen in sign-ins that the app does not configure (each reported
+        #: once; bounded by :data:`MAX_UNKNOWN_ROLES`).
+        self.unknown_roles: set[str] = set()
         #: The app-wide client event bucket (keyed by app id; cluster-wide with redis).
         self.client_event_bucket: RateLimiter | None = None
         self.apply(settings, jwt)
@@ -206,9 +217,8 @@ class AppState:
             and previous.client_events_per_app != settings.client_events_per_app
         ):
             self.client_event_bucket = None
-        #: The bursts in force (they never go below a reconnect's frames).
-        self.message_burst = settings.message_burst
-        self.subscribe_burst = settings.subscribe_burst
+        #: Per-connection limits by tier: anonymous, signed in, each role.
+        self.tiers = Tiers(settings, RECONNECT_MARGIN)
         token = settings.jwt
         self.deadlines = Deadlines(
             settings.signin_deadline_seconds,

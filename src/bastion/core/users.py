@@ -16,6 +16,11 @@ one Redis round trip in a cluster): over the cap it is refused
 ``user_connection_policy = "close_oldest"``, the user's oldest connections are
 closed wherever they are (``SESSION_REPLACED``) and this one signs in. A sign-in
 again as the same user (a fresh token) is not counted again.
+
+A sign-in also sets the connection's tier (:mod:`bastion.security.roles`): its
+role's limits when the app configures that role, else the signed-in default; a
+role the app does not configure is reported once per app and role
+(:class:`~bastion.core.events.RoleUnknown`, for the audit log).
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import time
 from collections.abc import Callable
 
 from bastion.adapters.base import ClusterState, ClusterUnavailable
+from bastion.core import events as ev
 from bastion.core.fanout import FanOut
 from bastion.core.session import SessionPhase, check_transition, next_step
-from bastion.core.state import AppState, Session
+from bastion.core.state import MAX_UNKNOWN_ROLES, AppState, Session
 from bastion.eager import drive
 from bastion.errors import Refused
 from bastion.protocol import messages as msg
@@ -44,6 +50,7 @@ class Users:
         state: the node's cluster state.
         clock: monotonic seconds (session deadlines).
         wall_clock: Unix seconds (token expiry).
+        notify: reports a security notice (the audit log); never blocks.
     """
 
     def __init__(
@@ -52,11 +59,13 @@ class Users:
         state: ClusterState,
         clock: Callable[[], float],
         wall_clock: Callable[[], float] = time.time,
+        notify: Callable[[ev.Notice], None] | None = None,
     ) -> None:
         self._fanout = fanout
         self._state = state
         self._clock = clock
         self._wall_clock = wall_clock
+        self._notify = notify
 
     def signin(self, app: AppState, session: Session, request: msg.Signin) -> None:
         """Sign the connection in as the user in ``user_data`` (:mod:`~bastion.security.signin`)."""
@@ -68,6 +77,7 @@ class Users:
             secrets=app.secrets,
             verifier=app.jwt,
             now=self._wall_clock(),
+            role_key=app.settings.role_key,
         )
         self._admit(app, session, signed)
 
@@ -123,6 +133,7 @@ class Users:
         session.phase = check_transition(session.phase, SessionPhase.SIGNED_IN)
         session.user_id = signed.user_id
         session.user_info = signed.user_info
+        session.tier = self._tier(app, signed)
         # A fresh sign-in replaces the previous one's token, expiry and grants (an
         # HMAC sign-in has none of them).
         claims = signed.claims
@@ -141,6 +152,22 @@ class Users:
             self._state.user_on(app.id, signed.user_id)
         if first_time and signed.watchlist:
             self._watch(app, session, list(signed.watchlist))
+
+    def _tier(self, app: AppState, signed: SignIn) -> str:
+        """The sign-in's tier; an unconfigured role is reported once per app and role."""
+        tiers = app.tiers
+        role = signed.role
+        if (
+            role is not None
+            and tiers.roles
+            and role not in tiers.roles
+            and role not in app.unknown_roles
+            and len(app.unknown_roles) < MAX_UNKNOWN_ROLES
+        ):
+            app.unknown_roles.add(role)
+            if self._notify is not None:
+                self._notify(ev.RoleUnknown(app.id, signed.user_id, role))
+        return tiers.tier_of(role)
 
     def signed_out(self, app: AppState, session: Session) -> None:
         """A closed connection leaves its user's index and its watchlist."""

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUS_MESSAGE_FORGED",
+    "ROLE_UNKNOWN",
     "AuditEvent",
     "MetadataValue",
     "Severity",
@@ -43,6 +44,7 @@ __all__ = [
     "from_unblock",
     "parse_time",
     "redact",
+    "role_unknown_event",
     "webhook_retry_event",
 ]
 
@@ -234,6 +236,31 @@ def webhook_retry_event(ids: list[int], *, id: str, time: float) -> AuditEvent:
         user_id=None,
         message=f"{len(ids)} webhook dead letter(s) queued again by an operator",
         metadata={"count": len(ids), "ids": shown + (",..." if len(ids) > 50 else "")},
+    )
+
+
+#: The audit type of a sign-in naming a role its app does not configure.
+ROLE_UNKNOWN = "role_unknown"
+
+
+def role_unknown_event(app_id: str, user_id: str, role: str, *, id: str, time: float) -> AuditEvent:
+    """The audit event ``role_unknown``: a signed sign-in named a role the app lacks.
+
+    Written once per app and role (the hub remembers which it reported): the user
+    gets the signed-in defaults, so this is for the operator, whose auth endpoint
+    or token issuer and ``[apps.roles]`` disagree. ``info``: nobody did wrong.
+    """
+    return AuditEvent(
+        id=id,
+        time=time,
+        type=ROLE_UNKNOWN,
+        severity="info",
+        ip=None,
+        app_id=app_id,
+        socket_id=None,
+        user_id=user_id,
+        message="Sign-in named a role this app does not configure; default limits apply",
+        metadata={"role": role},
     )
 
 

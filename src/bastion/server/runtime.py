@@ -31,10 +31,11 @@ from bastion.api.ops import Ops
 from bastion.api.rest import RestApi
 from bastion.api.routes import front_door
 from bastion.config import Settings
+from bastion.core import events as ev
 from bastion.core.hub import Hub
 from bastion.errors import ConfigError
 from bastion.metrics import Metrics
-from bastion.security.audit import AuditEvent, from_refusal
+from bastion.security.audit import AuditEvent, from_refusal, role_unknown_event
 from bastion.security.config_audit import CONFIG_LOADED, config_event, fingerprints
 from bastion.security.limits import LimiterFactory, memory_limiters
 from bastion.server.apps import app_states
@@ -118,6 +119,8 @@ class Node:
             limiters=limiters,
             wall_clock=wall_clock,
         )
+        # Security notices of the hub (an unconfigured role) go to the audit log.
+        self.hub.notices.append(self._audit_notice)
         self._server: asyncio.Server | None = None
         self._tick: asyncio.Task[None] | None = None
         #: The audit log, open between start and stop when ``[audit]`` enables it.
@@ -286,6 +289,15 @@ class Node:
             summary.record, id=uuid.uuid4().hex, time=summary.last, repeats=repeats
         )
         self.audit.record(event)
+
+    def _audit_notice(self, notice: ev.Notice) -> None:
+        """A hub security notice, written to the audit log (and logged once)."""
+        log.info("app %s: a sign-in named the unconfigured role %r", notice.app_id, notice.role)
+        self._audit_event(
+            role_unknown_event(
+                notice.app_id, notice.user_id, notice.role, id=uuid.uuid4().hex, time=time.time()
+            )
+        )
 
     def _audit_event(self, event: AuditEvent) -> None:
         if self.audit is not None:

@@ -371,9 +371,10 @@ class WebSocketConnection(asyncio.Protocol):
     def _spend_message_budget(self) -> bool:
         """Take a token of the message budget; a frame past it is refused unread."""
         # Before anything looks at the frame: one float compared, nothing decoded.
-        settings = self.app.settings
-        rate = settings.max_messages_per_second.rate
-        full_at = take_folded(self._messages, self.last_seen, rate, self.app.message_burst)
+        limits = self.app.tiers[self.session.tier]  # the connection's role's
+        full_at = take_folded(
+            self._messages, self.last_seen, limits.message_rate, limits.message_burst
+        )
         if full_at is None:
             self._fragments = None  # the rest of a fragmented message goes with it
             self.refuse(Refused(Reason.MESSAGE_RATE))
