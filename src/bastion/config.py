@@ -35,6 +35,7 @@ from pydantic import (
 )
 
 from bastion.errors import ConfigError
+from bastion.security.event_limits import is_valid_pattern
 from bastion.security.origins import parse_patterns
 from bastion.security.payload import ClientEventPolicy
 from bastion.security.proxies import ForwardedHeader, parse_networks
@@ -47,6 +48,7 @@ __all__ = [
     "AppSettings",
     "AuditSettings",
     "ConnectionLimits",
+    "EventLimit",
     "JwtSettings",
     "MetricsSettings",
     "RateSettings",
@@ -205,6 +207,18 @@ class AnonymousSettings(ConnectionLimits):
     max_connections: PositiveInt | None = None
 
 
+class EventLimit(BaseModel):
+    """One client event name's bucket (``client_event_limits``): per connection, and
+    with ``per_user`` also per signed-in user across the cluster."""
+
+    model_config = _STRICT
+
+    rate: PositiveFloat
+    burst: PositiveInt
+    #: Also one bucket per signed-in user, all their connections on every node together.
+    per_user: bool = False
+
+
 JwtAlgorithm = Literal["HS256", "RS256", "ES256"]
 
 
@@ -355,6 +369,10 @@ class AppSettings(BaseModel):
     client_event_allowlist: list[str] | None = None
     #: A JSON Schema (draft 2020-12) per client event name, checked against ``data``.
     client_event_schemas: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: A bucket per client event name or prefix (``client-cursor-*``) (over it: 4301).
+    client_event_limits: dict[str, EventLimit] = Field(default_factory=dict)
+    #: A bucket per REST event name or prefix for the whole app (over it: 429).
+    rest_event_limits: dict[str, RateSettings] = Field(default_factory=dict)
     #: JSON Web Tokens for sign-in and channel grants (``[apps.jwt]``).
     jwt: JwtSettings | None = None
     webhooks: list[WebhookSettings] = Field(default_factory=list)
@@ -450,6 +468,24 @@ class AppSettings(BaseModel):
         for name in value or ():
             if not name.startswith("client-"):
                 raise ValueError(f"{name!r} is not a client event name (they start with client-)")
+        return value
+
+    @field_validator("client_event_limits")
+    @classmethod
+    def _client_event_patterns(cls, value: dict[str, EventLimit]) -> dict[str, EventLimit]:
+        for name in value:
+            if not is_valid_pattern(name, "client-"):
+                raise ValueError(
+                    f"{name!r} is not a client event name or a prefix ending in * (client-…)"
+                )
+        return value
+
+    @field_validator("rest_event_limits")
+    @classmethod
+    def _rest_event_patterns(cls, value: dict[str, RateSettings]) -> dict[str, RateSettings]:
+        for name in value:
+            if not name or not is_valid_pattern(name):
+                raise ValueError(f"{name!r} is not an event name or a prefix ending in *")
         return value
 
     @field_validator("client_event_schemas")

@@ -9,10 +9,11 @@ the bus's health), bounded by :mod:`support.timeouts`.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from support.clients import APP_ID, APP_KEY, APP_SECRET, PusherClient, hmac_hex
+from support.clients import APP_ID, APP_KEY, APP_SECRET, PusherClient, hmac_hex, rest
 from support.redis_server import RedisServer
 from support.timeouts import until
 
@@ -220,3 +221,104 @@ async def test_an_unconfigured_role_gets_the_defaults_and_is_audited_once(
     await until(lambda: len(query_audit(a.settings.audit.path, type="role_unknown")) == 1)
     [row] = query_audit(a.settings.audit.path, type="role_unknown")
     assert (row.app_id, row.user_id, row.metadata["role"]) == (APP_ID, "ann", "admin")
+
+
+# --- limits by event name -------------------------------------------------------------------
+
+EVENT_LIMITS: dict[str, Any] = {
+    "client_event_limits": {
+        "client-typing": {"rate": 0.01, "burst": 2},
+        "client-cursor-*": {"rate": 0.01, "burst": 3, "per_user": True},
+    },
+    "rest_event_limits": {"price-*": {"rate": 0.01, "burst": 2}},
+}
+
+
+async def in_room(node: Node, clients: Any, user: str | None = None) -> PusherClient:
+    client: PusherClient = await clients(node)
+    if user is not None:
+        await signed_in(client, {"id": user})
+    await client.subscribed("private-room", auth=private_auth(client, "private-room"))
+    return client
+
+
+async def client_event(client: PusherClient, name: str) -> None:
+    await client.send({"event": name, "channel": "private-room", "data": {}})
+
+
+async def test_a_names_bucket_refuses_client_typing_while_client_message_passes(
+    make_cluster: MakeCluster, clients: Any, prefix: str, logs: LogCheck
+) -> None:
+    a, b = await make_cluster(2, prefix=prefix, app=EVENT_LIMITS)
+    sender, listener = await in_room(a, clients), await in_room(b, clients)
+    await until(lambda: a.hub.bus.healthy and b.hub.bus.healthy)
+    for _ in range(3):
+        await client_event(sender, "client-typing")
+    await client_event(sender, "client-message")
+    error = await sender.expect("pusher:error")
+    assert error["data"]["code"] == 4301 and "its name" in error["data"]["message"], error
+    await sender.barrier()
+    received = [await listener.wait_for(channel="private-room") for _ in range(3)]
+    assert [m["event"] for m in received] == ["client-typing", "client-typing", "client-message"]
+    assert a.metrics.refusals[("client_event_type_rate", APP_ID)] == 1
+    logs.assert_clean()
+
+
+async def test_a_per_user_bucket_holds_across_nodes(
+    make_cluster: MakeCluster, clients: Any, prefix: str
+) -> None:
+    a, b = await make_cluster(2, prefix=prefix, app=EVENT_LIMITS)
+    on_a, on_b = await in_room(a, clients, "alice"), await in_room(b, clients, "alice")
+    await client_event(on_b, "client-cursor-move")  # B's view of alice's bucket, synced
+    await on_b.barrier()
+    for _ in range(2):
+        await client_event(on_a, "client-cursor-move")
+    await on_a.barrier()
+    assert a.cluster_limits is not None
+    # Without sending again, B learns that alice's cursor bucket is empty.
+    bucket = b.hub.apps_by_id[APP_ID].user_event_buckets["client-cursor-*"]
+    key = f"{APP_ID}\nclient-cursor-*\nalice"
+    await until(lambda: bucket.available(key, b.ctx.loop.time()) < 0.5)
+    await client_event(on_b, "client-cursor-move")
+    assert (await on_b.wait_for("pusher:error"))["data"]["code"] == 4301
+    # Per node alone B would still hold 2 of alice's 3: the refusal is the cluster's.
+    assert b.metrics.refusals[("client_event_type_rate", APP_ID)] == 1
+
+
+async def test_rest_event_limits_refuse_one_name_for_the_whole_app(
+    make_cluster: MakeCluster, prefix: str
+) -> None:
+    a, b = await make_cluster(2, prefix=prefix, app=EVENT_LIMITS)
+    path = f"/apps/{APP_ID}/events"
+
+    async def trigger(node: Node, name: str) -> Any:
+        return await rest(node.port, "POST", path, {"name": name, "channel": "c", "data": "1"})
+
+    assert (await trigger(b, "price-up")).status == 200  # B's view exists (and syncs)
+    assert (await trigger(a, "price-down")).status == 200  # the same rule: empty now
+    await until(lambda: _rest_view(b) < 0.5)
+    over = await trigger(b, "price-up")
+    assert over.status == 429 and int(over.headers["retry-after"]) >= 1, over
+    assert over.json()["reason"] == "event_rate_limited"
+    assert (await trigger(b, "news")).status == 200  # other names pass
+    assert b.metrics.refusals[("event_rate_limited", APP_ID)] == 1
+    assert a.metrics.refusals[("event_rate_limited", APP_ID)] == 0
+
+
+async def test_a_batch_over_a_names_limit_delivers_nothing(make_node: Any, connect: Any) -> None:
+    node = await make_node(app={"rest_event_limits": {"price-*": {"rate": 0.01, "burst": 2}}})
+    listener = await connect(node)
+    await listener.subscribed("c")
+    batch = [{"name": "news", "channel": "c", "data": "1"}]
+    batch += [{"name": "price-up", "channel": "c", "data": "1"}] * 3
+    over = await rest(node.port, "POST", f"/apps/{APP_ID}/batch_events", {"batch": batch})
+    assert over.status == 429, over
+    two = await rest(node.port, "POST", f"/apps/{APP_ID}/batch_events", {"batch": batch[:3]})
+    assert two.status == 200  # the refused batch took none of the two tokens
+    assert [(await listener.recv())["event"] for _ in range(3)] == ["news", "price-up", "price-up"]
+    await listener.barrier()
+
+
+def _rest_view(node: Node) -> float:
+    _, bucket = node.rest.event_limiters[(APP_ID, "price-*")]
+    return bucket.available(f"{APP_ID}\nprice-*", time.time())

@@ -88,6 +88,8 @@ RATE_LIMIT_SLUGS = frozenset(
     {
         "client_event_rate",
         "client_event_app_rate",
+        "client_event_type_rate",
+        "event_rate_limited",
         "subscribe_rate",
         "ip_rate_limited",
         "app_rate_limited",

@@ -39,7 +39,7 @@ from bastion.protocol import messages as msg
 from bastion.protocol.names import is_valid_event_name
 from bastion.protocol.refusals import Reason
 from bastion.security.client_event_gate import check_client_event
-from bastion.security.limits import LimiterFactory, memory_limiters
+from bastion.security.limits import DEFAULT_MAX_KEYS, LimiterFactory, memory_limiters
 from bastion.security.ratelimit import take_folded
 
 __all__ = ["AppState", "Channel", "Hub", "Session"]
@@ -159,6 +159,31 @@ class Hub:
             session.events_full_at = full_at
             return True
 
+        rule = app.event_limits.match(event.event) if app.event_limits.active else None
+
+        def take_type_token() -> bool:
+            # The name's bucket on the connection, then the user's across the cluster;
+            # the connection's token is kept only when both had one.
+            assert rule is not None
+            name, limit = rule
+            buckets = session.event_buckets
+            if buckets is None:
+                buckets = session.event_buckets = {}
+            full_at = take_folded(buckets.get(name, 0.0), now, limit.rate, limit.burst)
+            if full_at is None:
+                return False
+            user_id = session.user_id
+            if limit.per_user and user_id is not None:
+                bucket = app.user_event_buckets.get(name)
+                if bucket is None:
+                    bucket = app.user_event_buckets[name] = self.limiters(
+                        "client_event_user", limit.rate, limit.burst, DEFAULT_MAX_KEYS, self._clock
+                    )
+                if bucket.take(f"{app.id}\n{name}\n{user_id}", now) > 0:
+                    return False
+            buckets[name] = full_at
+            return True
+
         # Encoded once: its size is what the limit measures, its bytes what is relayed.
         data = msg.encoded_data(event.data)
         check_client_event(
@@ -170,6 +195,7 @@ class Hub:
             app_bucket=app.client_event_bucket if app_rate is not None else None,
             policy=app.client_events,
             now=now,
+            take_type_token=take_type_token if rule is not None else None,
         )
         assert channel is not None  # the gate refuses an event on a channel not joined here
         self.fanout.relay(app, channel, session, event, data)

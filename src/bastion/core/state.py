@@ -12,11 +12,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bastion.config import RECONNECT_MARGIN, AppSettings
+from bastion.config import RECONNECT_MARGIN, AppSettings, EventLimit, RateSettings
 from bastion.core.session import Deadlines, SessionPhase
 from bastion.errors import Refused
 from bastion.protocol import messages as msg
 from bastion.protocol.names import ChannelType
+from bastion.security.event_limits import EventLimits
 from bastion.security.limits import RateLimiter
 from bastion.security.payload import ClientEventPolicy
 from bastion.security.roles import ANONYMOUS, Tiers
@@ -55,10 +56,13 @@ class Session:
         subscribes_full_at: the subscribe-attempt bucket, folded the same way.
         tier: whose per-connection limits apply (:mod:`bastion.security.roles`):
             anonymous until it signs in, then its role's or the signed-in default.
+        event_buckets: the buckets of ``client_event_limits`` rules it used (rule →
+            folded bucket), made at its first limited event.
     """
 
     __slots__ = (
         "channels",
+        "event_buckets",
         "events_full_at",
         "grants",
         "opened_at",
@@ -100,6 +104,7 @@ class Session:
         self.events_full_at = 0.0
         self.subscribes_full_at = 0.0
         self.tier = ANONYMOUS
+        self.event_buckets: dict[str, float] | None = None
 
     def detach(self) -> None:
         """The connection is gone: drop its callbacks.
@@ -193,6 +198,8 @@ class AppState:
         self.unknown_roles: set[str] = set()
         #: The app-wide client event bucket (keyed by app id; cluster-wide with redis).
         self.client_event_bucket: RateLimiter | None = None
+        #: ``client_event_limits`` rule → its per-user limiter (cluster-wide with redis).
+        self.user_event_buckets: dict[str, RateLimiter] = {}
         self.apply(settings, jwt)
 
     def apply(self, settings: AppSettings, jwt: JwtVerifier | None) -> None:
@@ -219,6 +226,11 @@ class AppState:
             self.client_event_bucket = None
         #: Per-connection limits by tier: anonymous, signed in, each role.
         self.tiers = Tiers(settings, RECONNECT_MARGIN)
+        #: The rule of each client event name, and of each REST event name.
+        self.event_limits: EventLimits[EventLimit] = EventLimits(settings.client_event_limits)
+        self.rest_event_limits: EventLimits[RateSettings] = EventLimits(settings.rest_event_limits)
+        if previous is not None and previous.client_event_limits != settings.client_event_limits:
+            self.user_event_buckets = {}  # rebuilt, full, at their next event
         token = settings.jwt
         self.deadlines = Deadlines(
             settings.signin_deadline_seconds,

@@ -186,6 +186,13 @@ class Reason(enum.Enum):
         "Client event rejected because of the app's rate limit",
         error_code=4301,
     )
+    #: ``client_event_limits``: the bucket of this event's name (per connection, or
+    #: per user across the cluster) is empty; other names still pass.
+    CLIENT_EVENT_TYPE_RATE = Rule(
+        "client_event_type_rate",
+        "Client event rejected because of the rate limit for its name",
+        error_code=4301,
+    )
     CLIENT_EVENT_NOT_ALLOWED = Rule(
         "client_event_not_allowed",
         "Client event name is not on the app's allow-list",
@@ -353,6 +360,10 @@ class Reason(enum.Enum):
     )
     HTTP_IP_RATE = Rule("ip_rate_limited", "Too many requests from this address", http_status=429)
     HTTP_APP_RATE = Rule("app_rate_limited", "Too many requests for this app", http_status=429)
+    #: ``rest_event_limits``: the app published too many events of this name.
+    HTTP_EVENT_RATE = Rule(
+        "event_rate_limited", "Too many events of this name for this app", http_status=429
+    )
     HTTP_QUERY_TOKEN = Rule(
         "query_token_refused",
         "This app does not accept tokens in the URL",

@@ -80,6 +80,7 @@ DEFAULT_POINTS: Mapping[str, float] = {
     # rate limits
     "client_event_rate": _RATE_LIMIT,
     "client_event_app_rate": _RATE_LIMIT,
+    "client_event_type_rate": _RATE_LIMIT,
     "subscribe_rate": _RATE_LIMIT,
     "ip_rate_limited": _RATE_LIMIT,
     "connection_rate": _RATE_LIMIT,
@@ -160,6 +161,7 @@ ZERO_POINTS: Mapping[str, str] = {
     "signin_data_invalid": "the app's auth endpoint signed this user_data; not the peer's doing",
     "watchlist_too_long": "the app's auth endpoint signed this watchlist; the sign-in succeeds",
     "app_rate_limited": _SIGNED_BACK_END,
+    "event_rate_limited": _SIGNED_BACK_END,
     "method_not_allowed": _SIGNED_BACK_END,
     "invalid_body": _SIGNED_BACK_END,
     "invalid_field": _SIGNED_BACK_END,
