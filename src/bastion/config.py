@@ -58,6 +58,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "TlsSettings",
+    "UserErrorBudget",
     "WebhookDeliverySettings",
     "WebhookSettings",
     "load_settings",
@@ -219,6 +220,24 @@ class EventLimit(BaseModel):
     per_user: bool = False
 
 
+class UserErrorBudget(BaseModel):
+    """Refusals one signed-in user may earn, all connections and nodes together.
+
+    Each refusal of a connection signed in as the user spends its reputation weight
+    (``[security.reputation] points``); a user past the budget is signed out
+    everywhere (4009) and their sign-ins are refused for ``cooldown_seconds``.
+    """
+
+    model_config = _STRICT
+
+    #: Points the budget regains a second.
+    rate: PositiveFloat = 0.2
+    #: Points it holds at most (and at first).
+    burst: PositiveInt = 100
+    #: Seconds a suspended user's sign-ins are refused (4009 ``signin_suspended``).
+    cooldown_seconds: PositiveFloat = 300
+
+
 JwtAlgorithm = Literal["HS256", "RS256", "ES256"]
 
 
@@ -357,6 +376,8 @@ class AppSettings(BaseModel):
     #: 4303, the connection stays anonymous) or ``close_oldest`` (the user's oldest
     #: connection is closed with 4009: one session per user with a cap of 1).
     user_connection_policy: Literal["refuse", "close_oldest"] = "refuse"
+    #: Refusals a signed-in user may earn before being signed out everywhere; unset: off.
+    user_error_budget: UserErrorBudget | None = None
     #: Per-connection limits by role (``[apps.roles.NAME]``), for sign-ins naming one.
     roles: dict[str, ConnectionLimits] = Field(default_factory=dict)
     #: The role of a sign-in that names none (a role of ``roles``); unset: the app's limits.

@@ -270,10 +270,10 @@ async def test_a_per_user_bucket_holds_across_nodes(
     a, b = await make_cluster(2, prefix=prefix, app=EVENT_LIMITS)
     on_a, on_b = await in_room(a, clients, "alice"), await in_room(b, clients, "alice")
     await client_event(on_b, "client-cursor-move")  # B's view of alice's bucket, synced
-    await on_b.barrier()
+    await on_b.ping()  # (each also receives the other's events: ping passes over them)
     for _ in range(2):
         await client_event(on_a, "client-cursor-move")
-    await on_a.barrier()
+    await on_a.ping()
     assert a.cluster_limits is not None
     # Without sending again, B learns that alice's cursor bucket is empty.
     bucket = b.hub.apps_by_id[APP_ID].user_event_buckets["client-cursor-*"]
@@ -322,3 +322,61 @@ async def test_a_batch_over_a_names_limit_delivers_nothing(make_node: Any, conne
 def _rest_view(node: Node) -> float:
     _, bucket = node.rest.event_limiters[(APP_ID, "price-*")]
     return bucket.available(f"{APP_ID}\nprice-*", time.time())
+
+
+# --- the per-user error budget ------------------------------------------------------------------
+
+#: Malformed JSON weighs 5 points: four of them spend a budget of 20.
+BUDGET: dict[str, Any] = {
+    "user_error_budget": {"rate": 0.001, "burst": 20, "cooldown_seconds": 300},
+}
+
+
+async def malformed(client: PusherClient) -> None:
+    await client.send("{not json")
+    assert (await client.wait_for("pusher:error"))["data"]["code"] == 4300
+
+
+def budget_synced(node: Node, user_id: str) -> bool:
+    _, bucket = node.user_budgets._buckets[APP_ID]
+    synced: bool = bucket.synced(f"{APP_ID}\n{user_id}")  # type: ignore[attr-defined]
+    return synced
+
+
+async def test_a_user_past_the_error_budget_is_terminated_on_both_nodes(
+    make_cluster: MakeCluster, clients: Any, prefix: str, logs: LogCheck
+) -> None:
+    a, b = await make_cluster(2, prefix=prefix, app=BUDGET)
+    on_a, on_b = await clients(a), await clients(b)
+    for client in (on_a, on_b):
+        await signed_in(client, {"id": "mallory"})
+    bystander = await clients(b)  # same address, not signed in as mallory
+    await signed_in(bystander, {"id": "bob"})
+    for _ in range(3):  # 15 of 20 points, on A
+        await malformed(on_a)
+    await until(lambda: budget_synced(a, "mallory"))
+    await malformed(on_b)  # the last 5, on B: B learns the cluster's bucket is empty
+    await until(lambda: budget_synced(b, "mallory"))
+    await on_b.send("{still not json")  # finds nothing left: suspended everywhere
+    for client in (on_a, on_b):
+        closed = await client.closed()
+        assert closed.code == 4009, closed
+    assert b.metrics.users_suspended[APP_ID] == 1 and a.metrics.users_suspended[APP_ID] == 0
+    assert a.metrics.refusals[("user_suspended", APP_ID)] == 1
+    # Per node alone neither would have spent its 20: the budget is the cluster's.
+    retry = await clients(a)
+    await signin(retry, {"id": "mallory"})
+    assert (await retry.closed()).code == 4009
+    assert a.metrics.refusals[("signin_suspended", APP_ID)] == 1
+    # Not an address block: the same address still connects, bob is untouched.
+    await bystander.barrier()
+    other = await clients(a)
+    await signed_in(other, {"id": "carol"})
+    await until(lambda: len(query_audit(b.settings.audit.path, type="user_suspended")) >= 1)
+    rows = [
+        row
+        for row in query_audit(b.settings.audit.path, type="user_suspended")
+        if row.socket_id is None
+    ]
+    assert [(row.user_id, row.severity) for row in rows] == [("mallory", "warning")]
+    logs.assert_clean()

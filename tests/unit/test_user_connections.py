@@ -8,8 +8,13 @@ user's oldest connections, on whichever node they are.
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from support.hubs import APP_ID, Client, HubNode, MemoryNodes
 
+from bastion.core import events as ev
+from bastion.errors import Refused
 from bastion.protocol.refusals import Reason
 
 
@@ -128,3 +133,51 @@ def test_a_refused_sign_in_that_closes_leaves_no_count_behind() -> None:
     a.close(second)
     assert a.app.signing_in == {} and a.app.unsigned == 0
     assert counted(nodes, "alice") == [first.socket_id]
+
+
+# --- suspensions (user_error_budget) ----------------------------------------------------------
+
+
+def test_a_suspension_closes_the_users_connections_everywhere_and_refuses_sign_ins() -> None:
+    nodes = MemoryNodes(2, user_error_budget={"rate": 1, "burst": 50, "cooldown_seconds": 60})
+    a, b = nodes
+    on_a, on_b, bob = a.client(), b.client(), b.client()
+    a.signin(on_a, {"id": "mallory"})
+    b.signin(on_b, {"id": "mallory"})
+    b.signin(bob, {"id": "bob"})
+    notices: list[Any] = []
+    a.hub.notices.append(notices.append)
+    on_other_node: list[Any] = []
+    b.hub.notices.append(on_other_node.append)
+    assert a.hub.suspend_user(a.app, "mallory", 60) == 1
+    assert reasons(on_a) == [Reason.USER_SUSPENDED]
+    nodes.settle()
+    assert reasons(on_b) == [Reason.USER_SUSPENDED] and reasons(bob) == []
+    assert notices == [ev.UserSuspended(APP_ID, "mallory", 60, 1)]
+    assert on_other_node == []  # reported (audited) by the deciding node only
+    for node in (a, b):  # refused on both nodes until the cool-down ends
+        again = node.client()
+        with pytest.raises(Refused) as refused:
+            node.signin(again, {"id": "mallory"})
+        assert refused.value.reason is Reason.SIGNIN_SUSPENDED
+        assert again.session.user_id is None
+    nodes.clock.advance(60)
+    for node in (a, b):
+        later = node.client()
+        node.signin(later, {"id": "mallory"})
+        assert signed_in(node, later)
+        assert "mallory" not in node.app.suspended
+
+
+def test_suspensions_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bastion.core import users
+
+    monkeypatch.setattr(users, "MAX_SUSPENDED", 3)
+    (a,) = MemoryNodes(1)
+    for index, cooldown in enumerate((50, 10, 30)):
+        a.hub.users.suspend_local(a.app, f"u{index}", cooldown)
+    a.hub.users.suspend_local(a.app, "u3", 40)  # full: u1 (ends soonest) goes
+    assert sorted(a.app.suspended) == ["u0", "u2", "u3"]
+    a.clock.advance(35)  # u2 ended: it goes first
+    a.hub.users.suspend_local(a.app, "u4", 5)
+    assert sorted(a.app.suspended) == ["u0", "u3", "u4"]

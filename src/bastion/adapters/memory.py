@@ -39,6 +39,7 @@ from bastion.adapters.messages import (
     Message,
     Replaced,
     SubscriptionCount,
+    Suspend,
     Terminate,
     UserOffline,
     UserOnline,
@@ -122,7 +123,7 @@ class MemoryCluster:
 
     def route(self, sender: str, message: Message) -> None:
         """Queue ``message`` for every other node that should get it."""
-        if isinstance(message, UserOnline | UserOffline | Terminate | Replaced):
+        if isinstance(message, UserOnline | UserOffline | Terminate | Replaced | Suspend):
             targets = [n for n in self.nodes if n != sender]
         else:
             channel = message.channel

@@ -4,7 +4,7 @@ Each is a small frozen dataclass: a channel event to deliver, or one of the
 control messages that carry a decision taken once for the cluster (a member
 added or removed, a channel's subscription count, a user's first sign-in or
 last connection anywhere, a ``terminate_connections``, a user's connections
-replaced by a newer one). A node's hub receives
+replaced by a newer one, a user suspended). A node's hub receives
 every one of them through :meth:`bastion.core.hub.Hub.receive`, whether it was
 decided on this node or arrived over the bus, and delivers it to its own
 connections only.
@@ -25,6 +25,7 @@ __all__ = [
     "Message",
     "Replaced",
     "SubscriptionCount",
+    "Suspend",
     "Terminate",
     "UserOffline",
     "UserOnline",
@@ -126,6 +127,18 @@ class Replaced:
     socket_ids: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Suspend:
+    """``user_id`` spent its error budget: close its connections, refuse its sign-ins.
+
+    For ``cooldown_ms`` milliseconds from receipt (each node's own clock).
+    """
+
+    app_id: str
+    user_id: str
+    cooldown_ms: int
+
+
 Message = (
     ChannelEvent
     | MemberAdded
@@ -135,4 +148,5 @@ Message = (
     | UserOffline
     | Terminate
     | Replaced
+    | Suspend
 )

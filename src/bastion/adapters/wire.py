@@ -22,6 +22,7 @@ kind       message                                fields
 ``off``    :class:`~.messages.UserOffline`        ``u``
 ``tm``     :class:`~.messages.Terminate`          ``u``
 ``rp``     :class:`~.messages.Replaced`           ``u``, ``s`` list of socket ids
+``su``     :class:`~.messages.Suspend`            ``u``, ``m`` cool-down (ms)
 =========  =====================================  ==================================
 
 Control messages are messages of their own kind, never events with reserved
@@ -56,6 +57,7 @@ from bastion.adapters.messages import (
     Message,
     Replaced,
     SubscriptionCount,
+    Suspend,
     Terminate,
     UserOffline,
     UserOnline,
@@ -99,6 +101,7 @@ _FIELDS: dict[str, frozenset[str]] = {
     "off": _ENVELOPE | {"u"},
     "tm": _ENVELOPE | {"u"},
     "rp": _ENVELOPE | {"u", "s"},
+    "su": _ENVELOPE | {"u", "m"},
 }
 #: Socket ids one ``rp`` message carries at most (a user's oldest connections).
 MAX_REPLACED = 1000
@@ -182,6 +185,8 @@ def _fields(message: Message) -> dict[str, Any]:
             return {"k": "tm", "u": message.user_id}
         case Replaced():
             return {"k": "rp", "u": message.user_id, "s": list(message.socket_ids)}
+        case Suspend():
+            return {"k": "su", "u": message.user_id, "m": message.cooldown_ms}
 
 
 def encode(envelope: Envelope, key: bytes) -> bytes:
@@ -296,8 +301,10 @@ def _from_fields(fields: Any) -> Envelope:
         message = UserOffline(app_id, _text(fields, "u"))
     elif kind == "tm":
         message = Terminate(app_id, _text(fields, "u"))
-    else:
+    elif kind == "rp":
         message = Replaced(app_id, _text(fields, "u"), _texts(fields, "s"))
+    else:
+        message = Suspend(app_id, _text(fields, "u"), _integer(fields, "m"))
     return Envelope(origin, seq, sent_at, message)
 
 

@@ -296,6 +296,11 @@ class NodeCollector:
             if slug in RATE_LIMIT_SLUGS:
                 family.add_metric([slug, app_id], count)
         yield family
+        yield per_app(
+            "users_suspended",
+            "Users signed out everywhere for spending their error budget (decided here).",
+            metrics.users_suspended,
+        )
         blocklist = node.blocklist
         if blocklist is not None:
             yield GaugeMetricFamily(

@@ -20,6 +20,7 @@ __all__ = [
     "Notice",
     "RoleUnknown",
     "SubscriptionCountChanged",
+    "UserSuspended",
 ]
 
 
@@ -98,6 +99,19 @@ class RoleUnknown:
     role: str
 
 
+@dataclass(frozen=True, slots=True)
+class UserSuspended:
+    """This node suspended a user who spent their error budget (once per suspension).
+
+    A security notice (:attr:`bastion.core.hub.Hub.notices`), not a webhook event.
+    """
+
+    app_id: str
+    user_id: str
+    cooldown_seconds: float
+    closed: int
+
+
 HubEvent = (
     ChannelOccupied
     | ChannelVacated
@@ -109,4 +123,4 @@ HubEvent = (
 )
 
 #: Security notices for the audit log (:attr:`bastion.core.hub.Hub.notices`).
-Notice = RoleUnknown
+Notice = RoleUnknown | UserSuspended

@@ -240,6 +240,17 @@ class Hub:
         self.bus.broadcast(cm.Terminate(app.id, user_id))
         return self.users.terminate_local(app, user_id)
 
+    def suspend_user(self, app: AppState, user_id: str, cooldown: float) -> int:
+        """Sign ``user_id`` out everywhere and refuse its sign-ins for ``cooldown`` seconds.
+
+        The user spent its ``user_error_budget``; reported once (a notice for the
+        audit log) by this node. Returns how many connections were closed here.
+        """
+        self.bus.broadcast(cm.Suspend(app.id, user_id, max(1, round(cooldown * 1000))))
+        closed = self.users.suspend_local(app, user_id, cooldown)
+        self.notify(ev.UserSuspended(app.id, user_id, cooldown, closed))
+        return closed
+
     def receive(self, message: cm.Message) -> None:
         """Deliver what the cluster decided or another node sent, to local connections only.
 
@@ -280,6 +291,8 @@ class Hub:
                 self.users.terminate_local(app, message.user_id)
             case cm.Replaced():
                 self.users.replace_local(app, message.user_id, message.socket_ids)
+            case cm.Suspend():
+                self.users.suspend_local(app, message.user_id, message.cooldown_ms / 1000)
 
     def notify(self, notice: ev.Notice) -> None:
         """Hand a security notice to every notice listener (the audit log)."""

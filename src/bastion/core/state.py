@@ -24,7 +24,10 @@ from bastion.security.roles import ANONYMOUS, Tiers
 from bastion.security.secrets import SecretSet
 from bastion.security.tokens import JwtVerifier
 
-__all__ = ["MAX_UNKNOWN_ROLES", "AppState", "Channel", "Member", "Session"]
+__all__ = ["MAX_SUSPENDED", "MAX_UNKNOWN_ROLES", "AppState", "Channel", "Member", "Session"]
+
+#: Suspended users an app remembers at most (the soonest to end go first past it).
+MAX_SUSPENDED = 100_000
 
 #: Unconfigured roles an app remembers (and reports) at most.
 MAX_UNKNOWN_ROLES = 100
@@ -196,6 +199,9 @@ class AppState:
         #: Roles seen in sign-ins that the app does not configure (each reported
         #: once; bounded by :data:`MAX_UNKNOWN_ROLES`).
         self.unknown_roles: set[str] = set()
+        #: Suspended users (``user_error_budget``): user id → end of the cool-down,
+        #: hub clock (bounded by :data:`MAX_SUSPENDED`).
+        self.suspended: dict[str, float] = {}
         #: The app-wide client event bucket (keyed by app id; cluster-wide with redis).
         self.client_event_bucket: RateLimiter | None = None
         #: ``client_event_limits`` rule → its per-user limiter (cluster-wide with redis).

@@ -32,7 +32,7 @@ from bastion.adapters.base import ClusterState, ClusterUnavailable
 from bastion.core import events as ev
 from bastion.core.fanout import FanOut
 from bastion.core.session import SessionPhase, check_transition, next_step
-from bastion.core.state import MAX_UNKNOWN_ROLES, AppState, Session
+from bastion.core.state import MAX_SUSPENDED, MAX_UNKNOWN_ROLES, AppState, Session
 from bastion.eager import drive
 from bastion.errors import Refused
 from bastion.protocol import messages as msg
@@ -98,6 +98,8 @@ class Users:
 
     def _admit(self, app: AppState, session: Session, signed: SignIn) -> None:
         """Sign in now, or once the cluster has counted the user's connections."""
+        if app.suspended and self.is_suspended(app, signed.user_id):
+            raise Refused(Reason.SIGNIN_SUSPENDED)
         limit = app.settings.max_connections_per_user
         if limit is None or session.user_id is not None:
             self._signed_in(app, session, signed)
@@ -262,6 +264,36 @@ class Users:
             else:
                 session.write(frame)
         self._fanout.deliveries += len(watchers)
+
+    # --- suspensions (user_error_budget) ---------------------------------------------
+
+    def is_suspended(self, app: AppState, user_id: str) -> bool:
+        """Whether ``user_id`` is in a suspension's cool-down (an ended one is forgotten)."""
+        until = app.suspended.get(user_id)
+        if until is None:
+            return False
+        if until > self._clock():
+            return True
+        del app.suspended[user_id]
+        return False
+
+    def suspend_local(self, app: AppState, user_id: str, cooldown: float) -> int:
+        """Refuse ``user_id``'s sign-ins for ``cooldown`` seconds; close its connections here.
+
+        Returns how many were closed.
+        """
+        suspended = app.suspended
+        now = self._clock()
+        if user_id not in suspended and len(suspended) >= MAX_SUSPENDED:
+            for ended in [user for user, until in suspended.items() if until <= now]:
+                del suspended[ended]
+            if len(suspended) >= MAX_SUSPENDED:  # still full: the soonest to end goes
+                del suspended[min(suspended, key=suspended.__getitem__)]
+        suspended[user_id] = max(suspended.get(user_id, now), now + cooldown)
+        sessions = list(app.users.get(user_id, {}).values())
+        for session in sessions:
+            session.refuse(Refused(Reason.USER_SUSPENDED))
+        return len(sessions)
 
     @staticmethod
     def replace_local(app: AppState, user_id: str, socket_ids: tuple[str, ...]) -> None:

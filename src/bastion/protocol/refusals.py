@@ -119,6 +119,19 @@ class Reason(enum.Enum):
         close_code=4009,
         severity="info",
     )
+    #: ``user_error_budget``: the user's connections kept being refused; every one of
+    #: them, on every node, is closed (4009: pusher-js does not reconnect).
+    USER_SUSPENDED = Rule(
+        "user_suspended",
+        "Too many refused messages from this user; signed out for a while",
+        close_code=4009,
+    )
+    #: A sign-in as a user still in the cool-down of a suspension.
+    SIGNIN_SUSPENDED = Rule(
+        "signin_suspended",
+        "This user is suspended for a while after too many refused messages",
+        close_code=4009,
+    )
     #: Shared by both doors: close 4100 on a WebSocket, HTTP 429 before an upgrade or on REST.
     AUTH_FAILURE_LIMIT = Rule(
         "auth_failure_limit",

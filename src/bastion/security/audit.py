@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BUS_MESSAGE_FORGED",
     "ROLE_UNKNOWN",
+    "USER_SUSPENDED",
     "AuditEvent",
     "MetadataValue",
     "Severity",
@@ -45,6 +46,7 @@ __all__ = [
     "parse_time",
     "redact",
     "role_unknown_event",
+    "user_suspended_event",
     "webhook_retry_event",
 ]
 
@@ -261,6 +263,33 @@ def role_unknown_event(app_id: str, user_id: str, role: str, *, id: str, time: f
         user_id=user_id,
         message="Sign-in named a role this app does not configure; default limits apply",
         metadata={"role": role},
+    )
+
+
+#: The audit type of a user signed out everywhere for spending its error budget.
+USER_SUSPENDED = "user_suspended"
+
+
+def user_suspended_event(
+    app_id: str, user_id: str, cooldown: float, closed: int, *, id: str, time: float
+) -> AuditEvent:
+    """The audit event ``user_suspended``: a user spent its ``user_error_budget``.
+
+    Written by the node that decided it, once per suspension (each closed connection
+    also has its own ``user_suspended`` refusal row, aggregated as usual). A warning:
+    a user's connections kept sending what was refused. No address is blocked.
+    """
+    return AuditEvent(
+        id=id,
+        time=time,
+        type=USER_SUSPENDED,
+        severity="warning",
+        ip=None,
+        app_id=app_id,
+        socket_id=None,
+        user_id=user_id,
+        message="User signed out everywhere after too many refusals; sign-ins refused for a while",
+        metadata={"cooldown_seconds": cooldown, "closed_here": closed},
     )
 
 

@@ -50,6 +50,7 @@ LIMITER_NAMES = {
     "client_events_app": "apps.client_events_per_app",
     "client_event_user": "apps.client_event_limits (per_user)",
     "rest_event_app": "apps.rest_event_limits",
+    "user_errors": "apps.user_error_budget",
 }
 
 

@@ -150,6 +150,9 @@ ZERO_POINTS: Mapping[str, str] = {
     "subscribe_presence_full": _CAPACITY,
     "user_connection_limit": _CAPACITY + " (a user with one tab too many)",
     "session_replaced": "the same user signed in on a newer connection; the app's policy",
+    "user_suspended": "the user's own refusals were scored already; a suspension is no new"
+    " offence (and never blocks the address)",
+    "signin_suspended": "a sign-in during a suspension's cool-down; it must not feed itself",
     "app_channels_full": _CAPACITY,
     "node_channels_full": _CAPACITY,
     "slow_consumer": "a slow network, not an attack; the cut already frees the memory",
