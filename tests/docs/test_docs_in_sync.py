@@ -296,6 +296,12 @@ SECURITY_SLUGS = {
     Reason.FRAME_TOO_LARGE,
     Reason.HTTP_BODY_TOO_LARGE,
     Reason.HTTP_HEADERS_TOO_LARGE,
+    Reason.USER_CONNECTION_LIMIT,
+    Reason.SESSION_REPLACED,
+    Reason.CLIENT_EVENT_TYPE_RATE,
+    Reason.HTTP_EVENT_RATE,
+    Reason.USER_SUSPENDED,
+    Reason.SIGNIN_SUSPENDED,
 }
 
 
@@ -327,6 +333,15 @@ def test_security_md_mentions_every_security_setting() -> None:
         "max_unsigned_connections",
         "signin_deadline_seconds",
         "previous_secrets",
+        "max_connections_per_user",
+        "user_connection_policy",
+        "roles",
+        "default_role",
+        "role_key",
+        "role_claim",
+        "client_event_limits",
+        "rest_event_limits",
+        "user_error_budget",
     ]
     skip = {"reputation", "enabled", "threshold", "half_life_seconds", "block_seconds"}
     skip |= {"store_path", "sync_seconds"}  # described in prose and configuration.md
