@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 
 from bastion.adapters import messages as cm
 from bastion.adapters.base import Cluster
-from bastion.config import Settings
+from bastion.config import EventLimit, Settings
 from bastion.core import events as ev
 from bastion.core.channels import Channels
 from bastion.core.fanout import FanOut, Frame
@@ -161,29 +161,6 @@ class Hub:
 
         rule = app.event_limits.match(event.event) if app.event_limits.active else None
 
-        def take_type_token() -> bool:
-            # The name's bucket on the connection, then the user's across the cluster;
-            # the connection's token is kept only when both had one.
-            assert rule is not None
-            name, limit = rule
-            buckets = session.event_buckets
-            if buckets is None:
-                buckets = session.event_buckets = {}
-            full_at = take_folded(buckets.get(name, 0.0), now, limit.rate, limit.burst)
-            if full_at is None:
-                return False
-            user_id = session.user_id
-            if limit.per_user and user_id is not None:
-                bucket = app.user_event_buckets.get(name)
-                if bucket is None:
-                    bucket = app.user_event_buckets[name] = self.limiters(
-                        "client_event_user", limit.rate, limit.burst, DEFAULT_MAX_KEYS, self._clock
-                    )
-                if bucket.take(f"{app.id}\n{name}\n{user_id}", now) > 0:
-                    return False
-            buckets[name] = full_at
-            return True
-
         # Encoded once: its size is what the limit measures, its bytes what is relayed.
         data = msg.encoded_data(event.data)
         check_client_event(
@@ -195,7 +172,12 @@ class Hub:
             app_bucket=app.client_event_bucket if app_rate is not None else None,
             policy=app.client_events,
             now=now,
-            take_type_token=take_type_token if rule is not None else None,
+            # A closure only for a name with a rule: none on the common path.
+            take_type_token=(
+                (lambda: self._take_type_token(app, session, rule, now))
+                if rule is not None
+                else None
+            ),
         )
         assert channel is not None  # the gate refuses an event on a channel not joined here
         self.fanout.relay(app, channel, session, event, data)
@@ -206,6 +188,33 @@ class Hub:
                     app.id, event.channel, event.event, event.data, session.socket_id, user_id
                 )
             )
+
+    def _take_type_token(
+        self, app: AppState, session: Session, rule: tuple[str, EventLimit], now: float
+    ) -> bool:
+        """A token of the event name's bucket on the connection, then the user's.
+
+        The user's is cluster-wide (the limiter factory); the connection's token is
+        kept only when both had one.
+        """
+        name, limit = rule
+        buckets = session.event_buckets
+        if buckets is None:
+            buckets = session.event_buckets = {}
+        full_at = take_folded(buckets.get(name, 0.0), now, limit.rate, limit.burst)
+        if full_at is None:
+            return False
+        user_id = session.user_id
+        if limit.per_user and user_id is not None:
+            bucket = app.user_event_buckets.get(name)
+            if bucket is None:
+                bucket = app.user_event_buckets[name] = self.limiters(
+                    "client_event_user", limit.rate, limit.burst, DEFAULT_MAX_KEYS, self._clock
+                )
+            if bucket.take(f"{app.id}\n{name}\n{user_id}", now) > 0:
+                return False
+        buckets[name] = full_at
+        return True
 
     def signin(self, app: AppState, session: Session, request: msg.Signin) -> None:
         """Sign the connection in (HMAC or token)."""
