@@ -18,7 +18,6 @@ in request order, each after the fan-out its request queued; a ``HEAD`` gets a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import re
@@ -31,7 +30,7 @@ import httptools
 from bastion.api.http import HttpRequest, HttpResponse, Refusal, error_response
 from bastion.protocol.handshake import Failed, check_handshake
 from bastion.protocol.refusals import Reason
-from bastion.security.proxies import FORWARDING_HEADERS, ClientAddress, TrustedProxies, parse_ip
+from bastion.security.proxies import FORWARDING_HEADERS, ClientAddress, TrustedProxies, ip_text
 from bastion.server.context import ServerContext
 from bastion.server.upgrade import (
     AFTER_101,
@@ -98,10 +97,9 @@ class HttpConnection(asyncio.Protocol):
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        address = parse_ip(peer[0]) if isinstance(peer, tuple) and peer[0] else None
         # Normalised (an IPv4-mapped IPv6 peer is its IPv4 address), so every limit
         # and block sees one spelling of an address.
-        self.peer_ip = self.ip = str(address) if address is not None else None
+        self.peer_ip = self.ip = ip_text(peer[0]) if isinstance(peer, tuple) and peer[0] else None
         blocklist = self.ctx.blocklist
         if blocklist is not None and self.peer_ip and blocklist.check(self.peer_ip, time.time()):
             # No answer at all: a blocked host gets nothing to parse or time.
@@ -127,8 +125,7 @@ class HttpConnection(asyncio.Protocol):
         WebSocket now), so the pair is freed at once instead of waiting for the
         cycle collector.
         """
-        with contextlib.suppress(AttributeError):  # released already
-            del self.parser
+        self.__dict__.pop("parser", None)  # (None: released already)
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; bound the request head; hand off upgrades."""

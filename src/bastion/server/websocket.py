@@ -8,9 +8,10 @@ complete, masked, unfragmented text frames within the size limit — what pusher
 sends, one Pusher message each — are unmasked here (websockets' own C routine)
 and handled at once; the first frame that is anything else, and everything after
 it, goes to the sans-I/O protocol as before, from a frame boundary, so it sees
-exactly the bytes it would have parsed itself. That protocol object is made only
-when a connection first needs it (a ping, a close, a fragment): an idle
-connection never holds one. Text messages are then decoded by
+exactly the bytes it would have parsed itself. A well-formed close frame on that
+path is answered here too, as the library answers it (the payload echoed, then the
+TCP side ended). That protocol object is made only when a connection first needs
+it (a ping, a malformed close, a fragment): an idle connection never holds one. Text messages are then decoded by
 :mod:`bastion.protocol.messages` and handed to the hub. Outgoing messages are
 pre-framed bytes written straight to the transport: a broadcast never awaits
 a subscriber. A subscriber whose transport buffer passes the limit is cut with
@@ -41,7 +42,7 @@ import secrets
 import time
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
-from websockets.frames import Frame, Opcode
+from websockets.frames import EXTERNAL_CLOSE_CODES, Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -65,12 +66,16 @@ log = logging.getLogger("bastion.websocket")
 
 #: Seconds a closing connection may take to flush before it is aborted.
 CLOSE_GRACE_SECONDS = 2.0
+#: Close codes a peer may send (RFC 6455 7.4; what the websockets library accepts).
+_PEER_CLOSE_CODES = frozenset(int(code) for code in EXTERNAL_CLOSE_CODES)
 
 
 def new_socket_id(taken: set[str]) -> str:
     """A fresh, unpredictable ``digits.digits`` socket id not in ``taken``."""
     while True:
-        socket_id = f"{secrets.randbelow(10**10)}.{secrets.randbelow(10**10)}"
+        # One draw from the system's generator for both halves (each uniform below 10**10).
+        high, low = divmod(secrets.randbelow(10**20), 10**10)
+        socket_id = f"{high}.{low}"
         if socket_id not in taken:
             return socket_id
 
@@ -342,7 +347,10 @@ class WebSocketConnection(asyncio.Protocol):
         position, end = 0, len(data)
         while self.state is ConnectionState.OPEN and end - position >= 6:
             # FIN + text with no RSV bit, then MASK set (a client's frames must be).
-            if data[position] != 0x81:
+            first = data[position]
+            if first != 0x81:
+                if first == 0x88 and self._fast_close(data, position, end):
+                    return b""
                 break
             length = data[position + 1]
             if length < 0x80:
@@ -367,6 +375,38 @@ class WebSocketConnection(asyncio.Protocol):
             if self._spend_message_budget():
                 self._on_text(payload)
         return data[position:] if position else data
+
+    def _fast_close(self, data: bytes, position: int, end: int) -> bool:
+        """Answer a well-formed close frame at ``position`` as websockets would; or False.
+
+        The closing handshake of every connection a client ends: echo the peer's
+        close payload, then end the TCP side (a server closes first), without
+        building a sans-I/O protocol to do it. Anything that protocol would refuse
+        (a 1-byte payload, a code a peer may not send, a reason that is not UTF-8),
+        or that is not complete, is left to it.
+        """
+        length = data[position + 1]
+        if length < 0x80 or length - 0x80 > 125 or length == 0x81:
+            return False
+        length -= 0x80
+        start = position + 6
+        if start + length > end:
+            return False
+        payload = apply_mask(data[start : start + length], data[position + 2 : start])
+        if length:
+            code = payload[0] << 8 | payload[1]
+            if code not in _PEER_CLOSE_CODES and not 3000 <= code < 5000:
+                return False
+            try:
+                payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                return False
+        self.flush_pending()
+        self.transport.write(bytes((0x88, length)) + payload)
+        self.state = check_transition(self.state, ConnectionState.CLOSING)
+        self._forget()
+        self.transport.close()
+        return True
 
     def _spend_message_budget(self) -> bool:
         """Take a token of the message budget; a frame past it is refused unread."""
