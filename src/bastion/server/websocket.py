@@ -11,8 +11,9 @@ it, goes to the sans-I/O protocol as before, from a frame boundary, so it sees
 exactly the bytes it would have parsed itself. A well-formed close frame on that
 path is answered here too, as the library answers it (the payload echoed, then the
 TCP side ended). That protocol object is made only when a connection first needs
-it (a ping, a malformed close, a fragment): an idle connection never holds one. Text messages are then decoded by
-:mod:`bastion.protocol.messages` and handed to the hub. Outgoing messages are
+it (a ping, a malformed close, a fragment): an idle connection never holds one.
+Text messages are then decoded by :mod:`bastion.protocol.messages` and handed to
+the hub. Outgoing messages are
 pre-framed bytes written straight to the transport: a broadcast never awaits
 a subscriber. A subscriber whose transport buffer passes the limit is cut with
 4100 (reconnect with back-off) on the next loop iteration.
