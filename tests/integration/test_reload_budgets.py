@@ -6,10 +6,9 @@ against the app's settings at every take (docs/decisions/0010). So a reload that
 lowers a limit refuses the next frames at the new rate, and one that raises it
 lets them through, without reconnecting.
 
-Not yet: a refusal stores nothing, so a bucket drained at a much lower rate owes
-its old time-to-full as a debt of tokens at the new rate, and raising the rate
-can keep the connection refused for longer than the old rate would have
-(strict ``xfail`` below, with the fix it needs).
+A refusal keeps the bucket at worst empty at the current settings
+(``settle_folded``), so a bucket drained at a much lower rate owes no debt of
+tokens at a raised one.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import pytest
 from support.clients import APP_ID, PusherClient, make_sdk
 from support.timeouts import until
 
@@ -146,12 +144,6 @@ async def test_the_message_budget_follows_a_reload_on_an_open_connection(
     assert node.metrics.refusals[("message_rate", APP_ID)] == len(codes)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a refusal stores nothing, so time owed at the old rate is a token debt at the "
-    "new one: server/websocket.py's message budget must keep min(full_at, now + burst/rate) "
-    "when it refuses (a reload changes rate or burst)",
-)
 async def test_raising_the_message_rate_relieves_a_connection_drained_at_a_lower_one(
     tmp_path: Path, run_node: Any, connect: Connect
 ) -> None:

@@ -57,7 +57,7 @@ from bastion.errors import Refused
 from bastion.protocol import messages as msg
 from bastion.protocol.names import classify_channel
 from bastion.protocol.refusals import Reason
-from bastion.security.ratelimit import take_folded
+from bastion.security.ratelimit import settle_folded, take_folded
 from bastion.server.context import ServerContext, close_frame, frame_text
 from bastion.server.state import ConnectionState, check_transition
 
@@ -224,8 +224,10 @@ class WebSocketConnection(asyncio.Protocol):
     def _spend_refusal(self) -> bool:
         """Take a token of the refusal budget; False when it is spent."""
         budget = self.app.settings.refusals_per_connection
-        full_at = take_folded(self._refusals, self.ctx.loop.time(), budget.rate, budget.burst)
+        now = self.ctx.loop.time()
+        full_at = take_folded(self._refusals, now, budget.rate, budget.burst)
         if full_at is None:
+            self._refusals = settle_folded(self._refusals, now, budget.rate, budget.burst)
             return False
         self._refusals = full_at
         return True
@@ -414,8 +416,10 @@ class WebSocketConnection(asyncio.Protocol):
         # Before anything looks at the frame: one float compared, nothing decoded.
         settings = self.app.settings
         rate = settings.max_messages_per_second.rate
-        full_at = take_folded(self._messages, self.last_seen, rate, self.app.message_burst)
+        burst = self.app.message_burst
+        full_at = take_folded(self._messages, self.last_seen, rate, burst)
         if full_at is None:
+            self._messages = settle_folded(self._messages, self.last_seen, rate, burst)
             self._fragments = None  # the rest of a fragmented message goes with it
             self.refuse(Refused(Reason.MESSAGE_RATE))
             return False
