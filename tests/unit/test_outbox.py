@@ -455,9 +455,15 @@ def test_past_the_limit_the_held_frames_are_dropped_and_the_close_is_not_behind_
         await subscribe(slow)
         await until(lambda: not node.ctx.outbox.busy)
 
-        published = await publish_one_per_iteration(
-            node, lambda: node.metrics.refusal_count("slow_consumer") == 1
-        )
+        queued: list[int] = []  # what it was owed, transport and held, after each event
+
+        def cut() -> bool:
+            queued.append(slow.conn.held_bytes + slow.transport.get_write_buffer_size())
+            return node.metrics.refusal_count("slow_consumer") == 1
+
+        published = await publish_one_per_iteration(node, cut)
+        # It was owed at most max_write_buffer_kb: the transport's buffer counts.
+        assert max(queued) <= 256 * 1024
         assert node.metrics.connections_closed[(APP_ID, 4100)] == 1
         assert slow.conn.state is ConnectionState.CLOSING
         # The closing frames went behind at most the transport's high-water mark and
