@@ -16,8 +16,15 @@ after the iteration's broadcast (never inside it), in the order written; the
 after-flush callbacks run after those writes; a connection whose peer stops
 reading passes its write-buffer limit, the transport calls ``pause_writing``
 during the flush, and the cut is scheduled for a later iteration: the broadcast
-and the flush finish first, for every other connection too. How the cut itself
-is written (close frame, grace) is not this file's business.
+and the flush finish first, for every other connection too.
+
+And the overflow (:mod:`bastion.server.overflow`): past the transport's 64 KiB a
+peer that does not read has its frames held, not written, and gets every one in
+order, a transport-full at a time, once it reads again; past
+``max_write_buffer_kb`` (the transport's buffer counted) the held frames are
+dropped and counted and the closing frames wait behind at most 64 KiB and one
+write (:class:`Closing` records what they waited behind); a close of any kind to
+a peer that never reads is aborted after the close grace.
 """
 
 from __future__ import annotations
