@@ -533,11 +533,9 @@ class WebSocketConnection(asyncio.Protocol):
                 payload[2:].decode("utf-8")
             except UnicodeDecodeError:
                 return False
-        self.flush_pending()
-        self.transport.write(bytes((0x88, length)) + payload)
         self.state = check_transition(self.state, ConnectionState.CLOSING)
         self._forget()
-        self.transport.close()
+        self._end(bytes((0x88, length)) + payload)
         return True
 
     def _spend_message_budget(self) -> bool:
