@@ -40,7 +40,7 @@ from bastion.protocol.names import is_valid_event_name
 from bastion.protocol.refusals import Reason
 from bastion.security.client_event_gate import check_client_event
 from bastion.security.limits import DEFAULT_MAX_KEYS, LimiterFactory, memory_limiters
-from bastion.security.ratelimit import take_folded
+from bastion.security.ratelimit import settle_folded, take_folded
 
 __all__ = ["AppState", "Channel", "Hub", "Session"]
 
@@ -201,8 +201,11 @@ class Hub:
         buckets = session.event_buckets
         if buckets is None:
             buckets = session.event_buckets = {}
-        full_at = take_folded(buckets.get(name, 0.0), now, limit.rate, limit.burst)
+        held = buckets.get(name, 0.0)
+        full_at = take_folded(held, now, limit.rate, limit.burst)
         if full_at is None:
+            # At worst empty at the current settings (a reload may have raised them).
+            buckets[name] = settle_folded(held, now, limit.rate, limit.burst)
             return False
         user_id = session.user_id
         if limit.per_user and user_id is not None:
