@@ -26,7 +26,6 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -34,8 +33,18 @@ from pydantic import (
     model_validator,
 )
 
+from bastion import limit_settings as limits
 from bastion.errors import ConfigError
-from bastion.security.event_limits import is_valid_pattern
+from bastion.limit_settings import STRICT as _STRICT
+from bastion.limit_settings import (
+    AnonymousSettings,
+    ConnectionLimits,
+    EventLimit,
+    PositiveFloat,
+    PositiveInt,
+    RateSettings,
+    UserErrorBudget,
+)
 from bastion.security.origins import parse_patterns
 from bastion.security.payload import ClientEventPolicy
 from bastion.security.proxies import ForwardedHeader, parse_networks
@@ -87,9 +96,6 @@ WEBHOOK_EVENT_TYPES: tuple[WebhookEventType, ...] = (
 )
 
 
-_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
 class _FieldError(ValueError):
     """A check across fields that names the one at fault (pydantic gives no location)."""
 
@@ -101,11 +107,9 @@ class _FieldError(ValueError):
 _APP_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _APP_KEY = re.compile(r"^[A-Za-z0-9_\-.]{1,128}$")
 
-PositiveInt = Annotated[int, Field(gt=0)]
 #: Frames a reconnecting client sends besides one subscribe per channel (a sign-in,
 #: a ping, an unsubscribe racing the reconnect): the bursts leave room for them.
 RECONNECT_MARGIN = 5
-PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 def _networks(value: list[str]) -> list[str]:
@@ -164,80 +168,6 @@ class WebhookSettings(BaseModel):
         return value
 
 
-class RateSettings(BaseModel):
-    """A token bucket: ``rate`` tokens a second, at most ``burst`` held (and at start)."""
-
-    model_config = _STRICT
-
-    rate: PositiveFloat
-    burst: PositiveInt
-
-
-#: A role's name in ``[apps.roles.NAME]``.
-_ROLE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-#: Claims Bastion reads for themselves: none of them can also name the role.
-_RESERVED_CLAIMS = frozenset(
-    {"sub", "exp", "nbf", "iat", "aud", "iss", "channels", "user_info", "socket_id", "watchlist"}
-)
-#: ``user_data`` keys of a sign-in that mean something else than a role.
-_RESERVED_USER_DATA = frozenset({"id", "user_info", "watchlist"})
-
-
-class ConnectionLimits(BaseModel):
-    """Per-connection limits of a role (``[apps.roles.NAME]``); unset: the app's own."""
-
-    model_config = _STRICT
-
-    #: Client events per second and at once (over it: 4301 ``client_event_rate``).
-    max_client_events_per_second: PositiveInt | None = None
-    #: Frames of any kind per connection (over it: 4301 ``message_rate``).
-    max_messages_per_second: RateSettings | None = None
-    #: Subscribe attempts per connection (over it: subscription_error 429).
-    subscribe_attempts: RateSettings | None = None
-    #: Channels one connection may be subscribed to (over it: subscription_error 403).
-    max_channels_per_connection: PositiveInt | None = None
-    #: A presence member's ``user_info`` size in KiB (over it: subscription_error 413).
-    max_presence_member_size_kb: PositiveFloat | None = None
-
-
-class AnonymousSettings(ConnectionLimits):
-    """Connections that have not signed in (``[apps.anonymous]``)."""
-
-    #: Concurrent connections of this app that have not signed in (over it: 4100);
-    #: the same as the app's ``max_unsigned_connections``, which still works.
-    max_connections: PositiveInt | None = None
-
-
-class EventLimit(BaseModel):
-    """One client event name's bucket (``client_event_limits``): per connection, and
-    with ``per_user`` also per signed-in user across the cluster."""
-
-    model_config = _STRICT
-
-    rate: PositiveFloat
-    burst: PositiveInt
-    #: Also one bucket per signed-in user, all their connections on every node together.
-    per_user: bool = False
-
-
-class UserErrorBudget(BaseModel):
-    """Refusals one signed-in user may earn, all connections and nodes together.
-
-    Each refusal of a connection signed in as the user spends its reputation weight
-    (``[security.reputation] points``); a user past the budget is signed out
-    everywhere (4009) and their sign-ins are refused for ``cooldown_seconds``.
-    """
-
-    model_config = _STRICT
-
-    #: Points the budget regains a second.
-    rate: PositiveFloat = 0.2
-    #: Points it holds at most (and at first).
-    burst: PositiveInt = 100
-    #: Seconds a suspended user's sign-ins are refused (4009 ``signin_suspended``).
-    cooldown_seconds: PositiveFloat = 300
-
-
 JwtAlgorithm = Literal["HS256", "RS256", "ES256"]
 
 
@@ -267,14 +197,7 @@ class JwtSettings(BaseModel):
     #: Seconds after ``exp`` a connection may still renew before it is closed (4009).
     expiry_grace_seconds: PositiveFloat = 30
     #: The claim that names the sign-in's role (``[apps.roles.NAME]``).
-    role_claim: Annotated[str, Field(pattern=r"^[!-~]{1,128}$")] = "role"
-
-    @field_validator("role_claim")
-    @classmethod
-    def _not_a_claim_of_ours(cls, value: str) -> str:
-        if value in _RESERVED_CLAIMS:
-            raise ValueError(f"{value!r} is a claim Bastion reads for itself")
-        return value
+    role_claim: limits.RoleClaim = "role"
 
     @field_validator("secret")
     @classmethod
@@ -372,28 +295,27 @@ class AppSettings(BaseModel):
     signin_deadline_seconds: PositiveFloat | None = None
     #: Signed-in connections one user may hold in this app, cluster-wide; unset: no cap.
     max_connections_per_user: PositiveInt | None = None
-    #: Past ``max_connections_per_user``: ``refuse`` the new sign-in (``pusher:error``
-    #: 4303, the connection stays anonymous) or ``close_oldest`` (the user's oldest
-    #: connection is closed with 4009: one session per user with a cap of 1).
+    #: Past it: ``refuse`` the sign-in (4303, the connection stays anonymous) or
+    #: ``close_oldest`` (the oldest closed with 4009: one session per user with a cap of 1).
     user_connection_policy: Literal["refuse", "close_oldest"] = "refuse"
     #: Refusals a signed-in user may earn before being signed out everywhere; unset: off.
     user_error_budget: UserErrorBudget | None = None
     #: Per-connection limits by role (``[apps.roles.NAME]``), for sign-ins naming one.
-    roles: dict[str, ConnectionLimits] = Field(default_factory=dict)
+    roles: limits.RoleTables = Field(default_factory=dict)
     #: The role of a sign-in that names none (a role of ``roles``); unset: the app's limits.
     default_role: str | None = None
     #: Per-connection limits of connections that have not signed in.
     anonymous: AnonymousSettings | None = None
     #: The key of an HMAC sign-in's ``user_data`` that names its role.
-    role_key: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,64}$")] = "role"
+    role_key: limits.RoleKey = "role"
     #: Client event names accepted (exact, or a prefix ending in ``*``); unset: any.
     client_event_allowlist: list[str] | None = None
     #: A JSON Schema (draft 2020-12) per client event name, checked against ``data``.
     client_event_schemas: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: A bucket per client event name or prefix (``client-cursor-*``) (over it: 4301).
-    client_event_limits: dict[str, EventLimit] = Field(default_factory=dict)
+    client_event_limits: limits.ClientEventLimits = Field(default_factory=dict)
     #: A bucket per REST event name or prefix for the whole app (over it: 429).
-    rest_event_limits: dict[str, RateSettings] = Field(default_factory=dict)
+    rest_event_limits: limits.RestEventLimits = Field(default_factory=dict)
     #: JSON Web Tokens for sign-in and channel grants (``[apps.jwt]``).
     jwt: JwtSettings | None = None
     webhooks: list[WebhookSettings] = Field(default_factory=list)
@@ -423,43 +345,17 @@ class AppSettings(BaseModel):
 
     @property
     def unsigned_cap(self) -> int | None:
-        """Concurrent anonymous connections in force (``[apps.anonymous] max_connections``,
-        or the older ``max_unsigned_connections``)."""
+        """The anonymous cap in force (``anonymous.max_connections`` or the older key)."""
         anonymous = self.anonymous
         if anonymous is not None and anonymous.max_connections is not None:
             return anonymous.max_connections
         return self.max_unsigned_connections
 
-    @field_validator("roles")
-    @classmethod
-    def _role_names(cls, value: dict[str, ConnectionLimits]) -> dict[str, ConnectionLimits]:
-        for name in value:
-            if not _ROLE_NAME.match(name):
-                raise ValueError(f"{name!r} is not a role name (1-64 of A-Z a-z 0-9 _ - .)")
-        return value
-
-    @field_validator("role_key")
-    @classmethod
-    def _role_key(cls, value: str) -> str:
-        if value in _RESERVED_USER_DATA:
-            raise ValueError(f"{value!r} is a user_data key Bastion reads for itself")
-        return value
-
     @model_validator(mode="after")
     def _roles_and_anonymous(self) -> AppSettings:
-        if self.default_role is not None and self.default_role not in self.roles:
-            raise ValueError(f"default_role {self.default_role!r} is not a role of [apps.roles]")
-        anonymous = self.anonymous
-        if (
-            anonymous is not None
-            and anonymous.max_connections is not None
-            and self.max_unsigned_connections is not None
-            and anonymous.max_connections != self.max_unsigned_connections
-        ):
-            raise ValueError(
-                "max_unsigned_connections and anonymous.max_connections differ: keep one"
-                " (anonymous.max_connections is the new place)"
-            )
+        limits.check_roles_and_anonymous(
+            self.default_role, self.roles, self.anonymous, self.max_unsigned_connections
+        )
         return self
 
     @field_validator("id")
@@ -489,24 +385,6 @@ class AppSettings(BaseModel):
         for name in value or ():
             if not name.startswith("client-"):
                 raise ValueError(f"{name!r} is not a client event name (they start with client-)")
-        return value
-
-    @field_validator("client_event_limits")
-    @classmethod
-    def _client_event_patterns(cls, value: dict[str, EventLimit]) -> dict[str, EventLimit]:
-        for name in value:
-            if not is_valid_pattern(name, "client-"):
-                raise ValueError(
-                    f"{name!r} is not a client event name or a prefix ending in * (client-…)"
-                )
-        return value
-
-    @field_validator("rest_event_limits")
-    @classmethod
-    def _rest_event_patterns(cls, value: dict[str, RateSettings]) -> dict[str, RateSettings]:
-        for name in value:
-            if not name or not is_valid_pattern(name):
-                raise ValueError(f"{name!r} is not an event name or a prefix ending in *")
         return value
 
     @field_validator("client_event_schemas")

@@ -343,8 +343,18 @@ def budget_synced(node: Node, user_id: str) -> bool:
     return synced
 
 
+async def budget_left(redis: aioredis.Redis, prefix: str, user_id: str) -> float:
+    """The points the cluster's bucket of ``user_id`` holds, as Redis counts them."""
+    tokens = await redis.hget(f"{prefix}:rl:user_errors:{APP_ID}\n{user_id}", "t")
+    return 20.0 if tokens is None else float(tokens)
+
+
 async def test_a_user_past_the_error_budget_is_terminated_on_both_nodes(
-    make_cluster: MakeCluster, clients: Any, prefix: str, logs: LogCheck
+    make_cluster: MakeCluster,
+    clients: Any,
+    shared_redis: aioredis.Redis,
+    prefix: str,
+    logs: LogCheck,
 ) -> None:
     a, b = await make_cluster(2, prefix=prefix, app=BUDGET)
     on_a, on_b = await clients(a), await clients(b)
@@ -354,7 +364,11 @@ async def test_a_user_past_the_error_budget_is_terminated_on_both_nodes(
     await signed_in(bystander, {"id": "bob"})
     for _ in range(3):  # 15 of 20 points, on A
         await malformed(on_a)
-    await until(lambda: budget_synced(a, "mallory"))
+
+    async def a_reported_all() -> bool:
+        return await budget_left(shared_redis, prefix, "mallory") <= 5.5
+
+    await until(a_reported_all)
     await malformed(on_b)  # the last 5, on B: B learns the cluster's bucket is empty
     await until(lambda: budget_synced(b, "mallory"))
     await on_b.send("{still not json")  # finds nothing left: suspended everywhere
