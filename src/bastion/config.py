@@ -26,7 +26,6 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -34,7 +33,18 @@ from pydantic import (
     model_validator,
 )
 
+from bastion import limit_settings as limits
 from bastion.errors import ConfigError
+from bastion.limit_settings import STRICT as _STRICT
+from bastion.limit_settings import (
+    AnonymousSettings,
+    ConnectionLimits,
+    EventLimit,
+    PositiveFloat,
+    PositiveInt,
+    RateSettings,
+    UserErrorBudget,
+)
 from bastion.security.origins import parse_patterns
 from bastion.security.payload import ClientEventPolicy
 from bastion.security.proxies import ForwardedHeader, parse_networks
@@ -43,8 +53,11 @@ __all__ = [
     "WEBHOOK_EVENT_TYPES",
     "AdapterSettings",
     "AdminSettings",
+    "AnonymousSettings",
     "AppSettings",
     "AuditSettings",
+    "ConnectionLimits",
+    "EventLimit",
     "JwtSettings",
     "MetricsSettings",
     "RateSettings",
@@ -54,6 +67,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "TlsSettings",
+    "UserErrorBudget",
     "WebhookDeliverySettings",
     "WebhookSettings",
     "load_settings",
@@ -82,9 +96,6 @@ WEBHOOK_EVENT_TYPES: tuple[WebhookEventType, ...] = (
 )
 
 
-_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
 class _FieldError(ValueError):
     """A check across fields that names the one at fault (pydantic gives no location)."""
 
@@ -96,11 +107,9 @@ class _FieldError(ValueError):
 _APP_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _APP_KEY = re.compile(r"^[A-Za-z0-9_\-.]{1,128}$")
 
-PositiveInt = Annotated[int, Field(gt=0)]
 #: Frames a reconnecting client sends besides one subscribe per channel (a sign-in,
 #: a ping, an unsubscribe racing the reconnect): the bursts leave room for them.
 RECONNECT_MARGIN = 5
-PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 def _networks(value: list[str]) -> list[str]:
@@ -159,15 +168,6 @@ class WebhookSettings(BaseModel):
         return value
 
 
-class RateSettings(BaseModel):
-    """A token bucket: ``rate`` tokens a second, at most ``burst`` held (and at start)."""
-
-    model_config = _STRICT
-
-    rate: PositiveFloat
-    burst: PositiveInt
-
-
 JwtAlgorithm = Literal["HS256", "RS256", "ES256"]
 
 
@@ -196,6 +196,8 @@ class JwtSettings(BaseModel):
     expiry_warning_seconds: PositiveFloat = 60
     #: Seconds after ``exp`` a connection may still renew before it is closed (4009).
     expiry_grace_seconds: PositiveFloat = 30
+    #: The claim that names the sign-in's role (``[apps.roles.NAME]``).
+    role_claim: limits.RoleClaim = "role"
 
     @field_validator("secret")
     @classmethod
@@ -291,10 +293,29 @@ class AppSettings(BaseModel):
     max_unsigned_connections: PositiveInt | None = None
     #: Seconds a new connection has to sign in before it is closed (4009); unset: never.
     signin_deadline_seconds: PositiveFloat | None = None
+    #: Signed-in connections one user may hold in this app, cluster-wide; unset: no cap.
+    max_connections_per_user: PositiveInt | None = None
+    #: Past it: ``refuse`` the sign-in (4303, the connection stays anonymous) or
+    #: ``close_oldest`` (the oldest closed with 4009: one session per user with a cap of 1).
+    user_connection_policy: Literal["refuse", "close_oldest"] = "refuse"
+    #: Refusals a signed-in user may earn before being signed out everywhere; unset: off.
+    user_error_budget: UserErrorBudget | None = None
+    #: Per-connection limits by role (``[apps.roles.NAME]``), for sign-ins naming one.
+    roles: limits.RoleTables = Field(default_factory=dict)
+    #: The role of a sign-in that names none (a role of ``roles``); unset: the app's limits.
+    default_role: str | None = None
+    #: Per-connection limits of connections that have not signed in.
+    anonymous: AnonymousSettings | None = None
+    #: The key of an HMAC sign-in's ``user_data`` that names its role.
+    role_key: limits.RoleKey = "role"
     #: Client event names accepted (exact, or a prefix ending in ``*``); unset: any.
     client_event_allowlist: list[str] | None = None
     #: A JSON Schema (draft 2020-12) per client event name, checked against ``data``.
     client_event_schemas: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: A bucket per client event name or prefix (``client-cursor-*``) (over it: 4301).
+    client_event_limits: limits.ClientEventLimits = Field(default_factory=dict)
+    #: A bucket per REST event name or prefix for the whole app (over it: 429).
+    rest_event_limits: limits.RestEventLimits = Field(default_factory=dict)
     #: JSON Web Tokens for sign-in and channel grants (``[apps.jwt]``).
     jwt: JwtSettings | None = None
     webhooks: list[WebhookSettings] = Field(default_factory=list)
@@ -321,6 +342,21 @@ class AppSettings(BaseModel):
             float(self.max_messages_per_second.burst),
             self.max_channels_per_connection + RECONNECT_MARGIN,
         )
+
+    @property
+    def unsigned_cap(self) -> int | None:
+        """The anonymous cap in force (``anonymous.max_connections`` or the older key)."""
+        anonymous = self.anonymous
+        if anonymous is not None and anonymous.max_connections is not None:
+            return anonymous.max_connections
+        return self.max_unsigned_connections
+
+    @model_validator(mode="after")
+    def _roles_and_anonymous(self) -> AppSettings:
+        limits.check_roles_and_anonymous(
+            self.default_role, self.roles, self.anonymous, self.max_unsigned_connections
+        )
+        return self
 
     @field_validator("id")
     @classmethod

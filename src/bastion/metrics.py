@@ -60,6 +60,10 @@ class Metrics:
         self.bus_dropped: Counter[str] = Counter()
         #: reason → incoming bus messages refused as forged or malformed.
         self.bus_forged: Counter[str] = Counter()
+        #: Users' connection counts decided by this node alone (Redis unavailable).
+        self.user_limits_per_node = 0
+        #: app id → users this node suspended for spending their error budget.
+        self.users_suspended: Counter[str] = Counter()
         # --- live configuration reloads (bastion.server.reload) ---
         #: result → reloads: ``applied``, ``unchanged``, ``restart_required``, ``invalid``.
         self.config_reloads: Counter[str] = Counter()

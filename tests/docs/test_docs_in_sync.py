@@ -24,8 +24,11 @@ from pydantic_core import PydanticUndefined
 from bastion.config import (
     AdapterSettings,
     AdminSettings,
+    AnonymousSettings,
     AppSettings,
     AuditSettings,
+    ConnectionLimits,
+    EventLimit,
     JwtSettings,
     MetricsSettings,
     ReputationSettings,
@@ -33,6 +36,7 @@ from bastion.config import (
     SecuritySettings,
     ServerSettings,
     TlsSettings,
+    UserErrorBudget,
     WebhookDeliverySettings,
     WebhookSettings,
     settings_from_mapping,
@@ -53,6 +57,10 @@ CONFIG_SECTIONS: dict[str, type[BaseModel]] = {
     "`[[apps.previous_secrets]]`": RetiringSecret,
     "`[audit]`": AuditSettings,
     "`[apps.jwt]`": JwtSettings,
+    "`[apps.client_event_limits]`": EventLimit,
+    "`[apps.user_error_budget]`": UserErrorBudget,
+    "`[apps.roles.NAME]`": ConnectionLimits,
+    "`[apps.anonymous]`": AnonymousSettings,
     "`[security]`": SecuritySettings,
     "`[security.reputation]`": ReputationSettings,
     "`[webhooks]`": WebhookDeliverySettings,
@@ -288,6 +296,12 @@ SECURITY_SLUGS = {
     Reason.FRAME_TOO_LARGE,
     Reason.HTTP_BODY_TOO_LARGE,
     Reason.HTTP_HEADERS_TOO_LARGE,
+    Reason.USER_CONNECTION_LIMIT,
+    Reason.SESSION_REPLACED,
+    Reason.CLIENT_EVENT_TYPE_RATE,
+    Reason.HTTP_EVENT_RATE,
+    Reason.USER_SUSPENDED,
+    Reason.SIGNIN_SUSPENDED,
 }
 
 
@@ -319,6 +333,15 @@ def test_security_md_mentions_every_security_setting() -> None:
         "max_unsigned_connections",
         "signin_deadline_seconds",
         "previous_secrets",
+        "max_connections_per_user",
+        "user_connection_policy",
+        "roles",
+        "default_role",
+        "role_key",
+        "role_claim",
+        "client_event_limits",
+        "rest_event_limits",
+        "user_error_budget",
     ]
     skip = {"reputation", "enabled", "threshold", "half_life_seconds", "block_seconds"}
     skip |= {"store_path", "sync_seconds"}  # described in prose and configuration.md

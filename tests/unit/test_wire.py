@@ -15,7 +15,9 @@ from bastion.adapters.messages import (
     MemberAdded,
     MemberRemoved,
     Message,
+    Replaced,
     SubscriptionCount,
+    Suspend,
     Terminate,
     UserOffline,
     UserOnline,
@@ -61,6 +63,8 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(UserOnline, names, names),
     st.builds(UserOffline, names, names),
     st.builds(Terminate, names, names),
+    st.builds(Replaced, names, names, st.lists(names, max_size=5).map(tuple)),
+    st.builds(Suspend, names, names, st.integers(0, 2**40)),
 )
 envelopes = st.builds(Envelope, names, st.integers(0, 2**53), st.integers(0, 2**53), messages)
 
@@ -85,6 +89,8 @@ def test_control_messages_are_their_own_kinds_not_events() -> None:
         (UserOnline("1", "u"), b'"k":"on"'),
         (UserOffline("1", "u"), b'"k":"off"'),
         (Terminate("1", "u"), b'"k":"tm"'),
+        (Replaced("1", "u", ("1.2", "3.4")), b'"k":"rp","u":"u","s":["1.2","3.4"]'),
+        (Suspend("1", "u", 300_000), b'"k":"su","u":"u","m":300000'),
     ]
     for message, kind in kinds:
         payload = encode(Envelope("n", 1, 1, message), KEY)

@@ -19,6 +19,10 @@ Nothing above this seam knows which one it has.
   :data:`Receive`, this node's hub directly and the others over the bus). It also
   answers the cluster-wide reads: members, cached events, online users, channel
   states.
+  It also counts each user's signed-in connections for ``max_connections_per_user``
+  (:meth:`ClusterState.claim_connection`): a decision, answered to the caller, with
+  the connections it replaces closed on every node (a
+  :class:`~bastion.adapters.messages.Replaced`).
 * The **replay claims** say whether a signed REST request's signature is new to
   the cluster.
 
@@ -182,6 +186,29 @@ class ClusterState(Protocol):
 
     def cache(self, app_id: str, channel: str, event: str, data: str, ttl_seconds: int) -> None:
         """A server event was published on a cache channel: it is the last one now."""
+
+    # --- users' connections (max_connections_per_user) -------------------------------
+
+    async def claim_connection(
+        self, app_id: str, user_id: str, socket_id: str, limit: int, *, close_oldest: bool
+    ) -> bool:
+        """Count ``socket_id`` among ``user_id``'s signed-in connections, within ``limit``.
+
+        Returns whether the connection may sign in as ``user_id``. With ``limit``
+        connections counted already it may not, unless ``close_oldest``: the user's
+        oldest connections anywhere in the cluster then make room, and every node
+        closes those it holds (a :class:`~bastion.adapters.messages.Replaced`, this
+        node's through :data:`Receive` before the answer). Each connection counts
+        once, on whichever node it is.
+
+        Never raises: a cluster that cannot decide right now decides for this node
+        alone (the user's connections here, within the same ``limit``) and records
+        the connection once it can.
+        """
+        ...
+
+    def release_connection(self, app_id: str, user_id: str, socket_id: str) -> None:
+        """A connection counted by :meth:`claim_connection` closed (a no-op for others)."""
 
     # --- reads (any node) -----------------------------------------------------------
 

@@ -5,8 +5,9 @@ a network. Each :meth:`MemoryCluster.join` gives a node its own :class:`MemoryBu
 and :class:`MemoryState` over the shared tables, with the same decisions the Redis
 scripts take (a channel is occupied when its first holder joins and vacated when
 its last one leaves; a member is added when its first node has it and removed when
-its last one lets it go; a user is online while any node has it signed in), taken
-at once, in the caller's stack. Decisions reach the deciding node's hub directly;
+its last one lets it go; a user is online while any node has it signed in; a
+user's connections are counted one by one, oldest first, whichever node holds
+them), taken at once, in the caller's stack. Decisions reach the deciding node's hub directly;
 the other nodes' copies (and channel events) wait in the bus queue until
 :meth:`MemoryCluster.pump`, so a test decides how deliveries interleave, much as
 h11's ``ConnectionPair`` lets a test drive both ends of a connection.
@@ -36,7 +37,9 @@ from bastion.adapters.messages import (
     MemberAdded,
     MemberRemoved,
     Message,
+    Replaced,
     SubscriptionCount,
+    Suspend,
     Terminate,
     UserOffline,
     UserOnline,
@@ -83,6 +86,8 @@ class MemoryCluster:
         self.member_nodes: dict[tuple[str, str, str], set[str]] = {}
         #: app → user id → the nodes where it is signed in.
         self.users: dict[str, dict[str, set[str]]] = {}
+        #: (app, user id) → its counted connections, oldest first: socket id → node id.
+        self.connections: dict[tuple[str, str], dict[str, str]] = {}
         #: app → cache channel → (event, data, expires at on ``clock``).
         self.cache: dict[str, dict[str, tuple[str, str, float]]] = {}
         #: One memory of signatures for the whole cluster.
@@ -118,7 +123,7 @@ class MemoryCluster:
 
     def route(self, sender: str, message: Message) -> None:
         """Queue ``message`` for every other node that should get it."""
-        if isinstance(message, UserOnline | UserOffline | Terminate):
+        if isinstance(message, UserOnline | UserOffline | Terminate | Replaced | Suspend):
             targets = [n for n in self.nodes if n != sender]
         else:
             channel = message.channel
@@ -150,6 +155,9 @@ class MemoryCluster:
         for app_id, channels in list(self.channels.items()):
             for channel in [c for c, holders in channels.items() if node_id in holders]:
                 state.channel_off(app_id, channel)
+        for (app_id, user_id), counted in list(self.connections.items()):
+            for socket_id in [s for s, holder in counted.items() if holder == node_id]:
+                state.release_connection(app_id, user_id, socket_id)
         del self.nodes[node_id]
 
 
@@ -387,6 +395,38 @@ class MemoryState:
         if not nodes:
             del users[user_id]
             self._decide(UserOffline(app_id, user_id))
+
+    # --- users' connections -----------------------------------------------------------
+
+    async def claim_connection(
+        self, app_id: str, user_id: str, socket_id: str, limit: int, *, close_oldest: bool
+    ) -> bool:
+        """Count the connection; at ``limit``, refuse it or replace the oldest ones."""
+        counted = self._cluster.connections.setdefault((app_id, user_id), {})
+        if socket_id in counted:
+            return True
+        excess = len(counted) - limit + 1
+        if excess > 0:
+            if not close_oldest:
+                if not counted:
+                    del self._cluster.connections[(app_id, user_id)]
+                return False
+            oldest = tuple(itertools.islice(counted, excess))
+            for victim in oldest:
+                del counted[victim]
+            self._decide(Replaced(app_id, user_id, oldest))
+        counted[socket_id] = self._node_id
+        return True
+
+    def release_connection(self, app_id: str, user_id: str, socket_id: str) -> None:
+        """Stop counting the connection."""
+        key = (app_id, user_id)
+        counted = self._cluster.connections.get(key)
+        if counted is None or counted.get(socket_id) != self._node_id:
+            return
+        del counted[socket_id]
+        if not counted:
+            del self._cluster.connections[key]
 
     # --- cache channels ---------------------------------------------------------------
 

@@ -21,6 +21,8 @@ kind       message                                fields
 ``on``     :class:`~.messages.UserOnline`         ``u``
 ``off``    :class:`~.messages.UserOffline`        ``u``
 ``tm``     :class:`~.messages.Terminate`          ``u``
+``rp``     :class:`~.messages.Replaced`           ``u``, ``s`` list of socket ids
+``su``     :class:`~.messages.Suspend`            ``u``, ``m`` cool-down (ms)
 =========  =====================================  ==================================
 
 Control messages are messages of their own kind, never events with reserved
@@ -53,7 +55,9 @@ from bastion.adapters.messages import (
     MemberAdded,
     MemberRemoved,
     Message,
+    Replaced,
     SubscriptionCount,
+    Suspend,
     Terminate,
     UserOffline,
     UserOnline,
@@ -96,7 +100,11 @@ _FIELDS: dict[str, frozenset[str]] = {
     "on": _ENVELOPE | {"u"},
     "off": _ENVELOPE | {"u"},
     "tm": _ENVELOPE | {"u"},
+    "rp": _ENVELOPE | {"u", "s"},
+    "su": _ENVELOPE | {"u", "m"},
 }
+#: Socket ids one ``rp`` message carries at most (a user's oldest connections).
+MAX_REPLACED = 1000
 
 
 class BusMessageError(ValueError):
@@ -175,6 +183,10 @@ def _fields(message: Message) -> dict[str, Any]:
             return {"k": "off", "u": message.user_id}
         case Terminate():
             return {"k": "tm", "u": message.user_id}
+        case Replaced():
+            return {"k": "rp", "u": message.user_id, "s": list(message.socket_ids)}
+        case Suspend():
+            return {"k": "su", "u": message.user_id, "m": message.cooldown_ms}
 
 
 def encode(envelope: Envelope, key: bytes) -> bytes:
@@ -232,6 +244,17 @@ def _optional_text(fields: dict[str, Any], name: str) -> str | None:
     raise BusMessageError("bad_body")
 
 
+def _texts(fields: dict[str, Any], name: str) -> tuple[str, ...]:
+    value = fields[name]
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_REPLACED
+        or not all(isinstance(item, str) and item for item in value)
+    ):
+        raise BusMessageError("bad_body")
+    return tuple(value)
+
+
 def _integer(fields: dict[str, Any], name: str) -> int:
     value = fields[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -276,8 +299,12 @@ def _from_fields(fields: Any) -> Envelope:
         message = UserOnline(app_id, _text(fields, "u"))
     elif kind == "off":
         message = UserOffline(app_id, _text(fields, "u"))
-    else:
+    elif kind == "tm":
         message = Terminate(app_id, _text(fields, "u"))
+    elif kind == "rp":
+        message = Replaced(app_id, _text(fields, "u"), _texts(fields, "s"))
+    else:
+        message = Suspend(app_id, _text(fields, "u"), _integer(fields, "m"))
     return Envelope(origin, seq, sent_at, message)
 
 

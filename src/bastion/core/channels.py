@@ -82,8 +82,8 @@ class Channels:
         echo = name if len(name) <= _ECHO_LIMIT and name.isprintable() else None
         # First, before any work: bounds channel enumeration and auth-endpoint amplification.
         now = self._clock()
-        settings = app.settings
-        rate, burst = settings.subscribe_attempts.rate, app.subscribe_burst
+        limits = app.tiers[session.tier]
+        rate, burst = limits.subscribe_rate, limits.subscribe_burst
         full_at = take_folded(session.subscribes_full_at, now, rate, burst)
         if full_at is None:
             session.subscribes_full_at = settle_folded(session.subscribes_full_at, now, rate, burst)
@@ -119,7 +119,7 @@ class Channels:
             user_id, user_info = grant.user_id, grant.user_info
             if user_id is not None:
                 size = msg.utf8_size(user_info)
-                if size > app.settings.max_presence_member_bytes:
+                if size > limits.max_presence_member_bytes:
                     raise Refused(Reason.SUBSCRIBE_MEMBER_TOO_LARGE, channel=name)
                 if (
                     existing is not None
@@ -156,7 +156,7 @@ class Channels:
         costs a few comparisons each, and memory stays bounded (~5 KB a channel).
         """
         settings = app.settings
-        if len(session.channels) >= settings.max_channels_per_connection:
+        if len(session.channels) >= app.tiers[session.tier].max_channels_per_connection:
             raise Refused(Reason.SUBSCRIBE_TOO_MANY_CHANNELS, channel=name)
         if existing is not None:
             return

@@ -111,6 +111,27 @@ class Reason(enum.Enum):
         close_code=4009,
         severity="info",
     )
+    #: ``user_connection_policy = "close_oldest"``: a newer connection of the same user
+    #: took this one's place (one session per user). 40xx: pusher-js does not reconnect.
+    SESSION_REPLACED = Rule(
+        "session_replaced",
+        "Signed in on a newer connection; this one was closed",
+        close_code=4009,
+        severity="info",
+    )
+    #: ``user_error_budget``: the user's connections kept being refused; every one of
+    #: them, on every node, is closed (4009: pusher-js does not reconnect).
+    USER_SUSPENDED = Rule(
+        "user_suspended",
+        "Too many refused messages from this user; signed out for a while",
+        close_code=4009,
+    )
+    #: A sign-in as a user still in the cool-down of a suspension.
+    SIGNIN_SUSPENDED = Rule(
+        "signin_suspended",
+        "This user is suspended for a while after too many refused messages",
+        close_code=4009,
+    )
     #: Shared by both doors: close 4100 on a WebSocket, HTTP 429 before an upgrade or on REST.
     AUTH_FAILURE_LIMIT = Rule(
         "auth_failure_limit",
@@ -178,6 +199,13 @@ class Reason(enum.Enum):
         "Client event rejected because of the app's rate limit",
         error_code=4301,
     )
+    #: ``client_event_limits``: the bucket of this event's name (per connection, or
+    #: per user across the cluster) is empty; other names still pass.
+    CLIENT_EVENT_TYPE_RATE = Rule(
+        "client_event_type_rate",
+        "Client event rejected because of the rate limit for its name",
+        error_code=4301,
+    )
     CLIENT_EVENT_NOT_ALLOWED = Rule(
         "client_event_not_allowed",
         "Client event name is not on the app's allow-list",
@@ -187,6 +215,14 @@ class Reason(enum.Enum):
         "client_event_schema",
         "Client event data does not match the schema for its name",
         error_code=4300,
+    )
+    #: ``user_connection_policy = "refuse"``: the sign-in is refused, the connection
+    #: stays open and anonymous.
+    USER_CONNECTION_LIMIT = Rule(
+        "user_connection_limit",
+        "This user already holds the most connections allowed; sign-in refused",
+        error_code=4303,
+        severity="info",
     )
     WATCHLIST_TOO_LONG = Rule(
         "watchlist_too_long",
@@ -337,6 +373,10 @@ class Reason(enum.Enum):
     )
     HTTP_IP_RATE = Rule("ip_rate_limited", "Too many requests from this address", http_status=429)
     HTTP_APP_RATE = Rule("app_rate_limited", "Too many requests for this app", http_status=429)
+    #: ``rest_event_limits``: the app published too many events of this name.
+    HTTP_EVENT_RATE = Rule(
+        "event_rate_limited", "Too many events of this name for this app", http_status=429
+    )
     HTTP_QUERY_TOKEN = Rule(
         "query_token_refused",
         "This app does not accept tokens in the URL",

@@ -80,6 +80,7 @@ DEFAULT_POINTS: Mapping[str, float] = {
     # rate limits
     "client_event_rate": _RATE_LIMIT,
     "client_event_app_rate": _RATE_LIMIT,
+    "client_event_type_rate": _RATE_LIMIT,
     "subscribe_rate": _RATE_LIMIT,
     "ip_rate_limited": _RATE_LIMIT,
     "connection_rate": _RATE_LIMIT,
@@ -147,6 +148,11 @@ ZERO_POINTS: Mapping[str, str] = {
     "over_capacity": _CAPACITY + " (also sent to every client while a node drains)",
     "unsigned_over_quota": _CAPACITY,
     "subscribe_presence_full": _CAPACITY,
+    "user_connection_limit": _CAPACITY + " (a user with one tab too many)",
+    "session_replaced": "the same user signed in on a newer connection; the app's policy",
+    "user_suspended": "the user's own refusals were scored already; a suspension is no new"
+    " offence (and never blocks the address)",
+    "signin_suspended": "a sign-in during a suspension's cool-down; it must not feed itself",
     "app_channels_full": _CAPACITY,
     "node_channels_full": _CAPACITY,
     "slow_consumer": "a slow network, not an attack; the cut already frees the memory",
@@ -158,6 +164,7 @@ ZERO_POINTS: Mapping[str, str] = {
     "signin_data_invalid": "the app's auth endpoint signed this user_data; not the peer's doing",
     "watchlist_too_long": "the app's auth endpoint signed this watchlist; the sign-in succeeds",
     "app_rate_limited": _SIGNED_BACK_END,
+    "event_rate_limited": _SIGNED_BACK_END,
     "method_not_allowed": _SIGNED_BACK_END,
     "invalid_body": _SIGNED_BACK_END,
     "invalid_field": _SIGNED_BACK_END,

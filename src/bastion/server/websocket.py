@@ -541,9 +541,8 @@ class WebSocketConnection(asyncio.Protocol):
     def _spend_message_budget(self) -> bool:
         """Take a token of the message budget; a frame past it is refused unread."""
         # Before anything looks at the frame: one float compared, nothing decoded.
-        settings = self.app.settings
-        rate = settings.max_messages_per_second.rate
-        burst = self.app.message_burst
+        limits = self.app.tiers[self.session.tier]  # the connection's role's
+        rate, burst = limits.message_rate, limits.message_burst
         full_at = take_folded(self._messages, self.last_seen, rate, burst)
         if full_at is None:
             self._messages = settle_folded(self._messages, self.last_seen, rate, burst)

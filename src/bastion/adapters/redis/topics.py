@@ -33,6 +33,8 @@ from bastion.adapters.base import Receive
 from bastion.adapters.messages import (
     ChannelEvent,
     Message,
+    Replaced,
+    Suspend,
     Terminate,
     UserOffline,
     UserOnline,
@@ -334,7 +336,7 @@ class RedisBus:
         return f"{self._prefix}:users:{app_id}"
 
     def _topic(self, message: Message) -> str:
-        if isinstance(message, UserOnline | UserOffline | Terminate) or (
+        if isinstance(message, UserOnline | UserOffline | Terminate | Replaced | Suspend) or (
             isinstance(message, ChannelEvent) and message.channel.startswith(SERVER_TO_USER_PREFIX)
         ):
             return self._users_topic(message.app_id)
