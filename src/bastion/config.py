@@ -45,6 +45,7 @@ __all__ = [
     "AdminSettings",
     "AppSettings",
     "AuditSettings",
+    "HistorySettings",
     "JwtSettings",
     "MetricsSettings",
     "RateSettings",
@@ -214,6 +215,50 @@ class JwtSettings(BaseModel):
         return self
 
 
+class HistorySettings(BaseModel):
+    """Channel history and recovery of missed events (``[apps.history]``; absent: off).
+
+    Server events published on a channel whose name starts with one of
+    ``channel_prefixes`` are recorded with a position, so a client that reconnects
+    can get what it missed (docs/recovery.md). Every bound holds per channel;
+    ``max_channels`` bounds a node's memory per app.
+    """
+
+    model_config = _STRICT
+
+    #: Channels that have history: names starting with one of these (``""``: every one).
+    channel_prefixes: Annotated[list[str], Field(min_length=1)] = Field(
+        default_factory=lambda: [""]
+    )
+    #: Events kept per channel.
+    max_events: Annotated[int, Field(gt=0, le=10_000)] = 100
+    #: Bytes of event names and data kept per channel.
+    max_bytes: Annotated[int, Field(gt=0, le=16 * 1024 * 1024)] = 65_536
+    #: Seconds an event is kept.
+    max_age_seconds: Annotated[float, Field(gt=0, le=86_400)] = 300
+    #: Channels with history per app on one node (in memory; the least recently
+    #: published goes first). With Redis the bound is ``position_ttl_seconds``.
+    max_channels: Annotated[int, Field(gt=0, le=1_000_000)] = 1000
+    #: Events one resume or one backfill request replays at most (more missed: false).
+    max_replay_events: Annotated[int, Field(gt=0, le=10_000)] = 100
+    #: Seconds a quiet channel keeps its epoch and last offset after its last event.
+    position_ttl_seconds: Annotated[int, Field(gt=0, le=30 * 86_400)] = 3600
+
+    @field_validator("channel_prefixes")
+    @classmethod
+    def _channel_prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if prefix.startswith("#"):
+                raise ValueError("server-to-user channels never have history")
+        return value
+
+    @model_validator(mode="after")
+    def _positions_outlive_events(self) -> HistorySettings:
+        if self.position_ttl_seconds < self.max_age_seconds:
+            raise ValueError("position_ttl_seconds must be at least max_age_seconds")
+        return self
+
+
 class RetiringSecret(BaseModel):
     """An older secret still accepted while clients and SDKs rotate to the new one."""
 
@@ -297,6 +342,8 @@ class AppSettings(BaseModel):
     client_event_schemas: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: JSON Web Tokens for sign-in and channel grants (``[apps.jwt]``).
     jwt: JwtSettings | None = None
+    #: Channel history and recovery after a reconnect (``[apps.history]``); unset: off.
+    history: HistorySettings | None = None
     webhooks: list[WebhookSettings] = Field(default_factory=list)
     #: Refuse to deliver this app's webhooks to loopback, private or link-local addresses.
     webhooks_refuse_private: bool = False

@@ -79,7 +79,8 @@ class Hub:
             self.apps_by_key[app.settings.key] = app
             self.apps_by_id[app.id] = app
         self.listeners: list[Callable[[ev.HubEvent], None]] = []
-        self.fanout = FanOut(frame, self.bus, self.state)
+        self.history = cluster.history
+        self.fanout = FanOut(frame, self.bus, self.state, self.history)
         self.channels = Channels(
             self.fanout,
             self.bus,
@@ -94,6 +95,7 @@ class Hub:
         self.max_connections = settings.server.max_connections
         self.bus.attach(self.receive)
         self.state.attach(self.receive, self.emit)
+        self.history.attach(self.receive)
 
     @property
     def deliveries(self) -> int:
@@ -233,6 +235,7 @@ class Hub:
                         message.data,
                         message.exclude_socket_id,
                         message.user_id,
+                        message.position,
                     )
             case cm.MemberAdded():
                 text = msg.member_added(message.channel, message.user_id, message.user_info)
@@ -259,6 +262,7 @@ class Hub:
     def tick(self) -> None:
         """Periodic housekeeping (called on the node's heartbeat)."""
         self.state.tick()
+        self.history.tick()
 
     # --- configuration -------------------------------------------------------------------
 
@@ -286,6 +290,9 @@ class Hub:
             if state.settings.key != template.settings.key:
                 self._unmap_key(state.settings.key, state)
                 self.apps_by_key[template.settings.key] = state
+            if _stops_recording(state, template):
+                # Events the new settings do not record would be holes in old positions.
+                self.history.restart(app_id)
             state.apply(template.settings, template.jwt)
         self.max_connections = settings.server.max_connections
         self.channels.max_channels = settings.server.max_channels
@@ -302,3 +309,11 @@ class Hub:
         return is_valid_event_name(name, app.settings.max_event_name_length) and not (
             name.startswith(("pusher:", "pusher_internal:"))
         )
+
+
+def _stops_recording(current: AppState, new: AppState) -> bool:
+    """Whether ``new`` settings record fewer channels than ``current`` (history restarts)."""
+    before, after = current.history, new.history
+    if before is None:
+        return False
+    return after is None or not set(before.prefixes) <= set(after.prefixes)

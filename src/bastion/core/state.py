@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bastion.config import AppSettings
+from bastion.core.history import HistoryPolicy
 from bastion.core.session import Deadlines, SessionPhase
 from bastion.errors import Refused
 from bastion.protocol import messages as msg
@@ -118,7 +119,7 @@ class Member:
 class Channel:
     """A channel with at least one local subscriber."""
 
-    __slots__ = ("members", "name", "subscribers", "type", "waiting")
+    __slots__ = ("held", "members", "name", "subscribers", "type", "waiting")
 
     def __init__(self, name: str, channel_type: ChannelType) -> None:
         self.name = name
@@ -130,6 +131,10 @@ class Channel:
         #: member list), with the control frames (member events, counts) that
         #: arrived meanwhile: sent after ``subscription_succeeded``.
         self.waiting: dict[str, list[bytes]] = {}
+        #: Subscribers whose resume is being read, with the history events (position,
+        #: frame) that arrived meanwhile: sent after the missed ones. ``None``: more
+        #: arrived than can be held; they went out, and the resume answers false.
+        self.held: dict[str, list[tuple[str, bytes]] | None] = {}
 
     @property
     def subscription_count(self) -> int:
@@ -203,6 +208,8 @@ class AppState:
             and previous.client_events_per_app != settings.client_events_per_app
         ):
             self.client_event_bucket = None
+        #: Which channels have history, and its bounds (``None``: history off).
+        self.history = HistoryPolicy(settings.history) if settings.history is not None else None
         #: The bursts in force (they never go below a reconnect's frames).
         self.message_burst = settings.message_burst
         self.subscribe_burst = settings.subscribe_burst

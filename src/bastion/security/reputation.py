@@ -109,6 +109,7 @@ DEFAULT_POINTS: Mapping[str, float] = {
     "query_token_refused": _PROBE,
     "metrics_forbidden": _PROBE,
     "host_not_allowed": _PROBE,
+    "resume_future_position": _PROBE,
     "not_found": _MISUSE,
     # well-formed messages the protocol refuses
     "missing_event": _MISUSE,
@@ -129,6 +130,7 @@ DEFAULT_POINTS: Mapping[str, float] = {
     "subscribe_too_many_channels": _MISUSE,
     "signin_conflict": _MISUSE,
     "signin_deadline": _MISUSE,
+    "resume_invalid": _MISUSE,
 }
 
 _SIGNED_BACK_END = (

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from bastion.adapters import wire
 from bastion.adapters.base import Cluster, ReplayClaims
 from bastion.adapters.redis.client import describe_error, describe_url
+from bastion.adapters.redis.history import UnrecordedHistory
 from bastion.adapters.redis.session import RedisSession
 from bastion.adapters.redis.state import QUERY_WAIT, RedisState
 from bastion.adapters.redis.topics import MAX_PENDING, RedisBus
@@ -132,4 +133,4 @@ def redis_cluster(
     replay: ReplayClaims = (
         RedisReplayClaims(session, local) if settings.shared_replay_guard else local
     )
-    return Cluster(bus, state, replay)
+    return Cluster(bus, state, replay, UnrecordedHistory(bus))
