@@ -337,8 +337,8 @@ class GatedHistory:
         self.gate = asyncio.Event()
         self.read_first = False
 
-    def attach(self, receive: Any) -> None:
-        self.inner.attach(receive)
+    def attach(self, deliver: Any) -> None:
+        self.inner.attach(deliver)
 
     def publish(self, *args: Any) -> None:
         self.inner.publish(*args)

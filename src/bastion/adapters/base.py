@@ -56,6 +56,7 @@ __all__ = [
     "Cluster",
     "ClusterState",
     "ClusterUnavailable",
+    "Deliver",
     "Emit",
     "History",
     "Receive",
@@ -89,6 +90,9 @@ class Cached:
 Receive = Callable[[Message], None]
 #: Reports a hub event decided for the cluster (``Hub.emit``); never blocks.
 Emit = Callable[["HubEvent"], None]
+#: Delivers a server event to this node's subscribers (``Hub.deliver``): app id,
+#: channel, event, data, the excluded socket id, its position (``None``: unrecorded).
+Deliver = Callable[[str, str, str, str, "str | None", "str | None"], None]
 
 
 class Bus(Protocol):
@@ -249,8 +253,8 @@ class ReplayClaims(Protocol):
 class History(Protocol):
     """Channel history: events recorded with positions, and what a position missed."""
 
-    def attach(self, receive: Receive) -> None:
-        """Where recorded events go for delivery on this node (``Hub.receive``)."""
+    def attach(self, deliver: Deliver) -> None:
+        """Where events go for delivery on this node (``Hub.deliver``)."""
 
     def publish(
         self,
@@ -263,9 +267,9 @@ class History(Protocol):
     ) -> None:
         """Record a server event of a history channel and deliver it everywhere.
 
-        Every node's hub, this one's included, receives it through ``receive`` as
-        a :class:`~bastion.adapters.messages.ChannelEvent` carrying its position,
-        in the channel's position order. When the history cannot record it (its
+        Every node delivers it with its position, this one included, in the
+        channel's position order (this node through ``deliver``, or through the
+        bus like the others). When the history cannot record it (its
         store is down) it is delivered on this node without a position, and the
         channel's history restarts (a new epoch) once the store is back, so no
         resume across the gap is ever answered complete. Never blocks.

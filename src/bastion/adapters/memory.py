@@ -29,6 +29,7 @@ from bastion.adapters.base import (
     Cached,
     ChannelState,
     Cluster,
+    Deliver,
     Emit,
     Receive,
 )
@@ -70,6 +71,17 @@ def _ignore_message(message: Message) -> None:
 
 def _ignore_event(event: ev.HubEvent) -> None:
     """The emitter before a hub attaches: nobody listens."""
+
+
+def _ignore_delivery(
+    app_id: str,
+    channel: str,
+    event: str,
+    data: str,
+    exclude_socket_id: str | None,
+    position: str | None,
+) -> None:
+    """The delivery before a hub attaches: nobody to deliver to."""
 
 
 class MemoryCluster:
@@ -467,23 +479,24 @@ class MemoryHistory:
     queue is the channel's position order on every node.
     """
 
-    __slots__ = ("_cluster", "_node_id", "_receive")
+    __slots__ = ("_cluster", "_deliver", "_node_id")
 
     def __init__(self, cluster: MemoryCluster, node_id: str) -> None:
         self._cluster = cluster
         self._node_id = node_id
-        self._receive: Receive = _ignore_message
+        self._deliver: Deliver = _ignore_delivery
 
-    def attach(self, receive: Receive) -> None:
+    def attach(self, deliver: Deliver) -> None:
         """Where recorded events go on this node."""
-        self._receive = receive
+        self._deliver = deliver
 
     def _app(self, app_id: str, limits: HistoryLimits) -> AppHistory:
         cluster = self._cluster
-        cluster.history_limits[app_id] = limits
         history = cluster.histories.get(app_id)
         if history is None:
             history = cluster.histories[app_id] = AppHistory()
+        if cluster.history_limits.get(app_id) is not limits:
+            cluster.history_limits[app_id] = limits
         return history
 
     def publish(
@@ -500,12 +513,12 @@ class MemoryHistory:
         position = self._app(app_id, limits).append(
             channel, event, data, exclude_socket_id, cluster.clock(), limits, cluster.epochs
         )
+        if len(cluster.nodes) == 1:
+            self._deliver(app_id, channel, event, data, exclude_socket_id, str(position))
+            return
         message = ChannelEvent(
             app_id, channel, event, data, exclude_socket_id, position=str(position)
         )
-        if len(cluster.nodes) == 1:
-            self._receive(message)
-            return
         key = (app_id, channel)
         for node_id, node in cluster.nodes.items():
             if key in node.bus.interest:

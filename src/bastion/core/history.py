@@ -126,7 +126,9 @@ class Entry(msgspec.Struct, frozen=True, gc=False):
 
 def entry_size(event: str, data: str, exclude_socket_id: str | None) -> int:
     """The bytes an event counts for against ``max_bytes``."""
-    size = len(event.encode("utf-8", "surrogatepass")) + len(data.encode("utf-8", "surrogatepass"))
+    # ASCII (most data: JSON with escapes) is one byte a character: no encoding.
+    size = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+    size += len(event) if event.isascii() else len(event.encode("utf-8", "surrogatepass"))
     return size + (len(exclude_socket_id) if exclude_socket_id is not None else 0)
 
 

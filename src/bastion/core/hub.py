@@ -95,7 +95,7 @@ class Hub:
         self.max_connections = settings.server.max_connections
         self.bus.attach(self.receive)
         self.state.attach(self.receive, self.emit)
-        self.history.attach(self.receive)
+        self.history.attach(self.deliver)
 
     @property
     def deliveries(self) -> int:
@@ -205,6 +205,20 @@ class Hub:
     ) -> None:
         """Deliver an event to every local subscriber of each channel, then to the bus."""
         self.fanout.publish(app, channels, event, data, exclude_socket_id)
+
+    def deliver(
+        self,
+        app_id: str,
+        channel: str,
+        event: str,
+        data: str,
+        exclude_socket_id: str | None,
+        position: str | None,
+    ) -> None:
+        """A server event the history hands over, to local subscribers only."""
+        app = self.apps_by_id.get(app_id)
+        if app is not None:
+            self.fanout.deliver(app, channel, event, data, exclude_socket_id, None, position)
 
     def terminate_user(self, app: AppState, user_id: str) -> int:
         """Close every connection signed in as ``user_id``, on every node.

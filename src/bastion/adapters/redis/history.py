@@ -8,16 +8,22 @@ replay that could miss what another node published.
 
 from __future__ import annotations
 
-from bastion.adapters.base import Bus, ClusterUnavailable, Receive
-from bastion.adapters.messages import ChannelEvent, Message
+from bastion.adapters.base import Bus, ClusterUnavailable, Deliver
 from bastion.core.history import HistoryLimits, Recovery
 from bastion.protocol.positions import Position
 
 __all__ = ["UnrecordedHistory"]
 
 
-def _ignore(message: Message) -> None:
-    """The receiver before the hub attaches."""
+def _ignore(
+    app_id: str,
+    channel: str,
+    event: str,
+    data: str,
+    exclude_socket_id: str | None,
+    position: str | None,
+) -> None:
+    """The delivery before the hub attaches."""
 
 
 class UnrecordedHistory:
@@ -29,11 +35,11 @@ class UnrecordedHistory:
 
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
-        self._receive: Receive = _ignore
+        self._deliver: Deliver = _ignore
 
-    def attach(self, receive: Receive) -> None:
+    def attach(self, deliver: Deliver) -> None:
         """Where events go on this node."""
-        self._receive = receive
+        self._deliver = deliver
 
     def publish(
         self,
@@ -45,7 +51,7 @@ class UnrecordedHistory:
         limits: HistoryLimits,
     ) -> None:
         """Deliver without a position: here, then to the other nodes."""
-        self._receive(ChannelEvent(app_id, channel, event, data, exclude_socket_id))
+        self._deliver(app_id, channel, event, data, exclude_socket_id, None)
         self._bus.publish(app_id, channel, event, data, exclude_socket_id)
 
     async def since(
