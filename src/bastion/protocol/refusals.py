@@ -376,6 +376,11 @@ class Reason(enum.Enum):
         "The Host header does not name this server",
         http_status=403,
     )
+    HTTP_INVALID_POSITION = Rule(
+        "invalid_position",
+        "since must be a position (epoch:offset) the channel has reached",
+        http_status=400,
+    )
     HTTP_ENCRYPTED_MULTI = Rule(
         "encrypted_multi_channel",
         "Encrypted channels cannot be triggered together with other channels",

@@ -172,6 +172,7 @@ ZERO_POINTS: Mapping[str, str] = {
     "invalid_info": _SIGNED_BACK_END,
     "not_presence": _SIGNED_BACK_END,
     "encrypted_multi_channel": _SIGNED_BACK_END,
+    "invalid_position": _SIGNED_BACK_END,
 }
 
 #: Relative slack when comparing a score with the threshold. A burst of refusals
