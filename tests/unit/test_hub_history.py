@@ -456,3 +456,27 @@ async def test_a_client_that_leaves_while_its_resume_is_read_holds_nothing() -> 
     gated.gate.set()
     await settle_reads()
     assert events_of(client) == []
+
+
+def test_channels_without_history_are_never_recorded() -> None:
+    clock = Clock()
+    cluster = MemoryCluster(clock)
+    one = HubNode(cluster.join("local"), clock, history=HISTORY)
+    one.publish("news", data="not kept")
+    one.publish("private-news", data="not kept")
+    one.publish("chat-1", data="kept")
+    (app_history,) = cluster.histories.values()
+    assert list(app_history.channels) == ["chat-1"]
+    kept = app_history.channels["chat-1"].entries
+    assert [entry.data for entry in kept] == ["kept"]
+
+
+def test_encrypted_channels_keep_the_ciphertext_as_published() -> None:
+    clock = Clock()
+    cluster = MemoryCluster(clock)
+    one = HubNode(cluster.join("local"), clock, history={"channel_prefixes": [""]})
+    ciphertext = '{"nonce":"bm9uY2U=","ciphertext":"c2VjcmV0"}'
+    one.publish("private-encrypted-room", data=ciphertext)
+    (app_history,) = cluster.histories.values()
+    (entry,) = app_history.channels["private-encrypted-room"].entries
+    assert entry.data == ciphertext
