@@ -14,7 +14,11 @@ Prints ONE JSON line:
   hub (history read, 100 frames framed and written to a fake session, the answer),
   median of ``--repeat`` runs;
 * ``publish_us`` — time of one hub publish on a history channel with one
-  subscriber, and ``publish_plain_us`` the same on a channel without history.
+  subscriber, and ``publish_plain_us`` the same on a channel without history;
+* ``delivery_ns`` and ``delivery_plain_ns`` — CPU per delivery of a fan-out to
+  ``--subscribers`` fake sessions, with and without history (the event is
+  recorded and its frame built once per publish, so history's cost per delivery
+  shrinks with the number of subscribers).
 
 Usage: ``python bench/history.py [--channels 1000] [--events 100] [--payload 200]``.
 """
@@ -117,18 +121,19 @@ def resume_time(repeat: int, payload: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def publish_time(history: bool, count: int, payload: int) -> float:
-    """Microseconds per hub publish to a channel with one subscriber."""
+def publish_time(history: bool, count: int, payload: int, subscribers: int = 1) -> float:
+    """Microseconds per hub publish to a channel with ``subscribers`` fake sessions."""
     hub, app = _hub(history)
     written: list[bytes] = []
-    session = _session(written)
-    hub.subscribe(app, session, msg.Subscribe(channel="chat-1"))
+    for index in range(subscribers):
+        session = Session(f"1.{index}", written.append, lambda refused: None)
+        hub.subscribe(app, session, msg.Subscribe(channel="chat-1"))
     data = "x" * payload
-    began = time.perf_counter()
+    began = time.process_time()
     for _ in range(count):
         hub.publish(app, ["chat-1"], "message", data)
         written.clear()
-    return (time.perf_counter() - began) / count * 1e6
+    return (time.process_time() - began) / count * 1e6
 
 
 def main() -> None:
@@ -138,6 +143,7 @@ def main() -> None:
     parser.add_argument("--payload", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=51)
     parser.add_argument("--publishes", type=int, default=50_000)
+    parser.add_argument("--subscribers", type=int, default=1000)
     args = parser.parse_args()
     result: dict[str, Any] = {"bench": "history", "python": sys.version.split()[0]}
     result.update(vars(args))
@@ -145,6 +151,10 @@ def main() -> None:
     result["resume_100_us"] = round(resume_time(args.repeat, args.payload), 1)
     result["publish_us"] = round(publish_time(True, args.publishes, args.payload), 3)
     result["publish_plain_us"] = round(publish_time(False, args.publishes, args.payload), 3)
+    fanouts = max(1, args.publishes // args.subscribers)
+    for key, history in (("delivery_ns", True), ("delivery_plain_ns", False)):
+        per_publish = publish_time(history, fanouts, args.payload, args.subscribers)
+        result[key] = round(per_publish / args.subscribers * 1000, 1)
     print(json.dumps(result))
 
 
