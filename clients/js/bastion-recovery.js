@@ -52,8 +52,9 @@
         } catch (e) {
           return;
         }
+        // Without a position (history off, or unreadable), the old one stays: the
+        // next resume is asked again rather than claiming to have missed nothing.
         if (answer && typeof answer.position === 'string') keep(frame.channel, answer.position);
-        else delete kept[frame.channel];
       }
     }
 

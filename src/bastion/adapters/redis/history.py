@@ -25,7 +25,8 @@ trimming, the TTLs, and the ``PUBLISH`` of the node's signed bus message with
 at a time, so every node, the publishing one included, receives the channel's
 events in offset order, and a resume that reads the stream once its node's topic
 subscription is confirmed misses nothing: an event is either in the range read or
-published on the topic afterwards.
+published on the topic afterwards (a read while the node wants the topic but
+Redis has not confirmed it is answered ``unavailable``, never risked).
 
 Appends wait in a bounded queue for the session's writer, in order. What cannot
 be recorded (the session is down, the queue is full, a write failed) is delivered
@@ -176,6 +177,10 @@ class HistoryBus(Protocol):
         """A recorded event's topic and signed bytes."""
         ...
 
+    def confirmed(self, app_id: str, channel: str) -> bool:
+        """Whether the channel's events reach this node (if it has interest in them)."""
+        ...
+
     def forged(self, reason: str, size: int) -> None:
         """Count, and log and audit at a bounded rate, something forged."""
 
@@ -279,6 +284,9 @@ class RedisHistory:
         script = self._since
         if not self._session.healthy or script is None:
             raise ClusterUnavailable("the redis bus is disconnected")
+        if not self._bus.confirmed(app_id, channel):
+            # Events published after the read might never reach this node's subscriber.
+            raise ClusterUnavailable("the channel's topic is not confirmed yet")
         args = [
             self._epochs(),
             asked.epoch if asked is not None else "",

@@ -273,6 +273,16 @@ class RedisBus:
         )
         return self._topic(message), wire.encode(envelope, self._session.key)
 
+    def confirmed(self, app_id: str, channel: str) -> bool:
+        """Whether events published on the channel now reach this node, if it wants them.
+
+        ``False`` only while the node has interest in the channel's topic and Redis
+        has not confirmed the subscription (``when_ready`` answers anyway after
+        ``READY_WAIT``): a resume read then could miss what is published meanwhile.
+        """
+        topic = self._channel_topic(app_id, channel)
+        return topic not in self._interest or topic in self._confirmed
+
     def encode_recorded(self, message: ChannelEvent) -> tuple[str, bytes]:
         """A server event the history records: its topic and signed bytes (kind ``he``)."""
         envelope = wire.Envelope(
