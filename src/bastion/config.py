@@ -458,7 +458,8 @@ class ServerSettings(BaseModel):
     activity_timeout: PositiveInt = 120
     #: Seconds to wait for any frame after a server ping before closing with 4201.
     pong_timeout: PositiveFloat = 30
-    #: Outbound bytes buffered per connection before it is cut as a slow consumer.
+    #: Outbound KiB queued per connection (the transport's buffer, at most 64 KiB of
+    #: it, and the frames held behind it) before it is cut as a slow consumer.
     max_write_buffer_kb: PositiveInt = 1024
     #: Seconds a client may take to send a complete HTTP request head.
     handshake_timeout: PositiveFloat = 10

@@ -28,6 +28,11 @@ class Metrics:
         self.messages_in: Counter[str] = Counter()
         #: app id → REST events published.
         self.events_published: Counter[str] = Counter()
+        #: app id → frames dropped unsent for connections that fell behind (held
+        #: while their transport was paused, then cut as slow consumers or closed).
+        self.frames_discarded: Counter[str] = Counter()
+        #: app id → bytes of those frames.
+        self.bytes_discarded: Counter[str] = Counter()
         # --- webhooks (bastion.webhooks.dispatcher; dropped: the producer) ---
         #: app id → deliveries answered with a 2xx.
         self.webhooks_delivered: Counter[str] = Counter()

@@ -32,6 +32,8 @@ from websockets.exceptions import ConnectionClosed
 
 from bastion.server.runtime import Node
 
+from .conftest import MakeNode
+
 #: Close codes a text frame of valid UTF-8 may legitimately earn: a failed sign-in, and
 #: the refusal budget (``refusal_limit``) spent by a connection whose frames keep being
 #: refused, as the fuzzer's are (the connection lives over many examples).
@@ -261,6 +263,19 @@ class Fuzzer:
             if connection is not None:
                 with contextlib.suppress(Exception):
                     await connection.close()
+
+
+@pytest.fixture
+async def node(make_node: MakeNode) -> Node:
+    """A default node whose per-connection message budget is out of the way.
+
+    Each example sends its frames and a ping on connections that live across
+    examples, hundreds of frames a second on a fast run: past the default budget
+    (50 a second) a ping is answered 4301 instead of a pong, and what is fuzzed
+    here is every other answer. The budget's own answers are held by
+    test_refusal_budgets.py.
+    """
+    return await make_node(app={"max_messages_per_second": {"rate": 100_000, "burst": 100_000}})
 
 
 @pytest.fixture

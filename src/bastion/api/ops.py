@@ -257,6 +257,16 @@ class NodeCollector:
             "Event frames written to local subscribers.",
             value=node.hub.deliveries,
         )
+        yield per_app(
+            "frames_discarded",
+            "Frames dropped unsent for connections that fell behind (slow consumers).",
+            metrics.frames_discarded,
+        )
+        yield per_app(
+            "bytes_discarded",
+            "Bytes of the frames dropped unsent for connections that fell behind.",
+            metrics.bytes_discarded,
+        )
 
         # --- refusals ---
         refusals: Counter[tuple[str, str]] = Counter()

@@ -39,7 +39,7 @@ from bastion.protocol.names import (
 )
 from bastion.protocol.refusals import Reason
 from bastion.security.channel_auth import SignedInUser, authorize_subscribe
-from bastion.security.ratelimit import take_folded
+from bastion.security.ratelimit import settle_folded, take_folded
 
 __all__ = ["Channels"]
 
@@ -89,13 +89,10 @@ class Channels:
         # First, before any work: bounds channel enumeration and auth-endpoint amplification.
         now = self._clock()
         settings = app.settings
-        full_at = take_folded(
-            session.subscribes_full_at,
-            now,
-            settings.subscribe_attempts.rate,
-            app.subscribe_burst,
-        )
+        rate, burst = settings.subscribe_attempts.rate, app.subscribe_burst
+        full_at = take_folded(session.subscribes_full_at, now, rate, burst)
         if full_at is None:
+            session.subscribes_full_at = settle_folded(session.subscribes_full_at, now, rate, burst)
             raise Refused(Reason.SUBSCRIBE_RATE, channel=echo)
         session.subscribes_full_at = full_at
         if not is_valid_channel_name(name, app.settings.max_channel_name_length):

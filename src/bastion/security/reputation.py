@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from bastion.security.proxies import IPNetwork, parse_ip, parse_networks
+from bastion.security.proxies import IPNetwork, ip_text, parse_ip, parse_networks
 
 if TYPE_CHECKING:
     from bastion.config import ReputationSettings
@@ -195,8 +195,7 @@ def canonical_ip(text: str) -> str | None:
 
     Returns ``None`` when ``text`` is not an address, so garbage is never scored.
     """
-    address = parse_ip(text)
-    return None if address is None else str(address)
+    return ip_text(text)
 
 
 def parse_duration(text: str) -> float:

@@ -465,3 +465,55 @@ handle = async function handleWithWebhook(msg) {
   if (msg.cmd === 'webhook') return webhookCheck(msg);
   return handleBeforeWebhook(msg);
 };
+
+// ------------------------------------------------------------------ scenario: a slow consumer
+// pusher-js as a client that stops reading (tests/interop/test_pusherjs_slow_consumer.py):
+//
+//   {"cmd": "pause_socket", "client": "a"}   stop reading the client's TCP socket
+//   {"cmd": "resume_socket", "client": "a"}  read it again
+//       → {"paused": bool}
+//
+// Under Node, pusher-js's WebSocket is the faye-websocket client bundled in its node
+// build; its TCP stream (`_stream`, a net.Socket) is piped into the WebSocket parser.
+// Paused, Node stops reading the socket, the kernel's receive window closes and the
+// server's writes wait on the server's side: a slow link, without a clock.
+// `pause_socket` also reports pusher-js's `connecting_in` notices (the delay, in
+// seconds, before its next connection attempt) as {"kind": "connecting_in", "delay"}.
+
+function tcpStream(msg) {
+  const c = getClient(msg.client);
+  const connection = c.pusher.connection.connection;
+  const transport = connection && connection.transport;
+  const socket = transport && transport.socket;
+  const stream = socket && socket._stream;
+  if (!stream || typeof stream.pause !== 'function') {
+    throw new Error(`client ${msg.client} has no open TCP stream`);
+  }
+  return { client: c, stream: stream };
+}
+
+function pauseSocket(msg) {
+  const found = tcpStream(msg);
+  if (!found.client.connectingInBound) {
+    found.client.connectingInBound = true;
+    found.client.pusher.connection.bind('connecting_in', (delay) => {
+      emitEvent('connecting_in', msg.client, { delay: delay });
+    });
+  }
+  found.stream.pause();
+  return { paused: found.stream.isPaused() };
+}
+
+function resumeSocket(msg) {
+  const found = tcpStream(msg);
+  found.stream.resume();
+  return { paused: found.stream.isPaused() };
+}
+
+const handleBeforeSlowConsumer = handle;
+// eslint-disable-next-line no-func-assign
+handle = async function handleWithSlowConsumer(msg) {
+  if (msg.cmd === 'pause_socket') return pauseSocket(msg);
+  if (msg.cmd === 'resume_socket') return resumeSocket(msg);
+  return handleBeforeSlowConsumer(msg);
+};
