@@ -34,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from bastion.config_history import HistorySettings
 from bastion.errors import ConfigError
 from bastion.security.origins import parse_patterns
 from bastion.security.payload import ClientEventPolicy
@@ -212,50 +213,6 @@ class JwtSettings(BaseModel):
         asymmetric = {"RS256", "ES256"} & set(self.algorithms)
         if asymmetric and self.public_key_file is None and self.jwks_file is None:
             raise ValueError(f"{sorted(asymmetric)} need public_key_file or jwks_file")
-        return self
-
-
-class HistorySettings(BaseModel):
-    """Channel history and recovery of missed events (``[apps.history]``; absent: off).
-
-    Server events published on a channel whose name starts with one of
-    ``channel_prefixes`` are recorded with a position, so a client that reconnects
-    can get what it missed (docs/recovery.md). Every bound holds per channel;
-    ``max_channels`` bounds a node's memory per app.
-    """
-
-    model_config = _STRICT
-
-    #: Channels that have history: names starting with one of these (``""``: every one).
-    channel_prefixes: Annotated[list[str], Field(min_length=1)] = Field(
-        default_factory=lambda: [""]
-    )
-    #: Events kept per channel.
-    max_events: Annotated[int, Field(gt=0, le=10_000)] = 100
-    #: Bytes of event names and data kept per channel.
-    max_bytes: Annotated[int, Field(gt=0, le=16 * 1024 * 1024)] = 65_536
-    #: Seconds an event is kept.
-    max_age_seconds: Annotated[float, Field(gt=0, le=86_400)] = 300
-    #: Channels with history per app on one node (in memory; the least recently
-    #: published goes first). With Redis the bound is ``position_ttl_seconds``.
-    max_channels: Annotated[int, Field(gt=0, le=1_000_000)] = 1000
-    #: Events one resume or one backfill request replays at most (more missed: false).
-    max_replay_events: Annotated[int, Field(gt=0, le=10_000)] = 100
-    #: Seconds a quiet channel keeps its epoch and last offset after its last event.
-    position_ttl_seconds: Annotated[int, Field(gt=0, le=30 * 86_400)] = 3600
-
-    @field_validator("channel_prefixes")
-    @classmethod
-    def _channel_prefixes(cls, value: list[str]) -> list[str]:
-        for prefix in value:
-            if prefix.startswith("#"):
-                raise ValueError("server-to-user channels never have history")
-        return value
-
-    @model_validator(mode="after")
-    def _positions_outlive_events(self) -> HistorySettings:
-        if self.position_ttl_seconds < self.max_age_seconds:
-            raise ValueError("position_ttl_seconds must be at least max_age_seconds")
         return self
 
 
