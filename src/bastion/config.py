@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from bastion import limit_settings as limits
+from bastion.config_history import HistorySettings
 from bastion.errors import ConfigError
 from bastion.limit_settings import STRICT as _STRICT
 from bastion.limit_settings import (
@@ -58,6 +59,7 @@ __all__ = [
     "AuditSettings",
     "ConnectionLimits",
     "EventLimit",
+    "HistorySettings",
     "JwtSettings",
     "MetricsSettings",
     "RateSettings",
@@ -318,6 +320,8 @@ class AppSettings(BaseModel):
     rest_event_limits: limits.RestEventLimits = Field(default_factory=dict)
     #: JSON Web Tokens for sign-in and channel grants (``[apps.jwt]``).
     jwt: JwtSettings | None = None
+    #: Channel history and recovery after a reconnect (``[apps.history]``); unset: off.
+    history: HistorySettings | None = None
     webhooks: list[WebhookSettings] = Field(default_factory=list)
     #: Refuse to deliver this app's webhooks to loopback, private or link-local addresses.
     webhooks_refuse_private: bool = False

@@ -1,4 +1,4 @@
-"""The cluster seam: a :class:`Bus`, a :class:`ClusterState` and :class:`ReplayClaims`.
+"""The cluster seam: a Bus, a ClusterState, ReplayClaims and a History.
 
 A node's hub delivers to its own connections and talks to the rest of the cluster
 through three small interfaces, each implemented in full by ``local`` (one node:
@@ -25,6 +25,10 @@ Nothing above this seam knows which one it has.
   :class:`~bastion.adapters.messages.Replaced`).
 * The **replay claims** say whether a signed REST request's signature is new to
   the cluster.
+* The **history** records the server events of history channels with their
+  positions, delivers them to every node (this one included) in position order,
+  and answers what a client at a position missed
+  (docs/decisions/0020-history-and-recovery.md).
 
 Reads are coroutines everywhere (one style): a read that cannot be answered
 raises :class:`ClusterUnavailable`, never a partial answer. The local and memory
@@ -45,6 +49,8 @@ from bastion.adapters.messages import Message
 
 if TYPE_CHECKING:
     from bastion.core.events import HubEvent
+    from bastion.core.history import HistoryLimits, Recovery
+    from bastion.protocol.positions import Position
     from bastion.security.replay import Verdict
 
 __all__ = [
@@ -54,7 +60,9 @@ __all__ = [
     "Cluster",
     "ClusterState",
     "ClusterUnavailable",
+    "Deliver",
     "Emit",
+    "History",
     "Receive",
     "ReplayClaims",
 ]
@@ -86,6 +94,9 @@ class Cached:
 Receive = Callable[[Message], None]
 #: Reports a hub event decided for the cluster (``Hub.emit``); never blocks.
 Emit = Callable[["HubEvent"], None]
+#: Delivers a server event to this node's subscribers (``Hub.deliver``): app id,
+#: channel, event, data, the excluded socket id, its position (``None``: unrecorded).
+Deliver = Callable[[str, str, str, str, "str | None", "str | None"], None]
 
 
 class Bus(Protocol):
@@ -266,10 +277,65 @@ class ReplayClaims(Protocol):
         ...
 
 
+class History(Protocol):
+    """Channel history: events recorded with positions, and what a position missed."""
+
+    def attach(self, deliver: Deliver) -> None:
+        """Where events go for delivery on this node (``Hub.deliver``)."""
+
+    def publish(
+        self,
+        app_id: str,
+        channel: str,
+        event: str,
+        data: str,
+        exclude_socket_id: str | None,
+        limits: HistoryLimits,
+    ) -> None:
+        """Record a server event of a history channel and deliver it everywhere.
+
+        Every node delivers it with its position, this one included, in the
+        channel's position order (this node through ``deliver``, or through the
+        bus like the others). When the history cannot record it (its
+        store is down) it is delivered on this node without a position, and the
+        channel's history restarts (a new epoch) once the store is back, so no
+        resume across the gap is ever answered complete. Never blocks.
+        """
+
+    async def since(
+        self,
+        app_id: str,
+        channel: str,
+        asked: Position | None,
+        socket_id: str | None,
+        limits: HistoryLimits,
+    ) -> Recovery:
+        """What a client at ``asked`` missed on ``channel``: all of it, or ``false``.
+
+        ``asked`` ``None`` is a client without a position: it is told the channel's
+        current one (a channel without history starts one).
+
+        Raises:
+            ClusterUnavailable: the history cannot answer right now.
+        """
+        ...
+
+    def restart(self, app_id: str) -> None:
+        """Forget the app's histories: a live reload stopped recording some channels.
+
+        Every position handed out before is then answered ``epoch_changed``, never
+        compared with offsets that miss the events published unrecorded.
+        """
+
+    def tick(self) -> None:
+        """Periodic housekeeping (forget quiet channels)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Cluster:
-    """One node's three views of the cluster, as the composition root builds them."""
+    """One node's four views of the cluster, as the composition root builds them."""
 
     bus: Bus
     state: ClusterState
     replay: ReplayClaims
+    history: History

@@ -45,6 +45,8 @@ class ChannelEvent:
         exclude_socket_id: the socket that must not receive it, if any.
         user_id: the sender's presence user id (client events on presence channels).
         client: a client event (never updates a cache channel's cache).
+        position: its place in the channel's history (``"{epoch}:{offset}"``), for
+            a server event the history recorded.
     """
 
     app_id: str
@@ -54,6 +56,7 @@ class ChannelEvent:
     exclude_socket_id: str | None = None
     user_id: str | None = None
     client: bool = False
+    position: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

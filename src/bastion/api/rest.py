@@ -16,6 +16,8 @@ delivered; cluster-wide with Redis). The per-address limits
 (``ip_rate_limited``, ``auth_failure_limit``) are gates of the route table
 (:mod:`bastion.api.routes`), passed before a request gets here.
 A multi-event batch is validated whole before any event is delivered.
+``GET …/channels/{name}/history`` is Bastion's history backfill (docs/recovery.md):
+the same never-partial verdict as a WebSocket resume.
 Errors are JSON: ``{"error": message, "reason": slug}``.
 
 :meth:`RestApi.handle` is a coroutine: the queries read the cluster state, whose
@@ -44,6 +46,7 @@ from bastion.api.http import (
     rate_limited_response,
 )
 from bastion.config import RateSettings, Settings
+from bastion.core.history import Unrecovered
 from bastion.core.hub import AppState, Hub
 from bastion.errors import Refused
 from bastion.metrics import Metrics
@@ -56,6 +59,7 @@ from bastion.protocol.names import (
     is_valid_socket_id,
     is_valid_user_id,
 )
+from bastion.protocol.positions import parse_position
 from bastion.protocol.refusals import Reason
 from bastion.protocol.signing import verify_rest_request
 from bastion.security.limits import LimiterFactory, RateLimiter, memory_limiters
@@ -67,7 +71,7 @@ __all__ = ["RestApi"]
 _ROUTE = re.compile(
     r"^/apps/(?P<app_id>[^/]+)/(?:"
     r"(?P<events>events)|(?P<batch>batch_events)|(?P<channels>channels)"
-    r"|channels/(?P<channel>[^/]+)(?P<users>/users)?"
+    r"|channels/(?P<channel>[^/]+)(?:(?P<users>/users)|(?P<history>/history))?"
     r"|users/(?P<user_id>[^/]+)/terminate_connections)$"
 )
 #: pusher (PyPI) 3.3 posts terminate_connections without the /apps/{id} prefix;
@@ -236,6 +240,8 @@ class RestApi:
         self._check_channel(app, name, allow_user_channel=False)
         if match["users"]:
             return await self._users(app, name)
+        if match["history"]:
+            return await self._history(app, name, params)
         return await self._channel(app, name, params)
 
     # --- publishing ----------------------------------------------------------------------
@@ -433,6 +439,42 @@ class RestApi:
                 }
             )
         return json_response(result)
+
+    async def _history(self, app: AppState, name: str, params: dict[str, str]) -> HttpResponse:
+        """Backfill: the channel's events since ``since``, all of them or none.
+
+        The same verdict as a resume (:mod:`bastion.core.history`): ``recovered``
+        with every event after ``since`` (at most ``max_replay_events``), or not,
+        with no event and the ``reason``; ``position`` is where the channel is. No
+        ``since``: just the position. A store that cannot answer is a 503.
+        """
+        raw = params.get("since")
+        asked = None
+        if raw is not None:
+            asked = parse_position(raw)
+            if asked is None:
+                raise Refused(Reason.HTTP_INVALID_POSITION)
+        policy = app.history
+        if policy is None or not policy.covers(name):
+            return json_response(
+                {"recovered": False, "reason": Unrecovered.HISTORY_OFF, "events": []}
+            )
+        found = await self.hub.history.since(app.id, name, asked, None, policy.limits)
+        if found.reason == Unrecovered.FUTURE:
+            raise Refused(
+                Reason.HTTP_INVALID_POSITION, "since is past the channel's last recorded event"
+            )
+        epoch = found.position.epoch if found.position is not None else ""
+        answer: dict[str, Any] = {"recovered": found.recovered}
+        if found.reason is not None:
+            answer["reason"] = found.reason
+        if found.position is not None:
+            answer["position"] = str(found.position)
+        answer["events"] = [
+            {"event": entry.event, "data": entry.data, "position": f"{epoch}:{entry.offset}"}
+            for entry in found.entries
+        ]
+        return json_response(answer)
 
     async def _users(self, app: AppState, name: str) -> HttpResponse:
         if classify_channel(name).kind is not ChannelKind.PRESENCE:

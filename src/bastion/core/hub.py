@@ -81,7 +81,8 @@ class Hub:
         self.listeners: list[Callable[[ev.HubEvent], None]] = []
         #: Called with each security notice (the audit log); must not block.
         self.notices: list[Callable[[ev.Notice], None]] = []
-        self.fanout = FanOut(frame, self.bus, self.state)
+        self.history = cluster.history
+        self.fanout = FanOut(frame, self.bus, self.state, self.history)
         self.channels = Channels(
             self.fanout,
             self.bus,
@@ -96,6 +97,7 @@ class Hub:
         self.max_connections = settings.server.max_connections
         self.bus.attach(self.receive)
         self.state.attach(self.receive, self.emit)
+        self.history.attach(self.deliver)
 
     @property
     def deliveries(self) -> int:
@@ -244,6 +246,20 @@ class Hub:
         """Deliver an event to every local subscriber of each channel, then to the bus."""
         self.fanout.publish(app, channels, event, data, exclude_socket_id)
 
+    def deliver(
+        self,
+        app_id: str,
+        channel: str,
+        event: str,
+        data: str,
+        exclude_socket_id: str | None,
+        position: str | None,
+    ) -> None:
+        """A server event the history hands over, to local subscribers only."""
+        app = self.apps_by_id.get(app_id)
+        if app is not None:
+            self.fanout.deliver(app, channel, event, data, exclude_socket_id, None, position)
+
     def terminate_user(self, app: AppState, user_id: str) -> int:
         """Close every connection signed in as ``user_id``, on every node.
 
@@ -284,6 +300,7 @@ class Hub:
                         message.data,
                         message.exclude_socket_id,
                         message.user_id,
+                        message.position,
                     )
             case cm.MemberAdded():
                 text = msg.member_added(message.channel, message.user_id, message.user_info)
@@ -319,6 +336,7 @@ class Hub:
     def tick(self) -> None:
         """Periodic housekeeping (called on the node's heartbeat)."""
         self.state.tick()
+        self.history.tick()
 
     # --- configuration -------------------------------------------------------------------
 
@@ -346,6 +364,9 @@ class Hub:
             if state.settings.key != template.settings.key:
                 self._unmap_key(state.settings.key, state)
                 self.apps_by_key[template.settings.key] = state
+            if _stops_recording(state, template):
+                # Events the new settings do not record would be holes in old positions.
+                self.history.restart(app_id)
             state.apply(template.settings, template.jwt)
         self.max_connections = settings.server.max_connections
         self.channels.max_channels = settings.server.max_channels
@@ -362,3 +383,11 @@ class Hub:
         return is_valid_event_name(name, app.settings.max_event_name_length) and not (
             name.startswith(("pusher:", "pusher_internal:"))
         )
+
+
+def _stops_recording(current: AppState, new: AppState) -> bool:
+    """Whether ``new`` settings record fewer channels than ``current`` (history restarts)."""
+    before, after = current.history, new.history
+    if before is None:
+        return False
+    return after is None or not set(before.prefixes) <= set(after.prefixes)

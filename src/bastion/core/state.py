@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bastion.config import RECONNECT_MARGIN, AppSettings, EventLimit, RateSettings
+from bastion.core.history import HistoryPolicy
 from bastion.core.session import Deadlines, SessionPhase
 from bastion.errors import Refused
 from bastion.protocol import messages as msg
@@ -134,7 +135,7 @@ class Member:
 class Channel:
     """A channel with at least one local subscriber."""
 
-    __slots__ = ("members", "name", "subscribers", "type", "waiting")
+    __slots__ = ("held", "members", "name", "subscribers", "type", "waiting")
 
     def __init__(self, name: str, channel_type: ChannelType) -> None:
         self.name = name
@@ -146,6 +147,10 @@ class Channel:
         #: member list), with the control frames (member events, counts) that
         #: arrived meanwhile: sent after ``subscription_succeeded``.
         self.waiting: dict[str, list[bytes]] = {}
+        #: Subscribers whose resume is being read, with the history events (position,
+        #: frame) that arrived meanwhile: sent after the missed ones. ``None``: more
+        #: arrived than can be held; they went out, and the resume answers false.
+        self.held: dict[str, list[tuple[str, bytes]] | None] = {}
 
     @property
     def subscription_count(self) -> int:
@@ -237,6 +242,8 @@ class AppState:
         self.rest_event_limits: EventLimits[RateSettings] = EventLimits(settings.rest_event_limits)
         if previous is not None and previous.client_event_limits != settings.client_event_limits:
             self.user_event_buckets = {}  # rebuilt, full, at their next event
+        #: Which channels have history, and its bounds (``None``: history off).
+        self.history = HistoryPolicy(settings.history) if settings.history is not None else None
         token = settings.jwt
         self.deadlines = Deadlines(
             settings.signin_deadline_seconds,

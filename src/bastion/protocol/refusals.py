@@ -8,7 +8,10 @@ A refusal is answered in exactly one of these ways, picked here and nowhere else
 * ``subscription``: a ``pusher:subscription_error`` on the channel (soketi-style
   ``{type, error, status}``), which pusher-js re-emits to the app; the connection
   stays open;
-* ``http``: an HTTP status with a JSON body ``{"error": message, "reason": slug}``.
+* ``http``: an HTTP status with a JSON body ``{"error": message, "reason": slug}``;
+* ``recovery``: a ``bastion:recovery`` on the channel answering ``recovered: false``
+  with the rule's reason (a bad ``bastion_resume``: the subscribe itself stands,
+  and pusher-js sees no error); the connection stays open.
 
 The slug is the metric label and the audit event type; the message names the
 rule, never the offending data (which could be a secret or a token).
@@ -36,6 +39,8 @@ class Rule:
         error_code: ``pusher:error`` code, when the connection stays open.
         subscription_type: ``pusher:subscription_error`` type, for channel refusals.
         http_status: HTTP status, for REST and pre-upgrade refusals.
+        recovery: the ``reason`` of a ``bastion:recovery`` answering ``false``, for a
+            refused resume (the subscribe it came with stands).
         severity: ``warning`` for what looks hostile or broken, ``info`` otherwise.
     """
 
@@ -45,6 +50,7 @@ class Rule:
     error_code: int | None = None
     subscription_type: str | None = None
     http_status: int | None = None
+    recovery: str | None = None
     severity: Severity = "warning"
 
 
@@ -302,6 +308,18 @@ class Reason(enum.Enum):
         http_status=401,
     )
 
+    # --- resumes: bastion:recovery answering false, the subscribe stands -----------
+    RESUME_INVALID = Rule(
+        "resume_invalid",
+        "bastion_resume must be an object with a valid position and socket id",
+        recovery="invalid_position",
+    )
+    RESUME_FUTURE = Rule(
+        "resume_future_position",
+        "The resume position is past the channel's last recorded event",
+        recovery="invalid_position",
+    )
+
     # --- REST API: HTTP status + JSON body ----------------------------------------
     HTTP_UNKNOWN_APP = Rule("unknown_app", "Unknown app id", http_status=404)
     HTTP_APP_DISABLED = Rule("app_disabled", "Application disabled", http_status=403)
@@ -397,6 +415,11 @@ class Reason(enum.Enum):
         "host_not_allowed",
         "The Host header does not name this server",
         http_status=403,
+    )
+    HTTP_INVALID_POSITION = Rule(
+        "invalid_position",
+        "since must be a position (epoch:offset) the channel has reached",
+        http_status=400,
     )
     HTTP_ENCRYPTED_MULTI = Rule(
         "encrypted_multi_channel",

@@ -110,6 +110,7 @@ DEFAULT_POINTS: Mapping[str, float] = {
     "query_token_refused": _PROBE,
     "metrics_forbidden": _PROBE,
     "host_not_allowed": _PROBE,
+    "resume_future_position": _PROBE,
     "not_found": _MISUSE,
     # well-formed messages the protocol refuses
     "missing_event": _MISUSE,
@@ -130,6 +131,7 @@ DEFAULT_POINTS: Mapping[str, float] = {
     "subscribe_too_many_channels": _MISUSE,
     "signin_conflict": _MISUSE,
     "signin_deadline": _MISUSE,
+    "resume_invalid": _MISUSE,
 }
 
 _SIGNED_BACK_END = (
@@ -177,6 +179,7 @@ ZERO_POINTS: Mapping[str, str] = {
     "invalid_info": _SIGNED_BACK_END,
     "not_presence": _SIGNED_BACK_END,
     "encrypted_multi_channel": _SIGNED_BACK_END,
+    "invalid_position": _SIGNED_BACK_END,
 }
 
 #: Relative slack when comparing a score with the threshold. A burst of refusals

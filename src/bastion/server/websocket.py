@@ -276,6 +276,11 @@ class WebSocketConnection(asyncio.Protocol):
                     refused.channel, rule.subscription_type, refused.detail, rule.http_status or 400
                 )
             )
+        elif rule.recovery is not None and refused.channel is not None:
+            # A refused resume: the subscribe stands, recovery is answered false.
+            self.send(
+                msg.recovery(refused.channel, recovered=False, position=None, reason=rule.recovery)
+            )
         else:
             self.send(msg.error(refused.detail, rule.error_code, refused.channel))
 

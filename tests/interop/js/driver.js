@@ -30,6 +30,8 @@ console.debug = toStderr;
 
 const PusherClient = require('pusher-js');
 const PusherServer = require('pusher');
+// Bastion's recovery add-on, the npm package of this repository (clients/js).
+const { withRecovery } = require('../../../clients/js/bastion-recovery.js');
 
 const maxSeconds = Number(process.env.BASTION_DRIVER_MAX_SECONDS || '300');
 setTimeout(() => {
@@ -144,7 +146,8 @@ function connectClient(msg) {
   const pusher = new PusherClient(msg.key || t.key, {
     cluster: 'x',
     wsHost: '127.0.0.1',
-    wsPort: t.port,
+    // A client may go through a proxy (reconnect tests); the SDK talks to the server.
+    wsPort: msg.wsPort || t.port,
     forceTLS: false,
     enabledTransports: ['ws'],
     channelAuthorization: {
@@ -177,6 +180,8 @@ function connectClient(msg) {
       },
     },
   });
+  // {recovery: true}: the channels resume after every reconnect (bastion:recovery).
+  if (msg.recovery) withRecovery(pusher);
   const entry = { pusher: pusher, state: state };
   clients.set(name, entry);
 
