@@ -71,10 +71,13 @@ id = "{APP_ID}"
 key = "{APP_KEY}"
 secret = "{APP_SECRET}"
 # soketi's defaults, so the side-by-side benchmarks load both servers alike: client
-# events on and not rate limited (soketi: -1), and a replay guard large enough for the
+# events on and not rate limited (soketi: -1; nor is any inbound message, so the
+# per-connection message budget is raised too: a ping-pong pair sends ~50 a second
+# each way, the default budget's rate), and a replay guard large enough for the
 # tens of thousands of distinct signed triggers one REST run sends within 600 s.
 enable_client_messages = true
 max_client_events_per_second = 1000000
+max_messages_per_second = {{ rate = 1000000, burst = 1000000 }}
 replay_guard_max_entries = 1000000
 """
 
@@ -590,6 +593,9 @@ PEERS_DIR = Path(os.environ.get("PEERS_DIR", "/tmp/bastion-peers"))
 SOKETI_START = PEERS_DIR / "start-soketi.sh"
 SOKETI_APP = ("12345", "peer-key", "peer-secret")  # what start-soketi.sh configures
 SERVER_KINDS = ("bastion", "soketi")
+#: What --server may name: the two servers, or the bare floor of fanout.py (a
+#: handshake, connection_established, public subscribe, ping and close, no checks).
+SERVER_CHOICES = (*SERVER_KINDS, "floor")
 
 
 def loadavg() -> list[float]:
@@ -678,13 +684,16 @@ def soketi_server(cpu: int | None) -> Iterator[tuple[ServerProcess, int]]:
 def serve(
     kind: str, cpu: int | None, gc_probe: str | None = None
 ) -> Iterator[tuple[ServerProcess, Target]]:
-    """Start a server of ``kind`` ("bastion" or "soketi"); yield (process, target)."""
+    """Start a server of ``kind`` (one of SERVER_CHOICES); yield (process, target)."""
     if kind == "bastion":
         with bastion_server(cpu, gc_probe=gc_probe) as (proc, port):
             yield proc, Target(kind, port, proc.pid, APP_ID, APP_KEY, APP_SECRET)
     elif kind == "soketi":
         with soketi_server(cpu) as (proc, port):
             yield proc, Target(kind, port, proc.pid, *SOKETI_APP)
+    elif kind == "floor":
+        with floor_server(cpu) as (proc, port):
+            yield proc, Target(kind, port, proc.pid, APP_ID, APP_KEY, APP_SECRET)
     else:
         raise ValueError(f"unknown server kind {kind!r}")
 
@@ -1229,7 +1238,13 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def add_server_args(ap: argparse.ArgumentParser) -> None:
     """The options every side-by-side benchmark shares."""
     ap.add_argument(
-        "--server", choices=SERVER_KINDS, default="bastion", help="measure this server only"
+        "--server", choices=SERVER_CHOICES, default="bastion", help="measure this server only"
+    )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run the bare floor server each round (connect storms: what uvloop and "
+        "httptools alone cost), and print Bastion / floor",
     )
     ap.add_argument(
         "--compare",
@@ -1290,6 +1305,8 @@ def side_by_side(
     two), each freshly started for each run. Prints nothing; returns the JSON object.
     """
     kinds = list(SERVER_KINDS) if args.compare else [args.server]
+    if getattr(args, "floor", False) and "floor" not in kinds:
+        kinds.append("floor")
     server_cpu = 0 if args.pin and (os.cpu_count() or 1) >= 2 else None
     if server_cpu is not None:
         with contextlib.suppress(OSError):
@@ -1320,15 +1337,16 @@ def side_by_side(
             runs[kind].append(result)
     for kind in kinds:
         out[kind] = summarise(runs[kind])
-    if args.compare:
-        b, s = out["bastion"], out["soketi"]
-        out["ratio_bastion_over_soketi"] = {
-            key: round(b[key] / s[key], 3)
-            for key in ratio_keys
-            if isinstance(b.get(key), (int, float))
-            and isinstance(s.get(key), (int, float))
-            and s[key]
-        }
+    for peer in ("soketi", "floor"):
+        if "bastion" in out and peer in out:
+            b, p = out["bastion"], out[peer]
+            out[f"ratio_bastion_over_{peer}"] = {
+                key: round(b[key] / p[key], 3)
+                for key in ratio_keys
+                if isinstance(b.get(key), (int, float))
+                and isinstance(p.get(key), (int, float))
+                and p[key]
+            }
     out["runs"] = runs
     out["pinned"] = server_cpu is not None
     out["loadavg_end"] = loadavg()

@@ -1,20 +1,22 @@
 """REST triggers: signed ``POST /apps/<id>/events`` to many channels, server CPU per trigger.
 
-The load of issue #13's second row: ``--channels`` channels (default 1,000) with one
-subscriber each, plus idle clients up to ``--clients`` connections (default 5,000),
-and ``--inflight`` keep-alive HTTP connections (default 16) each sending its next
-trigger as soon as the previous answer arrives. Triggers go round robin over the
-channels and are signed like the official server SDKs sign them (``auth_key``,
+The load of issue #13's second row: ``--channels`` channels (default 1,000) with
+``--subscribers`` subscribers each (default 1), plus idle clients up to ``--clients``
+connections (default 5,000), and ``--inflight`` keep-alive HTTP connections (default
+16) each sending its next trigger as soon as the previous answer arrives. Triggers go
+round robin over the channels and are signed like the official server SDKs sign them (``auth_key``,
 ``auth_timestamp``, ``auth_version``, ``body_md5``, ``auth_signature``; body
 ``{"name":..,"channels":[..],"data":".."}``, the data a string of ``--data-bytes``
 that starts with the send time).
 
 Clients and trigger connections live in ``--workers`` generator processes. Over the
 measured window: triggers answered ``200`` per second, the server's CPU time per
-trigger, and the trigger-to-frame latency measured at the subscriber. After the
+trigger and per delivery (a frame received by a subscriber), and the trigger-to-frame
+latency measured at the subscribers. ``--channels 1 --subscribers 5000 --inflight 2`` is
+broadcast fan-out (the load of ``fanout.py``), side by side with soketi. After the
 window every generator waits for the frames still in flight; ``lost`` is triggers
-answered minus frames received. ``--compare soketi`` runs the same load against
-soketi right after Bastion.
+answered times ``--subscribers`` minus frames received. ``--compare soketi`` runs the
+same load against soketi right after Bastion.
 
 Prints ONE JSON object. Loopback only; every wait is bounded.
 """
@@ -94,7 +96,7 @@ class Signer:
 async def generator(conn: Any, spec: dict[str, Any]) -> None:
     """Subscribers of this process's channels, idle clients and trigger lanes."""
     target: Target = spec["target"]
-    channels: range = spec["channels"]
+    subscriptions: range = spec["subscriptions"]  # global subscriber numbers
     n_channels: int = spec["n_channels"]
     lanes: range = spec["lanes"]  # global lane numbers
     total_lanes: int = spec["total_lanes"]
@@ -114,7 +116,9 @@ async def generator(conn: Any, spec: dict[str, Any]) -> None:
             st["in_window"] += 1
 
     subs = await open_clients(
-        target, [([(f"rest-{c}", None)], on_message) for c in channels], time_limit=spec["setup_s"]
+        target,
+        [([(f"rest-{s % n_channels}", None)], on_message) for s in subscriptions],
+        time_limit=spec["setup_s"],
     )
     idlers = await open_clients(
         target,
@@ -215,11 +219,12 @@ async def generator(conn: Any, spec: dict[str, Any]) -> None:
 def measure(args: argparse.Namespace) -> Callable[..., dict[str, Any]]:
     def run(target: Target, proc: ServerProcess, server_cpu: int | None) -> dict[str, Any]:
         workers = worker_count(args)
-        idle = max(0, args.clients - args.channels)
+        subscribers = args.channels * args.subscribers
+        idle = max(0, args.clients - subscribers)
         specs = [
             {
                 "target": target,
-                "channels": c,
+                "subscriptions": c,
                 "n_channels": args.channels,
                 "idle": i,
                 "lanes": lanes,
@@ -229,7 +234,7 @@ def measure(args: argparse.Namespace) -> Callable[..., dict[str, Any]]:
                 "setup_s": args.setup_seconds,
             }
             for c, i, lanes in zip(
-                split(args.channels, workers),
+                split(subscribers, workers),
                 split(idle, workers),
                 split(args.inflight, workers),
                 strict=True,
@@ -251,17 +256,20 @@ def measure(args: argparse.Namespace) -> Callable[..., dict[str, Any]]:
         seconds = cpu["window_s"]
         answered = sum(d["answered"] for d in done)
         received = sum(d["received"] for d in done)
+        deliveries = sum(d["received_in_window"] for d in done)
         return {
             "server_cpu_us_per_trigger": per_unit_us(cpu["server_cpu_s"], triggers),
+            "server_cpu_us_per_delivery": per_unit_us(cpu["server_cpu_s"], deliveries),
+            "deliveries_per_s": round(deliveries / seconds) if seconds else 0,
             "triggers_per_s": round(triggers / seconds) if seconds else 0,
             **{f"trigger_to_frame_{k}": v for k, v in latency_ms(lat).items()},
             "triggers": triggers,
-            "deliveries_in_window": sum(d["received_in_window"] for d in done),
+            "deliveries_in_window": deliveries,
             "generator_cpu_us_per_trigger": per_unit_us(cpu["generator_cpu_s"], triggers),
             "clients": sum(r["clients"] for r in ready),
             "answered_total": answered,
             "received_total": received,
-            "lost": answered - received,
+            "lost": answered * args.subscribers - received,
             "http_errors": sum(d["http_errors"] for d in done),
             "first_http_error": next(
                 (d["first_http_error"] for d in done if d["first_http_error"]), None
@@ -278,7 +286,8 @@ def measure(args: argparse.Namespace) -> Callable[..., dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--channels", type=int, default=1000, help="channels, one subscriber each")
+    ap.add_argument("--channels", type=int, default=1000, help="channels triggered, round robin")
+    ap.add_argument("--subscribers", type=int, default=1, help="subscribers of each channel")
     ap.add_argument("--clients", type=int, default=5000, help="connections in all (rest idle)")
     ap.add_argument("--inflight", type=int, default=16, help="keep-alive trigger connections")
     ap.add_argument(
@@ -293,13 +302,15 @@ def main() -> None:
     add_server_args(ap)
     args = ap.parse_args()
     limit = raise_nofile()
-    if max(args.clients, args.channels) + args.inflight + 100 > limit:
+    subscribers = args.channels * args.subscribers
+    if max(args.clients, subscribers) + args.inflight + 100 > limit:
         sys.exit(f"fd hard limit {limit} is too low for {args.clients} clients")
     if args.inflight < worker_count(args):
         args.workers = args.inflight  # every generator needs a lane
     params = {
         "channels": args.channels,
-        "clients": max(args.clients, args.channels),
+        "subscribers_per_channel": args.subscribers,
+        "clients": max(args.clients, subscribers),
         "inflight": args.inflight,
         "connection_close": args.close,
         "data_bytes": max(16, args.data_bytes),
@@ -314,7 +325,9 @@ def main() -> None:
         measure(args),
         [
             "server_cpu_us_per_trigger",
+            "server_cpu_us_per_delivery",
             "triggers_per_s",
+            "deliveries_per_s",
             "trigger_to_frame_p50_ms",
             "trigger_to_frame_p99_ms",
         ],

@@ -16,17 +16,15 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-import types
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -34,8 +32,21 @@ from pydantic import (
     model_validator,
 )
 
+from bastion import limit_settings as limits
+from bastion.config_alerts import AlertRuleSettings, AlertSettings
+from bastion.config_env import apply_env
+from bastion.config_history import HistorySettings
 from bastion.errors import ConfigError
-from bastion.security.alert_rules import DEFAULT_RULES, AlertRule, AlertSeverity
+from bastion.limit_settings import STRICT as _STRICT
+from bastion.limit_settings import (
+    AnonymousSettings,
+    ConnectionLimits,
+    EventLimit,
+    PositiveFloat,
+    PositiveInt,
+    RateSettings,
+    UserErrorBudget,
+)
 from bastion.security.origins import parse_patterns
 from bastion.security.payload import ClientEventPolicy
 from bastion.security.proxies import ForwardedHeader, parse_networks
@@ -46,8 +57,12 @@ __all__ = [
     "AdminSettings",
     "AlertRuleSettings",
     "AlertSettings",
+    "AnonymousSettings",
     "AppSettings",
     "AuditSettings",
+    "ConnectionLimits",
+    "EventLimit",
+    "HistorySettings",
     "JwtSettings",
     "MetricsSettings",
     "RateSettings",
@@ -57,6 +72,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "TlsSettings",
+    "UserErrorBudget",
     "WebhookDeliverySettings",
     "WebhookSettings",
     "load_settings",
@@ -85,9 +101,6 @@ WEBHOOK_EVENT_TYPES: tuple[WebhookEventType, ...] = (
 )
 
 
-_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
 class _FieldError(ValueError):
     """A check across fields that names the one at fault (pydantic gives no location)."""
 
@@ -99,11 +112,9 @@ class _FieldError(ValueError):
 _APP_ID = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _APP_KEY = re.compile(r"^[A-Za-z0-9_\-.]{1,128}$")
 
-PositiveInt = Annotated[int, Field(gt=0)]
 #: Frames a reconnecting client sends besides one subscribe per channel (a sign-in,
 #: a ping, an unsubscribe racing the reconnect): the bursts leave room for them.
 RECONNECT_MARGIN = 5
-PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 def _networks(value: list[str]) -> list[str]:
@@ -162,15 +173,6 @@ class WebhookSettings(BaseModel):
         return value
 
 
-class RateSettings(BaseModel):
-    """A token bucket: ``rate`` tokens a second, at most ``burst`` held (and at start)."""
-
-    model_config = _STRICT
-
-    rate: PositiveFloat
-    burst: PositiveInt
-
-
 JwtAlgorithm = Literal["HS256", "RS256", "ES256"]
 
 
@@ -199,6 +201,8 @@ class JwtSettings(BaseModel):
     expiry_warning_seconds: PositiveFloat = 60
     #: Seconds after ``exp`` a connection may still renew before it is closed (4009).
     expiry_grace_seconds: PositiveFloat = 30
+    #: The claim that names the sign-in's role (``[apps.roles.NAME]``).
+    role_claim: limits.RoleClaim = "role"
 
     @field_validator("secret")
     @classmethod
@@ -294,12 +298,33 @@ class AppSettings(BaseModel):
     max_unsigned_connections: PositiveInt | None = None
     #: Seconds a new connection has to sign in before it is closed (4009); unset: never.
     signin_deadline_seconds: PositiveFloat | None = None
+    #: Signed-in connections one user may hold in this app, cluster-wide; unset: no cap.
+    max_connections_per_user: PositiveInt | None = None
+    #: Past it: ``refuse`` the sign-in (4303, the connection stays anonymous) or
+    #: ``close_oldest`` (the oldest closed with 4009: one session per user with a cap of 1).
+    user_connection_policy: Literal["refuse", "close_oldest"] = "refuse"
+    #: Refusals a signed-in user may earn before being signed out everywhere; unset: off.
+    user_error_budget: UserErrorBudget | None = None
+    #: Per-connection limits by role (``[apps.roles.NAME]``), for sign-ins naming one.
+    roles: limits.RoleTables = Field(default_factory=dict)
+    #: The role of a sign-in that names none (a role of ``roles``); unset: the app's limits.
+    default_role: str | None = None
+    #: Per-connection limits of connections that have not signed in.
+    anonymous: AnonymousSettings | None = None
+    #: The key of an HMAC sign-in's ``user_data`` that names its role.
+    role_key: limits.RoleKey = "role"
     #: Client event names accepted (exact, or a prefix ending in ``*``); unset: any.
     client_event_allowlist: list[str] | None = None
     #: A JSON Schema (draft 2020-12) per client event name, checked against ``data``.
     client_event_schemas: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: A bucket per client event name or prefix (``client-cursor-*``) (over it: 4301).
+    client_event_limits: limits.ClientEventLimits = Field(default_factory=dict)
+    #: A bucket per REST event name or prefix for the whole app (over it: 429).
+    rest_event_limits: limits.RestEventLimits = Field(default_factory=dict)
     #: JSON Web Tokens for sign-in and channel grants (``[apps.jwt]``).
     jwt: JwtSettings | None = None
+    #: Channel history and recovery after a reconnect (``[apps.history]``); unset: off.
+    history: HistorySettings | None = None
     webhooks: list[WebhookSettings] = Field(default_factory=list)
     #: Refuse to deliver this app's webhooks to loopback, private or link-local addresses.
     webhooks_refuse_private: bool = False
@@ -324,6 +349,21 @@ class AppSettings(BaseModel):
             float(self.max_messages_per_second.burst),
             self.max_channels_per_connection + RECONNECT_MARGIN,
         )
+
+    @property
+    def unsigned_cap(self) -> int | None:
+        """The anonymous cap in force (``anonymous.max_connections`` or the older key)."""
+        anonymous = self.anonymous
+        if anonymous is not None and anonymous.max_connections is not None:
+            return anonymous.max_connections
+        return self.max_unsigned_connections
+
+    @model_validator(mode="after")
+    def _roles_and_anonymous(self) -> AppSettings:
+        limits.check_roles_and_anonymous(
+            self.default_role, self.roles, self.anonymous, self.max_unsigned_connections
+        )
+        return self
 
     @field_validator("id")
     @classmethod
@@ -414,7 +454,8 @@ class ServerSettings(BaseModel):
     activity_timeout: PositiveInt = 120
     #: Seconds to wait for any frame after a server ping before closing with 4201.
     pong_timeout: PositiveFloat = 30
-    #: Outbound bytes buffered per connection before it is cut as a slow consumer.
+    #: Outbound KiB queued per connection (the transport's buffer, at most 64 KiB of
+    #: it, and the frames held behind it) before it is cut as a slow consumer.
     max_write_buffer_kb: PositiveInt = 1024
     #: Seconds a client may take to send a complete HTTP request head.
     handshake_timeout: PositiveFloat = 10
@@ -500,73 +541,6 @@ class MetricsSettings(BaseModel):
     #: Host names besides IP literals, ``localhost`` and ``server.host`` that the
     #: ``Host`` header of a token-less scrape may name (DNS rebinding guard).
     allowed_hosts: HostNames = Field(default_factory=list)
-
-
-class AlertRuleSettings(BaseModel):
-    """One alert rule of ``[alerts]``; what is unset keeps the rule's built-in value."""
-
-    model_config = _STRICT
-
-    enabled: bool = True
-    #: Events within the window that raise the alert.
-    threshold: PositiveInt | None = None
-    #: The sliding window, seconds; a raised alert stays open (damped) as long.
-    window_seconds: Annotated[float, Field(gt=0, le=86_400)] | None = None
-    severity: AlertSeverity | None = None
-
-
-class AlertSettings(BaseModel):
-    """Security alerts: thresholds over sliding windows (``[alerts]``)."""
-
-    model_config = _STRICT
-
-    enabled: bool = True
-    #: Operator endpoint that receives each alert as a signed POST (through the
-    #: durable webhook queue); unset: alerts are audited, logged and counted only.
-    url: str | None = None
-    #: Signs the alert POSTs (``X-Pusher-Signature``, HMAC-SHA256); required with ``url``.
-    secret: LongSecret | None = None
-    #: Refuse to deliver alerts to loopback, private or link-local addresses.
-    refuse_private: bool = False
-    #: Addresses and reasons an alert names at most.
-    top: Annotated[int, Field(ge=1, le=50)] = 5
-    auth_failures: AlertRuleSettings = AlertRuleSettings()
-    rate_limit_hits: AlertRuleSettings = AlertRuleSettings()
-    payload_refusals: AlertRuleSettings = AlertRuleSettings()
-    origin_refusals: AlertRuleSettings = AlertRuleSettings()
-    new_blocks: AlertRuleSettings = AlertRuleSettings()
-    forged_bus_messages: AlertRuleSettings = AlertRuleSettings()
-    webhook_dead_letters: AlertRuleSettings = AlertRuleSettings()
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError("must be an http:// or https:// URL")
-        return value
-
-    @model_validator(mode="after")
-    def _secret_with_url(self) -> AlertSettings:
-        if self.url is not None and self.secret is None:
-            raise ValueError("secret is required when url is set")
-        return self
-
-    def rules(self) -> list[AlertRule]:
-        """The enabled rules, each setting left unset taking the rule's built-in value."""
-        rules = []
-        for default in DEFAULT_RULES:
-            given: AlertRuleSettings = getattr(self, default.signal)
-            if not given.enabled:
-                continue
-            rules.append(
-                AlertRule(
-                    default.signal,
-                    given.threshold or default.threshold,
-                    given.window_seconds or default.window_seconds,
-                    given.severity or default.severity,
-                )
-            )
-        return rules
 
 
 class ReputationSettings(BaseModel):
@@ -681,82 +655,6 @@ class Settings(BaseModel):
         return next((app for app in self.apps if app.id == app_id), None)
 
 
-def _unwrap(annotation: Any) -> Any:
-    """Strip ``Annotated`` and ``X | None`` down to the type that matters."""
-    while True:
-        origin = get_origin(annotation)
-        if origin is Annotated:
-            annotation = get_args(annotation)[0]
-        elif origin in (Union, types.UnionType):
-            options = [arg for arg in get_args(annotation) if arg is not type(None)]
-            if len(options) != 1:
-                return annotation
-            annotation = options[0]
-        else:
-            return annotation
-
-
-def _annotation_at(path: list[str]) -> Any:
-    """The declared type of the setting at ``path`` (``None`` if there is none)."""
-    node: Any = Settings
-    for part in path:
-        node = _unwrap(node)
-        if isinstance(node, type) and issubclass(node, BaseModel):
-            field = node.model_fields.get(part)
-            if field is None:
-                return None
-            node = field.annotation
-        elif get_origin(node) is list:
-            node = get_args(node)[0]
-        else:
-            return None
-    return _unwrap(node)
-
-
-def _wants_string(annotation: Any) -> bool:
-    if annotation in (str, SecretStr):
-        return True
-    if get_origin(annotation) is Literal:
-        return all(isinstance(arg, str) for arg in get_args(annotation))
-    return False
-
-
-def _env_value(raw: str, path: list[str]) -> Any:
-    # A string setting takes the text as it is: a secret "12345678" or an app id
-    # "67890" must not turn into numbers. Other settings read it as a TOML value.
-    if _wants_string(_annotation_at(path)):
-        return raw
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
-    prefix = "BASTION_"
-    for name in sorted(environ):
-        if not name.startswith(prefix) or "__" not in name:
-            continue
-        path = [part.lower() for part in name[len(prefix) :].split("__")]
-        node: Any = data
-        for index, part in enumerate(path):
-            last = index == len(path) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"{name}: no list item {part!r} to override", fields=(name,))
-                if last:
-                    node[int(part)] = _env_value(environ[name], path)
-                else:
-                    node = node[int(part)]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = _env_value(environ[name], path)
-                else:
-                    node = node.setdefault(part, {})
-            else:
-                raise ConfigError(f"{name}: cannot descend into a scalar", fields=(name,))
-
-
 def _config_error(error: ValidationError) -> ConfigError:
     """A :class:`ConfigError` naming each field at fault: in its message and its ``fields``."""
     lines = []
@@ -791,7 +689,7 @@ def settings_from_mapping(
     import copy
 
     merged: dict[str, Any] = copy.deepcopy(dict(data))
-    _apply_env(merged, os.environ if environ is None else environ)
+    apply_env(merged, os.environ if environ is None else environ, Settings)
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:

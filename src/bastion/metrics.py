@@ -197,6 +197,11 @@ class Metrics:
         self.message_bytes: Histogram[str] = Histogram(MESSAGE_BYTES_BUCKETS, integer=True)
         #: app id → REST events published.
         self.events_published: Counter[str] = Counter()
+        #: app id → frames dropped unsent for connections that fell behind (held
+        #: while their transport was paused, then cut as slow consumers or closed).
+        self.frames_discarded: Counter[str] = Counter()
+        #: app id → bytes of those frames.
+        self.bytes_discarded: Counter[str] = Counter()
         # --- HTTP (bastion.server.http) ---
         #: (route template, status) → seconds from the request read to its answer written
         #: (the collector exports the status's class: :func:`status_class`).
@@ -237,6 +242,10 @@ class Metrics:
         self.bus_dropped: Counter[str] = Counter()
         #: reason → incoming bus messages refused as forged or malformed.
         self.bus_forged: Counter[str] = Counter()
+        #: Users' connection counts decided by this node alone (Redis unavailable).
+        self.user_limits_per_node = 0
+        #: app id → users this node suspended for spending their error budget.
+        self.users_suspended: Counter[str] = Counter()
         # --- live configuration reloads (bastion.server.reload) ---
         #: result → reloads: ``applied``, ``unchanged``, ``restart_required``, ``invalid``.
         self.config_reloads: Counter[str] = Counter()

@@ -32,8 +32,11 @@ def test_every_control_is_on_in_the_example() -> None:
     for app in settings.apps:
         assert app.allowed_origins and "*" not in app.allowed_origins, app.id
         assert app.rest_requests is not None, app.id
-        assert app.max_unsigned_connections is not None, app.id
+        assert app.unsigned_cap is not None, app.id
+        assert app.max_connections_per_user is not None, app.id
     public, locked = settings.apps
+    assert public.roles and public.anonymous is not None  # a role table, anonymous limits
+    assert locked.user_connection_policy == "close_oldest"  # one session per user
     assert public.enable_client_messages
     assert public.client_events_per_app is not None
     assert public.client_event_allowlist and public.client_event_schemas

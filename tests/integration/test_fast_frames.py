@@ -100,3 +100,18 @@ async def test_an_unmasked_oversized_or_invalid_frame_still_fails_as_before(
     code, _ = await invalid.read_close()
     assert code == 1007
     await asyncio.gather(unmasked.close(), oversized.close(), invalid.close())
+
+
+async def test_a_client_close_is_echoed_byte_for_byte_and_ends_the_tcp_side(node: Node) -> None:
+    # The closing handshake is answered without websockets' parser: the payload the
+    # client sent comes back as is (an empty one too), after the answers queued
+    # before it, and nothing after the close frame is acted on.
+    for payload in (b"", (1000).to_bytes(2, "big"), (4321).to_bytes(2, "big") + "bye é".encode()):
+        raw = await RawWebSocket.open(node.port)
+        raw.write(text(PING) + build_frame(OP_CLOSE, payload) + text(PING))
+        assert await pongs(raw, 1) == ["pusher:pong"]
+        frame = await raw.read_frame()
+        assert (frame.opcode, frame.payload) == (OP_CLOSE, payload)
+        assert await raw.read_eof() == b""
+        await raw.close()
+    assert not node.ctx.connections

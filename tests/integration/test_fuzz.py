@@ -267,14 +267,13 @@ class Fuzzer:
 
 @pytest.fixture
 async def node(make_node: MakeNode) -> Node:
-    """The fuzzed node, with a frame budget (``max_messages_per_second``) out of reach.
+    """A default node whose per-connection message budget is out of the way.
 
-    The fuzzing connection lives across examples and sends as fast as the loop lets
-    it: on a quiet machine that passes 50 frames a second, and the budget then
-    answers the very ping :func:`sync` waits on with a 4301 instead of a pong (the
-    test timed out whenever the machine was idle). The budget has its own tests
-    (``test_refusal_budgets.py``); here it would only stand between the fuzzer and
-    the paths it fuzzes.
+    Each example sends its frames and a ping on connections that live across
+    examples, hundreds of frames a second on a fast run: past the default budget
+    (50 a second) a ping is answered 4301 instead of a pong, and what is fuzzed
+    here is every other answer. The budget's own answers are held by
+    test_refusal_budgets.py.
     """
     return await make_node(app={"max_messages_per_second": {"rate": 100_000, "burst": 100_000}})
 

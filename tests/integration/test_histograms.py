@@ -19,6 +19,8 @@ from support.clients import (
     APP_SECRET,
     DEFAULT_QUERY,
     PusherClient,
+    RawWebSocket,
+    build_frame,
     http_request,
     make_sdk,
     rest,
@@ -72,6 +74,28 @@ async def test_a_connection_closed_by_its_client_is_timed_and_its_messages_count
     assert one(found, "bastion_message_size_bytes_bucket", app=APP_ID, le="64.0") == 3
     assert one(found, "bastion_message_size_bytes_bucket", app=APP_ID, le="1024.0") == 3
     assert one(found, "bastion_message_size_bytes_bucket", app=APP_ID, le="2048.0") == 4
+
+
+async def test_a_client_close_is_counted_on_the_slow_path_too(
+    node: Node, raw_sockets: list[RawWebSocket]
+) -> None:
+    raw = await RawWebSocket.open(node.port)  # connection_established read
+    raw_sockets.append(raw)
+    # A ping and the start of a close in one read: the sans-I/O protocol answers the
+    # ping and keeps the partial close, so the rest of it is its to read, not the fast
+    # path's, and it asks for the TCP end once the close is whole.
+    close = build_frame(0x8, (1000).to_bytes(2, "big"))
+    raw.write(build_frame(0x9, b"x") + close[:3])
+    assert (await raw.read_frame()).opcode == 0xA  # the pong: that read is handled
+    raw.write(close[3:])
+    code, _ = await raw.read_close()
+    assert code == 1000
+    await until(lambda: node.metrics.connections_closed[(APP_ID, 1000)] == 1)
+    _, found = await scrape(node)
+    assert (
+        one(found, "bastion_connection_duration_seconds_count", app=APP_ID, code_class="normal")
+        == 1
+    )
 
 
 async def test_a_client_back_from_the_same_address_is_a_reconnect(

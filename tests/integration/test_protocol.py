@@ -12,7 +12,6 @@ import asyncio
 import base64
 import json
 import re
-import socket
 from typing import Any
 
 import pytest
@@ -554,20 +553,6 @@ async def test_terminate_connections_closes_signed_in_sockets_with_4009(
 # --- slow consumers and drain ------------------------------------------------------------
 
 
-async def non_reading_socket(port: int) -> RawWebSocket:
-    """A raw client with tiny receive buffers that will stop reading."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await within(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)))
-    reader, writer = await within(asyncio.open_connection(sock=sock, limit=1024))
-    raw = RawWebSocket(port, reader, writer)
-    status, _ = await raw.handshake(f"/app/{APP_KEY}?protocol=7")
-    assert status == 101
-    assert (await raw.read_json())["event"] == "pusher:connection_established"
-    return raw
-
-
 async def test_slow_consumer_is_cut_while_a_reader_keeps_receiving(
     make_node, connect, raw_sockets
 ) -> None:
@@ -575,7 +560,7 @@ async def test_slow_consumer_is_cut_while_a_reader_keeps_receiving(
     sdk = make_sdk(node.port)
     reader = await connect(node)
     await reader.subscribed("firehose")
-    slow = await non_reading_socket(node.port)
+    slow = await RawWebSocket.open_stalled(node.port)
     raw_sockets.append(slow)
     slow.send_text(json.dumps({"event": "pusher:subscribe", "data": {"channel": "firehose"}}))
     assert (await slow.read_json())["event"] == "pusher_internal:subscription_succeeded"

@@ -27,6 +27,7 @@ from support.clients import (
     PusherClient,
     RawWebSocket,
     data_of,
+    hmac_hex,
     http_request,
     make_sdk,
     open_client,
@@ -451,3 +452,30 @@ async def test_sighup_to_the_supervisor_reloads_every_worker(make_bastion: MakeB
                 await raw.close()
     finally:
         await _close(clients)
+
+
+async def test_roles_apply_live_and_a_bad_role_table_is_refused_naming_its_field(
+    reload_node: Node, connect: Connect
+) -> None:
+    node = reload_node
+
+    async def put(patch: dict[str, Any]) -> Any:
+        body = json.dumps(patch).encode()
+        return await http_request(node.port, "PUT", "/api/security/config", body, (BEARER,))
+
+    bad_rate = {"roles": {"staff": {"subscribe_attempts": {"rate": 0, "burst": 5}}}}
+    bad = await put({"apps": [{"id": APP_ID, **bad_rate}]})
+    assert bad.status == 400, bad
+    assert any("roles.staff.subscribe_attempts.rate" in field for field in bad.json()["fields"])
+    unknown = await put({"apps": [{"id": APP_ID, "default_role": "boss"}]})
+    assert unknown.status == 400 and "default_role" in unknown.json()["error"], unknown.json()
+    good = {"roles": {"staff": {"max_channels_per_connection": 1}}, "default_role": "staff"}
+    assert (await put({"apps": [{"id": APP_ID, **good}]})).status == 200
+    client = await connect(node)
+    user_data = json.dumps({"id": "alice"})
+    auth = f"{APP_KEY}:{hmac_hex(APP_SECRET, f'{client.socket_id}::user::{user_data}')}"
+    await client.signin(auth, user_data)
+    await client.expect("pusher:signin_success")
+    await client.subscribed("one")
+    refused = await client.subscribe("two")
+    assert refused["event"] == "pusher:subscription_error", refused

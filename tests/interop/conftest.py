@@ -19,7 +19,7 @@ from typing import Any
 
 import pusher
 import pytest
-from support.server import DEFAULT_APP, BastionProcess
+from support.server import DEFAULT_APP, DEFAULT_CONFIG_TOML, BastionProcess, config_toml
 from support.timeouts import scaled
 
 from .node_driver import INTEROP_DIR, NodeDriver
@@ -81,6 +81,20 @@ def node_modules(node_bin: str) -> Path:
                 f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
             )
     return INTEROP_DIR / "node_modules"
+
+
+#: ``BASTION_INTEROP_HISTORY=1``: the default server's app records history on every
+#: channel, so the whole suite proves that pusher-js without the recovery add-on and
+#: the official SDKs see nothing new on such an app (docs/recovery.md).
+HISTORY_EVERYWHERE = os.environ.get("BASTION_INTEROP_HISTORY") == "1"
+
+
+@pytest.fixture
+def bastion(make_bastion: Callable[..., BastionProcess]) -> BastionProcess:
+    """The default server (with history on every channel under BASTION_INTEROP_HISTORY=1)."""
+    if HISTORY_EVERYWHERE:
+        return make_bastion(config_toml(apps=[{**DEFAULT_APP, "history": {}}]))
+    return make_bastion(DEFAULT_CONFIG_TOML)
 
 
 @pytest.fixture

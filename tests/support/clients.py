@@ -11,7 +11,9 @@
     lists every frame read so far): for streams where other frames interleave.
 
 * :class:`RawWebSocket` writes hand-built bytes (handshakes, frames with wrong
-  masking, RSV bits, binary opcodes, lying length headers) for the malformed cases.
+  masking, RSV bits, binary opcodes, lying length headers) for the malformed cases;
+  :meth:`RawWebSocket.open_stalled` is one with a tiny receive buffer that reads
+  only when asked (a slow consumer).
 * :func:`http_request` and :func:`rest` speak HTTP/1.1 over a plain socket, so a
   request can be signed (or mis-signed) exactly as a test needs (signatures by
   :mod:`support.signing`).
@@ -26,6 +28,7 @@ import base64
 import contextlib
 import json
 import os
+import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -431,6 +434,31 @@ class RawWebSocket:
         first = await raw.read_frame()
         assert first.opcode == OP_TEXT
         assert first.json()["event"] == "pusher:connection_established"
+        return raw
+
+    @classmethod
+    async def open_stalled(
+        cls, port: int, path: str = f"/app/{APP_KEY}?protocol=7", *, receive_buffer: int = 4096
+    ) -> RawWebSocket:
+        """Connect and upgrade a client that reads only when the test asks (a slow consumer).
+
+        The socket's receive buffer is ``receive_buffer`` bytes and the stream takes
+        at most ~2 KiB off it unasked, so once the test stops reading the server's
+        writes soon wait in the server's own buffers.
+        """
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.setblocking(False)
+        try:
+            await within(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)))
+            reader, writer = await within(asyncio.open_connection(sock=sock, limit=1024))
+        except BaseException:
+            sock.close()
+            raise
+        raw = cls(port, reader, writer)
+        status, _ = await raw.handshake(path)
+        assert status == 101
+        assert (await raw.read_json())["event"] == "pusher:connection_established"
         return raw
 
     def write(self, data: bytes) -> None:

@@ -23,6 +23,7 @@ from bastion.core import events as ev
 from bastion.core.hub import AppState, Hub, Session
 from bastion.errors import Refused
 from bastion.protocol import messages as msg
+from bastion.protocol.positions import Resume
 from bastion.protocol.signing import channel_auth_string, sign, signin_auth_string
 from bastion.server.apps import app_states
 
@@ -107,11 +108,20 @@ class HubNode:
     def auth(message: str) -> str:
         return f"{KEY}:{sign(SECRET.encode(), message)}"
 
-    def subscribe(self, client: Client, channel: str, channel_data: str | None = None) -> None:
+    def subscribe(
+        self,
+        client: Client,
+        channel: str,
+        channel_data: str | None = None,
+        *,
+        resume: Resume | None = None,
+    ) -> None:
         auth = None
         if channel.startswith(("private-", "presence-")):
             auth = self.auth(channel_auth_string(client.socket_id, channel, channel_data))
-        request = msg.Subscribe(channel=channel, auth=auth, channel_data=channel_data)
+        request = msg.Subscribe(
+            channel=channel, auth=auth, channel_data=channel_data, resume=resume
+        )
         self.hub.subscribe(self.app, client.session, request)
 
     def join(self, client: Client, channel: str, user_id: str, user_info: Any = None) -> None:

@@ -40,6 +40,9 @@ def test_the_default_factory_builds_a_memory_limiter() -> None:
         "auth_fail_ip",
         "rest_app",
         "client_events_app",
+        "client_event_user",
+        "rest_event_app",
+        "user_errors",
     }
 
 

@@ -458,6 +458,14 @@ def run_cli(
         (COMPATIBILITY_TOML.replace("port = 6001", 'port = "x"'), "server.port"),
         (COMPATIBILITY_TOML.replace("enable_client", "enable_klient"), "apps.0.enable_klient"),
         (COMPATIBILITY_TOML.replace('secret = "app-secret"', 'secret = ""'), "apps.0.secret"),
+        (
+            COMPATIBILITY_TOML.replace(
+                "[[apps.webhooks]]",
+                "[apps.roles.staff]\nsubscribe_attempts = { rate = 0, burst = 5 }\n\n"
+                "[[apps.webhooks]]",
+            ),
+            "apps.0.roles.staff.subscribe_attempts.rate",
+        ),
     ],
 )
 def test_cli_invalid_config_exits_2_naming_the_field(tmp_path: Path, body: str, field: str) -> None:

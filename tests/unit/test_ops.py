@@ -119,6 +119,8 @@ def filled_node(settings: Settings | None = None) -> FakeNode:
     m.connections_closed[("app-1", 1000)] = 1
     m.messages_in["app-1"] = 7
     m.events_published["app-2"] = 4
+    m.frames_discarded["app-1"] = 14
+    m.bytes_discarded["app-1"] = 140_000
     m.refusals[("malformed_json", "app-1")] = 2
     m.refusals[("auth_signature", "app-2")] = 3
     m.refusals[("subscribe_auth_invalid", "app-1")] = 1
@@ -185,6 +187,11 @@ def test_exposition_reads_every_family() -> None:
     assert f["bastion_messages_in_total"][(("app", "app-1"),)] == 7
     assert f["bastion_events_published_total"][(("app", "app-2"),)] == 4
     assert f["bastion_deliveries_total"] == {(): 42}
+    assert f["bastion_frames_discarded_total"] == {
+        (("app", "app-1"),): 14,
+        (("app", "app-2"),): 0,
+    }
+    assert f["bastion_bytes_discarded_total"][(("app", "app-1"),)] == 140_000
     refusals = f["bastion_refusals_total"]
     assert refusals[(("app", "app-1"), ("reason", "malformed_json"))] == 2
     assert refusals[(("app", ""), ("reason", "ip_rate_limited"))] == 6

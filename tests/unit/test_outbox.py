@@ -16,8 +16,15 @@ after the iteration's broadcast (never inside it), in the order written; the
 after-flush callbacks run after those writes; a connection whose peer stops
 reading passes its write-buffer limit, the transport calls ``pause_writing``
 during the flush, and the cut is scheduled for a later iteration: the broadcast
-and the flush finish first, for every other connection too. How the cut itself
-is written (close frame, grace) is not this file's business.
+and the flush finish first, for every other connection too.
+
+And the overflow (:mod:`bastion.server.overflow`): past the transport's 64 KiB a
+peer that does not read has its frames held, not written, and gets every one in
+order, a transport-full at a time, once it reads again; past
+``max_write_buffer_kb`` (the transport's buffer counted) the held frames are
+dropped and counted and the closing frames wait behind at most 64 KiB and one
+write (:class:`Closing` records what they waited behind); a close of any kind to
+a peer that never reads is aborted after the close grace.
 """
 
 from __future__ import annotations
@@ -31,13 +38,15 @@ from typing import Any
 
 import pytest
 import uvloop
-from support.clients import OP_PING, OP_PONG, OP_TEXT, RawWebSocket, build_frame
-from support.timeouts import until, within
+from support.clients import OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, RawWebSocket, build_frame
+from support.timeouts import scaled, until, within
 
 from bastion.config import settings_from_mapping
 from bastion.core.hub import AppState
 from bastion.protocol import messages as msg
+from bastion.server import websocket
 from bastion.server.context import frame_text
+from bastion.server.overflow import TRANSPORT_HIGH_WATER
 from bastion.server.runtime import Node
 from bastion.server.state import ConnectionState
 from bastion.server.upgrade import max_frame_size
@@ -150,7 +159,13 @@ def app_of(node: Node) -> AppState:
 
 
 async def wire(
-    node: Node, log: Log, name: str, *, reading: bool = True, buffer: int | None = None
+    node: Node,
+    log: Log,
+    name: str,
+    *,
+    reading: bool = True,
+    buffer: int | None = None,
+    kind: type[Watched] = Watched,
 ) -> Wired:
     """A started connection on one end of a socketpair, as after a 101 response.
 
@@ -168,7 +183,7 @@ async def wire(
     counted = CountedWrites(transport, name, log)
     app = app_of(node)
     assert node.hub.admit(app) is None
-    conn = Watched(node.ctx, counted, app, "127.0.0.1", max_size=max_frame_size(app))
+    conn = kind(node.ctx, counted, app, "127.0.0.1", max_size=max_frame_size(app))
     conn.name, conn.log = name, log
     transport.set_protocol(conn)
     conn.start()
@@ -211,7 +226,9 @@ async def close_all(*wired: Wired) -> None:
             await one.client.close()
         else:
             one.peer.close()
-        one.conn.transport.abort()
+        if one.conn.state is not ConnectionState.CLOSED:
+            # (Not after: asyncio's transport, closed once its buffer drained, fails.)
+            one.conn.transport.abort()
 
 
 # --- coalescing ----------------------------------------------------------------------------
@@ -349,5 +366,197 @@ def test_a_peer_that_does_not_read_is_cut_after_the_flush_not_inside_it(run: Run
         assert fast.conn.state is ConnectionState.OPEN
         assert fast.conn in node.ctx.connections
         await close_all(slow, fast)
+
+    run(main())
+
+
+# --- the overflow: frames held while the transport is paused ---------------------------------
+
+
+class Closing(Watched):
+    """The real connection; records what its transport held when the close was written."""
+
+    held_at_close: int | None = None
+
+    def _end(self, last: bytes) -> None:
+        # What the closing frames are about to wait behind in user space.
+        self.held_at_close = self.transport.get_write_buffer_size()
+        super()._end(last)
+
+
+async def start_reading(wired: Wired) -> None:
+    """The client's end starts reading (until now nobody read it)."""
+    reader, writer = await asyncio.open_connection(sock=wired.peer)
+    wired.client = RawWebSocket(0, reader, writer)
+
+
+async def publish_one_per_iteration(
+    node: Node, until_true: Callable[[], bool], *, size: int = 8000, most: int = 400
+) -> int:
+    """Publish ``n:xxx…`` events, one per loop iteration, until ``until_true()``; return n."""
+    app = app_of(node)
+    for n in range(most):
+        node.hub.publish(app, [CHANNEL], "big", f"{n:05d}:" + "x" * size)
+        await after_next_flush(node, lambda: None)
+        if until_true():
+            return n + 1
+    raise AssertionError(f"not reached after {most} events")
+
+
+def test_a_peer_that_pauses_gets_every_frame_in_order_once_it_reads_again(run: Run) -> None:
+    async def main() -> None:
+        node, log = make_node(max_write_buffer_kb=1024), []
+        slow = await wire(node, log, "slow", reading=False, buffer=4096)
+        await subscribe(slow)
+        await until(lambda: not node.ctx.outbox.busy)
+
+        # The peer does not read: past the transport's 64 KiB the frames are held...
+        published = await publish_one_per_iteration(node, lambda: slow.conn.held_bytes > 0)
+        writes_when_paused = len(slow.transport.writes)
+        assert ("pause_writing", "slow") in log
+        more = 10
+        for _ in range(more):
+            published += 1
+            node.hub.publish(app_of(node), [CHANNEL], "big", f"{published - 1:05d}:" + "x" * 8000)
+            await after_next_flush(node, lambda: None)
+        # ... not written: the transport was not handed one more byte ...
+        assert len(slow.transport.writes) == writes_when_paused
+        assert slow.conn.held_bytes >= more * 8000
+        # ... and nothing was dropped: the bound (1 MiB) is far.
+        assert node.metrics.frames_discarded[APP_ID] == 0
+        assert slow.conn.state is ConnectionState.OPEN
+
+        # It reads again: every event, in order, none twice; what was held went out
+        # a slice at a time (each slice fills the transport to 64 KiB, one frame past
+        # it at most), and then frames go straight to the transport again.
+        await start_reading(slow)
+        assert (await slow.next_json())["event"] == "pusher:connection_established"
+        assert (await slow.next_json())["event"] == "pusher_internal:subscription_succeeded"
+        for n in range(published):
+            assert (await slow.next_json())["data"].startswith(f"{n:05d}:")
+        await until(lambda: slow.conn.held_bytes == 0)
+        released = slow.transport.writes[writes_when_paused:]
+        assert released, "the held frames were handed to the transport"
+        largest_event = len(event("big", "00000:" + "x" * 8000))
+        assert max(map(len, released)) <= TRANSPORT_HIGH_WATER + largest_event
+        node.hub.publish(app_of(node), [CHANNEL], "after", "1")
+        await after_next_flush(node, lambda: None)
+        assert slow.transport.writes[-1] == event("after", "1")
+        assert (await slow.next_json())["event"] == "after"
+        assert slow.conn.state is ConnectionState.OPEN
+        assert node.metrics.refusal_count("slow_consumer") == 0
+        await close_all(slow)
+
+    run(main())
+
+
+def test_past_the_limit_the_held_frames_are_dropped_and_the_close_is_not_behind_them(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reader below must not race the close grace: a long one here.
+    monkeypatch.setattr(websocket, "CLOSE_GRACE_SECONDS", scaled(60))
+
+    async def main() -> None:
+        node, log = make_node(max_write_buffer_kb=256), []
+        slow = await wire(node, log, "slow", reading=False, buffer=4096, kind=Closing)
+        await subscribe(slow)
+        await until(lambda: not node.ctx.outbox.busy)
+
+        queued: list[int] = []  # what it was owed, transport and held, after each event
+
+        def cut() -> bool:
+            queued.append(slow.conn.held_bytes + slow.transport.get_write_buffer_size())
+            return node.metrics.refusal_count("slow_consumer") == 1
+
+        published = await publish_one_per_iteration(node, cut)
+        # It was owed at most max_write_buffer_kb: the transport's buffer counts.
+        assert max(queued) <= 256 * 1024
+        assert node.metrics.connections_closed[(APP_ID, 4100)] == 1
+        assert slow.conn.state is ConnectionState.CLOSING
+        # The closing frames went behind at most the transport's high-water mark and
+        # the one write that passed it, not behind the 256 KiB the client was owed.
+        frame_size = len(event("big", "00000:" + "x" * 8000))
+        assert isinstance(slow.conn, Closing) and slow.conn.held_at_close is not None
+        assert slow.conn.held_at_close <= TRANSPORT_HIGH_WATER + frame_size
+
+        # When the client reads: a run of the events from the first, then the
+        # reason, then the close; every other event was dropped, and counted.
+        await start_reading(slow)
+        assert slow.client is not None
+        code, frames = await slow.client.read_close()
+        assert code == 4100
+        *events, error = [frame.json() for frame in frames]
+        assert error == {
+            "event": "pusher:error",
+            "data": {
+                "message": "Write buffer limit exceeded; reconnect with back-off",
+                "code": 4100,
+            },
+        }
+        received = [e for e in events if e.get("event") == "big"]
+        assert [e["data"][:5] for e in received] == [f"{n:05d}" for n in range(len(received))]
+        dropped = published - len(received)
+        assert dropped > 0
+        assert node.metrics.frames_discarded[APP_ID] == dropped
+        assert node.metrics.bytes_discarded[APP_ID] == dropped * frame_size
+        await close_all(slow)
+
+    run(main())
+
+
+# --- a close never waits forever for a peer that does not read --------------------------------
+
+
+def test_a_cut_peer_that_never_reads_is_aborted_after_the_close_grace(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(websocket, "CLOSE_GRACE_SECONDS", 0.05)
+
+    async def main() -> None:
+        node, log = make_node(max_write_buffer_kb=256), []
+        slow = await wire(node, log, "slow", reading=False, buffer=4096)
+        await subscribe(slow)
+        await publish_one_per_iteration(
+            node, lambda: node.metrics.refusal_count("slow_consumer") == 1
+        )
+        # Its buffers stay full: only the abort ends the transport.
+        await until(lambda: slow.conn.state is ConnectionState.CLOSED)
+        assert slow.conn.transport.is_closing()
+        await close_all(slow)
+
+    run(main())
+
+
+#: What a peer that does not read may send that makes the server close on its own.
+CLOSING_FRAMES = {
+    # The fast path's 1007 (not through the sans-I/O protocol).
+    "invalid_utf8": build_frame(OP_TEXT, b'{"event":"\xff"}'),
+    # The sans-I/O protocol's failure (1002: a reserved bit set) and its close handshake.
+    "protocol_error": build_frame(OP_TEXT, b"{}", rsv=0b100),
+    "close_handshake": build_frame(OP_CLOSE, (1000).to_bytes(2, "big")),
+}
+
+
+@pytest.mark.parametrize("sent", sorted(CLOSING_FRAMES))
+def test_a_peer_that_makes_the_server_close_while_not_reading_is_aborted_after_the_grace(
+    run: Run, monkeypatch: pytest.MonkeyPatch, sent: str
+) -> None:
+    monkeypatch.setattr(websocket, "CLOSE_GRACE_SECONDS", 0.05)
+
+    async def main() -> None:
+        node, log = make_node(max_write_buffer_kb=1024), []
+        slow = await wire(node, log, "slow", reading=False, buffer=4096)
+        await subscribe(slow)
+        # Behind: its transport is paused and frames are held.
+        await publish_one_per_iteration(node, lambda: slow.conn.held_bytes > 0)
+        held = slow.conn.held_bytes
+        slow.peer.send(CLOSING_FRAMES[sent])  # a few bytes: the socket takes them at once
+        await until(lambda: slow.conn.state is not ConnectionState.OPEN)
+        assert slow.conn not in node.ctx.connections
+        # What was held is dropped and counted, and the transport does not wait for
+        # a reader that never comes.
+        assert node.metrics.bytes_discarded[APP_ID] == held
+        await until(lambda: slow.conn.state is ConnectionState.CLOSED)
+        await close_all(slow)
 
     run(main())

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bastion.security.ratelimit import _SLACK_SECONDS as SLACK_SECONDS
-from bastion.security.ratelimit import TokenBucket, available_folded, take_folded
+from bastion.security.ratelimit import TokenBucket, available_folded, settle_folded, take_folded
 
 
 def test_starts_full_and_grants_the_burst() -> None:
@@ -272,3 +272,35 @@ def test_folded_takes_the_decisions_of_a_token_bucket(
         assert available_folded(full_at, now, rate, burst) == pytest.approx(
             bucket.available(now), abs=1e-6
         )
+
+
+def test_a_bucket_drained_at_a_low_rate_refills_at_a_raised_one_once_settled() -> None:
+    # Drained at one token every 1,000 s (burst 6): full again in about 6,000 s.
+    full_at = 0.0
+    for _ in range(6):
+        taken = take_folded(full_at, 10.0, 0.001, 6)
+        assert taken is not None
+        full_at = taken
+    assert take_folded(full_at, 10.0, 0.001, 6) is None
+    # The rate is raised to 50 a second: what the refusal keeps is an empty bucket at
+    # the new settings, so a token is back 1/50 s later, not thousands of seconds.
+    settled = settle_folded(full_at, 10.0, 50, 6)
+    assert available_folded(settled, 10.0, 50, 6) == pytest.approx(0.0)
+    assert take_folded(settled, 10.0 + 1 / 50, 50, 6) is not None
+    # Without settling, the debt keeps refusing long after that.
+    assert take_folded(full_at, 10.0 + 10, 50, 6) is None
+
+
+@given(
+    full_at=st.floats(0, 1e6),
+    now=st.floats(0, 1e6),
+    rate=st.floats(0.001, 1e4),
+    burst=st.floats(1, 1e4),
+)
+def test_settling_never_grants_a_token_and_never_leaves_a_debt(
+    full_at: float, now: float, rate: float, burst: float
+) -> None:
+    # What a take could use is unchanged, unless it was below zero: then it is zero.
+    before = available_folded(full_at, now, rate, burst)
+    after = available_folded(settle_folded(full_at, now, rate, burst), now, rate, burst)
+    assert after == pytest.approx(max(before, 0.0), abs=1e-6 * burst)

@@ -14,6 +14,7 @@ from bastion.adapters.redis.scripts import (
     SCAN_BATCH,
     Reaped,
     StateScripts,
+    connection_tag,
     member_tag,
     open_value,
     seal,
@@ -211,6 +212,56 @@ async def test_users_come_online_and_go_offline_once(client: aioredis.Redis, pre
     assert await a.user_off("1\nalice") is False
     assert await b.user_off("1\nalice") is True
     assert await a.online("1", ["alice"]) == set()
+
+
+async def test_a_users_connections_are_counted_once_each_oldest_replaced_first(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    a, b = node(client, prefix, "a"), node(client, prefix, "b")
+    first, second = connection_tag("1", "alice", "1.1"), connection_tag("1", "alice", "2.2")
+    assert await a.claim_connection(first, 2, close_oldest=False) == []
+    assert await a.claim_connection(first, 2, close_oldest=False) == []  # counted once
+    assert await b.claim_connection(second, 2, close_oldest=False) == []
+    third = connection_tag("1", "alice", "3.3")
+    assert await b.claim_connection(third, 2, close_oldest=False) is None  # refused
+    assert await a.connections("1", "alice") == ["a\n1.1", "b\n2.2"]
+    # Another app's or user's count is its own.
+    assert (
+        await a.claim_connection(connection_tag("2", "alice", "4.4"), 1, close_oldest=False) == []
+    )
+    assert await a.claim_connection(connection_tag("1", "bob", "5.5"), 1, close_oldest=False) == []
+    # Past the cap with close_oldest: the oldest goes, from its node's set too.
+    assert await b.claim_connection(third, 2, close_oldest=True) == ["1.1"]
+    assert await a.connections("1", "alice") == ["b\n2.2", "b\n3.3"]
+    assert await a.held_connections() == {
+        connection_tag("1", "bob", "5.5"),
+        connection_tag("2", "alice", "4.4"),
+    }
+    # A lower cap (a reload) replaces as many as it takes.
+    assert await a.claim_connection(connection_tag("1", "alice", "6.6"), 1, close_oldest=True) == [
+        "2.2",
+        "3.3",
+    ]
+    assert await b.held_connections() == set()
+    await a.release_connection(connection_tag("1", "alice", "6.6"))
+    assert await a.connections("1", "alice") == []
+    await b.assert_connection(second)  # after an outage: recorded without a limit
+    await b.assert_connection(second)
+    assert await a.connections("1", "alice") == ["b\n2.2"]
+
+
+async def test_reaping_uncounts_the_dead_nodes_connections(
+    client: aioredis.Redis, prefix: str
+) -> None:
+    a, b = node(client, prefix, "a"), node(client, prefix, "b")
+    for each in (a, b):
+        await each.beat()
+    await a.claim_connection(connection_tag("1", "alice", "1.1"), 5, close_oldest=False)
+    await b.claim_connection(connection_tag("1", "alice", "2.2"), 5, close_oldest=False)
+    await client.delete(f"{prefix}:node:a")
+    await b.reap("a")
+    assert await b.connections("1", "alice") == ["b\n2.2"]
+    assert await client.exists(f"{prefix}:nodeuconn:a") == 0
 
 
 async def test_reaping_removes_the_members_and_users_only_the_dead_node_had(

@@ -45,6 +45,7 @@ def primary_form(rule: Rule) -> str:
             ("close", rule.close_code),
             ("error", rule.error_code),
             ("subscription", rule.subscription_type),
+            ("recovery", rule.recovery),
         )
         if value is not None
     ]
@@ -75,6 +76,8 @@ def test_answer_form_matches_the_group(reason: Reason) -> None:
         assert form == "subscription"
     elif reason.name.startswith(("CLIENT_EVENT", "WATCHLIST_")):
         assert form == "error"
+    elif reason.name.startswith("RESUME_"):
+        assert form == "recovery"
     if form == "close":
         # The only secondary form a close reason may have is a pre-upgrade status.
         assert rule.error_code is None

@@ -32,7 +32,17 @@ BURST = 3
 STRANGER = "192.0.2.10"
 LOOPBACK = "127.0.0.1"
 ORIGIN = "https://app.example.com"
-ORDER = ["health", "readiness", "metrics", "admin", "dashboard", "preflight", "app", "fallback"]
+ORDER = [
+    "health",
+    "readiness",
+    "metrics",
+    "admin",
+    "dashboard",
+    "addon",
+    "preflight",
+    "app",
+    "fallback",
+]
 
 
 @pytest.fixture

@@ -15,7 +15,9 @@ from bastion.adapters.messages import (
     MemberAdded,
     MemberRemoved,
     Message,
+    Replaced,
     SubscriptionCount,
+    Suspend,
     Terminate,
     UserOffline,
     UserOnline,
@@ -61,6 +63,8 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(UserOnline, names, names),
     st.builds(UserOffline, names, names),
     st.builds(Terminate, names, names),
+    st.builds(Replaced, names, names, st.lists(names, max_size=5).map(tuple)),
+    st.builds(Suspend, names, names, st.integers(0, 2**40)),
 )
 envelopes = st.builds(Envelope, names, st.integers(0, 2**53), st.integers(0, 2**53), messages)
 
@@ -85,6 +89,8 @@ def test_control_messages_are_their_own_kinds_not_events() -> None:
         (UserOnline("1", "u"), b'"k":"on"'),
         (UserOffline("1", "u"), b'"k":"off"'),
         (Terminate("1", "u"), b'"k":"tm"'),
+        (Replaced("1", "u", ("1.2", "3.4")), b'"k":"rp","u":"u","s":["1.2","3.4"]'),
+        (Suspend("1", "u", 300_000), b'"k":"su","u":"u","m":300000'),
     ]
     for message, kind in kinds:
         payload = encode(Envelope("n", 1, 1, message), KEY)
@@ -264,3 +270,61 @@ def test_no_sequence_number_is_ever_accepted_twice(seqs: list[int]) -> None:
         if windows.accept("a", seq, 0):
             assert seq not in accepted
             accepted.add(seq)
+
+
+# --- recorded events (channel history) -----------------------------------------------------
+
+RECORDED = ChannelEvent("12345", "chat-1", "message", '{"n":1}', "1.2")
+
+
+def recorded_payload(position: str) -> bytes:
+    signed = wire.encode_recorded(Envelope("node-a", 9, 1_700_000_000_000, RECORDED), KEY)
+    return b"pos:" + position.encode() + b"\n" + signed
+
+
+def test_a_recorded_event_carries_the_position_redis_put_in_front() -> None:
+    position, signed = wire.split_position(recorded_payload("Qh3x9TzA:42"))
+    assert position == "Qh3x9TzA:42"
+    envelope = decode(signed, KEY, LIMIT, position)
+    assert envelope.message == ChannelEvent(
+        "12345", "chat-1", "message", '{"n":1}', "1.2", position="Qh3x9TzA:42"
+    )
+
+
+def test_a_plain_message_has_no_position() -> None:
+    payload = encode(ENVELOPE, KEY)
+    assert wire.split_position(payload) == (None, payload)
+
+
+@pytest.mark.parametrize("position", ["", "x", "e:01", "e:-1", "é:1", "a" * 17 + ":1"])
+def test_a_recorded_event_with_a_bad_position_is_refused(position: str) -> None:
+    with pytest.raises(BusMessageError) as refused:
+        found, signed = wire.split_position(recorded_payload(position))
+        decode(signed, KEY, LIMIT, found)
+    assert refused.value.reason in ("bad_position", "malformed")
+
+
+def test_a_recorded_event_without_its_position_is_refused() -> None:
+    signed = wire.encode_recorded(Envelope("node-a", 9, 1, RECORDED), KEY)
+    with pytest.raises(BusMessageError) as refused:
+        decode(signed, KEY, LIMIT)
+    assert refused.value.reason == "bad_position"
+
+
+def test_a_position_put_in_front_of_any_other_message_is_refused() -> None:
+    payload = b"pos:e:1\n" + encode(ENVELOPE, KEY)
+    position, signed = wire.split_position(payload)
+    with pytest.raises(BusMessageError) as refused:
+        decode(signed, KEY, LIMIT, position)
+    assert refused.value.reason == "bad_position"
+
+
+def test_a_prefix_without_its_newline_is_malformed() -> None:
+    with pytest.raises(BusMessageError) as refused:
+        wire.split_position(b"pos:" + b"e" * 100)
+    assert refused.value.reason == "malformed"
+
+
+def test_only_server_events_are_recorded() -> None:
+    with pytest.raises(ValueError, match="server events"):
+        wire.encode_recorded(ENVELOPE, KEY)  # a client event

@@ -1,4 +1,4 @@
-"""The cluster seam: a :class:`Bus`, a :class:`ClusterState` and :class:`ReplayClaims`.
+"""The cluster seam: a Bus, a ClusterState, ReplayClaims and a History.
 
 A node's hub delivers to its own connections and talks to the rest of the cluster
 through three small interfaces, each implemented in full by ``local`` (one node:
@@ -19,8 +19,16 @@ Nothing above this seam knows which one it has.
   :data:`Receive`, this node's hub directly and the others over the bus). It also
   answers the cluster-wide reads: members, cached events, online users, channel
   states.
+  It also counts each user's signed-in connections for ``max_connections_per_user``
+  (:meth:`ClusterState.claim_connection`): a decision, answered to the caller, with
+  the connections it replaces closed on every node (a
+  :class:`~bastion.adapters.messages.Replaced`).
 * The **replay claims** say whether a signed REST request's signature is new to
   the cluster.
+* The **history** records the server events of history channels with their
+  positions, delivers them to every node (this one included) in position order,
+  and answers what a client at a position missed
+  (docs/decisions/0020-history-and-recovery.md).
 
 Reads are coroutines everywhere (one style): a read that cannot be answered
 raises :class:`ClusterUnavailable`, never a partial answer. The local and memory
@@ -41,6 +49,8 @@ from bastion.adapters.messages import Message
 
 if TYPE_CHECKING:
     from bastion.core.events import HubEvent
+    from bastion.core.history import HistoryLimits, Recovery
+    from bastion.protocol.positions import Position
     from bastion.security.replay import Verdict
 
 __all__ = [
@@ -50,7 +60,9 @@ __all__ = [
     "Cluster",
     "ClusterState",
     "ClusterUnavailable",
+    "Deliver",
     "Emit",
+    "History",
     "Receive",
     "ReplayClaims",
 ]
@@ -82,6 +94,9 @@ class Cached:
 Receive = Callable[[Message], None]
 #: Reports a hub event decided for the cluster (``Hub.emit``); never blocks.
 Emit = Callable[["HubEvent"], None]
+#: Delivers a server event to this node's subscribers (``Hub.deliver``): app id,
+#: channel, event, data, the excluded socket id, its position (``None``: unrecorded).
+Deliver = Callable[[str, str, str, str, "str | None", "str | None"], None]
 
 
 class Bus(Protocol):
@@ -183,6 +198,29 @@ class ClusterState(Protocol):
     def cache(self, app_id: str, channel: str, event: str, data: str, ttl_seconds: int) -> None:
         """A server event was published on a cache channel: it is the last one now."""
 
+    # --- users' connections (max_connections_per_user) -------------------------------
+
+    async def claim_connection(
+        self, app_id: str, user_id: str, socket_id: str, limit: int, *, close_oldest: bool
+    ) -> bool:
+        """Count ``socket_id`` among ``user_id``'s signed-in connections, within ``limit``.
+
+        Returns whether the connection may sign in as ``user_id``. With ``limit``
+        connections counted already it may not, unless ``close_oldest``: the user's
+        oldest connections anywhere in the cluster then make room, and every node
+        closes those it holds (a :class:`~bastion.adapters.messages.Replaced`, this
+        node's through :data:`Receive` before the answer). Each connection counts
+        once, on whichever node it is.
+
+        Never raises: a cluster that cannot decide right now decides for this node
+        alone (the user's connections here, within the same ``limit``) and records
+        the connection once it can.
+        """
+        ...
+
+    def release_connection(self, app_id: str, user_id: str, socket_id: str) -> None:
+        """A connection counted by :meth:`claim_connection` closed (a no-op for others)."""
+
     # --- reads (any node) -----------------------------------------------------------
 
     async def members(self, app_id: str, channel: str) -> dict[str, Any]:
@@ -239,10 +277,65 @@ class ReplayClaims(Protocol):
         ...
 
 
+class History(Protocol):
+    """Channel history: events recorded with positions, and what a position missed."""
+
+    def attach(self, deliver: Deliver) -> None:
+        """Where events go for delivery on this node (``Hub.deliver``)."""
+
+    def publish(
+        self,
+        app_id: str,
+        channel: str,
+        event: str,
+        data: str,
+        exclude_socket_id: str | None,
+        limits: HistoryLimits,
+    ) -> None:
+        """Record a server event of a history channel and deliver it everywhere.
+
+        Every node delivers it with its position, this one included, in the
+        channel's position order (this node through ``deliver``, or through the
+        bus like the others). When the history cannot record it (its
+        store is down) it is delivered on this node without a position, and the
+        channel's history restarts (a new epoch) once the store is back, so no
+        resume across the gap is ever answered complete. Never blocks.
+        """
+
+    async def since(
+        self,
+        app_id: str,
+        channel: str,
+        asked: Position | None,
+        socket_id: str | None,
+        limits: HistoryLimits,
+    ) -> Recovery:
+        """What a client at ``asked`` missed on ``channel``: all of it, or ``false``.
+
+        ``asked`` ``None`` is a client without a position: it is told the channel's
+        current one (a channel without history starts one).
+
+        Raises:
+            ClusterUnavailable: the history cannot answer right now.
+        """
+        ...
+
+    def restart(self, app_id: str) -> None:
+        """Forget the app's histories: a live reload stopped recording some channels.
+
+        Every position handed out before is then answered ``epoch_changed``, never
+        compared with offsets that miss the events published unrecorded.
+        """
+
+    def tick(self) -> None:
+        """Periodic housekeeping (forget quiet channels)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Cluster:
-    """One node's three views of the cluster, as the composition root builds them."""
+    """One node's four views of the cluster, as the composition root builds them."""
 
     bus: Bus
     state: ClusterState
     replay: ReplayClaims
+    history: History

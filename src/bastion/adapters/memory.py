@@ -5,8 +5,9 @@ a network. Each :meth:`MemoryCluster.join` gives a node its own :class:`MemoryBu
 and :class:`MemoryState` over the shared tables, with the same decisions the Redis
 scripts take (a channel is occupied when its first holder joins and vacated when
 its last one leaves; a member is added when its first node has it and removed when
-its last one lets it go; a user is online while any node has it signed in), taken
-at once, in the caller's stack. Decisions reach the deciding node's hub directly;
+its last one lets it go; a user is online while any node has it signed in; a
+user's connections are counted one by one, oldest first, whichever node holds
+them), taken at once, in the caller's stack. Decisions reach the deciding node's hub directly;
 the other nodes' copies (and channel events) wait in the bus queue until
 :meth:`MemoryCluster.pump`, so a test decides how deliveries interleave, much as
 h11's ``ConnectionPair`` lets a test drive both ends of a connection.
@@ -19,6 +20,7 @@ without suspending, and the hub's answers go out in the same call.
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from bastion.adapters.base import (
     Cached,
     ChannelState,
     Cluster,
+    Deliver,
     Emit,
     Receive,
 )
@@ -36,17 +39,21 @@ from bastion.adapters.messages import (
     MemberAdded,
     MemberRemoved,
     Message,
+    Replaced,
     SubscriptionCount,
+    Suspend,
     Terminate,
     UserOffline,
     UserOnline,
 )
 from bastion.adapters.replay import LocalReplayClaims
 from bastion.core import events as ev
+from bastion.core.history import AppHistory, HistoryLimits, Recovery
 from bastion.protocol.counts import CountThrottle
 from bastion.protocol.names import SERVER_TO_USER_PREFIX
+from bastion.protocol.positions import Position
 
-__all__ = ["MemoryBus", "MemoryCluster", "MemoryState"]
+__all__ = ["MemoryBus", "MemoryCluster", "MemoryHistory", "MemoryState", "new_epoch"]
 
 #: Messages the bus queue holds at most (a test that never pumps must not grow forever).
 MAX_QUEUED = 100_000
@@ -54,6 +61,11 @@ MAX_QUEUED = 100_000
 CACHE_SWEEP_SECONDS = 30.0
 
 _node_ids = itertools.count(1)
+
+
+def new_epoch() -> str:
+    """A fresh history epoch: 8 URL-safe characters from 48 random bits."""
+    return secrets.token_urlsafe(6)
 
 
 def _ignore_message(message: Message) -> None:
@@ -64,15 +76,32 @@ def _ignore_event(event: ev.HubEvent) -> None:
     """The emitter before a hub attaches: nobody listens."""
 
 
+def _ignore_delivery(
+    app_id: str,
+    channel: str,
+    event: str,
+    data: str,
+    exclude_socket_id: str | None,
+    position: str | None,
+) -> None:
+    """The delivery before a hub attaches: nobody to deliver to."""
+
+
 class MemoryCluster:
     """The shared bus queue and state tables of the nodes that joined.
 
     Args:
-        clock: monotonic seconds (subscription count throttle, cache TTLs).
+        clock: monotonic seconds (subscription count throttle, cache TTLs, history ages).
+        epochs: makes a history epoch (random; tests pass their own).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        epochs: Callable[[], str] = new_epoch,
+    ) -> None:
         self.clock = clock
+        self.epochs = epochs
         self.nodes: dict[str, MemoryNode] = {}
         self._queue: deque[tuple[str, Message]] = deque()
         #: app → channel → node id → that node's subscriber count.
@@ -83,16 +112,21 @@ class MemoryCluster:
         self.member_nodes: dict[tuple[str, str, str], set[str]] = {}
         #: app → user id → the nodes where it is signed in.
         self.users: dict[str, dict[str, set[str]]] = {}
+        #: (app, user id) → its counted connections, oldest first: socket id → node id.
+        self.connections: dict[tuple[str, str], dict[str, str]] = {}
         #: app → cache channel → (event, data, expires at on ``clock``).
         self.cache: dict[str, dict[str, tuple[str, str, float]]] = {}
         #: One memory of signatures for the whole cluster.
         self.replay = LocalReplayClaims()
+        #: app → its channels' histories, and the bounds they were last used with.
+        self.histories: dict[str, AppHistory] = {}
+        self.history_limits: dict[str, HistoryLimits] = {}
 
     def join(self, node_id: str | None = None) -> Cluster:
-        """A new node's bus, state and replay claims."""
+        """A new node's bus, state, replay claims and history."""
         node = MemoryNode(self, node_id or f"memory-{next(_node_ids)}")
         self.nodes[node.node_id] = node
-        return Cluster(node.bus, node.state, self.replay)
+        return Cluster(node.bus, node.state, self.replay, node.history)
 
     # --- the bus queue ---------------------------------------------------------------
 
@@ -118,7 +152,7 @@ class MemoryCluster:
 
     def route(self, sender: str, message: Message) -> None:
         """Queue ``message`` for every other node that should get it."""
-        if isinstance(message, UserOnline | UserOffline | Terminate):
+        if isinstance(message, UserOnline | UserOffline | Terminate | Replaced | Suspend):
             targets = [n for n in self.nodes if n != sender]
         else:
             channel = message.channel
@@ -150,18 +184,22 @@ class MemoryCluster:
         for app_id, channels in list(self.channels.items()):
             for channel in [c for c, holders in channels.items() if node_id in holders]:
                 state.channel_off(app_id, channel)
+        for (app_id, user_id), counted in list(self.connections.items()):
+            for socket_id in [s for s, holder in counted.items() if holder == node_id]:
+                state.release_connection(app_id, user_id, socket_id)
         del self.nodes[node_id]
 
 
 class MemoryNode:
     """One node of a :class:`MemoryCluster`."""
 
-    __slots__ = ("bus", "node_id", "state")
+    __slots__ = ("bus", "history", "node_id", "state")
 
     def __init__(self, cluster: MemoryCluster, node_id: str) -> None:
         self.node_id = node_id
         self.bus = MemoryBus(cluster, node_id)
         self.state = MemoryState(cluster, node_id, self.bus)
+        self.history = MemoryHistory(cluster, node_id)
 
 
 class MemoryBus:
@@ -388,6 +426,38 @@ class MemoryState:
             del users[user_id]
             self._decide(UserOffline(app_id, user_id))
 
+    # --- users' connections -----------------------------------------------------------
+
+    async def claim_connection(
+        self, app_id: str, user_id: str, socket_id: str, limit: int, *, close_oldest: bool
+    ) -> bool:
+        """Count the connection; at ``limit``, refuse it or replace the oldest ones."""
+        counted = self._cluster.connections.setdefault((app_id, user_id), {})
+        if socket_id in counted:
+            return True
+        excess = len(counted) - limit + 1
+        if excess > 0:
+            if not close_oldest:
+                if not counted:
+                    del self._cluster.connections[(app_id, user_id)]
+                return False
+            oldest = tuple(itertools.islice(counted, excess))
+            for victim in oldest:
+                del counted[victim]
+            self._decide(Replaced(app_id, user_id, oldest))
+        counted[socket_id] = self._node_id
+        return True
+
+    def release_connection(self, app_id: str, user_id: str, socket_id: str) -> None:
+        """Stop counting the connection."""
+        key = (app_id, user_id)
+        counted = self._cluster.connections.get(key)
+        if counted is None or counted.get(socket_id) != self._node_id:
+            return
+        del counted[socket_id]
+        if not counted:
+            del self._cluster.connections[key]
+
     # --- cache channels ---------------------------------------------------------------
 
     def cache(self, app_id: str, channel: str, event: str, data: str, ttl_seconds: int) -> None:
@@ -436,6 +506,89 @@ class MemoryState:
             else:
                 states[name] = ChannelState(True, sum(holders.values()), len(members.get(name, ())))
         return states
+
+
+class MemoryHistory:
+    """Implements :class:`~bastion.adapters.base.History` over the cluster's tables.
+
+    The pure :class:`~bastion.core.history.AppHistory` per app, shared by the
+    nodes. A recorded event goes at once to this node's hub when the node is
+    alone (the production ``local`` cluster: the REST answer follows the local
+    deliveries); in a cluster of several it is queued for every node with
+    interest in the channel, *this one included*, as Redis delivers it: the one
+    queue is the channel's position order on every node.
+    """
+
+    __slots__ = ("_cluster", "_deliver", "_node_id")
+
+    def __init__(self, cluster: MemoryCluster, node_id: str) -> None:
+        self._cluster = cluster
+        self._node_id = node_id
+        self._deliver: Deliver = _ignore_delivery
+
+    def attach(self, deliver: Deliver) -> None:
+        """Where recorded events go on this node."""
+        self._deliver = deliver
+
+    def _app(self, app_id: str, limits: HistoryLimits) -> AppHistory:
+        cluster = self._cluster
+        history = cluster.histories.get(app_id)
+        if history is None:
+            history = cluster.histories[app_id] = AppHistory()
+        if cluster.history_limits.get(app_id) is not limits:
+            cluster.history_limits[app_id] = limits
+        return history
+
+    def publish(
+        self,
+        app_id: str,
+        channel: str,
+        event: str,
+        data: str,
+        exclude_socket_id: str | None,
+        limits: HistoryLimits,
+    ) -> None:
+        """Record the event, then deliver it with its position."""
+        cluster = self._cluster
+        position = self._app(app_id, limits).append(
+            channel, event, data, exclude_socket_id, cluster.clock(), limits, cluster.epochs
+        )
+        if len(cluster.nodes) == 1:
+            self._deliver(app_id, channel, event, data, exclude_socket_id, str(position))
+            return
+        message = ChannelEvent(
+            app_id, channel, event, data, exclude_socket_id, position=str(position)
+        )
+        key = (app_id, channel)
+        for node_id, node in cluster.nodes.items():
+            if key in node.bus.interest:
+                cluster.enqueue(node_id, message)
+
+    async def since(
+        self,
+        app_id: str,
+        channel: str,
+        asked: Position | None,
+        socket_id: str | None,
+        limits: HistoryLimits,
+    ) -> Recovery:
+        """What ``asked`` missed, from the shared table (never suspends)."""
+        cluster = self._cluster
+        return self._app(app_id, limits).since(
+            channel, asked, socket_id, cluster.clock(), limits, cluster.epochs
+        )
+
+    def restart(self, app_id: str) -> None:
+        """Forget the app's histories (their next ones have new epochs)."""
+        self._cluster.histories.pop(app_id, None)
+
+    def tick(self) -> None:
+        """Forget the quiet channels of every app."""
+        now = self._cluster.clock()
+        for app_id, history in self._cluster.histories.items():
+            limits = self._cluster.history_limits.get(app_id)
+            if limits is not None:
+                history.sweep(now, limits)
 
 
 def _is_presence(channel: str) -> bool:

@@ -3,7 +3,8 @@
 Each is a small frozen dataclass: a channel event to deliver, or one of the
 control messages that carry a decision taken once for the cluster (a member
 added or removed, a channel's subscription count, a user's first sign-in or
-last connection anywhere, a ``terminate_connections``). A node's hub receives
+last connection anywhere, a ``terminate_connections``, a user's connections
+replaced by a newer one, a user suspended). A node's hub receives
 every one of them through :meth:`bastion.core.hub.Hub.receive`, whether it was
 decided on this node or arrived over the bus, and delivers it to its own
 connections only.
@@ -22,7 +23,9 @@ __all__ = [
     "MemberAdded",
     "MemberRemoved",
     "Message",
+    "Replaced",
     "SubscriptionCount",
+    "Suspend",
     "Terminate",
     "UserOffline",
     "UserOnline",
@@ -42,6 +45,8 @@ class ChannelEvent:
         exclude_socket_id: the socket that must not receive it, if any.
         user_id: the sender's presence user id (client events on presence channels).
         client: a client event (never updates a cache channel's cache).
+        position: its place in the channel's history (``"{epoch}:{offset}"``), for
+            a server event the history recorded.
     """
 
     app_id: str
@@ -51,6 +56,7 @@ class ChannelEvent:
     exclude_socket_id: str | None = None
     user_id: str | None = None
     client: bool = False
+    position: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +116,32 @@ class Terminate:
     user_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class Replaced:
+    """Close ``user_id``'s connections ``socket_ids``: newer ones took their place.
+
+    Decided by the cluster state when a sign-in finds the user at
+    ``max_connections_per_user`` with ``user_connection_policy = "close_oldest"``;
+    each node closes those of the sockets it holds.
+    """
+
+    app_id: str
+    user_id: str
+    socket_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Suspend:
+    """``user_id`` spent its error budget: close its connections, refuse its sign-ins.
+
+    For ``cooldown_ms`` milliseconds from receipt (each node's own clock).
+    """
+
+    app_id: str
+    user_id: str
+    cooldown_ms: int
+
+
 Message = (
     ChannelEvent
     | MemberAdded
@@ -118,4 +150,6 @@ Message = (
     | UserOnline
     | UserOffline
     | Terminate
+    | Replaced
+    | Suspend
 )

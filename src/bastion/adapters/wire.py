@@ -15,16 +15,27 @@ kind       message                                fields
                                                   data, ``x`` excluded socket id or
                                                   null, ``u`` user id or null, ``l``
                                                   true for a client event
+``he``     a recorded :class:`~.messages.         ``c``, ``e``, ``d`` (a string), ``x``
+           ChannelEvent` (channel history)
 ``ma``     :class:`~.messages.MemberAdded`        ``c``, ``u``, ``d`` user_info, ``x``
 ``mr``     :class:`~.messages.MemberRemoved`      ``c``, ``u``
 ``sc``     :class:`~.messages.SubscriptionCount`  ``c``, ``m`` count
 ``on``     :class:`~.messages.UserOnline`         ``u``
 ``off``    :class:`~.messages.UserOffline`        ``u``
 ``tm``     :class:`~.messages.Terminate`          ``u``
+``rp``     :class:`~.messages.Replaced`           ``u``, ``s`` list of socket ids
+``su``     :class:`~.messages.Suspend`            ``u``, ``m`` cool-down (ms)
 =========  =====================================  ==================================
 
 Control messages are messages of their own kind, never events with reserved
 names: a receiver cannot mistake one for the other.
+
+A recorded event (``he``) is published by the history's Redis script, which
+gives it its position and puts ``pos:<epoch>:<offset>`` and a newline in front
+of the signed message.
+The position is Redis's: the MAC does not cover it (docs/scaling.md, "What a
+Redis writer can do"). :func:`split_position` takes it off; a recorded event
+without one, or any other message with one, is refused.
 
 The MAC is checked (in constant time) *before* the JSON is parsed, so
 unauthenticated bytes are never handed to a parser; a payload that fails any
@@ -53,11 +64,14 @@ from bastion.adapters.messages import (
     MemberAdded,
     MemberRemoved,
     Message,
+    Replaced,
     SubscriptionCount,
+    Suspend,
     Terminate,
     UserOffline,
     UserOnline,
 )
+from bastion.protocol.positions import parse_position
 
 __all__ = [
     "MAC_HEX_LENGTH",
@@ -70,7 +84,9 @@ __all__ = [
     "cluster_key",
     "decode",
     "encode",
+    "encode_recorded",
     "is_stale",
+    "split_position",
 ]
 
 #: Format version carried in every message (``v``).
@@ -90,13 +106,18 @@ _LABEL_DERIVED = b"bastion/bus/v1/derived-from-app-secrets"
 _ENVELOPE = frozenset("voqtka")
 _FIELDS: dict[str, frozenset[str]] = {
     "e": _ENVELOPE | {"c", "e", "d", "x", "u", "l"},
+    "he": _ENVELOPE | {"c", "e", "d", "x"},
     "ma": _ENVELOPE | {"c", "u", "d", "x"},
     "mr": _ENVELOPE | {"c", "u"},
     "sc": _ENVELOPE | {"c", "m"},
     "on": _ENVELOPE | {"u"},
     "off": _ENVELOPE | {"u"},
     "tm": _ENVELOPE | {"u"},
+    "rp": _ENVELOPE | {"u", "s"},
+    "su": _ENVELOPE | {"u", "m"},
 }
+#: Socket ids one ``rp`` message carries at most (a user's oldest connections).
+MAX_REPLACED = 1000
 
 
 class BusMessageError(ValueError):
@@ -104,7 +125,8 @@ class BusMessageError(ValueError):
 
     Reasons: ``too_large``, ``malformed`` (no MAC separator, not hex), ``bad_mac``
     (wrong key or altered bytes), ``bad_body`` (authenticated but not a valid
-    message: a peer's bug or a different version).
+    message: a peer's bug or a different version), ``bad_position`` (a recorded
+    event without a valid position, or another message with one).
     """
 
     def __init__(self, reason: str) -> None:
@@ -175,25 +197,80 @@ def _fields(message: Message) -> dict[str, Any]:
             return {"k": "off", "u": message.user_id}
         case Terminate():
             return {"k": "tm", "u": message.user_id}
+        case Replaced():
+            return {"k": "rp", "u": message.user_id, "s": list(message.socket_ids)}
+        case Suspend():
+            return {"k": "su", "u": message.user_id, "m": message.cooldown_ms}
 
 
 def encode(envelope: Envelope, key: bytes) -> bytes:
     """The signed wire bytes of ``envelope``."""
+    return _signed(envelope, _fields(envelope.message), key)
+
+
+def encode_recorded(envelope: Envelope, key: bytes) -> bytes:
+    """The signed wire bytes of a server event the history records (kind ``he``).
+
+    Raises:
+        ValueError: the message is not a server event with string data.
+    """
+    message = envelope.message
+    if not isinstance(message, ChannelEvent) or message.client or not isinstance(message.data, str):
+        raise ValueError("only server events are recorded")
     fields = {
+        "k": "he",
+        "c": message.channel,
+        "e": message.event,
+        "d": message.data,
+        "x": message.exclude_socket_id,
+    }
+    return _signed(envelope, fields, key)
+
+
+def _signed(envelope: Envelope, fields: dict[str, Any], key: bytes) -> bytes:
+    document = {
         "v": VERSION,
         "o": envelope.origin,
         "q": envelope.seq,
         "t": envelope.sent_at,
         "a": envelope.message.app_id,
-        **_fields(envelope.message),
+        **fields,
     }
-    body = json.dumps(fields, separators=(",", ":"), allow_nan=False).encode()
+    body = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
     mac = hmac.new(key, body, hashlib.sha256).hexdigest().encode()
     return mac + b"." + body
 
 
-def decode(payload: bytes, key: bytes, max_bytes: int) -> Envelope:
-    """Verify and parse wire bytes.
+#: What the history's script puts in front of a recorded event.
+_POSITION_PREFIX = b"pos:"
+#: Longest position prefix read (``pos:`` + a position + the newline).
+_MAX_PREFIX = 4 + 33 + 1
+
+
+def split_position(payload: bytes) -> tuple[str | None, bytes]:
+    """The position in front of a recorded event, if any, and the signed message.
+
+    Raises:
+        BusMessageError: a ``pos:`` prefix without its newline (``malformed``).
+    """
+    if not payload.startswith(_POSITION_PREFIX):
+        return None, payload
+    end = payload.find(b"\n", 0, _MAX_PREFIX)
+    if end < 0:
+        raise BusMessageError("malformed")
+    try:
+        position = payload[len(_POSITION_PREFIX) : end].decode("ascii")
+    except UnicodeDecodeError:
+        raise BusMessageError("malformed") from None
+    return position, payload[end + 1 :]
+
+
+def decode(payload: bytes, key: bytes, max_bytes: int, position: str | None = None) -> Envelope:
+    """Verify and parse wire bytes (the signed message, its position taken off).
+
+    A recorded event (kind ``he``) must come with the ``position`` Redis gave it
+    (a valid one) and becomes a :class:`ChannelEvent` carrying it; any other
+    message must come without.
 
     Raises:
         BusMessageError: for anything but an authentic, well-formed message.
@@ -215,7 +292,29 @@ def decode(payload: bytes, key: bytes, max_bytes: int) -> Envelope:
         fields = json.loads(body)
     except (ValueError, RecursionError):
         raise BusMessageError("bad_body") from None
-    return _from_fields(fields)
+    envelope = _from_fields(fields)
+    recorded = isinstance(fields, dict) and fields.get("k") == "he"
+    if not recorded:
+        if position is not None:
+            raise BusMessageError("bad_position")
+        return envelope
+    if parse_position(position) is None:
+        raise BusMessageError("bad_position")
+    message = envelope.message
+    assert isinstance(message, ChannelEvent)
+    return Envelope(
+        envelope.origin,
+        envelope.seq,
+        envelope.sent_at,
+        ChannelEvent(
+            message.app_id,
+            message.channel,
+            message.event,
+            message.data,
+            message.exclude_socket_id,
+            position=position,
+        ),
+    )
 
 
 def _text(fields: dict[str, Any], name: str) -> str:
@@ -230,6 +329,17 @@ def _optional_text(fields: dict[str, Any], name: str) -> str | None:
     if value is None or (isinstance(value, str) and value):
         return value
     raise BusMessageError("bad_body")
+
+
+def _texts(fields: dict[str, Any], name: str) -> tuple[str, ...]:
+    value = fields[name]
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_REPLACED
+        or not all(isinstance(item, str) and item for item in value)
+    ):
+        raise BusMessageError("bad_body")
+    return tuple(value)
 
 
 def _integer(fields: dict[str, Any], name: str) -> int:
@@ -251,7 +361,14 @@ def _from_fields(fields: Any) -> Envelope:
     sent_at = _integer(fields, "t")
     app_id = _text(fields, "a")
     message: Message
-    if kind == "e":
+    if kind == "he":
+        data = fields["d"]
+        if not isinstance(data, str):
+            raise BusMessageError("bad_body")
+        message = ChannelEvent(
+            app_id, _text(fields, "c"), _text(fields, "e"), data, _optional_text(fields, "x")
+        )
+    elif kind == "e":
         client = fields["l"]
         if not isinstance(client, bool):
             raise BusMessageError("bad_body")
@@ -276,8 +393,12 @@ def _from_fields(fields: Any) -> Envelope:
         message = UserOnline(app_id, _text(fields, "u"))
     elif kind == "off":
         message = UserOffline(app_id, _text(fields, "u"))
-    else:
+    elif kind == "tm":
         message = Terminate(app_id, _text(fields, "u"))
+    elif kind == "rp":
+        message = Replaced(app_id, _text(fields, "u"), _texts(fields, "s"))
+    else:
+        message = Suspend(app_id, _text(fields, "u"), _integer(fields, "m"))
     return Envelope(origin, seq, sent_at, message)
 
 

@@ -21,9 +21,10 @@ never the key (:class:`~bastion.api.admin_params.BadRequest`).
 from __future__ import annotations
 
 import json
+import types
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, SecretStr
@@ -120,8 +121,13 @@ def _plain(value: Any) -> Any:
 
 
 def _table(annotation: Any) -> type[BaseModel] | None:
-    """The settings model a field holds (``X``, ``X | None``), if it is one."""
-    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+    """The settings model a field holds (``X``, ``X | None``), if it is one.
+
+    Not a container of models (``dict[str, X]``, such as ``[apps.roles]``): those
+    are replaced whole, like any other value.
+    """
+    union = get_origin(annotation) in (Union, types.UnionType)
+    for candidate in (annotation, *(get_args(annotation) if union else ())):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
     return None

@@ -33,7 +33,10 @@ Readiness. ``/readyz`` is 200 while the node can take traffic and 503 otherwise,
 naming each check: ``serving`` (not draining), ``audit`` (when ``[audit]`` is on:
 the log is open, and no failed batch was first seen by a probe within the last
 :data:`AUDIT_FAILURE_WINDOW_SECONDS`), ``bus`` (with the redis driver: connected)
-and ``webhook_queue`` (when some app has webhooks: the queue is open). Each
+``user_limits`` (with the redis driver and an app with
+``max_connections_per_user``: ``per_node`` while each node counts its own users'
+connections because Redis is away) and ``webhook_queue`` (when some app has
+webhooks: the queue is open). Each
 check's value is ``"ok"`` or a fixed word, never a path or an exception's text,
 because the endpoint is unauthenticated like ``/healthz``.
 """
@@ -90,6 +93,8 @@ RATE_LIMIT_SLUGS = frozenset(
     {
         "client_event_rate",
         "client_event_app_rate",
+        "client_event_type_rate",
+        "event_rate_limited",
         "subscribe_rate",
         "ip_rate_limited",
         "app_rate_limited",
@@ -325,6 +330,16 @@ class NodeCollector:
             "Event frames written to local subscribers.",
             value=node.hub.deliveries,
         )
+        yield per_app(
+            "frames_discarded",
+            "Frames dropped unsent for connections that fell behind (slow consumers).",
+            metrics.frames_discarded,
+        )
+        yield per_app(
+            "bytes_discarded",
+            "Bytes of the frames dropped unsent for connections that fell behind.",
+            metrics.bytes_discarded,
+        )
 
         # --- refusals ---
         refusals: Counter[tuple[str, str]] = Counter()
@@ -359,6 +374,11 @@ class NodeCollector:
             if slug in RATE_LIMIT_SLUGS:
                 family.add_metric([slug, app_id], count)
         yield family
+        yield per_app(
+            "users_suspended",
+            "Users signed out everywhere for spending their error budget (decided here).",
+            metrics.users_suspended,
+        )
         blocklist = node.blocklist
         if blocklist is not None:
             yield GaugeMetricFamily(
@@ -426,6 +446,12 @@ class NodeCollector:
             metrics.bus_forged,
         )
 
+        if node.settings.adapter.driver == "redis":
+            yield CounterMetricFamily(
+                _PREFIX + "user_limits_per_node",
+                "Per-user connection caps decided by this node alone (Redis unavailable).",
+                value=metrics.user_limits_per_node,
+            )
         limits: Any = getattr(node, "cluster_limits", None)
         if limits is not None:
             yield GaugeMetricFamily(
@@ -714,6 +740,9 @@ class Ops:
             checks["audit"] = self._audit_check()
         if settings.adapter.driver == "redis":
             checks["bus"] = "ok" if node.hub.bus.healthy else "disconnected"
+            if any(app.max_connections_per_user is not None for app in settings.apps):
+                # The per-user caps are counted in Redis, over the bus's session.
+                checks["user_limits"] = "ok" if node.hub.bus.healthy else "per_node"
         alert_url = settings.alerts.enabled and settings.alerts.url is not None
         if alert_url or any(app.webhooks for app in settings.apps):
             open_ = node.webhook_queue is not None and node.webhook_dispatcher is not None

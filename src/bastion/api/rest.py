@@ -9,10 +9,15 @@ the :class:`~bastion.adapters.base.ReplayClaims` of the node), the app's own
 ``rest_requests`` bucket must hold a token (429 ``app_rate_limited`` with
 ``Retry-After``; only after the signature and the replay check, so neither a
 stranger nor a replayed request can spend the app's budget), the app must be
-enabled (403), and only then is the body parsed. The per-address limits
+enabled (403), and only then is the body parsed. Once every event of a trigger or
+a batch is valid, the app's ``rest_event_limits`` buckets of their names must
+hold a token each (429 ``event_rate_limited`` with ``Retry-After``, nothing
+delivered; cluster-wide with Redis). The per-address limits
 (``ip_rate_limited``, ``auth_failure_limit``) are gates of the route table
 (:mod:`bastion.api.routes`), passed before a request gets here.
 A multi-event batch is validated whole before any event is delivered.
+``GET …/channels/{name}/history`` is Bastion's history backfill (docs/recovery.md):
+the same never-partial verdict as a WebSocket resume.
 Errors are JSON: ``{"error": message, "reason": slug}``.
 
 :meth:`RestApi.handle` is a coroutine: the queries read the cluster state, whose
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -40,6 +46,7 @@ from bastion.api.http import (
     rate_limited_response,
 )
 from bastion.config import RateSettings, Settings
+from bastion.core.history import Unrecovered
 from bastion.core.hub import AppState, Hub
 from bastion.errors import Refused
 from bastion.metrics import Metrics
@@ -52,6 +59,7 @@ from bastion.protocol.names import (
     is_valid_socket_id,
     is_valid_user_id,
 )
+from bastion.protocol.positions import parse_position
 from bastion.protocol.refusals import Reason
 from bastion.protocol.signing import verify_rest_request
 from bastion.security.limits import LimiterFactory, RateLimiter, memory_limiters
@@ -63,7 +71,7 @@ __all__ = ["RestApi"]
 _ROUTE = re.compile(
     r"^/apps/(?P<app_id>[^/]+)/(?:"
     r"(?P<events>events)|(?P<batch>batch_events)|(?P<channels>channels)"
-    r"|channels/(?P<channel>[^/]+)(?P<users>/users)?"
+    r"|channels/(?P<channel>[^/]+)(?:(?P<users>/users)|(?P<history>/history))?"
     r"|users/(?P<user_id>[^/]+)/terminate_connections)$"
 )
 #: pusher (PyPI) 3.3 posts terminate_connections without the /apps/{id} prefix;
@@ -109,6 +117,8 @@ class RestApi:
         self.app_limiters: dict[str, tuple[RateSettings, RateLimiter]] = {}
         #: Builds those buckets (cluster-wide ones with the redis adapter).
         self.limiters: LimiterFactory = limiters or memory_limiters
+        #: (app id, rule) → its ``rest_event_limits`` settings and bucket.
+        self.event_limiters: dict[tuple[str, str], tuple[RateSettings, RateLimiter]] = {}
 
     async def handle(self, request: HttpRequest, *, now: float) -> HttpResponse:
         """Answer one request; ``now`` is the Unix time used for the signature window."""
@@ -161,6 +171,8 @@ class RestApi:
         wanted = {app.id for app in settings.apps}
         for app_id in [app_id for app_id in self.app_limiters if app_id not in wanted]:
             del self.app_limiters[app_id]
+        for key in [key for key in self.event_limiters if key[0] not in wanted]:
+            del self.event_limiters[key]
 
     def _refused(
         self, refused: Refused, app: AppState | None, request: HttpRequest
@@ -210,8 +222,8 @@ class RestApi:
                 raise Refused(Reason.HTTP_METHOD)
             body = self._json_object(request.body)
             if match["events"]:
-                return await self._trigger(app, body)
-            return await self._trigger_batch(app, body)
+                return await self._trigger(app, body, request.ip)
+            return await self._trigger_batch(app, body, request.ip)
         if groups.get("user_id") is not None:
             if method != "POST":
                 raise Refused(Reason.HTTP_METHOD)
@@ -228,6 +240,8 @@ class RestApi:
         self._check_channel(app, name, allow_user_channel=False)
         if match["users"]:
             return await self._users(app, name)
+        if match["history"]:
+            return await self._history(app, name, params)
         return await self._channel(app, name, params)
 
     # --- publishing ----------------------------------------------------------------------
@@ -302,21 +316,65 @@ class RestApi:
             result[name] = attributes
         return result
 
-    async def _trigger(self, app: AppState, body: dict[str, Any]) -> HttpResponse:
+    def _event_rate(self, app: AppState, events: list[_Event], ip: str | None) -> float:
+        """Take a token per event from its name's bucket; nothing when any lacks one.
+
+        Returns 0.0, or the seconds to wait (the refusal is recorded).
+        """
+        rules = app.rest_event_limits
+        if not rules.active:
+            return 0.0
+        wanted: Counter[str] = Counter()
+        limits: dict[str, RateSettings] = {}
+        for event in events:
+            found = rules.match(event.name)
+            if found is not None:
+                wanted[found[0]] += 1
+                limits[found[0]] = found[1]
+        now = time.time()
+        buckets = [
+            (self._event_bucket(app, rule, limits[rule]), rule, n) for rule, n in wanted.items()
+        ]
+        wait = max(
+            (bucket.peek(f"{app.id}\n{rule}", now, n) for bucket, rule, n in buckets), default=0.0
+        )
+        if wait > 0:
+            self.refusals.record(Reason.HTTP_EVENT_RATE, app_id=app.id, ip=ip)
+            return wait
+        for bucket, rule, n in buckets:
+            bucket.take(f"{app.id}\n{rule}", now, n)
+        return 0.0
+
+    def _event_bucket(self, app: AppState, rule: str, limit: RateSettings) -> RateLimiter:
+        cached = self.event_limiters.get((app.id, rule))
+        if cached is None or cached[0] is not limit:
+            bucket = self.limiters("rest_event_app", limit.rate, limit.burst, 1, time.time)
+            cached = self.event_limiters[(app.id, rule)] = (limit, bucket)
+        return cached[1]
+
+    async def _trigger(self, app: AppState, body: dict[str, Any], ip: str | None) -> HttpResponse:
         event = self._event(app, body, batch=False)
+        wait = self._event_rate(app, [event], ip)
+        if wait > 0:
+            return rate_limited_response(Reason.HTTP_EVENT_RATE, wait)
         self._publish(app, event)
         if not event.info:
             return json_response({})
         states = await self.hub.state.channel_states(app.id, event.channels)
         return json_response({"channels": self._event_info(event, states)})
 
-    async def _trigger_batch(self, app: AppState, body: dict[str, Any]) -> HttpResponse:
+    async def _trigger_batch(
+        self, app: AppState, body: dict[str, Any], ip: str | None
+    ) -> HttpResponse:
         batch = body.get("batch")
         if not isinstance(batch, list) or not all(isinstance(item, dict) for item in batch):
             raise Refused(Reason.HTTP_INVALID_FIELD, "batch must be a list of event objects")
         if len(batch) > app.settings.max_event_batch_size:
             raise Refused(Reason.HTTP_BATCH_TOO_LARGE)
         events = [self._event(app, item, batch=True) for item in batch]
+        wait = self._event_rate(app, events, ip)
+        if wait > 0:
+            return rate_limited_response(Reason.HTTP_EVENT_RATE, wait)
         for event in events:
             self._publish(app, event)
         if not any(event.info for event in events):
@@ -381,6 +439,42 @@ class RestApi:
                 }
             )
         return json_response(result)
+
+    async def _history(self, app: AppState, name: str, params: dict[str, str]) -> HttpResponse:
+        """Backfill: the channel's events since ``since``, all of them or none.
+
+        The same verdict as a resume (:mod:`bastion.core.history`): ``recovered``
+        with every event after ``since`` (at most ``max_replay_events``), or not,
+        with no event and the ``reason``; ``position`` is where the channel is. No
+        ``since``: just the position. A store that cannot answer is a 503.
+        """
+        raw = params.get("since")
+        asked = None
+        if raw is not None:
+            asked = parse_position(raw)
+            if asked is None:
+                raise Refused(Reason.HTTP_INVALID_POSITION)
+        policy = app.history
+        if policy is None or not policy.covers(name):
+            return json_response(
+                {"recovered": False, "reason": Unrecovered.HISTORY_OFF, "events": []}
+            )
+        found = await self.hub.history.since(app.id, name, asked, None, policy.limits)
+        if found.reason == Unrecovered.FUTURE:
+            raise Refused(
+                Reason.HTTP_INVALID_POSITION, "since is past the channel's last recorded event"
+            )
+        epoch = found.position.epoch if found.position is not None else ""
+        answer: dict[str, Any] = {"recovered": found.recovered}
+        if found.reason is not None:
+            answer["reason"] = found.reason
+        if found.position is not None:
+            answer["position"] = str(found.position)
+        answer["events"] = [
+            {"event": entry.event, "data": entry.data, "position": f"{epoch}:{entry.offset}"}
+            for entry in found.entries
+        ]
+        return json_response(answer)
 
     async def _users(self, app: AppState, name: str) -> HttpResponse:
         if classify_channel(name).kind is not ChannelKind.PRESENCE:

@@ -16,6 +16,7 @@ changes ``[metrics]`` or ``[admin]``)::
     admin      /api/security[/...] (token set)   allowed peers, allowed host,     AdminApi.handle
                                                  auth budget, bearer token
     dashboard  /dashboard pages, to allow_from   allowed host, method GET|HEAD    the page
+    addon      /bastion/recovery.js              address bucket, method GET|HEAD  the add-on
     preflight  OPTIONS /apps/{known id}/...      address bucket, cors preflight   204
     app        /apps/{id}/...                    address bucket, auth budget      RestApi, CORS
     fallback   anything else                     address bucket                   RestApi (404)
@@ -42,6 +43,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from bastion.api.addon import ADDON_PATH, addon_response
+from bastion.api.addon import METHODS as ADDON_METHODS
 from bastion.api.admin import ADMIN_PREFIX, AdminApi
 from bastion.api.cors import CorsPreflight, preflight, with_cors
 from bastion.api.dashboard import METHODS as DASHBOARD_METHODS
@@ -340,6 +343,13 @@ def front_door(
             ),
         ]
     routes += [
+        # Public and static: the pusher-js recovery add-on.
+        Route(
+            "addon",
+            Paths(ADDON_PATH),
+            (bucket, Methods(*sorted(ADDON_METHODS))),
+            lambda request, match: addon_response(),
+        ),
         Route("preflight", AppPaths(apps, "OPTIONS"), (bucket, CorsPreflight()), preflight),
         # Every /apps/{id}/ call is signed: an authentication attempt.
         Route("app", AppPaths(apps), (bucket, budget), rest_handler),

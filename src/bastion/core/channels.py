@@ -11,6 +11,9 @@ The transitions go to the cluster state (first and last local subscriber, the
 node's count, a user's first and last local socket in a presence channel), which
 decides occupied/vacated, member events and counts for the cluster and hands them
 back to :meth:`Channels.control` (frames) and the hub's listeners (webhooks).
+
+A subscribe that carries ``bastion_resume`` is answered, once it succeeded, with
+what the client missed (:mod:`bastion.core.recovery`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 from bastion.adapters.base import Bus, Cached, ClusterState, ClusterUnavailable
 from bastion.core import events as ev
 from bastion.core.fanout import FanOut
+from bastion.core.history import Unrecovered
+from bastion.core.recovery import Recoveries, wants_hold
 from bastion.core.state import AppState, Channel, Member, Session
 from bastion.eager import drive
 from bastion.errors import Refused
@@ -34,7 +39,7 @@ from bastion.protocol.names import (
 )
 from bastion.protocol.refusals import Reason
 from bastion.security.channel_auth import SignedInUser, authorize_subscribe
-from bastion.security.ratelimit import take_folded
+from bastion.security.ratelimit import settle_folded, take_folded
 
 __all__ = ["Channels"]
 
@@ -75,6 +80,7 @@ class Channels:
         self._emit = emit
         self._clock = clock
         self._wall_clock = wall_clock
+        self._recoveries = Recoveries(fanout)
 
     def subscribe(self, app: AppState, session: Session, request: msg.Subscribe) -> None:
         """Join a channel, answering success (or raising a channel-level refusal)."""
@@ -82,14 +88,11 @@ class Channels:
         echo = name if len(name) <= _ECHO_LIMIT and name.isprintable() else None
         # First, before any work: bounds channel enumeration and auth-endpoint amplification.
         now = self._clock()
-        settings = app.settings
-        full_at = take_folded(
-            session.subscribes_full_at,
-            now,
-            settings.subscribe_attempts.rate,
-            app.subscribe_burst,
-        )
+        limits = app.tiers[session.tier]
+        rate, burst = limits.subscribe_rate, limits.subscribe_burst
+        full_at = take_folded(session.subscribes_full_at, now, rate, burst)
         if full_at is None:
+            session.subscribes_full_at = settle_folded(session.subscribes_full_at, now, rate, burst)
             raise Refused(Reason.SUBSCRIBE_RATE, channel=echo)
         session.subscribes_full_at = full_at
         if not is_valid_channel_name(name, app.settings.max_channel_name_length):
@@ -100,10 +103,14 @@ class Channels:
                 raise Refused(Reason.SUBSCRIBE_NOT_SIGNED_IN, channel=name)
             # Deliveries go by the user index, not channel membership.
             session.write(self._fanout.frame(msg.subscription_succeeded(name)))
+            if request.resume is not None:
+                self._unrecovered(session, name, Unrecovered.HISTORY_OFF)
             return
         existing = app.channels.get(name)
         if name in session.channels and existing is not None:
             self._again(app, session, existing)
+            if request.resume is not None:
+                self._unrecovered(session, name, Unrecovered.ALREADY_SUBSCRIBED)
             return
         self._check_capacity(app, session, name, existing)
         user_id: str | None = None
@@ -122,7 +129,7 @@ class Channels:
             user_id, user_info = grant.user_id, grant.user_info
             if user_id is not None:
                 size = msg.utf8_size(user_info)
-                if size > app.settings.max_presence_member_bytes:
+                if size > limits.max_presence_member_bytes:
                     raise Refused(Reason.SUBSCRIBE_MEMBER_TOO_LARGE, channel=name)
                 if (
                     existing is not None
@@ -140,6 +147,9 @@ class Channels:
         session.channels[name] = user_id
         # Member and count frames that reach this socket before its answer wait.
         channel.waiting[session.socket_id] = []
+        if wants_hold(app, name, request.resume):
+            # And recorded events, until its missed ones have been written.
+            channel.held[session.socket_id] = []
         if user_id is not None:
             member = channel.members.get(user_id)
             if member is None:
@@ -147,7 +157,7 @@ class Channels:
                 # The cluster state decides whether the user is new to the cluster.
                 self._state.member_on(app.id, name, user_id, user_info, session.socket_id)
             member.sockets.add(session.socket_id)
-        self._answer_when_ready(app, session, channel, user_id)
+        self._answer_when_ready(app, session, channel, user_id, request)
         self._count_changed(app, channel)
 
     def _check_capacity(
@@ -159,7 +169,7 @@ class Channels:
         costs a few comparisons each, and memory stays bounded (~5 KB a channel).
         """
         settings = app.settings
-        if len(session.channels) >= settings.max_channels_per_connection:
+        if len(session.channels) >= app.tiers[session.tier].max_channels_per_connection:
             raise Refused(Reason.SUBSCRIBE_TOO_MANY_CHANNELS, channel=name)
         if existing is not None:
             return
@@ -193,8 +203,17 @@ class Channels:
 
         drive(self._members(app, name), again)
 
+    def _unrecovered(self, session: Session, name: str, reason: str) -> None:
+        text = msg.recovery(name, recovered=False, position=None, reason=reason)
+        session.write(self._fanout.frame(text))
+
     def _answer_when_ready(
-        self, app: AppState, session: Session, channel: Channel, user_id: str | None
+        self,
+        app: AppState,
+        session: Session,
+        channel: Channel,
+        user_id: str | None,
+        request: msg.Subscribe,
     ) -> None:
         name = channel.name
         frame = self._fanout.frame
@@ -223,6 +242,8 @@ class Channels:
                 session.write(waited)
             if channel.type.cached:
                 drive(self._cached(app, name), send_cache)
+            if request.resume is not None:
+                self._recoveries.answer(app, session, channel, request.resume, still_subscribed)
 
         def send_cache(found: Cached | None) -> None:
             if not still_subscribed():
@@ -247,6 +268,7 @@ class Channels:
             return False
         channel.subscribers.pop(session.socket_id, None)
         channel.waiting.pop(session.socket_id, None)
+        channel.held.pop(session.socket_id, None)
         if user_id is not None:
             member = channel.members.get(user_id)
             if member is not None:

@@ -17,7 +17,10 @@ __all__ = [
     "HubEvent",
     "MemberAdded",
     "MemberRemoved",
+    "Notice",
+    "RoleUnknown",
     "SubscriptionCountChanged",
+    "UserSuspended",
 ]
 
 
@@ -84,6 +87,31 @@ class SubscriptionCountChanged:
     subscription_count: int
 
 
+@dataclass(frozen=True, slots=True)
+class RoleUnknown:
+    """A sign-in carried a role the app does not configure (once per app and role).
+
+    A security notice (:attr:`bastion.core.hub.Hub.notices`), not a webhook event.
+    """
+
+    app_id: str
+    user_id: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserSuspended:
+    """This node suspended a user who spent their error budget (once per suspension).
+
+    A security notice (:attr:`bastion.core.hub.Hub.notices`), not a webhook event.
+    """
+
+    app_id: str
+    user_id: str
+    cooldown_seconds: float
+    closed: int
+
+
 HubEvent = (
     ChannelOccupied
     | ChannelVacated
@@ -93,3 +121,6 @@ HubEvent = (
     | CacheMiss
     | SubscriptionCountChanged
 )
+
+#: Security notices for the audit log (:attr:`bastion.core.hub.Hub.notices`).
+Notice = RoleUnknown | UserSuspended

@@ -6,6 +6,11 @@ events relayed, events other nodes sent, and the control frames of the cluster
 encode-once rule lives in one place. Writes never block: a session's ``write``
 queues pre-framed bytes (the server's outbox flushes them once per loop
 iteration), so a broadcast never awaits a subscriber.
+
+A server event on a channel with history goes to the history instead
+(:class:`~bastion.adapters.base.History`), which records it and delivers it,
+with its position, to every node, this one included. An app without history
+pays one attribute check per channel published to.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from bastion.adapters.base import Bus, ClusterState
+from bastion.adapters.base import Bus, ClusterState, History
 from bastion.core.state import AppState, Channel, Session
 from bastion.protocol import messages as msg
 from bastion.protocol.names import SERVER_TO_USER_PREFIX, classify_channel
@@ -33,14 +38,16 @@ class FanOut:
         frame: the framing function.
         bus: the node's bus (other nodes' subscribers).
         state: the node's cluster state (cache channels' last events).
+        history: the node's channel history.
     """
 
-    __slots__ = ("bus", "deliveries", "frame", "state")
+    __slots__ = ("bus", "deliveries", "frame", "history", "state")
 
-    def __init__(self, frame: Frame, bus: Bus, state: ClusterState) -> None:
+    def __init__(self, frame: Frame, bus: Bus, state: ClusterState, history: History) -> None:
         self.frame = frame
         self.bus = bus
         self.state = state
+        self.history = history
         #: Frames written to sessions, all kinds together (``/metrics``).
         self.deliveries = 0
 
@@ -73,10 +80,17 @@ class FanOut:
         data: str,
         exclude_socket_id: str | None = None,
     ) -> None:
-        """A server event: local subscribers first, then the bus (and a cache's record)."""
+        """A server event: local subscribers first, then the bus (and a cache's record).
+
+        On a channel with history: recorded, and delivered by the history.
+        """
+        policy = app.history
         for name in channels:
-            self.deliver(app, name, event, data, exclude_socket_id, None)
-            self.bus.publish(app.id, name, event, data, exclude_socket_id)
+            if policy is not None and policy.covers(name):
+                self.history.publish(app.id, name, event, data, exclude_socket_id, policy.limits)
+            else:
+                self.deliver(app, name, event, data, exclude_socket_id, None)
+                self.bus.publish(app.id, name, event, data, exclude_socket_id)
             if classify_channel(name).cached:
                 self.state.cache(app.id, name, event, data, app.settings.cache_ttl)
 
@@ -108,10 +122,13 @@ class FanOut:
         data: Any,
         exclude_socket_id: str | None,
         user_id: str | None,
+        position: str | None = None,
     ) -> None:
         """An event on ``name`` to its subscribers here.
 
-        On ``#server-to-user-{id}``: to that user's signed-in sessions here.
+        On ``#server-to-user-{id}``: to that user's signed-in sessions here. With a
+        ``position`` (a recorded event), subscribers whose resume is being read get
+        it after their missed events (:meth:`hold`).
         """
         if name.startswith(SERVER_TO_USER_PREFIX):
             sockets = app.users.get(name[len(SERVER_TO_USER_PREFIX) :])
@@ -123,6 +140,44 @@ class FanOut:
             return
         channel = app.channels.get(name)
         if channel is not None:
-            self.to_channel(
-                channel, msg.channel_event(event, name, data, user_id), exclude_socket_id
-            )
+            text = msg.channel_event(event, name, data, user_id, position)
+            if position is not None and channel.held:
+                self.hold(app, channel, text, exclude_socket_id, position)
+            else:
+                self.to_channel(channel, text, exclude_socket_id)
+
+    def hold(
+        self,
+        app: AppState,
+        channel: Channel,
+        text: bytes,
+        exclude_socket_id: str | None,
+        position: str,
+    ) -> None:
+        """A recorded event: held for the subscribers whose resume is being read.
+
+        At most ``max_replay_events`` each; past that, what was held goes out now
+        followed by the rest as it comes, and that resume answers ``false``
+        (``overflow``), so order is kept either way.
+        """
+        frame = self.frame(text)
+        policy = app.history
+        limit = policy.limits.max_replay if policy is not None else 0
+        held = channel.held
+        written = 0
+        for socket_id, session in channel.subscribers.items():
+            if socket_id == exclude_socket_id:
+                continue
+            waiting = held.get(socket_id)  # None: not held, or overflowed
+            if waiting is None:
+                session.write(frame)
+                written += 1
+            elif len(waiting) < limit:
+                waiting.append((position, frame))
+            else:
+                for _, earlier in waiting:
+                    session.write(earlier)
+                session.write(frame)
+                written += len(waiting) + 1
+                held[socket_id] = None
+        self.deliveries += written

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 
 from bastion.adapters import messages as cm
 from bastion.adapters.base import Cluster
-from bastion.config import Settings
+from bastion.config import EventLimit, Settings
 from bastion.core import events as ev
 from bastion.core.channels import Channels
 from bastion.core.fanout import FanOut, Frame
@@ -39,8 +39,8 @@ from bastion.protocol import messages as msg
 from bastion.protocol.names import is_valid_event_name
 from bastion.protocol.refusals import Reason
 from bastion.security.client_event_gate import check_client_event
-from bastion.security.limits import LimiterFactory, memory_limiters
-from bastion.security.ratelimit import take_folded
+from bastion.security.limits import DEFAULT_MAX_KEYS, LimiterFactory, memory_limiters
+from bastion.security.ratelimit import settle_folded, take_folded
 
 __all__ = ["AppState", "Channel", "Hub", "Session"]
 
@@ -79,7 +79,10 @@ class Hub:
             self.apps_by_key[app.settings.key] = app
             self.apps_by_id[app.id] = app
         self.listeners: list[Callable[[ev.HubEvent], None]] = []
-        self.fanout = FanOut(frame, self.bus, self.state)
+        #: Called with each security notice (the audit log); must not block.
+        self.notices: list[Callable[[ev.Notice], None]] = []
+        self.history = cluster.history
+        self.fanout = FanOut(frame, self.bus, self.state, self.history)
         self.channels = Channels(
             self.fanout,
             self.bus,
@@ -89,11 +92,12 @@ class Hub:
             wall_clock,
             settings.server.max_channels,
         )
-        self.users = Users(self.fanout, self.state, clock, wall_clock)
+        self.users = Users(self.fanout, self.state, clock, wall_clock, self.notify)
         self.connections = 0
         self.max_connections = settings.server.max_connections
         self.bus.attach(self.receive)
         self.state.attach(self.receive, self.emit)
+        self.history.attach(self.deliver)
 
     @property
     def deliveries(self) -> int:
@@ -111,7 +115,7 @@ class Hub:
         limit = app.settings.max_connections
         if limit is not None and app.connections >= limit:
             return Reason.APP_OVER_QUOTA
-        unsigned = app.settings.max_unsigned_connections
+        unsigned = app.settings.unsigned_cap
         if unsigned is not None and app.unsigned >= unsigned:
             return Reason.UNSIGNED_OVER_QUOTA
         app.connections += 1
@@ -147,7 +151,7 @@ class Hub:
             app.client_event_bucket = self.limiters(
                 "client_events_app", app_rate.rate, app_rate.burst, 1, self._clock
             )
-        rate = settings.max_client_events_per_second
+        rate = app.tiers[session.tier].client_events_per_second
 
         def take_token() -> bool:
             # The connection's bucket (burst = rate), one float on the session.
@@ -156,6 +160,8 @@ class Hub:
                 return False
             session.events_full_at = full_at
             return True
+
+        rule = app.event_limits.match(event.event) if app.event_limits.active else None
 
         # Encoded once: its size is what the limit measures, its bytes what is relayed.
         data = msg.encoded_data(event.data)
@@ -168,6 +174,12 @@ class Hub:
             app_bucket=app.client_event_bucket if app_rate is not None else None,
             policy=app.client_events,
             now=now,
+            # A closure only for a name with a rule: none on the common path.
+            take_type_token=(
+                (lambda: self._take_type_token(app, session, rule, now))
+                if rule is not None
+                else None
+            ),
         )
         assert channel is not None  # the gate refuses an event on a channel not joined here
         self.fanout.relay(app, channel, session, event, data)
@@ -178,6 +190,36 @@ class Hub:
                     app.id, event.channel, event.event, event.data, session.socket_id, user_id
                 )
             )
+
+    def _take_type_token(
+        self, app: AppState, session: Session, rule: tuple[str, EventLimit], now: float
+    ) -> bool:
+        """A token of the event name's bucket on the connection, then the user's.
+
+        The user's is cluster-wide (the limiter factory); the connection's token is
+        kept only when both had one.
+        """
+        name, limit = rule
+        buckets = session.event_buckets
+        if buckets is None:
+            buckets = session.event_buckets = {}
+        held = buckets.get(name, 0.0)
+        full_at = take_folded(held, now, limit.rate, limit.burst)
+        if full_at is None:
+            # At worst empty at the current settings (a reload may have raised them).
+            buckets[name] = settle_folded(held, now, limit.rate, limit.burst)
+            return False
+        user_id = session.user_id
+        if limit.per_user and user_id is not None:
+            bucket = app.user_event_buckets.get(name)
+            if bucket is None:
+                bucket = app.user_event_buckets[name] = self.limiters(
+                    "client_event_user", limit.rate, limit.burst, DEFAULT_MAX_KEYS, self._clock
+                )
+            if bucket.take(f"{app.id}\n{name}\n{user_id}", now) > 0:
+                return False
+        buckets[name] = full_at
+        return True
 
     def signin(self, app: AppState, session: Session, request: msg.Signin) -> None:
         """Sign the connection in (HMAC or token)."""
@@ -204,6 +246,20 @@ class Hub:
         """Deliver an event to every local subscriber of each channel, then to the bus."""
         self.fanout.publish(app, channels, event, data, exclude_socket_id)
 
+    def deliver(
+        self,
+        app_id: str,
+        channel: str,
+        event: str,
+        data: str,
+        exclude_socket_id: str | None,
+        position: str | None,
+    ) -> None:
+        """A server event the history hands over, to local subscribers only."""
+        app = self.apps_by_id.get(app_id)
+        if app is not None:
+            self.fanout.deliver(app, channel, event, data, exclude_socket_id, None, position)
+
     def terminate_user(self, app: AppState, user_id: str) -> int:
         """Close every connection signed in as ``user_id``, on every node.
 
@@ -211,6 +267,17 @@ class Hub:
         """
         self.bus.broadcast(cm.Terminate(app.id, user_id))
         return self.users.terminate_local(app, user_id)
+
+    def suspend_user(self, app: AppState, user_id: str, cooldown: float) -> int:
+        """Sign ``user_id`` out everywhere and refuse its sign-ins for ``cooldown`` seconds.
+
+        The user spent its ``user_error_budget``; reported once (a notice for the
+        audit log) by this node. Returns how many connections were closed here.
+        """
+        self.bus.broadcast(cm.Suspend(app.id, user_id, max(1, round(cooldown * 1000))))
+        closed = self.users.suspend_local(app, user_id, cooldown)
+        self.notify(ev.UserSuspended(app.id, user_id, cooldown, closed))
+        return closed
 
     def receive(self, message: cm.Message) -> None:
         """Deliver what the cluster decided or another node sent, to local connections only.
@@ -233,6 +300,7 @@ class Hub:
                         message.data,
                         message.exclude_socket_id,
                         message.user_id,
+                        message.position,
                     )
             case cm.MemberAdded():
                 text = msg.member_added(message.channel, message.user_id, message.user_info)
@@ -250,6 +318,15 @@ class Hub:
                 self.users.notify_watchers(app, message.user_id, "offline")
             case cm.Terminate():
                 self.users.terminate_local(app, message.user_id)
+            case cm.Replaced():
+                self.users.replace_local(app, message.user_id, message.socket_ids)
+            case cm.Suspend():
+                self.users.suspend_local(app, message.user_id, message.cooldown_ms / 1000)
+
+    def notify(self, notice: ev.Notice) -> None:
+        """Hand a security notice to every notice listener (the audit log)."""
+        for listener in self.notices:
+            listener(notice)
 
     def emit(self, event: ev.HubEvent) -> None:
         """Hand a hub event to every listener (webhooks, metrics); never blocks."""
@@ -259,6 +336,7 @@ class Hub:
     def tick(self) -> None:
         """Periodic housekeeping (called on the node's heartbeat)."""
         self.state.tick()
+        self.history.tick()
 
     # --- configuration -------------------------------------------------------------------
 
@@ -286,6 +364,9 @@ class Hub:
             if state.settings.key != template.settings.key:
                 self._unmap_key(state.settings.key, state)
                 self.apps_by_key[template.settings.key] = state
+            if _stops_recording(state, template):
+                # Events the new settings do not record would be holes in old positions.
+                self.history.restart(app_id)
             state.apply(template.settings, template.jwt)
         self.max_connections = settings.server.max_connections
         self.channels.max_channels = settings.server.max_channels
@@ -302,3 +383,11 @@ class Hub:
         return is_valid_event_name(name, app.settings.max_event_name_length) and not (
             name.startswith(("pusher:", "pusher_internal:"))
         )
+
+
+def _stops_recording(current: AppState, new: AppState) -> bool:
+    """Whether ``new`` settings record fewer channels than ``current`` (history restarts)."""
+    before, after = current.history, new.history
+    if before is None:
+        return False
+    return after is None or not set(before.prefixes) <= set(after.prefixes)

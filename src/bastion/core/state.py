@@ -12,17 +12,26 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bastion.config import AppSettings
+from bastion.config import RECONNECT_MARGIN, AppSettings, EventLimit, RateSettings
+from bastion.core.history import HistoryPolicy
 from bastion.core.session import Deadlines, SessionPhase
 from bastion.errors import Refused
 from bastion.protocol import messages as msg
 from bastion.protocol.names import ChannelType
+from bastion.security.event_limits import EventLimits
 from bastion.security.limits import RateLimiter
 from bastion.security.payload import ClientEventPolicy
+from bastion.security.roles import ANONYMOUS, Tiers
 from bastion.security.secrets import SecretSet
 from bastion.security.tokens import JwtVerifier
 
-__all__ = ["AppState", "Channel", "Member", "Session"]
+__all__ = ["MAX_SUSPENDED", "MAX_UNKNOWN_ROLES", "AppState", "Channel", "Member", "Session"]
+
+#: Suspended users an app remembers at most (the soonest to end go first past it).
+MAX_SUSPENDED = 100_000
+
+#: Unconfigured roles an app remembers (and reports) at most.
+MAX_UNKNOWN_ROLES = 100
 
 
 def _gone(_: object) -> None:
@@ -49,10 +58,15 @@ class Session:
             (:func:`~bastion.security.ratelimit.take_folded`; read against the app's
             current rate, so a live reload applies at the next event).
         subscribes_full_at: the subscribe-attempt bucket, folded the same way.
+        tier: whose per-connection limits apply (:mod:`bastion.security.roles`):
+            anonymous until it signs in, then its role's or the signed-in default.
+        event_buckets: the buckets of ``client_event_limits`` rules it used (rule →
+            folded bucket), made at its first limited event.
     """
 
     __slots__ = (
         "channels",
+        "event_buckets",
         "events_full_at",
         "grants",
         "opened_at",
@@ -60,6 +74,7 @@ class Session:
         "refuse",
         "socket_id",
         "subscribes_full_at",
+        "tier",
         "token_expires_at",
         "user_id",
         "user_info",
@@ -92,6 +107,8 @@ class Session:
         # Full buckets (one float each: a connection's memory is the product's scale).
         self.events_full_at = 0.0
         self.subscribes_full_at = 0.0
+        self.tier = ANONYMOUS
+        self.event_buckets: dict[str, float] | None = None
 
     def detach(self) -> None:
         """The connection is gone: drop its callbacks.
@@ -118,7 +135,7 @@ class Member:
 class Channel:
     """A channel with at least one local subscriber."""
 
-    __slots__ = ("members", "name", "subscribers", "type", "waiting")
+    __slots__ = ("held", "members", "name", "subscribers", "type", "waiting")
 
     def __init__(self, name: str, channel_type: ChannelType) -> None:
         self.name = name
@@ -130,6 +147,10 @@ class Channel:
         #: member list), with the control frames (member events, counts) that
         #: arrived meanwhile: sent after ``subscription_succeeded``.
         self.waiting: dict[str, list[bytes]] = {}
+        #: Subscribers whose resume is being read, with the history events (position,
+        #: frame) that arrived meanwhile: sent after the missed ones. ``None``: more
+        #: arrived than can be held; they went out, and the resume answers false.
+        self.held: dict[str, list[tuple[str, bytes]] | None] = {}
 
     @property
     def subscription_count(self) -> int:
@@ -177,8 +198,19 @@ class AppState:
         self.connections = 0
         #: Open connections that have not signed in (``max_unsigned_connections``).
         self.unsigned = 0
+        #: Sign-ins waiting for the cluster's count of their user's connections
+        #: (``max_connections_per_user``): socket id → session.
+        self.signing_in: dict[str, Session] = {}
+        #: Roles seen in sign-ins that the app does not configure (each reported
+        #: once; bounded by :data:`MAX_UNKNOWN_ROLES`).
+        self.unknown_roles: set[str] = set()
+        #: Suspended users (``user_error_budget``): user id → end of the cool-down,
+        #: hub clock (bounded by :data:`MAX_SUSPENDED`).
+        self.suspended: dict[str, float] = {}
         #: The app-wide client event bucket (keyed by app id; cluster-wide with redis).
         self.client_event_bucket: RateLimiter | None = None
+        #: ``client_event_limits`` rule → its per-user limiter (cluster-wide with redis).
+        self.user_event_buckets: dict[str, RateLimiter] = {}
         self.apply(settings, jwt)
 
     def apply(self, settings: AppSettings, jwt: JwtVerifier | None) -> None:
@@ -203,9 +235,15 @@ class AppState:
             and previous.client_events_per_app != settings.client_events_per_app
         ):
             self.client_event_bucket = None
-        #: The bursts in force (they never go below a reconnect's frames).
-        self.message_burst = settings.message_burst
-        self.subscribe_burst = settings.subscribe_burst
+        #: Per-connection limits by tier: anonymous, signed in, each role.
+        self.tiers = Tiers(settings, RECONNECT_MARGIN)
+        #: The rule of each client event name, and of each REST event name.
+        self.event_limits: EventLimits[EventLimit] = EventLimits(settings.client_event_limits)
+        self.rest_event_limits: EventLimits[RateSettings] = EventLimits(settings.rest_event_limits)
+        if previous is not None and previous.client_event_limits != settings.client_event_limits:
+            self.user_event_buckets = {}  # rebuilt, full, at their next event
+        #: Which channels have history, and its bounds (``None``: history off).
+        self.history = HistoryPolicy(settings.history) if settings.history is not None else None
         token = settings.jwt
         self.deadlines = Deadlines(
             settings.signin_deadline_seconds,

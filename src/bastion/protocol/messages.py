@@ -21,6 +21,7 @@ import msgspec
 from bastion.errors import Refused
 from bastion.protocol.codec import dumps, encode, encoded_size, loads
 from bastion.protocol.names import RESERVED_EVENT_PREFIXES
+from bastion.protocol.positions import Resume, decode_resume
 from bastion.protocol.refusals import Reason
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "member_removed",
     "ping",
     "pong",
+    "recovery",
     "signin_success",
     "subscription_count",
     "subscription_error",
@@ -75,11 +77,16 @@ class Pong(msgspec.Struct, frozen=True, gc=False):
 
 
 class Subscribe(msgspec.Struct, frozen=True, gc=False):
-    """``pusher:subscribe``: join ``channel``, with ``auth`` when it needs one."""
+    """``pusher:subscribe``: join ``channel``, with ``auth`` when it needs one.
+
+    ``resume`` is Bastion's ``bastion_resume`` (recover missed events once joined;
+    :mod:`bastion.protocol.positions`), ``None`` when the client did not ask.
+    """
 
     channel: str
     auth: str | None = None
     channel_data: str | None = None
+    resume: Resume | None = None
 
     def __post_init__(self) -> None:
         if not self.channel:
@@ -202,10 +209,13 @@ def decode_client_message(text: str, max_depth: int = MAX_JSON_DEPTH) -> ClientM
         channel = data.get("channel")
         if not isinstance(channel, str):
             raise Refused(Reason.INVALID_DATA, "pusher:subscribe needs a string channel")
+        raw_resume = data.get("bastion_resume")
         return Subscribe(
             channel=channel,
             auth=_optional_str(data, "auth", event),
             channel_data=_optional_str(data, "channel_data", event),
+            # Never refuses the subscribe: a bad field is answered recovered: false.
+            resume=None if raw_resume is None else decode_resume(raw_resume),
         )
     if event == "pusher:unsubscribe":
         channel = _data_object(frame).get("channel")
@@ -225,17 +235,19 @@ def decode_client_message(text: str, max_depth: int = MAX_JSON_DEPTH) -> ClientM
 # --- server → client ------------------------------------------------------------
 #
 # Each returns the frame's UTF-8 JSON bytes. The key order is part of the wire
-# format as tests and clients read it: event, channel, data, then user_id.
+# format as tests and clients read it: event, channel, data, then user_id, then
+# bastion_position (history channels only).
 
 
 #: Channel events, the hot path: a struct encodes faster than a dict, and a string
 #: ``data`` or a client event's already-encoded ``data`` (``msgspec.Raw``) is
-#: written as is.
+#: written as is. Unset optional fields are left out of the frame.
 class _ChannelEvent(msgspec.Struct, array_like=False, omit_defaults=True, gc=False):
     event: str
     channel: str
     data: Any
     user_id: str | None = None
+    bastion_position: str | None = None
 
 
 _encode_event = msgspec.json.Encoder().encode
@@ -283,18 +295,29 @@ def subscription_error(channel: str, error_type: str, message: str, status: int)
     )
 
 
-def channel_event(event: str, channel: str, data: Any, user_id: str | None = None) -> bytes:
+def channel_event(
+    event: str,
+    channel: str,
+    data: Any,
+    user_id: str | None = None,
+    position: str | None = None,
+) -> bytes:
     """An event delivered on a channel; ``data`` exactly as the publisher sent it.
 
     ``data`` is a server event's string, a client event's decoded value, or that
     value already encoded (:func:`encoded_data`), which is written as is.
+    ``position`` is the event's place in the channel's history
+    (``bastion_position``), for channels that have one: pusher-js and the other
+    clients ignore the field.
     """
     try:
-        return _encode_event(_ChannelEvent(event, channel, data, user_id))
+        return _encode_event(_ChannelEvent(event, channel, data, user_id, position))
     except UnicodeEncodeError:
         frame: dict[str, Any] = {"event": event, "channel": channel, "data": data}
         if user_id is not None:
             frame["user_id"] = user_id
+        if position is not None:
+            frame["bastion_position"] = position
         return encode(frame)
 
 
@@ -335,6 +358,30 @@ def watchlist_events(events: list[tuple[str, list[str]]]) -> bytes:
     """``pusher_internal:watchlist_events`` as pusher-js's watchlist facade reads it."""
     data = dumps({"events": [{"name": name, "user_ids": ids} for name, ids in events]})
     return encode({"event": "pusher_internal:watchlist_events", "data": data})
+
+
+def recovery(
+    channel: str,
+    *,
+    recovered: bool,
+    position: str | None,
+    replayed: int = 0,
+    reason: str | None = None,
+) -> bytes:
+    """``bastion:recovery``: whether a resume got every missed event (after the replay).
+
+    Not a ``pusher_internal:`` event, so pusher-js hands it to the channel's
+    ``bind`` handlers with ``data`` parsed. ``position`` (absent when the channel has
+    no history) is where the client now is; ``reason`` says why it is ``false``.
+    """
+    answer: dict[str, Any] = {"recovered": recovered}
+    if recovered:
+        answer["replayed"] = replayed
+    else:
+        answer["reason"] = reason
+    if position is not None:
+        answer["position"] = position
+    return encode({"event": "bastion:recovery", "channel": channel, "data": dumps(answer)})
 
 
 def token_expiring(expires_in: int) -> bytes:

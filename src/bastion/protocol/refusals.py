@@ -8,7 +8,10 @@ A refusal is answered in exactly one of these ways, picked here and nowhere else
 * ``subscription``: a ``pusher:subscription_error`` on the channel (soketi-style
   ``{type, error, status}``), which pusher-js re-emits to the app; the connection
   stays open;
-* ``http``: an HTTP status with a JSON body ``{"error": message, "reason": slug}``.
+* ``http``: an HTTP status with a JSON body ``{"error": message, "reason": slug}``;
+* ``recovery``: a ``bastion:recovery`` on the channel answering ``recovered: false``
+  with the rule's reason (a bad ``bastion_resume``: the subscribe itself stands,
+  and pusher-js sees no error); the connection stays open.
 
 The slug is the metric label and the audit event type; the message names the
 rule, never the offending data (which could be a secret or a token).
@@ -36,6 +39,8 @@ class Rule:
         error_code: ``pusher:error`` code, when the connection stays open.
         subscription_type: ``pusher:subscription_error`` type, for channel refusals.
         http_status: HTTP status, for REST and pre-upgrade refusals.
+        recovery: the ``reason`` of a ``bastion:recovery`` answering ``false``, for a
+            refused resume (the subscribe it came with stands).
         severity: ``warning`` for what looks hostile or broken, ``info`` otherwise.
     """
 
@@ -45,6 +50,7 @@ class Rule:
     error_code: int | None = None
     subscription_type: str | None = None
     http_status: int | None = None
+    recovery: str | None = None
     severity: Severity = "warning"
 
 
@@ -110,6 +116,27 @@ class Reason(enum.Enum):
         "Sign-in token expired and was not renewed",
         close_code=4009,
         severity="info",
+    )
+    #: ``user_connection_policy = "close_oldest"``: a newer connection of the same user
+    #: took this one's place (one session per user). 40xx: pusher-js does not reconnect.
+    SESSION_REPLACED = Rule(
+        "session_replaced",
+        "Signed in on a newer connection; this one was closed",
+        close_code=4009,
+        severity="info",
+    )
+    #: ``user_error_budget``: the user's connections kept being refused; every one of
+    #: them, on every node, is closed (4009: pusher-js does not reconnect).
+    USER_SUSPENDED = Rule(
+        "user_suspended",
+        "Too many refused messages from this user; signed out for a while",
+        close_code=4009,
+    )
+    #: A sign-in as a user still in the cool-down of a suspension.
+    SIGNIN_SUSPENDED = Rule(
+        "signin_suspended",
+        "This user is suspended for a while after too many refused messages",
+        close_code=4009,
     )
     #: Shared by both doors: close 4100 on a WebSocket, HTTP 429 before an upgrade or on REST.
     AUTH_FAILURE_LIMIT = Rule(
@@ -178,6 +205,13 @@ class Reason(enum.Enum):
         "Client event rejected because of the app's rate limit",
         error_code=4301,
     )
+    #: ``client_event_limits``: the bucket of this event's name (per connection, or
+    #: per user across the cluster) is empty; other names still pass.
+    CLIENT_EVENT_TYPE_RATE = Rule(
+        "client_event_type_rate",
+        "Client event rejected because of the rate limit for its name",
+        error_code=4301,
+    )
     CLIENT_EVENT_NOT_ALLOWED = Rule(
         "client_event_not_allowed",
         "Client event name is not on the app's allow-list",
@@ -187,6 +221,14 @@ class Reason(enum.Enum):
         "client_event_schema",
         "Client event data does not match the schema for its name",
         error_code=4300,
+    )
+    #: ``user_connection_policy = "refuse"``: the sign-in is refused, the connection
+    #: stays open and anonymous.
+    USER_CONNECTION_LIMIT = Rule(
+        "user_connection_limit",
+        "This user already holds the most connections allowed; sign-in refused",
+        error_code=4303,
+        severity="info",
     )
     WATCHLIST_TOO_LONG = Rule(
         "watchlist_too_long",
@@ -266,6 +308,18 @@ class Reason(enum.Enum):
         http_status=401,
     )
 
+    # --- resumes: bastion:recovery answering false, the subscribe stands -----------
+    RESUME_INVALID = Rule(
+        "resume_invalid",
+        "bastion_resume must be an object with a valid position and socket id",
+        recovery="invalid_position",
+    )
+    RESUME_FUTURE = Rule(
+        "resume_future_position",
+        "The resume position is past the channel's last recorded event",
+        recovery="invalid_position",
+    )
+
     # --- REST API: HTTP status + JSON body ----------------------------------------
     HTTP_UNKNOWN_APP = Rule("unknown_app", "Unknown app id", http_status=404)
     HTTP_APP_DISABLED = Rule("app_disabled", "Application disabled", http_status=403)
@@ -337,6 +391,10 @@ class Reason(enum.Enum):
     )
     HTTP_IP_RATE = Rule("ip_rate_limited", "Too many requests from this address", http_status=429)
     HTTP_APP_RATE = Rule("app_rate_limited", "Too many requests for this app", http_status=429)
+    #: ``rest_event_limits``: the app published too many events of this name.
+    HTTP_EVENT_RATE = Rule(
+        "event_rate_limited", "Too many events of this name for this app", http_status=429
+    )
     HTTP_QUERY_TOKEN = Rule(
         "query_token_refused",
         "This app does not accept tokens in the URL",
@@ -357,6 +415,11 @@ class Reason(enum.Enum):
         "host_not_allowed",
         "The Host header does not name this server",
         http_status=403,
+    )
+    HTTP_INVALID_POSITION = Rule(
+        "invalid_position",
+        "since must be a position (epoch:offset) the channel has reached",
+        http_status=400,
     )
     HTTP_ENCRYPTED_MULTI = Rule(
         "encrypted_multi_channel",

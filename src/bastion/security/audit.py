@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUS_MESSAGE_FORGED",
+    "ROLE_UNKNOWN",
+    "USER_SUSPENDED",
     "AuditEvent",
     "MetadataValue",
     "Severity",
@@ -43,6 +45,8 @@ __all__ = [
     "from_unblock",
     "parse_time",
     "redact",
+    "role_unknown_event",
+    "user_suspended_event",
     "webhook_retry_event",
 ]
 
@@ -234,6 +238,58 @@ def webhook_retry_event(ids: list[int], *, id: str, time: float) -> AuditEvent:
         user_id=None,
         message=f"{len(ids)} webhook dead letter(s) queued again by an operator",
         metadata={"count": len(ids), "ids": shown + (",..." if len(ids) > 50 else "")},
+    )
+
+
+#: The audit type of a sign-in naming a role its app does not configure.
+ROLE_UNKNOWN = "role_unknown"
+
+
+def role_unknown_event(app_id: str, user_id: str, role: str, *, id: str, time: float) -> AuditEvent:
+    """The audit event ``role_unknown``: a signed sign-in named a role the app lacks.
+
+    Written once per app and role (the hub remembers which it reported): the user
+    gets the signed-in defaults, so this is for the operator, whose auth endpoint
+    or token issuer and ``[apps.roles]`` disagree. ``info``: nobody did wrong.
+    """
+    return AuditEvent(
+        id=id,
+        time=time,
+        type=ROLE_UNKNOWN,
+        severity="info",
+        ip=None,
+        app_id=app_id,
+        socket_id=None,
+        user_id=user_id,
+        message="Sign-in named a role this app does not configure; default limits apply",
+        metadata={"role": role},
+    )
+
+
+#: The audit type of a user signed out everywhere for spending its error budget.
+USER_SUSPENDED = "user_suspended"
+
+
+def user_suspended_event(
+    app_id: str, user_id: str, cooldown: float, closed: int, *, id: str, time: float
+) -> AuditEvent:
+    """The audit event ``user_suspended``: a user spent its ``user_error_budget``.
+
+    Written by the node that decided it, once per suspension (each closed connection
+    also has its own ``user_suspended`` refusal row, aggregated as usual). A warning:
+    a user's connections kept sending what was refused. No address is blocked.
+    """
+    return AuditEvent(
+        id=id,
+        time=time,
+        type=USER_SUSPENDED,
+        severity="warning",
+        ip=None,
+        app_id=app_id,
+        socket_id=None,
+        user_id=user_id,
+        message="User signed out everywhere after too many refusals; sign-ins refused for a while",
+        metadata={"cooldown_seconds": cooldown, "closed_here": closed},
     )
 
 

@@ -8,9 +8,11 @@ first rule broken:
 3. the channel is private or presence, never encrypted (``CLIENT_EVENT_ENCRYPTED``,
    ``CLIENT_EVENT_CHANNEL``);
 4. the sender is subscribed to it (``CLIENT_EVENT_NOT_SUBSCRIBED``);
-5. the connection's bucket, then the app's, hold a token (``CLIENT_EVENT_RATE``,
-   ``CLIENT_EVENT_APP_RATE``, 4301): spent only once the event is otherwise
-   acceptable in shape, so a stranger's malformed events cannot drain the app's;
+5. the connection's bucket, then the app's, then its name's (``client_event_limits``,
+   per connection and per user) hold a token (``CLIENT_EVENT_RATE``,
+   ``CLIENT_EVENT_APP_RATE``, ``CLIENT_EVENT_TYPE_RATE``, 4301): spent only once the
+   event is otherwise acceptable in shape, so a stranger's malformed events cannot
+   drain the app's;
 6. the data is within ``max_event_payload_bytes`` (``CLIENT_EVENT_TOO_LARGE``);
 7. the app's allow-list and JSON Schemas accept it (``CLIENT_EVENT_NOT_ALLOWED``,
    ``CLIENT_EVENT_SCHEMA``, naming the schema keyword and location, never the value).
@@ -44,6 +46,7 @@ def check_client_event(
     app_bucket: RateLimiter | None,
     policy: ClientEventPolicy,
     now: float,
+    take_type_token: Callable[[], bool] | None = None,
 ) -> None:
     """Refuse ``event`` unless every rule lets it through (see the module doc).
 
@@ -57,6 +60,8 @@ def check_client_event(
         app_bucket: the app-wide bucket (keyed by app id), if the app has one.
         policy: the app's allow-list and schemas.
         now: the buckets' clock.
+        take_type_token: takes a token of the buckets of the event's name, if it
+            has a rule (``False``: one is spent; nothing is taken).
 
     Raises:
         Refused: the first rule broken.
@@ -76,6 +81,8 @@ def check_client_event(
         raise Refused(Reason.CLIENT_EVENT_RATE)
     if app_bucket is not None and app_bucket.take(settings.id, now) > 0:
         raise Refused(Reason.CLIENT_EVENT_APP_RATE)
+    if take_type_token is not None and not take_type_token():
+        raise Refused(Reason.CLIENT_EVENT_TYPE_RATE)
     if data_size > settings.max_event_payload_bytes:
         raise Refused(Reason.CLIENT_EVENT_TOO_LARGE)
     if policy.active:

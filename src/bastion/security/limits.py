@@ -48,6 +48,9 @@ LIMITER_NAMES = {
     "auth_fail_ip": "security.auth_failures_per_ip",
     "rest_app": "apps.rest_requests",
     "client_events_app": "apps.client_events_per_app",
+    "client_event_user": "apps.client_event_limits (per_user)",
+    "rest_event_app": "apps.rest_event_limits",
+    "user_errors": "apps.user_error_budget",
 }
 
 

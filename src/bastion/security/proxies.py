@@ -33,6 +33,7 @@ __all__ = [
     "ForwardedHeader",
     "IPNetwork",
     "TrustedProxies",
+    "ip_text",
     "parse_ip",
     "parse_networks",
 ]
@@ -93,6 +94,21 @@ def _parse_ip(value: str) -> IPAddress | None:
 
 
 _remembered_ip = functools.lru_cache(maxsize=4096)(_parse_ip)
+
+
+def ip_text(value: str) -> str | None:
+    """:func:`parse_ip`'s address as text: one spelling per address, or ``None``."""
+    if len(value) <= _REMEMBERED_LENGTH:
+        return _remembered_text(value)
+    return _address_text(value)
+
+
+def _address_text(value: str) -> str | None:
+    address = _parse_ip(value)
+    return None if address is None else str(address)
+
+
+_remembered_text = functools.lru_cache(maxsize=4096)(_address_text)
 
 
 def _forwarded_for(value: str) -> list[str]:

@@ -13,7 +13,7 @@ settings, so a live reload applies at the next take).
 
 from __future__ import annotations
 
-__all__ = ["TokenBucket", "available_folded", "take_folded"]
+__all__ = ["TokenBucket", "available_folded", "settle_folded", "take_folded"]
 
 #: Float slack, in seconds: a token due after exactly 1/rate (or retry_after) must
 #: be granted even when ``now`` is a large monotonic reading (ulp(1e8 s) is 1.5e-8 s).
@@ -81,6 +81,18 @@ def take_folded(full_at: float, now: float, rate: float, burst: float) -> float 
     if tokens + rate * _SLACK_SECONDS + 1e-9 < 1.0:
         return None
     return start + 1.0 / rate
+
+
+def settle_folded(full_at: float, now: float, rate: float, burst: float) -> float:
+    """The state to keep after :func:`take_folded` refused: at worst an empty bucket.
+
+    A refused take changes nothing, but the rate or burst it was read against may
+    have changed since the state was written (a live reload): time owed at a much
+    lower old rate would otherwise be a debt of tokens at the new one. Kept after a
+    refusal, this makes the bucket at worst empty at the current settings.
+    """
+    empty_at = now + burst / rate
+    return full_at if full_at < empty_at else empty_at
 
 
 def available_folded(full_at: float, now: float, rate: float, burst: float) -> float:

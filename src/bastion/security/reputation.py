@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from bastion.security.proxies import IPNetwork, parse_ip, parse_networks
+from bastion.security.proxies import IPNetwork, ip_text, parse_ip, parse_networks
 
 if TYPE_CHECKING:
     from bastion.config import ReputationSettings
@@ -80,6 +80,7 @@ DEFAULT_POINTS: Mapping[str, float] = {
     # rate limits
     "client_event_rate": _RATE_LIMIT,
     "client_event_app_rate": _RATE_LIMIT,
+    "client_event_type_rate": _RATE_LIMIT,
     "subscribe_rate": _RATE_LIMIT,
     "ip_rate_limited": _RATE_LIMIT,
     "connection_rate": _RATE_LIMIT,
@@ -109,6 +110,7 @@ DEFAULT_POINTS: Mapping[str, float] = {
     "query_token_refused": _PROBE,
     "metrics_forbidden": _PROBE,
     "host_not_allowed": _PROBE,
+    "resume_future_position": _PROBE,
     "not_found": _MISUSE,
     # well-formed messages the protocol refuses
     "missing_event": _MISUSE,
@@ -129,6 +131,7 @@ DEFAULT_POINTS: Mapping[str, float] = {
     "subscribe_too_many_channels": _MISUSE,
     "signin_conflict": _MISUSE,
     "signin_deadline": _MISUSE,
+    "resume_invalid": _MISUSE,
 }
 
 _SIGNED_BACK_END = (
@@ -147,6 +150,11 @@ ZERO_POINTS: Mapping[str, str] = {
     "over_capacity": _CAPACITY + " (also sent to every client while a node drains)",
     "unsigned_over_quota": _CAPACITY,
     "subscribe_presence_full": _CAPACITY,
+    "user_connection_limit": _CAPACITY + " (a user with one tab too many)",
+    "session_replaced": "the same user signed in on a newer connection; the app's policy",
+    "user_suspended": "the user's own refusals were scored already; a suspension is no new"
+    " offence (and never blocks the address)",
+    "signin_suspended": "a sign-in during a suspension's cool-down; it must not feed itself",
     "app_channels_full": _CAPACITY,
     "node_channels_full": _CAPACITY,
     "slow_consumer": "a slow network, not an attack; the cut already frees the memory",
@@ -158,6 +166,7 @@ ZERO_POINTS: Mapping[str, str] = {
     "signin_data_invalid": "the app's auth endpoint signed this user_data; not the peer's doing",
     "watchlist_too_long": "the app's auth endpoint signed this watchlist; the sign-in succeeds",
     "app_rate_limited": _SIGNED_BACK_END,
+    "event_rate_limited": _SIGNED_BACK_END,
     "method_not_allowed": _SIGNED_BACK_END,
     "invalid_body": _SIGNED_BACK_END,
     "invalid_field": _SIGNED_BACK_END,
@@ -170,6 +179,7 @@ ZERO_POINTS: Mapping[str, str] = {
     "invalid_info": _SIGNED_BACK_END,
     "not_presence": _SIGNED_BACK_END,
     "encrypted_multi_channel": _SIGNED_BACK_END,
+    "invalid_position": _SIGNED_BACK_END,
 }
 
 #: Relative slack when comparing a score with the threshold. A burst of refusals
@@ -192,8 +202,7 @@ def canonical_ip(text: str) -> str | None:
 
     Returns ``None`` when ``text`` is not an address, so garbage is never scored.
     """
-    address = parse_ip(text)
-    return None if address is None else str(address)
+    return ip_text(text)
 
 
 def parse_duration(text: str) -> float:

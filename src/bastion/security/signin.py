@@ -3,10 +3,13 @@
 Pure policy over plain values. The ``auth`` of a ``pusher:signin`` is the auth
 endpoint's HMAC of ``socket_id::user::user_data``, or, for an app in JWT mode, a
 token whose ``sub`` must be ``user_data.id``. With a token nothing else in
-``user_data`` is trusted (a token does not sign it): ``user_info`` and the
-watchlist come from the token's claims. A connection signed in as one user cannot
-sign in as another (``SIGNIN_CONFLICT``); signing in again as the same user
-renews the sign-in (a fresh token).
+``user_data`` is trusted (a token does not sign it): ``user_info``, the
+watchlist and the role come from the token's claims. With HMAC the role is the
+``role_key`` of ``user_data`` (the app's auth endpoint signed it); a role that is
+not a short string without control characters is refused
+(``SIGNIN_DATA_INVALID``), as a token's is (``SIGNIN_TOKEN_INVALID``). A
+connection signed in as one user cannot sign in as another (``SIGNIN_CONFLICT``);
+signing in again as the same user renews the sign-in (a fresh token).
 
 Refusals are raised as :class:`~bastion.errors.Refused`; the details name the
 check that failed, never a token or a signature.
@@ -23,6 +26,7 @@ from bastion.protocol import messages as msg
 from bastion.protocol.names import is_valid_user_id
 from bastion.protocol.refusals import Reason
 from bastion.protocol.signing import signin_auth_string, verify_auth
+from bastion.security.roles import is_valid_role
 from bastion.security.tokens import Claims, JwtVerifier, TokenError, looks_like_jwt
 
 __all__ = ["SignIn", "verify_signin", "verify_signin_token"]
@@ -38,6 +42,7 @@ class SignIn:
         watchlist: the user ids it watches (validated, as given).
         user_data: what ``pusher:signin_success`` echoes.
         claims: the token's claims (JWT sign-ins), ``None`` for HMAC.
+        role: the role the app signed, if any.
     """
 
     user_id: str
@@ -45,6 +50,7 @@ class SignIn:
     watchlist: tuple[str, ...]
     user_data: str
     claims: Claims | None
+    role: str | None = None
 
 
 def verify_signin(
@@ -56,6 +62,7 @@ def verify_signin(
     secrets: Sequence[bytes],
     verifier: JwtVerifier | None,
     now: float,
+    role_key: str = "role",
 ) -> SignIn:
     """Verify a ``pusher:signin``.
 
@@ -67,6 +74,7 @@ def verify_signin(
         secrets: the app's active secrets, newest first.
         verifier: the app's JWT verifier, in JWT mode.
         now: Unix seconds (token expiry).
+        role_key: the ``user_data`` key naming an HMAC sign-in's role.
 
     Raises:
         Refused: ``SIGNIN_INVALID``, ``SIGNIN_TOKEN_INVALID``, ``SIGNIN_DATA_INVALID``
@@ -93,13 +101,17 @@ def verify_signin(
     raw_watchlist: Any
     if claims is not None:
         raw_watchlist, user_info = list(claims.watchlist), claims.user_info
+        role = claims.role
     else:
         raw_watchlist, user_info = user.get("watchlist") or [], user.get("user_info")
+        role = user.get(role_key)
+        if role is not None and not is_valid_role(role):
+            raise Refused(Reason.SIGNIN_DATA_INVALID, "The sign-in's role is not a valid role")
     if not isinstance(raw_watchlist, list) or not all(
         isinstance(item, str) and is_valid_user_id(item) for item in raw_watchlist
     ):
         raise Refused(Reason.SIGNIN_DATA_INVALID)
-    return SignIn(user_id, user_info, tuple(raw_watchlist), request.user_data, claims)
+    return SignIn(user_id, user_info, tuple(raw_watchlist), request.user_data, claims, role)
 
 
 def verify_signin_token(
@@ -129,7 +141,9 @@ def verify_signin_token(
         user["user_info"] = claims.user_info
     if not all(is_valid_user_id(item) for item in claims.watchlist):
         raise Refused(Reason.SIGNIN_DATA_INVALID)
-    return SignIn(claims.sub, claims.user_info, tuple(claims.watchlist), msg.dumps(user), claims)
+    return SignIn(
+        claims.sub, claims.user_info, tuple(claims.watchlist), msg.dumps(user), claims, claims.role
+    )
 
 
 def _verify_token(verifier: JwtVerifier, socket_id: str, token: str, now: float) -> Claims:

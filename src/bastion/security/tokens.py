@@ -16,6 +16,9 @@ Rules that close the usual JWT holes:
 * ``exp`` is required, and so is ``sub``, an identity string
   (:func:`~bastion.protocol.names.is_valid_identity`: no control character, no
   lone surrogate, at most 128 characters);
+* a role claim (``role_claim``), when present, is a string of 1-64 characters
+  without control characters (:func:`~bastion.security.roles.is_valid_role`);
+  anything else is refused (``invalid_role``) like any bad token;
 * a ``channels`` grant ending in ``*`` must end at a segment boundary (see
   :func:`grants`): a token carrying ``private-user-1*`` is refused (``channels``)
   rather than let it grant ``private-user-12``.
@@ -39,6 +42,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from bastion.errors import PeerError
 from bastion.protocol.names import is_valid_identity
+from bastion.security.roles import is_valid_role
 
 if TYPE_CHECKING:
     from bastion.config import JwtSettings
@@ -69,6 +73,7 @@ CHECKS = frozenset(
         "invalid_sub",
         "unknown_kid",
         "channels",
+        "invalid_role",
     }
 )
 
@@ -110,6 +115,7 @@ class Claims:
         user_info: the ``user_info`` claim (presence member data), if any.
         socket_id: the ``socket_id`` claim binding the token to one connection, if any.
         watchlist: the ``watchlist`` claim (user ids), if any.
+        role: the role claim (``role_claim``), if any.
     """
 
     sub: str
@@ -118,6 +124,7 @@ class Claims:
     user_info: Any = None
     socket_id: str | None = None
     watchlist: tuple[str, ...] = ()
+    role: str | None = None
 
 
 def looks_like_jwt(value: str | None) -> bool:
@@ -185,6 +192,7 @@ class JwtVerifier:
         audience: required ``aud`` value, when set.
         issuer: required ``iss`` value, when set.
         leeway: seconds of clock skew tolerated on ``exp``, ``nbf`` and ``iat``.
+        role_claim: the claim that names the sign-in's role.
 
     Raises:
         ValueError: a key cannot be loaded or does not fit the algorithms.
@@ -200,8 +208,10 @@ class JwtVerifier:
         audience: str | None = None,
         issuer: str | None = None,
         leeway: float = 30.0,
+        role_claim: str = "role",
     ) -> None:
         self.algorithms = frozenset(algorithms)
+        self.role_claim = role_claim
         unknown = self.algorithms - {"HS256", *_ASYMMETRIC}
         if unknown:
             raise ValueError(f"unsupported algorithms {sorted(unknown)}")
@@ -258,6 +268,7 @@ class JwtVerifier:
             audience=settings.audience,
             issuer=settings.issuer,
             leeway=settings.leeway_seconds,
+            role_claim=settings.role_claim,
         )
 
     def verify(self, token: str, now: float) -> Claims:
@@ -347,6 +358,10 @@ class JwtVerifier:
         channels = _string_tuple(payload.get("channels"))
         if not all(is_valid_grant(pattern) for pattern in channels):
             raise TokenError("channels")
+        role = payload.get(self.role_claim)
+        if role is not None and not is_valid_role(role):
+            # Too long, a control character, not a string: as bad as a bad signature.
+            raise TokenError("invalid_role")
         return Claims(
             sub=sub,
             exp=float(exp),
@@ -354,6 +369,7 @@ class JwtVerifier:
             user_info=payload.get("user_info"),
             socket_id=socket_id,
             watchlist=_string_tuple(payload.get("watchlist")),
+            role=role,
         )
 
 

@@ -40,8 +40,8 @@ from bastion.metrics import Metrics
 __all__ = ["FREEZE_SECONDS", "Collector"]
 
 #: Seconds between two freezing steps. The pass before each freeze scans what the
-#: last interval made and kept, so shorter means shorter passes; measured at the
-#: soak of #13 (10,200 connections, 50 new ones a second).
+#: last interval made and kept, so shorter means shorter passes; measured with
+#: ``bench/soak.py``'s defaults (10,200 connections, 50 new ones a second).
 FREEZE_SECONDS = 10.0
 
 

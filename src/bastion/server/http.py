@@ -11,28 +11,26 @@ the node's route table (:mod:`bastion.api.routes`); an upgrade passes the ordere
 gates of :mod:`bastion.server.upgrade`, ``websockets`` validates the handshake and
 writes the 101, and the transport is handed to a WebSocket connection holding one
 of its address's slots until its TCP ends (no permessage-deflate). Answers go out
-in request order, each after the fan-out its request queued; a ``HEAD`` gets a
-``GET``'s headers and no body (RFC 9110 9.3.2), so keep-alive stays in step.
+in request order, each after the fan-out its request queued, and a ``HEAD``'s
+without a body (:mod:`bastion.server.answers`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import re
 import time
-from collections.abc import Awaitable
 from typing import cast
 
 import httptools
 
-from bastion.api.http import HttpRequest, HttpResponse, Refusal, error_response
-from bastion.api.templates import request_route
+from bastion.api.http import HttpRequest, Refusal, error_response
 from bastion.protocol.handshake import Failed, check_handshake
 from bastion.protocol.refusals import Reason
-from bastion.security.proxies import FORWARDING_HEADERS, ClientAddress, TrustedProxies, parse_ip
+from bastion.security.proxies import FORWARDING_HEADERS, ClientAddress, TrustedProxies, ip_text
+from bastion.server.answers import AnswerQueue
 from bastion.server.context import ServerContext
 from bastion.server.upgrade import (
     AFTER_101,
@@ -54,8 +52,6 @@ MAX_HEADERS = 64
 #: Idle seconds allowed between keep-alive requests.
 KEEPALIVE_SECONDS = 60.0
 _DIGITS = re.compile(r"[0-9]{1,18}")
-#: A routed request's path and when it was read (``time.perf_counter``), or nothing.
-_Timing = tuple[str, float] | None
 
 
 class HttpConnection(asyncio.Protocol):
@@ -90,11 +86,8 @@ class HttpConnection(asyncio.Protocol):
         #: timer is moved lazily: a kept-alive request only moves this, and the
         #: timer, when it fires early, sets itself again for what is left.
         self.deadline = math.inf
-        #: Answers not written yet, in request order; a cluster-wide query's is a task.
-        #: Each with its keep-alive, whether it answers a HEAD, and its path and start.
-        self.answers: list[
-            tuple[HttpResponse | asyncio.Task[HttpResponse], bool, bool, _Timing]
-        ] = []
+        #: This connection's answers, in request order (set once it is connected).
+        self.answers: AnswerQueue
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -102,11 +95,11 @@ class HttpConnection(asyncio.Protocol):
         """Start the handshake timer."""
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self.answers = AnswerQueue(self.ctx, self.transport)
         peer = transport.get_extra_info("peername")
-        address = parse_ip(peer[0]) if isinstance(peer, tuple) and peer[0] else None
         # Normalised (an IPv4-mapped IPv6 peer is its IPv4 address), so every limit
         # and block sees one spelling of an address.
-        self.peer_ip = self.ip = str(address) if address is not None else None
+        self.peer_ip = self.ip = ip_text(peer[0]) if isinstance(peer, tuple) and peer[0] else None
         blocklist = self.ctx.blocklist
         if blocklist is not None and self.peer_ip and blocklist.check(self.peer_ip, time.time()):
             # No answer at all: a blocked host gets nothing to parse or time.
@@ -132,8 +125,7 @@ class HttpConnection(asyncio.Protocol):
         WebSocket now), so the pair is freed at once instead of waiting for the
         cycle collector.
         """
-        with contextlib.suppress(AttributeError):  # released already
-            del self.parser
+        self.__dict__.pop("parser", None)  # (None: released already)
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser; bound the request head; hand off upgrades."""
@@ -227,21 +219,7 @@ class HttpConnection(asyncio.Protocol):
             self.ctx.refusals.record(Reason.HTTP_INTERNAL_ERROR, ip=self.ip)
             response = error_response(Reason.HTTP_INTERNAL_ERROR)
         keep_alive = self.parser.should_keep_alive() and not self.ctx.draining
-        head, timing = self.head_request, (path, started)
-        outbox = self.ctx.outbox
-        if not isinstance(response, HttpResponse):
-            # A cluster-wide query: answered when it completes, still in order.
-            task = asyncio.ensure_future(self._finish(response))
-            self.answers.append((task, keep_alive, head, timing))
-            task.add_done_callback(self._answer_ready)
-        elif self.answers or outbox.busy:
-            # Answer once the deliveries this request queued are written: a publisher
-            # cannot outrun the fan-out, and pipelined answers keep their order.
-            self.answers.append((response, keep_alive, head, timing))
-            if len(self.answers) == 1:
-                outbox.after_flush(self._write_answers)
-        else:
-            self._answer(response, keep_alive, head, timing)
+        self.answers.put(response, keep_alive, self.head_request, self.ip, (path, started))
         if keep_alive:
             self.head = bytearray()
             self.head_done = False
@@ -269,49 +247,7 @@ class HttpConnection(asyncio.Protocol):
         now = self.ctx.wall_clock()
         return HttpRequest(method, path, query, self.headers, body, ip, operator_ip, now)
 
-    # --- writing answers, in order -------------------------------------------------------
-
-    def _write_answers(self) -> None:
-        """Write the answers that are ready, in order, up to the first pending one."""
-        while self.answers:
-            response, keep_alive, head, timing = self.answers[0]
-            if isinstance(response, asyncio.Task):
-                if not response.done():
-                    return
-                response = response.result()
-            del self.answers[0]
-            self._answer(response, keep_alive, head, timing)
-
-    def _answer_ready(self, task: asyncio.Task[HttpResponse]) -> None:
-        if self.ctx.outbox.busy:
-            self.ctx.outbox.after_flush(self._write_answers)
-        else:
-            self._write_answers()
-
-    async def _finish(self, pending: Awaitable[HttpResponse]) -> HttpResponse:
-        try:
-            return await pending
-        except Exception:
-            log.exception("internal error handling an HTTP request")
-            self.ctx.refusals.record(Reason.HTTP_INTERNAL_ERROR, ip=self.ip)
-            return error_response(Reason.HTTP_INTERNAL_ERROR)
-
-    def _answer(
-        self, response: HttpResponse, keep_alive: bool, head: bool = False, timing: _Timing = None
-    ) -> None:
-        """Write one answer (a ``HEAD``'s headers only), then close unless kept alive.
-
-        A routed request's answer is timed, by route template (never the path).
-        """
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(response.encode(keep_alive=keep_alive, head=head))
-        if timing is not None:
-            route, app_id = request_route(timing[0])
-            seconds = time.perf_counter() - timing[1]
-            self.ctx.metrics.request_answered(route, app_id, response.status, seconds)
-        if not keep_alive and transport is not None:
-            transport.close()
+    # --- refusals and timers ------------------------------------------------------------
 
     def _refuse(self, refusal: Refusal, *, record: bool = True) -> None:
         """Record ``refusal`` (unless already counted), answer it and close."""
@@ -320,7 +256,7 @@ class HttpConnection(asyncio.Protocol):
         self.refused = True
         if record:
             self.ctx.refusals.record(refusal.reason, app_id=refusal.app_id, ip=self.ip)
-        self._answer(refusal.response(), keep_alive=False, head=self.head_request)
+        self.answers.write(refusal.response(), keep_alive=False, head=self.head_request)
 
     def _arm(self, seconds: float) -> None:
         loop = self.ctx.loop

@@ -31,10 +31,16 @@ from bastion.api.ops import Ops
 from bastion.api.rest import RestApi
 from bastion.api.routes import front_door
 from bastion.config import Settings
+from bastion.core import events as ev
 from bastion.core.hub import Hub
 from bastion.errors import ConfigError
 from bastion.metrics import Metrics
-from bastion.security.audit import AuditEvent, from_refusal
+from bastion.security.audit import (
+    AuditEvent,
+    from_refusal,
+    role_unknown_event,
+    user_suspended_event,
+)
 from bastion.security.config_audit import CONFIG_LOADED, config_event, fingerprints
 from bastion.security.limits import LimiterFactory, memory_limiters
 from bastion.server.alerts import NodeAlerts
@@ -52,6 +58,7 @@ from bastion.server.reload import (
     reload_settings,
 )
 from bastion.server.tls import server_context
+from bastion.server.user_budget import UserErrorBudgets
 from bastion.store.audit import AuditLog, AuditLogError
 from bastion.store.audit import query as query_audit
 from bastion.store.webhook_queue import WebhookQueue
@@ -127,6 +134,11 @@ class Node:
             limiters=limiters,
             wall_clock=wall_clock,
         )
+        # Security notices of the hub (an unconfigured role, a suspension) are audited.
+        self.hub.notices.append(self._audit_notice)
+        #: Each signed-in user's error budget (``user_error_budget``), fed by refusals.
+        self.user_budgets = UserErrorBudgets(self.ctx)
+        self.refusals.listeners.append(self.user_budgets.on_refusal)
         self._server: asyncio.Server | None = None
         self._tick: asyncio.Task[None] | None = None
         #: The audit log, open between start and stop when ``[audit]`` enables it.
@@ -302,6 +314,31 @@ class Node:
             summary.record, id=uuid.uuid4().hex, time=summary.last, repeats=repeats
         )
         self.audit.record(event)
+
+    def _audit_notice(self, notice: ev.Notice) -> None:
+        """A hub security notice, written to the audit log (and logged once)."""
+        event_id, now = uuid.uuid4().hex, time.time()
+        if isinstance(notice, ev.RoleUnknown):
+            log.info("app %s: a sign-in named the unconfigured role %r", notice.app_id, notice.role)
+            event = role_unknown_event(
+                notice.app_id, notice.user_id, notice.role, id=event_id, time=now
+            )
+        else:
+            self.metrics.users_suspended[notice.app_id] += 1
+            log.warning(
+                "app %s: a user spent its error budget; signed out everywhere for %g s",
+                notice.app_id,
+                notice.cooldown_seconds,
+            )
+            event = user_suspended_event(
+                notice.app_id,
+                notice.user_id,
+                notice.cooldown_seconds,
+                notice.closed,
+                id=event_id,
+                time=now,
+            )
+        self._audit_event(event)
 
     def _audit_event(self, event: AuditEvent) -> None:
         if self.alerts is not None:  # new blocks count towards an alert

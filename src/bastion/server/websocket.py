@@ -8,13 +8,28 @@ complete, masked, unfragmented text frames within the size limit — what pusher
 sends, one Pusher message each — are unmasked here (websockets' own C routine)
 and handled at once; the first frame that is anything else, and everything after
 it, goes to the sans-I/O protocol as before, from a frame boundary, so it sees
-exactly the bytes it would have parsed itself. That protocol object is made only
-when a connection first needs it (a ping, a close, a fragment): an idle
-connection never holds one. Text messages are then decoded by
-:mod:`bastion.protocol.messages` and handed to the hub. Outgoing messages are
+exactly the bytes it would have parsed itself. A well-formed close frame on that
+path is answered here too, as the library answers it (the payload echoed, then the
+TCP side ended). That protocol object is made only when a connection first needs
+it (a ping, a malformed close, a fragment): an idle connection never holds one.
+Text messages are then decoded by :mod:`bastion.protocol.messages` and handed to
+the hub. Outgoing messages are
 pre-framed bytes written straight to the transport: a broadcast never awaits
-a subscriber. A subscriber whose transport buffer passes the limit is cut with
-4100 (reconnect with back-off) on the next loop iteration.
+a subscriber.
+
+Flow control. The transport's high-water mark is small and fixed
+(:data:`~bastion.server.overflow.TRANSPORT_HIGH_WATER`); past it the transport
+pauses the connection, which then holds whole frames in an
+:class:`~bastion.server.overflow.Overflow` (made at the first pause: a connection
+that keeps up has none) and hands them back a slice at a time as the transport
+drains. ``max_write_buffer_kb`` bounds the transport's buffer and the overflow
+together: a frame that would pass it drops what is held (counted in
+``frames_discarded`` / ``bytes_discarded``) and the connection is cut with 4100
+``slow_consumer`` (reconnect with back-off) on the next loop iteration, its
+``pusher:error`` and close frame written behind at most the small transport
+buffer, so a client that reads again gets them. Every close, this one included,
+gives the client :data:`CLOSE_GRACE_SECONDS` to read it before the transport is
+aborted; a close while the client is behind drops what is held too.
 
 Two budgets per connection make a flood cost the sender, not the node:
 
@@ -40,9 +55,10 @@ import logging
 import secrets
 import time
 from bisect import bisect_left
+from collections.abc import Sequence
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
-from websockets.frames import Frame, Opcode
+from websockets.frames import EXTERNAL_CLOSE_CODES, Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -57,8 +73,9 @@ from bastion.metrics import MESSAGE_BYTES_BUCKETS, MESSAGE_BYTES_INDEX, MESSAGE_
 from bastion.protocol import messages as msg
 from bastion.protocol.names import classify_channel
 from bastion.protocol.refusals import Reason
-from bastion.security.ratelimit import take_folded
+from bastion.security.ratelimit import settle_folded, take_folded
 from bastion.server.context import ServerContext, close_frame, frame_text
+from bastion.server.overflow import TRANSPORT_HIGH_WATER, Overflow
 from bastion.server.state import ConnectionState, check_transition
 
 __all__ = ["WebSocketConnection", "new_socket_id"]
@@ -67,12 +84,21 @@ log = logging.getLogger("bastion.websocket")
 
 #: Seconds a closing connection may take to flush before it is aborted.
 CLOSE_GRACE_SECONDS = 2.0
+#: Close codes a peer may send (RFC 6455 7.4; what the websockets library accepts).
+_PEER_CLOSE_CODES = frozenset(int(code) for code in EXTERNAL_CLOSE_CODES)
+
+
+def _frames(pending: bytes | list[bytes]) -> Sequence[bytes]:
+    """The frames of a connection's queued writes (one per ``write``)."""
+    return (pending,) if isinstance(pending, bytes) else pending
 
 
 def new_socket_id(taken: set[str]) -> str:
     """A fresh, unpredictable ``digits.digits`` socket id not in ``taken``."""
     while True:
-        socket_id = f"{secrets.randbelow(10**10)}.{secrets.randbelow(10**10)}"
+        # One draw from the system's generator for both halves (each uniform below 10**10).
+        high, low = divmod(secrets.randbelow(10**20), 10**10)
+        socket_id = f"{high}.{low}"
         if socket_id not in taken:
             return socket_id
 
@@ -84,6 +110,7 @@ class WebSocketConnection(asyncio.Protocol):
         "_fragments",
         "_max_size",
         "_messages",
+        "_overflow",
         "_proto",
         "_query_token",
         "_received",
@@ -138,6 +165,8 @@ class WebSocketConnection(asyncio.Protocol):
         self._sizes = ctx.metrics.message_bytes.series(app.id)
         #: Bytes queued this loop iteration (see Outbox): one chunk, or a list.
         self.pending: bytes | list[bytes] | None = None
+        #: Frames held while the transport is paused; None while it keeps up.
+        self._overflow: Overflow | None = None
         socket_id = new_socket_id(ctx.socket_ids)
         self.session = Session(socket_id, self.write, self.refuse, opened_at=self.last_seen)
 
@@ -154,7 +183,7 @@ class WebSocketConnection(asyncio.Protocol):
     def start(self) -> None:
         """Greet the client and start serving; the 101 response is already written."""
         ctx = self.ctx
-        high = ctx.settings.server.max_write_buffer_kb * 1024
+        high = min(TRANSPORT_HIGH_WATER, self._write_limit())
         self.transport.set_write_buffer_limits(high=high, low=high // 4)
         ctx.connections.add(self)
         ctx.socket_ids.add(self.session.socket_id)
@@ -185,14 +214,49 @@ class WebSocketConnection(asyncio.Protocol):
             pending.append(data)
 
     def flush_pending(self) -> None:
-        """Write what this iteration queued, as one chunk."""
+        """Write what this iteration queued, as one chunk; hold it while the transport is paused."""
         pending = self.pending
         if pending is None:
             return
         self.pending = None
         if self.state is ConnectionState.CLOSED:
             return
-        self.transport.write(pending if isinstance(pending, bytes) else b"".join(pending))
+        overflow = self._overflow
+        if overflow is None:
+            self.transport.write(pending if isinstance(pending, bytes) else b"".join(pending))
+        else:
+            self._hold(overflow, _frames(pending))
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held for this connection while its transport is paused (0 when none)."""
+        overflow = self._overflow
+        return 0 if overflow is None else overflow.size
+
+    def _write_limit(self) -> int:
+        """``max_write_buffer_kb`` in bytes: the transport's buffer and the overflow together."""
+        return self.ctx.settings.server.max_write_buffer_kb * 1024
+
+    def _hold(self, overflow: Overflow, frames: Sequence[bytes]) -> None:
+        for index, frame in enumerate(frames):
+            if not overflow.hold(frame):
+                self._spill(overflow, frames[index:])
+                return
+
+    def _spill(self, overflow: Overflow, refused: Sequence[bytes]) -> None:
+        """Past the limit: drop what is held and ``refused``; the cut follows."""
+        first = not overflow.spilled
+        frames, size = overflow.spill()
+        self._count_discarded(frames + len(refused), size + sum(map(len, refused)))
+        if first:
+            # Not now: this runs inside the outbox's flush of every connection.
+            self.ctx.loop.call_soon(self._cut_slow_consumer)
+
+    def _count_discarded(self, frames: int, size: int) -> None:
+        if frames:
+            metrics, app_id = self.ctx.metrics, self.app.id
+            metrics.frames_discarded[app_id] += frames
+            metrics.bytes_discarded[app_id] += size
 
     def send(self, text: bytes) -> None:
         """Frame and write one message to this connection only."""
@@ -227,14 +291,21 @@ class WebSocketConnection(asyncio.Protocol):
                     refused.channel, rule.subscription_type, refused.detail, rule.http_status or 400
                 )
             )
+        elif rule.recovery is not None and refused.channel is not None:
+            # A refused resume: the subscribe stands, recovery is answered false.
+            self.send(
+                msg.recovery(refused.channel, recovered=False, position=None, reason=rule.recovery)
+            )
         else:
             self.send(msg.error(refused.detail, rule.error_code, refused.channel))
 
     def _spend_refusal(self) -> bool:
         """Take a token of the refusal budget; False when it is spent."""
         budget = self.app.settings.refusals_per_connection
-        full_at = take_folded(self._refusals, self.ctx.loop.time(), budget.rate, budget.burst)
+        now = self.ctx.loop.time()
+        full_at = take_folded(self._refusals, now, budget.rate, budget.burst)
         if full_at is None:
+            self._refusals = settle_folded(self._refusals, now, budget.rate, budget.burst)
             return False
         self._refusals = full_at
         return True
@@ -243,20 +314,18 @@ class WebSocketConnection(asyncio.Protocol):
         """Leave every channel now, then send ``pusher:error`` and a close frame."""
         if self.state is not ConnectionState.OPEN:
             return
-        if code >= 4000:
-            # Protocol >= 6 clients read the close code; the frame helps debugging.
-            self.send(msg.error(reason, code))
+        # Protocol >= 6 clients read the close code; the frame helps debugging.
+        last = frame_text(msg.error(reason, code)) if code >= 4000 else b""
         self.state = check_transition(self.state, ConnectionState.CLOSING)
         self._forget()
         self._closed(code)
-        self.flush_pending()
-        if self._proto is None or self._proto.state is State.OPEN:
-            # (Not after the peer's close: the sans-I/O protocol has answered it.)
-            self.transport.write(close_frame(code, reason))
-        self._flush()
-        self.transport.close()
-        # A slow consumer may never drain its buffer; do not wait for it forever.
-        self.ctx.loop.call_later(CLOSE_GRACE_SECONDS, self.transport.abort)
+        proto = self._proto
+        if proto is None or proto.state is State.OPEN:
+            last += self._protocol_output() + close_frame(code, reason)
+        else:
+            # After the peer's close: the sans-I/O protocol has answered it.
+            last += self._protocol_output()
+        self._end(last)
 
     def _closed(self, code: int) -> None:
         """Count this connection's end (once): code, life, message rate; remember it."""
@@ -278,6 +347,40 @@ class WebSocketConnection(asyncio.Protocol):
             return
         if self.ctx.reconnects.signed_in(self.app.id, user_id, opened_at):
             self._reconnected("user")
+
+    def _end(self, last: bytes) -> None:
+        """Write ``last`` (the closing frames), close the TCP side, abort it after a grace.
+
+        A client that is behind (frames held) gets none of them: they are dropped
+        and counted, so the close waits only behind the transport's small buffer.
+        """
+        overflow = self._overflow
+        if overflow is None:
+            self.flush_pending()
+        else:
+            self._overflow = None
+            pending, self.pending = self.pending, None
+            frames, size = overflow.spill()
+            if pending is not None:
+                queued = _frames(pending)
+                frames, size = frames + len(queued), size + sum(map(len, queued))
+            self._count_discarded(frames, size)
+        if last:
+            self.transport.write(last)
+        self.transport.close()
+        # A client that does not read may never drain the buffer: do not wait forever.
+        self.ctx.loop.call_later(CLOSE_GRACE_SECONDS, self._abort)
+
+    def _abort(self) -> None:
+        if self.state is not ConnectionState.CLOSED:  # (not once the transport is gone)
+            self.transport.abort()
+
+    def _protocol_output(self) -> bytes:
+        """What the sans-I/O protocol has to send (pongs, its close), without its EOF."""
+        proto = self._proto
+        if proto is None:
+            return b""
+        return b"".join(proto.data_to_send())
 
     def _forget(self) -> None:
         ctx = self.ctx
@@ -315,12 +418,41 @@ class WebSocketConnection(asyncio.Protocol):
         self._flush()
 
     def pause_writing(self) -> None:
-        """The transport buffer passed the limit: cut this slow consumer soon."""
-        # Not now: we may be inside a broadcast iterating over channel members.
-        self.ctx.loop.call_soon(self._cut_slow_consumer)
+        """The transport passed its high-water mark: hold frames from now on.
+
+        They may take what ``max_write_buffer_kb`` leaves beside the transport's
+        buffer; a transport that holds it all already is cut at once.
+        """
+        overflow = self._overflow
+        if overflow is not None:
+            overflow.paused = True
+        elif self.state is ConnectionState.OPEN:
+            room = self._write_limit() - self.transport.get_write_buffer_size()
+            overflow = self._overflow = Overflow(max(room, 0))
+            if room <= 0:
+                self._spill(overflow, ())
 
     def resume_writing(self) -> None:
-        """Nothing to resume: broadcasts never wait."""
+        """The transport drained to its low-water mark: release held frames, a slice at a time.
+
+        Until it pauses again (the transport calls :meth:`pause_writing` from
+        ``write``) or nothing is held; then frames go straight to it again. Each
+        slice fills the transport up to its high-water mark (one frame past it at
+        most), so it never holds much more than that: a close written later waits
+        behind little.
+        """
+        overflow = self._overflow
+        if overflow is None:
+            return
+        overflow.paused = False
+        transport = self.transport
+        while not overflow.paused and not transport.is_closing():
+            data = overflow.take(TRANSPORT_HIGH_WATER - transport.get_write_buffer_size())
+            if data is None:
+                if not overflow.spilled:  # (a spilled one stays until the cut)
+                    self._overflow = None
+                return
+            transport.write(data)
 
     def _cut_slow_consumer(self) -> None:
         self.refuse(Refused(Reason.SLOW_CONSUMER))
@@ -331,6 +463,7 @@ class WebSocketConnection(asyncio.Protocol):
             self._closed(1006)
         self.state = ConnectionState.CLOSED
         self.pending = None
+        self._overflow = None
         self._forget()
         # No reference cycle outlives the connection (the session's callbacks, the
         # sans-I/O parser's generator): freed at once, never left to the collector.
@@ -342,20 +475,29 @@ class WebSocketConnection(asyncio.Protocol):
     def _flush(self) -> None:
         # Queued messages go before what the sans-I/O protocol wrote after them.
         self.flush_pending()
-        if self._proto is None:
+        proto = self._proto
+        if proto is None:
             return
-        for chunk in self._proto.data_to_send():
-            if chunk:
-                self.transport.write(chunk)
-                continue
-            # The sans-I/O protocol asks for EOF: after a close handshake, or after
-            # it failed the connection (1002/1007/1009). Either way the TCP side ends.
-            if self.state is ConnectionState.OPEN:  # the peer closed: its code (1005: none)
-                self.state = check_transition(self.state, ConnectionState.CLOSING)
-                self._forget()
-                received = self._proto.close_rcvd
-                self._closed(received.code if received is not None else 1005)
-            self.transport.close()
+        chunks = proto.data_to_send()
+        if not chunks:
+            return
+        if chunks[-1]:
+            overflow = self._overflow
+            if overflow is None:
+                for chunk in chunks:
+                    self.transport.write(chunk)
+            else:  # behind held frames, within the same bound (pongs to a ping flood)
+                self._hold(overflow, chunks)
+            return
+        # The sans-I/O protocol asks for EOF (its last chunk): after a close handshake,
+        # or after it failed the connection (1002/1007/1009). Either way the TCP side ends.
+        if self.state is ConnectionState.OPEN:  # the peer closed: its code (1005: none)
+            self.state = check_transition(self.state, ConnectionState.CLOSING)
+            self._forget()
+            received = proto.close_rcvd
+            self._closed(received.code if received is not None else 1005)
+        if not self.transport.is_closing():
+            self._end(b"".join(chunks))
 
     def _on_parser_error(self, exc: Exception) -> None:
         if isinstance(exc, EOFError):
@@ -380,7 +522,10 @@ class WebSocketConnection(asyncio.Protocol):
         position, end = 0, len(data)
         while self.state is ConnectionState.OPEN and end - position >= 6:
             # FIN + text with no RSV bit, then MASK set (a client's frames must be).
-            if data[position] != 0x81:
+            first = data[position]
+            if first != 0x81:
+                if first == 0x88 and self._fast_close(data, position, end):
+                    return b""
                 break
             length = data[position + 1]
             if length < 0x80:
@@ -406,13 +551,46 @@ class WebSocketConnection(asyncio.Protocol):
                 self._on_text(payload)
         return data[position:] if position else data
 
+    def _fast_close(self, data: bytes, position: int, end: int) -> bool:
+        """Answer a well-formed close frame at ``position`` as websockets would; or False.
+
+        The closing handshake of every connection a client ends: echo the peer's
+        close payload, then end the TCP side (a server closes first), without
+        building a sans-I/O protocol to do it. Anything that protocol would refuse
+        (a 1-byte payload, a code a peer may not send, a reason that is not UTF-8),
+        or that is not complete, is left to it.
+        """
+        length = data[position + 1]
+        if length < 0x80 or length - 0x80 > 125 or length == 0x81:
+            return False
+        length -= 0x80
+        start = position + 6
+        if start + length > end:
+            return False
+        payload = apply_mask(data[start : start + length], data[position + 2 : start])
+        code = 1005  # a close without a code
+        if length:
+            code = payload[0] << 8 | payload[1]
+            if code not in _PEER_CLOSE_CODES and not 3000 <= code < 5000:
+                return False
+            try:
+                payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                return False
+        self.state = check_transition(self.state, ConnectionState.CLOSING)
+        self._forget()
+        self._closed(code)
+        self._end(bytes((0x88, length)) + payload)
+        return True
+
     def _spend_message_budget(self) -> bool:
         """Take a token of the message budget; a frame past it is refused unread."""
         # Before anything looks at the frame: one float compared, nothing decoded.
-        settings = self.app.settings
-        rate = settings.max_messages_per_second.rate
-        full_at = take_folded(self._messages, self.last_seen, rate, self.app.message_burst)
+        limits = self.app.tiers[self.session.tier]  # the connection's role's
+        rate, burst = limits.message_rate, limits.message_burst
+        full_at = take_folded(self._messages, self.last_seen, rate, burst)
         if full_at is None:
+            self._messages = settle_folded(self._messages, self.last_seen, rate, burst)
             self._fragments = None  # the rest of a fragmented message goes with it
             self.refuse(Refused(Reason.MESSAGE_RATE))
             return False
@@ -467,9 +645,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _fail_invalid_utf8(self) -> None:
         self._mark_failed(Reason.INVALID_UTF8)
-        self.flush_pending()
-        self.transport.write(close_frame(1007, "invalid UTF-8"))
-        self.transport.close()
+        self._end(self._protocol_output() + close_frame(1007, "invalid UTF-8"))
 
     def _mark_failed(self, reason: Reason) -> None:
         """Record a frame-level failure and leave everything; the caller sends the close."""

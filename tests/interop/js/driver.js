@@ -30,6 +30,8 @@ console.debug = toStderr;
 
 const PusherClient = require('pusher-js');
 const PusherServer = require('pusher');
+// Bastion's recovery add-on, the npm package of this repository (clients/js).
+const { withRecovery } = require('../../../clients/js/bastion-recovery.js');
 
 const maxSeconds = Number(process.env.BASTION_DRIVER_MAX_SECONDS || '300');
 setTimeout(() => {
@@ -144,7 +146,8 @@ function connectClient(msg) {
   const pusher = new PusherClient(msg.key || t.key, {
     cluster: 'x',
     wsHost: '127.0.0.1',
-    wsPort: t.port,
+    // A client may go through a proxy (reconnect tests); the SDK talks to the server.
+    wsPort: msg.wsPort || t.port,
     forceTLS: false,
     enabledTransports: ['ws'],
     channelAuthorization: {
@@ -177,6 +180,8 @@ function connectClient(msg) {
       },
     },
   });
+  // {recovery: true}: the channels resume after every reconnect (bastion:recovery).
+  if (msg.recovery) withRecovery(pusher);
   const entry = { pusher: pusher, state: state };
   clients.set(name, entry);
 
@@ -459,4 +464,56 @@ const handleBeforeWebhook = handle;
 handle = async function handleWithWebhook(msg) {
   if (msg.cmd === 'webhook') return webhookCheck(msg);
   return handleBeforeWebhook(msg);
+};
+
+// ------------------------------------------------------------------ scenario: a slow consumer
+// pusher-js as a client that stops reading (tests/interop/test_pusherjs_slow_consumer.py):
+//
+//   {"cmd": "pause_socket", "client": "a"}   stop reading the client's TCP socket
+//   {"cmd": "resume_socket", "client": "a"}  read it again
+//       → {"paused": bool}
+//
+// Under Node, pusher-js's WebSocket is the faye-websocket client bundled in its node
+// build; its TCP stream (`_stream`, a net.Socket) is piped into the WebSocket parser.
+// Paused, Node stops reading the socket, the kernel's receive window closes and the
+// server's writes wait on the server's side: a slow link, without a clock.
+// `pause_socket` also reports pusher-js's `connecting_in` notices (the delay, in
+// seconds, before its next connection attempt) as {"kind": "connecting_in", "delay"}.
+
+function tcpStream(msg) {
+  const c = getClient(msg.client);
+  const connection = c.pusher.connection.connection;
+  const transport = connection && connection.transport;
+  const socket = transport && transport.socket;
+  const stream = socket && socket._stream;
+  if (!stream || typeof stream.pause !== 'function') {
+    throw new Error(`client ${msg.client} has no open TCP stream`);
+  }
+  return { client: c, stream: stream };
+}
+
+function pauseSocket(msg) {
+  const found = tcpStream(msg);
+  if (!found.client.connectingInBound) {
+    found.client.connectingInBound = true;
+    found.client.pusher.connection.bind('connecting_in', (delay) => {
+      emitEvent('connecting_in', msg.client, { delay: delay });
+    });
+  }
+  found.stream.pause();
+  return { paused: found.stream.isPaused() };
+}
+
+function resumeSocket(msg) {
+  const found = tcpStream(msg);
+  found.stream.resume();
+  return { paused: found.stream.isPaused() };
+}
+
+const handleBeforeSlowConsumer = handle;
+// eslint-disable-next-line no-func-assign
+handle = async function handleWithSlowConsumer(msg) {
+  if (msg.cmd === 'pause_socket') return pauseSocket(msg);
+  if (msg.cmd === 'resume_socket') return resumeSocket(msg);
+  return handleBeforeSlowConsumer(msg);
 };

@@ -6,6 +6,7 @@ Split by job:
 * :mod:`.session` — connect, run, notice a loss, reconnect with back-off;
 * :mod:`.topics` — the bus: topics by interest, signed messages in and out;
 * :mod:`.state` — this node's share of the cluster state, reconciled, and reads;
+* :mod:`.history` — channel history in Streams, recorded and published by one script;
 * :mod:`.scripts` — the atomic Lua scripts and their keys;
 
 and :func:`redis_cluster` puts them together for a node.
@@ -24,6 +25,7 @@ import redis.asyncio as aioredis
 from bastion.adapters import wire
 from bastion.adapters.base import Cluster, ReplayClaims
 from bastion.adapters.redis.client import describe_error, describe_url
+from bastion.adapters.redis.history import RedisHistory
 from bastion.adapters.redis.session import RedisSession
 from bastion.adapters.redis.state import QUERY_WAIT, RedisState
 from bastion.adapters.redis.topics import MAX_PENDING, RedisBus
@@ -127,9 +129,10 @@ def redis_cluster(
         max_pending=max_pending,
     )
     state = RedisState(session, bus, settings.prefix, clock)
-    session.attach(bus, state)
+    history = RedisHistory(session, bus, settings.prefix, key)
+    session.attach(bus, state, history)
     local = LocalReplayClaims()
     replay: ReplayClaims = (
         RedisReplayClaims(session, local) if settings.shared_replay_guard else local
     )
-    return Cluster(bus, state, replay)
+    return Cluster(bus, state, replay, history)

@@ -26,6 +26,11 @@ tag is ``{entry}\n{user_id}``, and neither part can hold a newline):
 * ``{prefix}:uo:{app_id}`` — signed-in user id → how many nodes have it signed in
   (watchlists' online / offline), and ``{prefix}:nodeusers:{node_id}`` the
   ``{app_id}\n{user_id}`` tags that node holds;
+* ``{prefix}:uconn:{app_id}:{user_id}`` — a sorted set of the user's counted
+  connections (``max_connections_per_user``): ``{node_id}\n{socket_id}`` scored
+  by the Redis time of the sign-in (microseconds), oldest first; and
+  ``{prefix}:nodeuconn:{node_id}`` the ``{app_id}\n{user_id}\n{socket_id}`` tags
+  of the connections that node counts (user ids cannot hold ``:`` or a newline);
 * ``{prefix}:node:{node_id}`` — the node's liveness key, refreshed every
   heartbeat with a TTL of three heartbeats;
 * ``{prefix}:nodes`` — the set of node ids that registered liveness.
@@ -53,7 +58,16 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-__all__ = ["Reaped", "StateScripts", "member_tag", "open_value", "seal", "split_tag"]
+__all__ = [
+    "Reaped",
+    "StateScripts",
+    "connection_tag",
+    "member_tag",
+    "open_value",
+    "seal",
+    "split_connection_tag",
+    "split_tag",
+]
 
 #: Hex digits of a sealed value's MAC (128 bits of HMAC-SHA256).
 SEAL_HEX_LENGTH = 32
@@ -159,13 +173,66 @@ end
 return 0
 """
 
+#: KEYS: the user's connections (sorted set), this node's connection tags. ARGV:
+#: member (``{node}\n{socket}``), tag, limit, 1 to close the oldest (else refuse),
+#: the node tag sets' key prefix (``{prefix}:nodeuconn:``), the tag prefix of the
+#: user (``{app}\n{user}\n``). Returns ``{0}`` when refused; else ``{1}`` followed by
+#: the members it removed to make room (oldest first), their nodes' tags removed too.
+_CLAIM_CONNECTION = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {1} end
+local count = redis.call('ZCARD', KEYS[1])
+local limit = tonumber(ARGV[3])
+local out = {1}
+if count >= limit then
+  if ARGV[4] ~= '1' then return {0} end
+  local last = count - limit
+  for _, victim in ipairs(redis.call('ZRANGE', KEYS[1], 0, last)) do
+    local cut = string.find(victim, '\\n', 1, true)
+    redis.call('SREM', ARGV[5] .. string.sub(victim, 1, cut - 1),
+               ARGV[6] .. string.sub(victim, cut + 1))
+    table.insert(out, victim)
+  end
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, last)
+end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000000 + tonumber(t[2]), ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+return out
+"""
+
+#: KEYS: the user's connections, this node's connection tags. ARGV: member, tag.
+#: Records a connection without a limit (re-asserted after an outage); its sign-in
+#: time is now. Returns nothing.
+_ASSERT_CONNECTION = """
+if redis.call('SADD', KEYS[2], ARGV[2]) == 1 then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[1], 'NX', tonumber(t[1]) * 1000000 + tonumber(t[2]), ARGV[1])
+end
+return 0
+"""
+
+#: KEYS: the user's connections, this node's connection tags. ARGV: member, tag.
+_RELEASE_CONNECTION = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+return 0
+"""
+
 #: KEYS: dead node's entry set, nodes set, dead node's liveness key, dead node's
-#: tag set, dead node's user tag set. ARGV: dead id, key prefix (``{prefix}:``).
-#: Returns the entries the dead node was the last holder of, the tags of the
-#: members only it had and the user tags only it had signed in; nothing (and no
-#: change) when the node is alive again.
+#: tag set, dead node's user tag set, dead node's connection tag set. ARGV: dead
+#: id, key prefix (``{prefix}:``). Returns the entries the dead node was the last
+#: holder of, the tags of the members only it had and the user tags only it had
+#: signed in (its counted connections are uncounted); nothing (and no change) when
+#: the node is alive again.
 _REAP = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return {{}, {}, {}} end
+for _, tag in ipairs(redis.call('SMEMBERS', KEYS[6])) do
+  local a = string.find(tag, '\\n', 1, true)
+  local b = string.find(tag, '\\n', a + 1, true)
+  local user = string.sub(tag, 1, a - 1) .. ':' .. string.sub(tag, a + 1, b - 1)
+  local key = ARGV[2] .. 'uconn:' .. user
+  redis.call('ZREM', key, ARGV[1] .. '\\n' .. string.sub(tag, b + 1))
+end
 local offline = {}
 for _, tag in ipairs(redis.call('SMEMBERS', KEYS[5])) do
   local cut = string.find(tag, '\\n', 1, true)
@@ -198,7 +265,7 @@ for _, entry in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     table.insert(vacated, entry)
   end
 end
-redis.call('DEL', KEYS[1], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[1], KEYS[4], KEYS[5], KEYS[6])
 redis.call('SREM', KEYS[2], ARGV[1])
 return {vacated, removed, offline}
 """
@@ -247,6 +314,18 @@ _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 def member_tag(entry: str, user_id: str) -> str:
     """The tag of ``user_id`` present in ``entry`` (``{app_id}:{channel}``)."""
     return f"{entry}\n{user_id}"
+
+
+def connection_tag(app_id: str, user_id: str, socket_id: str) -> str:
+    """The tag of a counted connection: ``{app_id}\\n{user_id}\\n{socket_id}``."""
+    return f"{app_id}\n{user_id}\n{socket_id}"
+
+
+def split_connection_tag(tag: str) -> tuple[str, str, str]:
+    """``(app_id, user_id, socket_id)`` of a connection tag."""
+    app_id, _, rest = tag.partition("\n")
+    user_id, _, socket_id = rest.partition("\n")
+    return app_id, user_id, socket_id
 
 
 def split_tag(tag: str) -> tuple[str, str, str]:
@@ -303,6 +382,9 @@ class StateScripts:
         self._member_off = client.register_script(_MEMBER_OFF)
         self._user_on = client.register_script(_USER_ON)
         self._user_off = client.register_script(_USER_OFF)
+        self._claim_connection = client.register_script(_CLAIM_CONNECTION)
+        self._assert_connection = client.register_script(_ASSERT_CONNECTION)
+        self._release_connection = client.register_script(_RELEASE_CONNECTION)
         self._reap = client.register_script(_REAP)
         self._claim = client.register_script(_CLAIM)
         self._channel_info = client.register_script(_CHANNEL_INFO)
@@ -340,6 +422,14 @@ class StateScripts:
     def node_users_key(self, node_id: str) -> str:
         """The ``{app_id}\\n{user_id}`` tags ``node_id`` has signed in."""
         return f"{self._prefix}:nodeusers:{node_id}"
+
+    def connections_key(self, app_id: str, user_id: str) -> str:
+        """A user's counted connections: ``{node}\\n{socket}`` by sign-in time."""
+        return f"{self._prefix}:uconn:{app_id}:{user_id}"
+
+    def node_connections_key(self, node_id: str) -> str:
+        """The ``{app_id}\\n{user_id}\\n{socket_id}`` tags of the connections ``node_id`` counts."""
+        return f"{self._prefix}:nodeuconn:{node_id}"
 
     def cache_key(self, entry: str) -> str:
         """A cache channel's last event (JSON ``[event, data]``, expiring with its TTL)."""
@@ -449,6 +539,60 @@ class StateScripts:
             return set()
         counts: Any = await self._client.hmget(self.users_key(app_id), user_ids)
         return {user for user, count in zip(user_ids, counts, strict=True) if count}
+
+    # --- this node's counted connections (max_connections_per_user) -------------------------
+
+    async def held_connections(self) -> set[str]:
+        """The connection tags Redis records for this node."""
+        members: Any = await self._client.smembers(self.node_connections_key(self._node_id))
+        return {_text(member) for member in members}
+
+    def _connection_keys(self, tag: str) -> tuple[list[str], list[str]]:
+        app_id, user_id, socket_id = split_connection_tag(tag)
+        keys = [
+            self.connections_key(app_id, user_id),
+            self.node_connections_key(self._node_id),
+        ]
+        return keys, [f"{self._node_id}\n{socket_id}", tag]
+
+    async def claim_connection(
+        self, tag: str, limit: int, *, close_oldest: bool
+    ) -> list[str] | None:
+        """Count a connection of the user within ``limit``.
+
+        Returns ``None`` when refused, else the socket ids of the user's oldest
+        connections it replaced (empty when there was room).
+        """
+        keys, args = self._connection_keys(tag)
+        app_id, user_id, _ = split_connection_tag(tag)
+        result: Any = await self._claim_connection(
+            keys=keys,
+            args=[
+                *args,
+                limit,
+                1 if close_oldest else 0,
+                f"{self._prefix}:nodeuconn:",
+                f"{app_id}\n{user_id}\n",
+            ],
+        )
+        if int(result[0]) != 1:
+            return None
+        return [_text(member).partition("\n")[2] for member in result[1:]]
+
+    async def assert_connection(self, tag: str) -> None:
+        """Record a connection this node counts, without a limit (after an outage)."""
+        keys, args = self._connection_keys(tag)
+        await self._assert_connection(keys=keys, args=args)
+
+    async def release_connection(self, tag: str) -> None:
+        """Stop counting a connection of this node."""
+        keys, args = self._connection_keys(tag)
+        await self._release_connection(keys=keys, args=args)
+
+    async def connections(self, app_id: str, user_id: str) -> list[str]:
+        """The user's counted connections, oldest first: ``{node}\\n{socket}``."""
+        members: Any = await self._client.zrange(self.connections_key(app_id, user_id), 0, -1)
+        return [_text(member) for member in members]
 
     # --- queries (any node) ------------------------------------------------------------------
 
@@ -570,6 +714,7 @@ class StateScripts:
             self.liveness_key(dead),
             self.node_members_key(dead),
             self.node_users_key(dead),
+            self.node_connections_key(dead),
         ]
         result: Any = await self._reap(keys=keys, args=[dead, f"{self._prefix}:"])
         vacated, removed, offline = result

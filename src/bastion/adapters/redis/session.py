@@ -27,7 +27,7 @@ from bastion.adapters.redis.client import COMMAND_TIMEOUT, describe_error, make_
 from bastion.adapters.redis.scripts import StateScripts
 from bastion.metrics import Metrics
 
-__all__ = ["RedisSession", "SessionBus", "SessionState"]
+__all__ = ["RedisSession", "SessionBus", "SessionHistory", "SessionState"]
 
 log = logging.getLogger("bastion.bus")
 
@@ -98,8 +98,24 @@ class SessionState(Protocol):
         """A clean stop: remove this node's share."""
 
 
+class SessionHistory(Protocol):
+    """What the session asks of the history (:class:`~.history.RedisHistory`)."""
+
+    async def begin(self, client: Any) -> None:
+        """A new session: restart what went unrecorded, then record again."""
+
+    def end(self) -> None:
+        """The session is gone."""
+
+    def lost(self) -> None:
+        """The bus went down: what waits is delivered unrecorded."""
+
+    async def write(self, client: Any) -> None:
+        """Run the queued appends."""
+
+
 class RedisSession:
-    """Supervises the connections; the bus and the state do the work on them.
+    """Supervises the connections; the bus, the state and the history do the work.
 
     Args:
         url: the Redis URL (never logged: ``where`` names it).
@@ -135,15 +151,19 @@ class RedisSession:
         self.settled: asyncio.Event | None = None
         self._bus: SessionBus | None = None
         self._state: SessionState | None = None
+        self._history: SessionHistory | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake_writer: asyncio.Event | None = None
         self._wake_syncer: asyncio.Event | None = None
         self._attempted: asyncio.Event | None = None
 
-    def attach(self, bus: SessionBus, state: SessionState) -> None:
-        """The bus and the state this session runs (set once, before :meth:`start`)."""
+    def attach(
+        self, bus: SessionBus, state: SessionState, history: SessionHistory | None = None
+    ) -> None:
+        """The bus, the state and the history this session runs (once, before :meth:`start`)."""
         self._bus = bus
         self._state = state
+        self._history = history
 
     # --- wake-ups --------------------------------------------------------------------
 
@@ -230,6 +250,8 @@ class RedisSession:
         self.healthy = healthy
         if not healthy:
             self._bus.lost()
+            if self._history is not None:
+                self._history.lost()
         if self.metrics is not None:
             self.metrics.bus_connected = int(healthy)
 
@@ -292,6 +314,10 @@ class RedisSession:
             await pubsub.connect()
             await bus.begin(pubsub)
             await state.begin(scripts)
+            if self._history is not None:
+                # Before the session counts as healthy: no resume is answered from a
+                # history that missed events this node delivered unrecorded.
+                await self._history.begin(client)
             self.scripts = scripts
             self._set_healthy(True)
             log.info("redis bus %s connected (node %s)", self.where, self.node_id)
@@ -326,6 +352,8 @@ class RedisSession:
                 # Even when stop cancelled the wait above: never leak the sockets.
                 self.scripts = None
                 bus.end()
+                if self._history is not None:
+                    self._history.end()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pubsub.aclose(), COMMAND_TIMEOUT)
                 with contextlib.suppress(Exception):
@@ -349,6 +377,8 @@ class RedisSession:
             self._wake_writer.clear()
             await self._state.write(client, scripts)
             await self._bus.write(client)
+            if self._history is not None:
+                await self._history.write(client)
 
     async def _syncer(self, pubsub: Any, scripts: StateScripts) -> None:
         assert self._wake_syncer is not None and self._bus is not None

@@ -23,6 +23,14 @@ raise :class:`~bastion.adapters.base.ClusterUnavailable`.
 A user id that cannot be written to Redis (not encodable as UTF-8) is dropped
 from the shared state and counted (``bus_dropped{reason="unencodable"}``): one bad
 entry never takes the session down.
+
+Users' connections (``max_connections_per_user``) are the one decision a caller
+waits for: :meth:`RedisState.claim_connection` runs its script at once (one round
+trip) rather than on the syncer, and what it replaced is closed on every node.
+While the bus is down (or the script does not answer in time) the node decides
+alone, counting the user's connections it holds itself
+(``bastion_user_limits_per_node_total``), and records them once Redis is back;
+releases are written by the syncer like every other transition.
 """
 
 from __future__ import annotations
@@ -38,12 +46,19 @@ from bastion.adapters.messages import (
     MemberAdded,
     MemberRemoved,
     Message,
+    Replaced,
     SubscriptionCount,
     UserOffline,
     UserOnline,
 )
 from bastion.adapters.redis.client import COMMAND_TIMEOUT, describe_error
-from bastion.adapters.redis.scripts import StateScripts, member_tag, split_tag
+from bastion.adapters.redis.scripts import (
+    StateScripts,
+    connection_tag,
+    member_tag,
+    split_connection_tag,
+    split_tag,
+)
 from bastion.adapters.redis.session import RedisSession
 from bastion.core import events as ev
 from bastion.protocol import messages as msg
@@ -131,6 +146,14 @@ class RedisState:
         self._throttle = CountThrottle()
         #: entry → a cache channel's last event to record (the latest wins).
         self._cache_out: dict[str, tuple[str, str, int]] = {}
+        #: Connection tags this node counts (desired), and those Redis records.
+        self._conns_wanted: set[str] = set()
+        self._conns_held: set[str] = set()
+        #: Tags released here that Redis still counts (their release is on its way).
+        self._conns_leaving: set[str] = set()
+        #: (app, user) → the socket ids this node counts, oldest first (what an
+        #: outage's decisions count).
+        self._conns_by_user: dict[tuple[str, str], dict[str, None]] = {}
 
     def attach(self, receive: Receive, emit: Emit) -> None:
         """Where decisions go."""
@@ -209,6 +232,95 @@ class RedisState:
             self._receive(UserOffline(app_id, user_id))
         self._users_wanted.discard(f"{app_id}\n{user_id}")
         self._session.wake_syncer()
+
+    async def claim_connection(
+        self, app_id: str, user_id: str, socket_id: str, limit: int, *, close_oldest: bool
+    ) -> bool:
+        """Count the connection in Redis (one script), or on this node while it cannot."""
+        tag = connection_tag(app_id, user_id, socket_id)
+        if not _encodable(tag):
+            self._bus.drop("unencodable")
+            return self._claim_here(tag, limit, close_oldest=close_oldest)
+        if self._session.healthy and self._leaving(app_id, user_id):
+            # A connection of this user closed here and Redis still counts it: the
+            # release goes first, or a user who reopens a tab at once is refused.
+            await self._session.settle(SETTLE_WAIT)
+        scripts = self._session.scripts
+        if self._session.healthy and scripts is not None:
+            try:
+                replaced = await asyncio.wait_for(
+                    scripts.claim_connection(tag, limit, close_oldest=close_oldest), QUERY_WAIT
+                )
+            except Exception as error:  # Redis down or slow: this node decides alone
+                log.warning(
+                    "redis bus %s: user connection count unavailable (%s); counting per node",
+                    self._session.where,
+                    describe_error(error),
+                )
+            else:
+                if replaced is None:
+                    return False
+                self._count(tag)
+                self._conns_held.add(tag)
+                if replaced:
+                    for victim in replaced:
+                        # Ours or not, Redis no longer counts it.
+                        gone = connection_tag(app_id, user_id, victim)
+                        self._conns_held.discard(gone)
+                        self._conns_leaving.discard(gone)
+                    self._decide(Replaced(app_id, user_id, tuple(replaced)))
+                return True
+        return self._claim_here(tag, limit, close_oldest=close_oldest)
+
+    def _claim_here(self, tag: str, limit: int, *, close_oldest: bool) -> bool:
+        """The decision of this node alone: the user's connections it holds."""
+        metrics = self._session.metrics
+        if metrics is not None:
+            metrics.user_limits_per_node += 1
+        app_id, user_id, _ = split_connection_tag(tag)
+        counted = self._conns_by_user.get((app_id, user_id), {})
+        excess = len(counted) - limit + 1
+        if excess > 0:
+            if not close_oldest:
+                return False
+            oldest = tuple(list(counted)[:excess])
+            for victim in oldest:
+                self._uncount(connection_tag(app_id, user_id, victim))
+            # This node only: the others cannot be told, or decide for themselves.
+            self._receive(Replaced(app_id, user_id, oldest))
+        self._count(tag)
+        self._session.wake_syncer()  # recorded in Redis once it is back
+        return True
+
+    def release_connection(self, app_id: str, user_id: str, socket_id: str) -> None:
+        """Stop counting the connection (in Redis soon, on the syncer)."""
+        tag = connection_tag(app_id, user_id, socket_id)
+        if tag in self._conns_wanted:
+            self._uncount(tag)
+            self._session.wake_syncer()
+
+    def _leaving(self, app_id: str, user_id: str) -> bool:
+        """Whether Redis still counts a connection of the user that closed here."""
+        if not self._conns_leaving:
+            return False
+        user = connection_tag(app_id, user_id, "")
+        return any(tag.startswith(user) for tag in self._conns_leaving)
+
+    def _count(self, tag: str) -> None:
+        app_id, user_id, socket_id = split_connection_tag(tag)
+        self._conns_wanted.add(tag)
+        self._conns_by_user.setdefault((app_id, user_id), {})[socket_id] = None
+
+    def _uncount(self, tag: str) -> None:
+        app_id, user_id, socket_id = split_connection_tag(tag)
+        self._conns_wanted.discard(tag)
+        if tag in self._conns_held:
+            self._conns_leaving.add(tag)
+        counted = self._conns_by_user.get((app_id, user_id))
+        if counted is not None:
+            counted.pop(socket_id, None)
+            if not counted:
+                del self._conns_by_user[(app_id, user_id)]
 
     def cache(self, app_id: str, channel: str, event: str, data: str, ttl_seconds: int) -> None:
         """Record a cache channel's last event in Redis (with the next writes)."""
@@ -319,6 +431,8 @@ class RedisState:
             self._occ_held = await _timed(scripts.held())
             self._pres_held = await _timed(scripts.held_members())
             self._users_held = await _timed(scripts.held_users())
+            self._conns_held = await _timed(scripts.held_connections())
+            self._conns_leaving = self._conns_held - self._conns_wanted
             self._counts_dirty = set(self._counts)
         # Members leave before their channel is vacated, and join after it is occupied.
         members = self._pres_held
@@ -337,6 +451,19 @@ class RedisState:
             users.discard(tag)
             if offline:
                 self._decide(_user_message(tag, online=False))
+        conns = self._conns_held
+        for tag in sorted(conns - self._conns_wanted):
+            if tag in self._conns_wanted or tag not in conns:
+                continue
+            await _timed(scripts.release_connection(tag))
+            conns.discard(tag)
+            self._conns_leaving.discard(tag)
+        for tag in sorted(self._conns_wanted - conns):
+            if tag not in self._conns_wanted or tag in conns:
+                continue
+            # Decided while Redis was away: counted now, with no limit to apply.
+            await _timed(scripts.assert_connection(tag))
+            conns.add(tag)
         held = self._occ_held
         for entry in sorted(held - self._occ_wanted):
             if entry in self._occ_wanted or entry not in held:
@@ -428,6 +555,8 @@ class RedisState:
         for entry in sorted(await scripts.held()):
             if await scripts.off(entry):
                 self._report(ev.ChannelVacated, entry)
+        for tag in sorted(await scripts.held_connections()):
+            await scripts.release_connection(tag)
         await scripts.leave()
 
     # --- decisions ---------------------------------------------------------------------

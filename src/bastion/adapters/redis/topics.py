@@ -10,7 +10,9 @@ Topics (``prefix`` from ``[adapter]``):
   they go by sign-in, which the bus does not track.
 
 Every message is signed with the cluster key (:mod:`bastion.adapters.wire`). A
-receiver drops its own echoes, stale messages and replays (counted), refuses
+receiver drops its own echoes (but for recorded events, which the history's
+script publishes and every node delivers from here, this one included), stale
+messages and replays (counted), refuses
 (counts, and audits at a bounded rate) forged or malformed ones and messages
 re-published on another topic, and hands the rest to the hub for local delivery
 only. Outgoing messages wait in a bounded queue for the session's writer; while
@@ -33,6 +35,8 @@ from bastion.adapters.base import Receive
 from bastion.adapters.messages import (
     ChannelEvent,
     Message,
+    Replaced,
+    Suspend,
     Terminate,
     UserOffline,
     UserOnline,
@@ -271,13 +275,34 @@ class RedisBus:
         )
         return self._topic(message), wire.encode(envelope, self._session.key)
 
+    def confirmed(self, app_id: str, channel: str) -> bool:
+        """Whether events published on the channel now reach this node, if it wants them.
+
+        ``False`` only while the node has interest in the channel's topic and Redis
+        has not confirmed the subscription (``when_ready`` answers anyway after
+        ``READY_WAIT``): a resume read then could miss what is published meanwhile.
+        """
+        topic = self._channel_topic(app_id, channel)
+        return topic not in self._interest or topic in self._confirmed
+
+    def encode_recorded(self, message: ChannelEvent) -> tuple[str, bytes]:
+        """A server event the history records: its topic and signed bytes (kind ``he``)."""
+        envelope = wire.Envelope(
+            origin=self._session.node_id,
+            seq=next(self._sequence),
+            sent_at=int(self._wall_clock() * 1000),
+            message=message,
+        )
+        return self._topic(message), wire.encode_recorded(envelope, self._session.key)
+
     def _receive_payload(self, topic: bytes, payload: bytes) -> None:
         try:
-            envelope = wire.decode(payload, self._session.key, self._max_bytes)
+            position, signed = wire.split_position(payload)
+            envelope = wire.decode(signed, self._session.key, self._max_bytes, position)
         except wire.BusMessageError as error:
             self.forged(error.reason, len(payload))
             return
-        if envelope.origin == self._session.node_id:
+        if envelope.origin == self._session.node_id and position is None:
             return  # our own publish, already delivered locally
         message = envelope.message
         if topic != self._topic(message).encode():
@@ -334,7 +359,7 @@ class RedisBus:
         return f"{self._prefix}:users:{app_id}"
 
     def _topic(self, message: Message) -> str:
-        if isinstance(message, UserOnline | UserOffline | Terminate) or (
+        if isinstance(message, UserOnline | UserOffline | Terminate | Replaced | Suspend) or (
             isinstance(message, ChannelEvent) and message.channel.startswith(SERVER_TO_USER_PREFIX)
         ):
             return self._users_topic(message.app_id)
