@@ -36,6 +36,7 @@ from bastion import limit_settings as limits
 from bastion.config_alerts import AlertRuleSettings, AlertSettings
 from bastion.config_env import apply_env
 from bastion.config_history import HistorySettings
+from bastion.config_stores import AuditSettings, WebhookDeliverySettings
 from bastion.errors import ConfigError
 from bastion.limit_settings import STRICT as _STRICT
 from bastion.limit_settings import (
@@ -470,48 +471,6 @@ class ServerSettings(BaseModel):
     tls: TlsSettings | None = None
     #: Seconds a SIGTERM drain may take (close with 4200, flush webhooks and audit).
     drain_seconds: Annotated[float, Field(gt=0, le=600)] = 5.0
-
-
-class AuditSettings(BaseModel):
-    """The security audit log (SQLite, written off the event loop)."""
-
-    model_config = _STRICT
-
-    enabled: bool = True
-    #: SQLite file; relative paths are relative to the working directory.
-    path: str = "bastion-audit.sqlite3"
-    #: Rows older than this many days are deleted.
-    retention_days: PositiveInt = 30
-    #: Rows kept at most: past it, the oldest rows of the addresses holding the most go.
-    max_rows: PositiveInt = 1_000_000
-
-
-class WebhookDeliverySettings(BaseModel):
-    """How webhooks are queued, batched and delivered (``[webhooks]``)."""
-
-    model_config = _STRICT
-
-    #: SQLite file of the durable queue (pending and dead-lettered deliveries).
-    queue_path: str = "bastion-webhooks.sqlite3"
-    #: Events in one request at most.
-    batch_max_events: Annotated[int, Field(gt=0, le=1000)] = 50
-    #: Milliseconds an event may wait for others to join its request.
-    batch_max_ms: Annotated[int, Field(ge=0, le=60_000)] = 200
-    #: Seconds a channel_vacated / member_removed waits for the channel or user to return.
-    vacated_delay_seconds: Annotated[float, Field(ge=0, le=60)] = 3
-    #: Seconds one delivery attempt may take (connect, send, answer).
-    timeout_seconds: PositiveFloat = 10
-    #: Requests in flight to one endpoint at once.
-    concurrency_per_endpoint: Annotated[int, Field(gt=0, le=100)] = 4
-    #: First retry delay, seconds; doubled each attempt (with jitter) up to ``retry_max_seconds``.
-    retry_initial_seconds: PositiveFloat = 1
-    retry_max_seconds: PositiveFloat = 300
-    #: A delivery still failing this many seconds after it was queued goes to the dead letters.
-    give_up_after_seconds: PositiveFloat = 86_400
-    #: Pending deliveries kept at most; past it new ones are dropped, counted and audited.
-    max_pending: PositiveInt = 100_000
-    #: Days dead letters and delivered rows are kept.
-    retention_days: PositiveInt = 7
 
 
 class AdminSettings(BaseModel):
