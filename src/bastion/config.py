@@ -16,11 +16,10 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-import types
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -34,6 +33,8 @@ from pydantic import (
 )
 
 from bastion import limit_settings as limits
+from bastion.config_alerts import AlertRuleSettings, AlertSettings
+from bastion.config_env import apply_env
 from bastion.config_history import HistorySettings
 from bastion.config_stores import AuditSettings, WebhookDeliverySettings
 from bastion.errors import ConfigError
@@ -55,6 +56,8 @@ __all__ = [
     "WEBHOOK_EVENT_TYPES",
     "AdapterSettings",
     "AdminSettings",
+    "AlertRuleSettings",
+    "AlertSettings",
     "AnonymousSettings",
     "AppSettings",
     "AuditSettings",
@@ -585,6 +588,7 @@ class Settings(BaseModel):
     webhooks: WebhookDeliverySettings = WebhookDeliverySettings()
     metrics: MetricsSettings = MetricsSettings()
     admin: AdminSettings = AdminSettings()
+    alerts: AlertSettings = AlertSettings()
     apps: list[AppSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -608,82 +612,6 @@ class Settings(BaseModel):
     def app_by_id(self, app_id: str) -> AppSettings | None:
         """The app whose id is ``app_id``, if any."""
         return next((app for app in self.apps if app.id == app_id), None)
-
-
-def _unwrap(annotation: Any) -> Any:
-    """Strip ``Annotated`` and ``X | None`` down to the type that matters."""
-    while True:
-        origin = get_origin(annotation)
-        if origin is Annotated:
-            annotation = get_args(annotation)[0]
-        elif origin in (Union, types.UnionType):
-            options = [arg for arg in get_args(annotation) if arg is not type(None)]
-            if len(options) != 1:
-                return annotation
-            annotation = options[0]
-        else:
-            return annotation
-
-
-def _annotation_at(path: list[str]) -> Any:
-    """The declared type of the setting at ``path`` (``None`` if there is none)."""
-    node: Any = Settings
-    for part in path:
-        node = _unwrap(node)
-        if isinstance(node, type) and issubclass(node, BaseModel):
-            field = node.model_fields.get(part)
-            if field is None:
-                return None
-            node = field.annotation
-        elif get_origin(node) is list:
-            node = get_args(node)[0]
-        else:
-            return None
-    return _unwrap(node)
-
-
-def _wants_string(annotation: Any) -> bool:
-    if annotation in (str, SecretStr):
-        return True
-    if get_origin(annotation) is Literal:
-        return all(isinstance(arg, str) for arg in get_args(annotation))
-    return False
-
-
-def _env_value(raw: str, path: list[str]) -> Any:
-    # A string setting takes the text as it is: a secret "12345678" or an app id
-    # "67890" must not turn into numbers. Other settings read it as a TOML value.
-    if _wants_string(_annotation_at(path)):
-        return raw
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
-    prefix = "BASTION_"
-    for name in sorted(environ):
-        if not name.startswith(prefix) or "__" not in name:
-            continue
-        path = [part.lower() for part in name[len(prefix) :].split("__")]
-        node: Any = data
-        for index, part in enumerate(path):
-            last = index == len(path) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise ConfigError(f"{name}: no list item {part!r} to override", fields=(name,))
-                if last:
-                    node[int(part)] = _env_value(environ[name], path)
-                else:
-                    node = node[int(part)]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = _env_value(environ[name], path)
-                else:
-                    node = node.setdefault(part, {})
-            else:
-                raise ConfigError(f"{name}: cannot descend into a scalar", fields=(name,))
 
 
 def _config_error(error: ValidationError) -> ConfigError:
@@ -720,7 +648,7 @@ def settings_from_mapping(
     import copy
 
     merged: dict[str, Any] = copy.deepcopy(dict(data))
-    _apply_env(merged, os.environ if environ is None else environ)
+    apply_env(merged, os.environ if environ is None else environ, Settings)
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:

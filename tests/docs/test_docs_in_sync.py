@@ -24,6 +24,8 @@ from pydantic_core import PydanticUndefined
 from bastion.config import (
     AdapterSettings,
     AdminSettings,
+    AlertRuleSettings,
+    AlertSettings,
     AnonymousSettings,
     AppSettings,
     AuditSettings,
@@ -68,6 +70,8 @@ CONFIG_SECTIONS: dict[str, type[BaseModel]] = {
     "`[webhooks]`": WebhookDeliverySettings,
     "`[metrics]`": MetricsSettings,
     "`[admin]`": AdminSettings,
+    "`[alerts]`": AlertSettings,
+    "`[alerts.<rule>]`": AlertRuleSettings,
 }
 
 _NAME_CELL = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")

@@ -25,6 +25,9 @@ def test_every_control_is_on_in_the_example() -> None:
     assert security.trusted_proxies, "trusted proxies"
     assert security.reputation.enabled and security.reputation.never_block
     assert settings.audit.enabled and settings.audit.retention_days > 0
+    alerts = settings.alerts
+    assert alerts.enabled and alerts.refuse_private and alerts.url is not None
+    assert alerts.url.startswith("https://") and len(alerts.rules()) == 7
     assert settings.server.max_connections is not None
     for app in settings.apps:
         assert app.allowed_origins and "*" not in app.allowed_origins, app.id

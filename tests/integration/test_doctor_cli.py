@@ -15,6 +15,7 @@ STRONG = {
     "BASTION_APPS__1__JWT__SECRET": (
         "e4da3b7fbbce2345d7772b0674a318d5c1b2a3f4e5d6c7b8a9f0e1d2c3b4a596"
     ),
+    "BASTION_ALERTS__SECRET": "1679091c5a880faf6fb5e6087eb1b2dc4daa3db355ef2b0e64b472968cb70f0d",
 }
 
 
@@ -23,12 +24,13 @@ def test_the_example_fails_on_its_placeholders_without_printing_them() -> None:
     assert result.exit_code == 1, result.output
     failures = [line for line in result.output.splitlines() if line.startswith("FAIL")]
     assert [line.split(":")[0] for line in failures] == [
+        "FAIL  alerts.secret",
         "FAIL  apps.12345.secret",
         "FAIL  apps.67890.secret",
         "FAIL  apps.67890.jwt.secret",
     ]
     assert "replace-me" not in result.output
-    assert result.output.rstrip().endswith("3 failed")
+    assert result.output.rstrip().endswith("4 failed")
 
 
 def test_strong_secrets_from_the_environment_pass() -> None:

@@ -3,7 +3,8 @@
 ``js/dashboard.js`` drives ``/dashboard`` of a real ``bastion serve`` process with
 ``playwright-core``: a wrong token is refused, the right one logs in, a pusher-js
 connection appears in the per-app table, an address blocked through the form is
-listed and appears in the audit tail, its Unblock button lifts it, and the log-out
+listed and appears in the audit tail, its Unblock button lifts it, the security
+alert the wrong token raised is listed as open, and the log-out
 forgets the token. No Content-Security-Policy violation or script error may occur.
 
 Chromium is required (CI installs it, see ``.ci/run``): without ``/usr/bin/chromium``
@@ -79,6 +80,8 @@ def test_dashboard_in_chromium(
         admin={"token": TOKEN},
         audit={"path": str(state / "audit.sqlite3")},
         security={"reputation": {"store_path": str(state / "blocks.sqlite3")}},
+        # The wrong-token step is one failed authentication: it raises an alert.
+        alerts={"auth_failures": {"threshold": 1}},
     )
     screenshot = os.environ.get("BASTION_DASHBOARD_SCREENSHOT") or None
     config = {

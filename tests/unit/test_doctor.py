@@ -98,7 +98,12 @@ def test_the_shipped_example_fails_only_on_its_placeholder_secrets() -> None:
     data = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
     findings = examine(settings_from_mapping(data, environ={}))
     failures = {f.check for f in findings if f.level == "fail"}
-    assert failures == {"apps.12345.secret", "apps.67890.secret", "apps.67890.jwt.secret"}
+    assert failures == {
+        "apps.12345.secret",
+        "apps.67890.secret",
+        "apps.67890.jwt.secret",
+        "alerts.secret",
+    }
 
 
 ADMIN_TOKEN = "Vq7-mZ2xR9kLp4TwYc8NbH3sJd6FgQ1e"
@@ -216,6 +221,7 @@ def test_weak_or_placeholder_tokens_and_cluster_secret_fail_without_printing_the
                 "cluster_secret": token,
             }
         ),
+        "alerts.secret": _settings(alerts={"url": "https://ops.example.com/a", "secret": token}),
     }
     for check, settings in cases.items():
         findings = examine(settings)
@@ -303,3 +309,13 @@ def test_random_tokens_are_not_mistaken_for_weak_ones() -> None:
         for token in (raw.hex(), base64.urlsafe_b64encode(raw).decode().rstrip("=")):
             settings = _settings(admin={"token": token}, security={})
             assert _by_check(examine(settings))["admin.token"].level == "pass", token
+
+
+def test_alerts_off_or_sent_in_clear_warn() -> None:
+    assert _by_check(examine(_settings()))["alerts"].level == "pass"
+    assert _by_check(examine(_settings(alerts={"enabled": False})))["alerts"].level == "warn"
+    clear = _settings(alerts={"url": "http://ops.example.com/a", "secret": ADMIN_TOKEN})
+    assert _by_check(examine(clear))["alerts.url"].level == "warn"
+    local = _settings(alerts={"url": "http://127.0.0.1:9000/a", "secret": ADMIN_TOKEN})
+    assert _by_check(examine(local))["alerts"].level == "pass"
+    assert _by_check(examine(local))["alerts.secret"].level == "pass"

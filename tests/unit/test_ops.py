@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bastion.api.ops import AUDIT_FAILURE_WINDOW_SECONDS, Ops
+from bastion.api.templates import TEMPLATES
 from bastion.config import Settings, settings_from_mapping
 from bastion.metrics import Metrics
 
@@ -140,6 +141,18 @@ def filled_node(settings: Settings | None = None) -> FakeNode:
     m.bus_forged["bad_signature"] = 5
     m.config_reloads["applied"] = 2
     m.config_reloads["restart_required"] = 1
+    m.connection_seconds.observe(("app-1", 1000), 42.0)
+    m.connection_seconds.observe(("app-1", 4100), 3.0)
+    m.connection_rates.observe("app-1", 30.0)
+    m.connection_rates.observe("app-1", 0.0)
+    m.reconnects[("app-1", "address")] = 2
+    m.message_bytes.observe("app-1", 100)
+    m.request_answered("/apps/{app_id}/events", "app-1", 200, 0.003)
+    m.request_answered("/metrics", None, 200, 0.0002)
+    m.webhook_seconds.observe("app-1", 0.2)
+    m.webhook_attempts.observe("app-1", 3)
+    m.loop_lag.observe("", 0.004)
+    m.alerts[("auth_failures", "warning")] = 1
     node.cluster_limits = FakeClusterLimits(healthy=True, syncs=30, failures=1)
     node.audit = FakeAudit(dropped=1, failed=0)
     node.blocklist = FakeBlockList(FakeBlockSet([1.0, 10**12, 10**12]))
@@ -219,11 +232,28 @@ def test_label_values_are_app_ids_slugs_codes_and_reasons_only() -> None:
     for name, series in f.items():
         for labels in series:
             for key, value in labels:
-                assert key in {"app", "reason", "code", "result"}, (name, key)
+                assert key in {
+                    "app",
+                    "reason",
+                    "code",
+                    "result",
+                    "check",
+                    "le",
+                    "code_class",
+                    "route",
+                    "status_class",
+                    "match",
+                    "alert",
+                    "severity",
+                }, (name, key)
                 if key == "app":
                     assert value in app_ids, (name, value)
                 elif key == "code":
                     assert value.isdigit(), (name, value)
+                elif key == "le":
+                    assert value == "+Inf" or float(value) >= 0, (name, value)
+                elif key == "route":
+                    assert value in TEMPLATES, (name, value)
                 else:
                     assert value.replace("_", "").isalnum() and value.islower(), (name, value)
 
@@ -399,3 +429,145 @@ def test_a_foreign_host_needs_the_token_even_from_an_allowed_address() -> None:
     assert ops.address_allowed("127.0.0.1")  # the listener answers host_not_allowed
     assert ops.may_scrape("127.0.0.1", [f"Bearer {TOKEN}"], host_ok=False)
     assert ops.hosts.allows(["127.0.0.1:6001"]) and not ops.hosts.allows(["evil.example"])
+
+
+# --- histograms, alerts, readiness --------------------------------------------------------
+
+
+def buckets(series: dict[tuple[tuple[str, str], ...], float], **labels: str) -> dict[str, float]:
+    """``le`` → cumulative count, for the series with ``labels``."""
+    found = {}
+    for key, value in series.items():
+        others = dict(key)
+        le = others.pop("le")
+        if others == labels:
+            found[le] = value
+    return found
+
+
+def test_histograms_are_exported_cumulative_with_their_sum_and_count() -> None:
+    _, f = scrape(filled_node())
+    duration = buckets(
+        f["bastion_connection_duration_seconds_bucket"], app="app-1", code_class="normal"
+    )
+    assert duration["15.0"] == 0 and duration["60.0"] == 1 and duration["+Inf"] == 1
+    assert (
+        f["bastion_connection_duration_seconds_sum"][(("app", "app-1"), ("code_class", "normal"))]
+        == 42.0
+    )
+    assert (
+        f["bastion_connection_duration_seconds_count"][
+            (("app", "app-1"), ("code_class", "backoff"))
+        ]
+        == 1
+    )
+    rates = buckets(f["bastion_connection_messages_per_minute_bucket"], app="app-1")
+    assert rates["0.0"] == 1 and rates["30.0"] == 2  # 0 a minute, then 30 a minute
+    assert f["bastion_reconnects_total"] == {(("app", "app-1"), ("match", "address")): 2}
+    assert f["bastion_message_size_bytes_count"] == {(("app", "app-1"),): 1}
+    routes = f["bastion_rest_request_duration_seconds_count"]
+    assert routes == {
+        (("route", "/apps/{app_id}/events"), ("status_class", "2xx")): 1,
+        (("route", "/metrics"), ("status_class", "2xx")): 1,
+    }
+    assert f["bastion_publish_fanout_seconds_count"] == {(("app", "app-1"),): 1}
+    assert f["bastion_webhook_delivery_seconds_count"] == {(("app", "app-1"),): 1}
+    attempts = buckets(f["bastion_webhook_attempts_bucket"], app="app-1")
+    assert attempts["2.0"] == 0 and attempts["3.0"] == 1
+    lag = buckets(f["bastion_event_loop_lag_seconds_bucket"])
+    assert lag["0.0025"] == 0 and lag["0.005"] == 1
+    assert f["bastion_alerts_total"] == {(("alert", "auth_failures"), ("severity", "warning")): 1}
+
+
+def test_histogram_labels_stay_bounded_whatever_was_counted() -> None:
+    node = filled_node()
+    m = node.metrics
+    m.connection_seconds.observe(("user-typed app id", 3999), 1.0)
+    m.request_seconds.observe(("/apps/12345/channels/secret-channel", 200), 0.1)
+    m.publish_seconds.observe("<script>", 0.1)
+    text, f = scrape(node)
+    assert "user-typed" not in text and "secret-channel" not in text and "<script>" not in text
+    assert (
+        f["bastion_connection_duration_seconds_count"][(("app", ""), ("code_class", "other"))] == 1
+    )
+    assert (
+        f["bastion_rest_request_duration_seconds_count"][
+            (("route", "other"), ("status_class", "2xx"))
+        ]
+        == 1
+    )
+    assert f["bastion_publish_fanout_seconds_count"][(("app", ""),)] == 1
+
+
+def test_alert_deliveries_are_counted_apart_from_the_apps_webhooks() -> None:
+    node = filled_node()
+    m = node.metrics
+    m.webhooks_delivered["@alerts"] = 2
+    m.webhooks_dead["@alerts"] = 1
+    m.webhook_seconds.observe("@alerts", 0.5)
+    _, f = scrape(node)
+    assert f["bastion_alert_deliveries_total"] == {
+        (("result", "delivered"),): 2,
+        (("result", "failed"),): 0,
+        (("result", "dead"),): 1,
+        (("result", "dropped"),): 0,
+    }
+    assert (("app", ""),) not in f["bastion_webhooks_delivered_total"]
+    assert f["bastion_webhooks_dead_total"][(("app", "app-1"),)] == 1
+    assert f["bastion_webhook_delivery_seconds_count"] == {(("app", "app-1"),): 1}
+
+
+def test_alert_families_list_every_rule_from_the_start() -> None:
+    from bastion.security.alerts import AlertEngine, AlertRule
+
+    class FakeAlerts:
+        def __init__(self) -> None:
+            self.engine = AlertEngine(
+                [
+                    AlertRule("auth_failures", 1, 60, "warning"),
+                    AlertRule("new_blocks", 1, 60, "critical"),
+                ]
+            )
+
+        def open_alerts(self) -> list[Any]:
+            return self.engine.open_alerts(0.5)
+
+    node = filled_node()
+    node.metrics.alerts.clear()
+    node.alerts = FakeAlerts()  # type: ignore[attr-defined]
+    node.alerts.engine.observe("new_blocks", 0.0)
+    _, f = scrape(node)
+    assert f["bastion_alerts_total"] == {
+        (("alert", "auth_failures"), ("severity", "warning")): 0,
+        (("alert", "new_blocks"), ("severity", "critical")): 0,
+    }
+    assert f["bastion_alerts_open"] == {
+        (("alert", "auth_failures"),): 0,
+        (("alert", "new_blocks"),): 1,
+    }
+
+
+def test_readiness_is_exported_as_gauges() -> None:
+    node = FakeNode(make_settings(adapter=REDIS))
+    node.audit = FakeAudit()
+    _, f = scrape(node)
+    assert f["bastion_ready"] == {(): 1}
+    node.hub.bus.healthy = False
+    _, f = scrape(node)
+    assert f["bastion_ready"] == {(): 0}
+    assert f["bastion_ready_check"] == {
+        (("check", "audit"),): 1,
+        (("check", "bus"),): 0,
+        (("check", "serving"),): 1,
+    }
+
+
+def test_alerts_with_a_url_need_the_webhook_queue_to_be_ready() -> None:
+    settings = make_settings(
+        audit={"enabled": False},
+        alerts={"url": "https://ops.example.test/alerts", "secret": "a" * 32},
+    )
+    node = FakeNode(settings)
+    assert readiness(Ops(node))[1]["checks"]["webhook_queue"] == "closed"
+    node.webhook_queue, node.webhook_dispatcher = object(), object()
+    assert readiness(Ops(node))[0] == 200

@@ -22,7 +22,8 @@ Routes (JSON in and out, ``Cache-Control: no-store`` on every answer)::
     GET  health        the /readyz checks, always 200
     GET  metrics       the node's counters as JSON (never secrets)
     GET  audit-logs    filtered, paginated audit events
-    GET  dashboard     per-app counters, top refusals, active blocks, last events
+    GET  dashboard     per-app counters, top refusals, active blocks, last events,
+                       open security alerts
     GET  report        top refused addresses and reasons, auth failures per minute
     POST block-ip      block an address (ip_blocked_manual)
     POST unblock-ip    lift a block (ip_unblocked)
@@ -70,6 +71,7 @@ from bastion.api.ops import AUTH_FAILURE_SLUGS, NodeView, Ops
 from bastion.config import Settings, settings_from_json
 from bastion.errors import ConfigError
 from bastion.protocol.refusals import Reason
+from bastion.security.alerts import Alert
 from bastion.security.audit import AuditEvent
 from bastion.security.hosts import HostPolicy
 from bastion.security.reputation import Block
@@ -153,6 +155,14 @@ def _block_json(block: Block) -> dict[str, Any]:
 
 def _event_json(event: AuditEvent) -> dict[str, Any]:
     return asdict(event)
+
+
+def _alert_json(alert: Alert) -> dict[str, Any]:
+    found = asdict(alert)
+    found["alert"] = found.pop("rule")
+    found["top_addresses"] = [{"ip": ip, "count": n} for ip, n in alert.top_addresses]
+    found["top_reasons"] = [{"reason": why, "count": n} for why, n in alert.top_reasons]
+    return found
 
 
 class AdminApi:
@@ -307,6 +317,8 @@ class AdminApi:
         path = self._audit_path()
         recent = events(path, limit=_DASHBOARD_EVENTS) if path is not None else []
         checks = self.ops.checks()
+        alerts = getattr(self.node, "alerts", None)
+        open_alerts: list[Alert] = alerts.open_alerts() if alerts is not None else []
         counters = ("messages_in", "events_published", "deliveries", "auth_failures")
         return _json(
             {
@@ -323,6 +335,7 @@ class AdminApi:
                 ],
                 "blocks": [_block_json(block) for block in self._blocks()],
                 "recent_events": [_event_json(event) for event in recent],
+                "alerts": [_alert_json(alert) for alert in open_alerts],
                 "audit": path is not None,
             }
         )

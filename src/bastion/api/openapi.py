@@ -74,6 +74,46 @@ _BLOCK: dict[str, Any] = {
     },
 }
 
+_ALERT: dict[str, Any] = {
+    "type": "object",
+    "required": [
+        "alert",
+        "severity",
+        "count",
+        "threshold",
+        "window_seconds",
+        "raised_at",
+        "until",
+        "top_addresses",
+        "top_reasons",
+    ],
+    "properties": {
+        "alert": {"type": "string", "description": "The rule ([alerts.<rule>])."},
+        "severity": {"type": "string", "enum": ["info", "warning", "critical"]},
+        "count": {"type": "integer", "description": "Events in the window when raised."},
+        "threshold": {"type": "integer"},
+        "window_seconds": {"type": "number"},
+        "raised_at": {"type": "number", "description": "Unix seconds."},
+        "until": {"type": "number", "description": "Unix seconds at which it re-arms."},
+        "top_addresses": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["ip", "count"],
+                "properties": {"ip": {"type": "string"}, "count": {"type": "integer"}},
+            },
+        },
+        "top_reasons": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["reason", "count"],
+                "properties": {"reason": {"type": "string"}, "count": {"type": "integer"}},
+            },
+        },
+    },
+}
+
 _EVENT: dict[str, Any] = {
     "type": "object",
     "required": [
@@ -491,6 +531,7 @@ def _build() -> dict[str, Any]:
                 "Error": _ERROR,
                 "Block": _BLOCK,
                 "AuditEvent": _EVENT,
+                "Alert": _ALERT,
                 "Readiness": _READINESS,
                 "Metrics": _METRICS,
                 "AuditPage": {
@@ -513,6 +554,7 @@ def _build() -> dict[str, Any]:
                         "top_refusals",
                         "blocks",
                         "recent_events",
+                        "alerts",
                         "audit",
                     ],
                     "properties": {
@@ -523,6 +565,11 @@ def _build() -> dict[str, Any]:
                         "top_refusals": _COUNTED,
                         "blocks": {"type": "array", "items": _ref("Block")},
                         "recent_events": {"type": "array", "items": _ref("AuditEvent")},
+                        "alerts": {
+                            "type": "array",
+                            "items": _ref("Alert"),
+                            "description": "Security alerts open now ([alerts]).",
+                        },
                         "audit": {"type": "boolean"},
                     },
                 },

@@ -12,9 +12,12 @@ Exposition. A :class:`NodeCollector` reads the node's
 nothing is counted twice and nothing lives in the process-wide default registry,
 so several nodes in one process (the tests, the benchmarks) never collide. Label
 values are app ids this node knows (anything else is counted under ``app=""``),
-refusal slugs, close codes and fixed bus reasons; a value that is not a short
-lower-case word becomes ``other``. Never a secret, token, user id, address or
-client text.
+refusal slugs, close codes and their classes, route templates, status classes,
+alert rule names and fixed bus reasons; a value that is not a short lower-case
+word becomes ``other``. Never a secret, token, user id, address or client text.
+The histograms are counted in plain Python on the event
+(:class:`~bastion.metrics.Histogram`) and exported here as histogram families;
+docs/observability.md lists every family with its labels.
 
 Access to ``/metrics`` (``[metrics]``): the request must carry
 ``Authorization: Bearer <token>`` equal to ``token`` (compared in constant time,
@@ -60,10 +63,12 @@ from prometheus_client.registry import CollectorRegistry
 
 from bastion.api.gates import AllowedPeers, BearerToken
 from bastion.api.http import NO_STORE, HttpResponse
+from bastion.api.templates import TEMPLATES
 from bastion.config import Settings
-from bastion.metrics import GC_PAUSE_BUCKETS, Metrics
+from bastion.metrics import GC_PAUSE_BUCKETS, Histogram, Metrics, close_class, status_class
 from bastion.protocol.refusals import Reason
 from bastion.security.admission import AUTH_FAILURE_REASONS
+from bastion.security.alerts import ALERTS_SENDER, Alert
 from bastion.security.hosts import HostPolicy
 
 __all__ = [
@@ -102,6 +107,13 @@ RATE_LIMIT_SLUGS = frozenset(
 _PREFIX = "bastion_"
 #: What a slug or bus reason looks like; anything else is exported as ``other``.
 _WORD = re.compile(r"[a-z0-9_]{1,64}")
+#: Webhook delivery counters of the alerts sender → ``bastion_alert_deliveries_total``.
+_ALERT_DELIVERY_RESULTS = (
+    ("delivered", "webhooks_delivered"),
+    ("failed", "webhook_attempts_failed"),
+    ("dead", "webhooks_dead"),
+    ("dropped", "webhooks_dropped"),
+)
 
 
 # --- what Ops reads from a node (bastion.server.runtime.Node satisfies these) ---------
@@ -143,6 +155,18 @@ class _BlockSetView(Protocol):
 class _BlockListView(Protocol):
     @property
     def blocks(self) -> _BlockSetView: ...
+
+
+class _AlertsView(Protocol):
+    @property
+    def engine(self) -> _AlertEngineView: ...
+
+    def open_alerts(self) -> list[Alert]: ...
+
+
+class _AlertEngineView(Protocol):
+    @property
+    def rules(self) -> Mapping[str, Any]: ...
 
 
 class _AuditView(Protocol):
@@ -188,17 +212,58 @@ def _word(value: str) -> str:
     return value if _WORD.fullmatch(value) else "other"
 
 
+def _histogram(
+    name: str,
+    doc: str,
+    labels: Sequence[str],
+    histogram: Histogram[Any],
+    label_of: Callable[[Any], tuple[str, ...] | None],
+) -> HistogramMetricFamily:
+    """A histogram family from ``histogram``'s series, keys turned into labels.
+
+    ``label_of`` maps a key to its label values (``None``: left out); keys that map
+    to the same labels are added together.
+    """
+    merged: dict[tuple[str, ...], list[float]] = {}
+    for key, series in histogram.by_key.items():
+        values = label_of(key)
+        if values is None:
+            continue
+        total = merged.get(values)
+        if total is None:
+            merged[values] = list(series)
+        else:
+            for index, count in enumerate(series):
+                total[index] += count
+    family = HistogramMetricFamily(_PREFIX + name, doc, labels=list(labels))
+    bounds = (*(repr(float(bound)) for bound in histogram.bounds), "+Inf")
+    for values, series in sorted(merged.items()):
+        cumulative, buckets = 0, []
+        for bound, count in zip(bounds, series[:-1], strict=True):
+            cumulative += int(count)
+            buckets.append((bound, cumulative))
+        family.add_metric(list(values), buckets, series[-1])
+    return family
+
+
 class NodeCollector:
     """A prometheus-client collector reading one node's counters at scrape time.
 
     Args:
         node: the node whose counters are exported.
         wall_clock: Unix seconds (block expiry is wall-clock).
+        checks: the readiness checks (``bastion_ready``); none: not exported.
     """
 
-    def __init__(self, node: NodeView, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        node: NodeView,
+        wall_clock: Callable[[], float] = time.time,
+        checks: Callable[[], Mapping[str, str]] | None = None,
+    ) -> None:
         self.node = node
         self.wall_clock = wall_clock
+        self.checks = checks
 
     def collect(self) -> Iterator[Metric]:
         """Every ``bastion_*`` family, read from the node now."""
@@ -215,6 +280,8 @@ class NodeCollector:
         def per_app(name: str, doc: str, counter: Mapping[str, int]) -> CounterMetricFamily:
             totals: Counter[str] = Counter(dict.fromkeys(app_ids, 0))
             for app_id, count in counter.items():
+                if app_id == ALERTS_SENDER:  # alert deliveries have their own family
+                    continue
                 totals[app_of(app_id)] += count
             family = CounterMetricFamily(_PREFIX + name, doc, labels=["app"])
             for app_id, count in sorted(totals.items()):
@@ -254,6 +321,7 @@ class NodeCollector:
             closed.add_metric(list(labels), count)
         yield closed
         yield per_app("messages_in", "Client frames received.", metrics.messages_in)
+        yield from _traffic_families(metrics, app_of)
         yield per_app(
             "events_published", "Events published through the REST API.", metrics.events_published
         )
@@ -338,6 +406,7 @@ class NodeCollector:
             "Webhook deliveries dropped because the queue was full.",
             metrics.webhooks_dropped,
         )
+        yield from _webhook_histograms(metrics, app_of)
         yield GaugeMetricFamily(
             _PREFIX + "webhook_queue_pending",
             "Pending webhook deliveries at the dispatcher's last count.",
@@ -411,8 +480,33 @@ class NodeCollector:
             reloads.add_metric([_word(result)], count)
         yield reloads
 
-        # --- the cycle collector (process-wide) ---
+        # --- the cycle collector (process-wide) and the loop ---
         yield from _collector_families(metrics)
+        yield _histogram(
+            "event_loop_lag_seconds",
+            "How late the loop ran a sampling timer (every 0.25 s): what every client waited.",
+            (),
+            metrics.loop_lag,
+            lambda key: (),
+        )
+
+        # --- security alerts and readiness ---
+        yield from _alert_families(metrics, getattr(node, "alerts", None))
+        if self.checks is not None:
+            checks = self.checks()
+            yield GaugeMetricFamily(
+                _PREFIX + "ready",
+                "1 while the node is ready for traffic (every /readyz check ok).",
+                value=int(all(value == "ok" for value in checks.values())),
+            )
+            each = GaugeMetricFamily(
+                _PREFIX + "ready_check",
+                "1 while this /readyz check is ok, else 0.",
+                labels=["check"],
+            )
+            for check, value in sorted(checks.items()):
+                each.add_metric([_word(check)], int(value == "ok"))
+            yield each
 
         # --- the audit log ---
         audit = node.audit
@@ -427,6 +521,115 @@ class NodeCollector:
                 "Audit events lost because their batch failed to write.",
                 value=audit.failed,
             )
+
+
+def _traffic_families(metrics: Metrics, app_of: Callable[[str], str]) -> Iterator[Metric]:
+    """Connections' lives, reconnects, message sizes, REST and publish latency."""
+    yield _histogram(
+        "connection_duration_seconds",
+        "How long WebSocket connections lived, at their close, by close code class.",
+        ("app", "code_class"),
+        metrics.connection_seconds,
+        lambda key: (app_of(key[0]), close_class(int(key[1]))),
+    )
+    yield _histogram(
+        "connection_messages_per_minute",
+        "Messages a connection sent per minute of its life, at its close.",
+        ("app",),
+        metrics.connection_rates,
+        lambda key: (app_of(key),),
+    )
+    reconnects = CounterMetricFamily(
+        _PREFIX + "reconnects",
+        "Connections that arrived within 30 s of a close from the same address or user.",
+        labels=["app", "match"],
+    )
+    totals: Counter[tuple[str, str]] = Counter()
+    for (app_id, match), count in metrics.reconnects.items():
+        totals[(app_of(app_id), _word(match))] += count
+    for labels, count in sorted(totals.items()):
+        reconnects.add_metric(list(labels), count)
+    yield reconnects
+    yield _histogram(
+        "message_size_bytes",
+        "Size of each client message, bytes.",
+        ("app",),
+        metrics.message_bytes,
+        lambda key: (app_of(key),),
+    )
+    yield _histogram(
+        "rest_request_duration_seconds",
+        "HTTP requests, from read to answer written, by route template and status class.",
+        ("route", "status_class"),
+        metrics.request_seconds,
+        lambda key: (key[0] if key[0] in TEMPLATES else "other", status_class(int(key[1]))),
+    )
+    yield _histogram(
+        "publish_fanout_seconds",
+        "Accepted REST publishes, from the request read to the local fan-out written.",
+        ("app",),
+        metrics.publish_seconds,
+        lambda key: (app_of(key),),
+    )
+
+
+def _webhook_histograms(metrics: Metrics, app_of: Callable[[str], str]) -> Iterator[Metric]:
+    """Webhook latency and attempts by app (alert deliveries are counted apart)."""
+
+    def apps_only(key: str) -> tuple[str, ...] | None:
+        return None if key == ALERTS_SENDER else (app_of(key),)
+
+    yield _histogram(
+        "webhook_delivery_seconds",
+        "Webhook deliveries, from queued to answered 2xx (retries included).",
+        ("app",),
+        metrics.webhook_seconds,
+        apps_only,
+    )
+    yield _histogram(
+        "webhook_attempts",
+        "Attempts each webhook delivery took, counted when delivered or dead.",
+        ("app",),
+        metrics.webhook_attempts,
+        apps_only,
+    )
+
+
+def _alert_families(metrics: Metrics, alerts: _AlertsView | None) -> Iterator[Metric]:
+    """Alerts raised and open, and how their deliveries to the operator fared."""
+    raised = CounterMetricFamily(
+        _PREFIX + "alerts",
+        "Security alerts raised, by rule and severity.",
+        labels=["alert", "severity"],
+    )
+    totals: Counter[tuple[str, str]] = Counter()
+    if alerts is not None:  # every rule's series exists from the start, at 0
+        for name, rule in alerts.engine.rules.items():
+            totals[(_word(name), _word(rule.severity))] += 0
+    for (name, severity), count in metrics.alerts.items():
+        totals[(_word(name), _word(severity))] += count
+    for labels, count in sorted(totals.items()):
+        raised.add_metric(list(labels), count)
+    yield raised
+    if alerts is not None:
+        open_now = {alert.rule for alert in alerts.open_alerts()}
+        family = GaugeMetricFamily(
+            _PREFIX + "alerts_open",
+            "1 while the rule's last alert is open (raised within its window).",
+            labels=["alert"],
+        )
+        for name in sorted(alerts.engine.rules):
+            family.add_metric([_word(name)], int(name in open_now))
+        yield family
+    deliveries = CounterMetricFamily(
+        _PREFIX + "alert_deliveries",
+        "Alert POSTs to [alerts] url, by result (failed counts attempts).",
+        labels=["result"],
+    )
+    for result, counter in _ALERT_DELIVERY_RESULTS:
+        counts: Mapping[str, int] = getattr(metrics, counter)
+        deliveries.add_metric([result], counts.get(ALERTS_SENDER, 0))
+    yield deliveries
 
 
 def _collector_families(metrics: Metrics) -> Iterator[Metric]:
@@ -487,7 +690,7 @@ class Ops:
         self.hosts = HostPolicy(node.settings.server.host, settings.allowed_hosts)
         # Our own registry: the process-wide default would be shared by every node here.
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(NodeCollector(node, wall_clock))
+        self.registry.register(NodeCollector(node, wall_clock, self.checks))
         #: The audit log's ``failed`` count at the last probe, and when it last grew.
         self._audit_failed = 0
         self._audit_failed_at: float | None = None
@@ -540,7 +743,8 @@ class Ops:
             if any(app.max_connections_per_user is not None for app in settings.apps):
                 # The per-user caps are counted in Redis, over the bus's session.
                 checks["user_limits"] = "ok" if node.hub.bus.healthy else "per_node"
-        if any(app.webhooks for app in settings.apps):
+        alert_url = settings.alerts.enabled and settings.alerts.url is not None
+        if alert_url or any(app.webhooks for app in settings.apps):
             open_ = node.webhook_queue is not None and node.webhook_dispatcher is not None
             checks["webhook_queue"] = "ok" if open_ else "closed"
         return checks

@@ -277,6 +277,7 @@ def _token_strength(settings: Settings) -> Iterator[Finding]:
         "admin.token": settings.admin.token,
         "metrics.token": settings.metrics.token,
         "adapter.cluster_secret": settings.adapter.cluster_secret,
+        "alerts.secret": settings.alerts.secret,
     }
     for check, value in values.items():
         if value is None:
@@ -388,6 +389,24 @@ def _app_limits(app: AppSettings) -> Iterator[Finding]:
             )
 
 
+def _alerts(settings: Settings) -> Iterator[Finding]:
+    """Security alerts on, and their POSTs not sent in clear to another host."""
+    alerts = settings.alerts
+    if not alerts.enabled:
+        yield Finding("warn", "alerts", "off: no threshold raises an alert")
+        return
+    if alerts.url is None:
+        yield Finding("pass", "alerts", "on: audited, logged and counted (no url)")
+        return
+    url = urlsplit(alerts.url)
+    if url.scheme == "http" and not _is_loopback(url.hostname or ""):
+        yield Finding(
+            "warn", "alerts.url", f"alerts to {url.hostname} over plain http: bodies in clear"
+        )
+    else:
+        yield Finding("pass", "alerts", "on, and sent to the operator's endpoint")
+
+
 def examine(settings: Settings) -> list[Finding]:
     """Every finding for ``settings``, in a stable order."""
     findings = list(_transport(settings))
@@ -408,6 +427,7 @@ def examine(settings: Settings) -> list[Finding]:
         findings.append(
             Finding("pass", "audit", f"on, {audit.retention_days} days, {audit.max_rows} rows")
         )
+    findings.extend(_alerts(settings))
     if not settings.security.reputation.enabled:
         findings.append(Finding("warn", "security.reputation", "off: nothing is blocked"))
     else:

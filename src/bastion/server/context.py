@@ -42,6 +42,7 @@ from bastion.security.limits import (
     memory_limiters,
 )
 from bastion.security.proxies import TrustedProxies
+from bastion.security.reconnects import Reconnects
 from bastion.server.refusals import RefusalPath, RefusalRecord
 
 if TYPE_CHECKING:
@@ -214,6 +215,8 @@ class ServerContext:
     door: Door | None = None
     #: Builds the per-address limiters (cluster-wide ones with the redis adapter).
     limiters: LimiterFactory = memory_limiters
+    #: Recent closes by address and by user: which arrivals are reconnects.
+    reconnects: Reconnects = field(default_factory=Reconnects)
     #: Unix seconds, read once per HTTP request or upgrade (``HttpRequest.now``:
     #: the REST signature window, the secrets active then). ``Node(wall_clock=)``.
     wall_clock: Callable[[], float] = time.time

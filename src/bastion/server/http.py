@@ -206,17 +206,20 @@ class HttpConnection(asyncio.Protocol):
         if self.parser.should_upgrade() or self.refused:
             return
         self.deadline = math.inf
+        started, path = time.perf_counter(), ""
         try:
             door = self.ctx.door
             assert door is not None, "the node sets its route table before it listens"
-            response = door.answer(self._request())
+            request = self._request()
+            path = request.path
+            response = door.answer(request)
         except Exception:
             # A defect of ours: the caller gets a generic 500, the trace stays in our log.
             log.exception("internal error handling an HTTP request")
             self.ctx.refusals.record(Reason.HTTP_INTERNAL_ERROR, ip=self.ip)
             response = error_response(Reason.HTTP_INTERNAL_ERROR)
         keep_alive = self.parser.should_keep_alive() and not self.ctx.draining
-        self.answers.put(response, keep_alive, self.head_request, self.ip)
+        self.answers.put(response, keep_alive, self.head_request, self.ip, (path, started))
         if keep_alive:
             self.head = bytearray()
             self.head_done = False

@@ -10,9 +10,10 @@ to :func:`reload_settings`, which
    ``-apps.777`` for a removed one): :func:`changed_fields`;
 2. refuses the whole change, naming the fields, when one of them needs a restart
    (:func:`restart_fields`): the listener's address and TLS, the adapter, the audit
-   log, the webhook queue and delivery settings, IP reputation, and with the redis
-   adapter the set of apps, their ``max_event_payload_kb`` and (without
-   ``cluster_secret``) their secrets, which the bus was set up with;
+   log, the webhook queue and delivery settings, IP reputation, the security
+   alerts, and with the redis adapter the set of apps, their
+   ``max_event_payload_kb`` and (without ``cluster_secret``) their secrets, which
+   the bus was set up with;
 3. builds everything that can fail first (JWT key files are read), then applies
    the rest in one step on the event loop, so a change is applied whole or not at
    all, and connections, subscriptions and presence members stay as they are.
@@ -94,6 +95,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "audit",
     "webhooks",
     "security.reputation",
+    "alerts",
 )
 
 #: Where a reload came from (audit metadata, log lines, the metric label).

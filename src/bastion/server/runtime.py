@@ -43,11 +43,13 @@ from bastion.security.audit import (
 )
 from bastion.security.config_audit import CONFIG_LOADED, config_event, fingerprints
 from bastion.security.limits import LimiterFactory, memory_limiters
+from bastion.server.alerts import NodeAlerts
 from bastion.server.apps import app_states
 from bastion.server.blocklist import NodeBlockList, open_block_store
 from bastion.server.collector import Collector
 from bastion.server.context import Outbox, ServerContext, frame_text
 from bastion.server.http import HttpConnection
+from bastion.server.lag import LoopLagProbe
 from bastion.server.refusals import RefusalPath, RefusalSummary
 from bastion.server.reload import (
     ReloadResult,
@@ -97,6 +99,13 @@ class Node:
         self.settings = settings
         self.metrics = Metrics()
         self.refusals = RefusalPath(self.metrics)
+        #: Security alerts (``[alerts]``): fed by refusals, audit events and the tick.
+        self.alerts: NodeAlerts | None = None
+        if settings.alerts.enabled:
+            self.alerts = NodeAlerts(settings.alerts, self.metrics, loop, audit=self._audit_event)
+            self.refusals.listeners.append(self.alerts.on_refusal)
+        #: Samples the loop's lag between start and stop.
+        self.lag = LoopLagProbe(loop, self.metrics)
         #: Cluster-wide rate limits (redis adapter only), synced between start and stop.
         self.cluster_limits: ClusterLimits | None = None
         limiters = self._make_limiters()
@@ -217,6 +226,7 @@ class Node:
                 await asyncio.to_thread(self.audit.close, AUDIT_FLUSH_SECONDS)
                 self.audit = None
             raise
+        self.lag.start()
         self._tick = asyncio.create_task(self._heartbeat())
 
     async def _heartbeat(self) -> None:
@@ -230,6 +240,8 @@ class Node:
                 connection.check_liveness(now, server.activity_timeout, server.pong_timeout)
             self.hub.tick()
             self.refusals.flush()  # aggregated refusals whose window ended
+            if self.alerts is not None:
+                self.alerts.poll()  # forged bus messages, webhook dead letters
 
     async def stop(self) -> None:
         """Stop accepting, ask every client to reconnect elsewhere (4200), close.
@@ -242,6 +254,7 @@ class Node:
         budget = self.settings.server.drain_seconds
         deadline = loop.time() + budget
         self.ctx.draining = True
+        self.lag.stop()
         if self._server is not None:
             self._server.close()
         for connection in list(self.ctx.connections):
@@ -260,6 +273,9 @@ class Node:
             await self.cluster_limits.stop()
         if self._background:  # a reload's producer flush or queue opening
             await asyncio.wait(set(self._background), timeout=max(deadline - loop.time(), 0.01))
+        if self.alerts is not None:  # alerts raised so far are queued before it closes
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.alerts.flush(), max(deadline - loop.time(), 0.01))
         # After the drain: the last connections' channels have vacated (their held
         # channel_vacated are sent now, not dropped); before the audit log closes, so
         # a drop is audited.
@@ -325,6 +341,8 @@ class Node:
         self._audit_event(event)
 
     def _audit_event(self, event: AuditEvent) -> None:
+        if self.alerts is not None:  # new blocks count towards an alert
+            self.alerts.on_audit(event)
         if self.audit is not None:
             self.audit.record(event)
 
@@ -379,7 +397,7 @@ class Node:
             self.webhook_queue,
         )
         if producer is None or dispatcher is None or queue is None:
-            if self._server is not None and any(app.webhooks for app in self.settings.apps):
+            if self._server is not None and self._wants_queue():
                 self._spawn(self._start_webhooks())
             return
         replacement = WebhookProducer(
@@ -406,12 +424,19 @@ class Node:
         if not task.cancelled() and task.exception() is not None:
             log.error("live reload: background work failed: %s", task.exception())
 
+    def _wants_queue(self) -> bool:
+        """Whether some app has webhooks or alerts are sent to an operator endpoint."""
+        settings = self.settings
+        alerts = settings.alerts.enabled and settings.alerts.url is not None
+        return alerts or any(app.webhooks for app in settings.apps)
+
     async def _start_webhooks(self) -> None:
         """Open the queue (off the loop: a bad path fails start-up), start delivering.
 
-        Only when some app has webhooks, so a node without any writes no queue file.
+        Only when some app has webhooks or alerts have a URL, so a node without
+        either writes no queue file.
         """
-        if not any(app.webhooks for app in self.settings.apps) or self.webhook_queue is not None:
+        if not self._wants_queue() or self.webhook_queue is not None:
             return
         settings = self.settings.webhooks
         queue = await asyncio.to_thread(
@@ -421,7 +446,12 @@ class Node:
             retention_days=settings.retention_days,
         )
         dispatcher = WebhookDispatcher(
-            settings, queue, self.hub.apps_by_id, self.metrics, audit=self._audit_event
+            settings,
+            queue,
+            self.hub.apps_by_id,
+            self.metrics,
+            audit=self._audit_event,
+            alerts=self.settings.alerts,
         )
         try:
             # Sends what an earlier run left pending, right away.
@@ -442,6 +472,8 @@ class Node:
         self.webhook_dispatcher = dispatcher
         self.webhook_producer = producer
         self.hub.listeners.append(producer.on_event)
+        if self.alerts is not None:
+            self.alerts.attach(queue, dispatcher.wake)
 
     async def _stop_webhooks(self, deadline: float | None = None) -> None:
         """Write what is held or batched, let attempts in flight finish, close the queue.
@@ -455,6 +487,8 @@ class Node:
         producer, self.webhook_producer = self.webhook_producer, None
         dispatcher, self.webhook_dispatcher = self.webhook_dispatcher, None
         queue, self.webhook_queue = self.webhook_queue, None
+        if self.alerts is not None:
+            self.alerts.detach()
         if producer is not None:
             with contextlib.suppress(ValueError):
                 self.hub.listeners.remove(producer.on_event)

@@ -54,6 +54,7 @@ import asyncio
 import logging
 import secrets
 import time
+from bisect import bisect_left
 from collections.abc import Sequence
 
 from websockets.exceptions import PayloadTooBig, ProtocolError
@@ -68,6 +69,7 @@ except ImportError:  # pragma: no cover - a build without its C extension
 
 from bastion.core.hub import AppState, Session
 from bastion.errors import Refused
+from bastion.metrics import MESSAGE_BYTES_BUCKETS, MESSAGE_BYTES_INDEX, MESSAGE_BYTES_SUM
 from bastion.protocol import messages as msg
 from bastion.protocol.names import classify_channel
 from bastion.protocol.refusals import Reason
@@ -111,7 +113,10 @@ class WebSocketConnection(asyncio.Protocol):
         "_overflow",
         "_proto",
         "_query_token",
+        "_received",
+        "_reconnect",
         "_refusals",
+        "_sizes",
         "app",
         "ctx",
         "ip",
@@ -152,6 +157,12 @@ class WebSocketConnection(asyncio.Protocol):
         self._messages = 0.0
         #: The refusal budget, the same way.
         self._refusals = 0.0
+        #: Text messages received (the message rate at close), and whether this
+        #: connection was counted as a reconnect (once at most).
+        self._received = 0
+        self._reconnect = False
+        #: The app's message-size series, counted into on each message (no lookup).
+        self._sizes = ctx.metrics.message_bytes.series(app.id)
         #: Bytes queued this loop iteration (see Outbox): one chunk, or a list.
         self.pending: bytes | list[bytes] | None = None
         #: Frames held while the transport is paused; None while it keeps up.
@@ -177,6 +188,8 @@ class WebSocketConnection(asyncio.Protocol):
         ctx.connections.add(self)
         ctx.socket_ids.add(self.session.socket_id)
         ctx.metrics.connections_opened[self.app.id] += 1
+        if ctx.reconnects.arrived(self.app.id, self.ip, self.last_seen):
+            self._reconnected("address")
         self.send(
             msg.connection_established(self.session.socket_id, ctx.settings.server.activity_timeout)
         )
@@ -186,6 +199,8 @@ class WebSocketConnection(asyncio.Protocol):
                 ctx.hub.signin_token(self.app, self.session, token)
             except Refused as refused:
                 self.refuse(refused)
+            else:
+                self._signed_in()
 
     def write(self, data: bytes) -> None:
         """Queue pre-framed bytes; they go out with this iteration's other writes."""
@@ -303,7 +318,7 @@ class WebSocketConnection(asyncio.Protocol):
         last = frame_text(msg.error(reason, code)) if code >= 4000 else b""
         self.state = check_transition(self.state, ConnectionState.CLOSING)
         self._forget()
-        self.ctx.metrics.connections_closed[(self.app.id, code)] += 1
+        self._closed(code)
         proto = self._proto
         if proto is None or proto.state is State.OPEN:
             last += self._protocol_output() + close_frame(code, reason)
@@ -311,6 +326,27 @@ class WebSocketConnection(asyncio.Protocol):
             # After the peer's close: the sans-I/O protocol has answered it.
             last += self._protocol_output()
         self._end(last)
+
+    def _closed(self, code: int) -> None:
+        """Count this connection's end (once): code, life, message rate; remember it."""
+        ctx, session, app_id = self.ctx, self.session, self.app.id
+        now = ctx.loop.time()
+        opened_at = session.opened_at
+        seconds = now - opened_at if opened_at is not None and now > opened_at else 0.0
+        ctx.metrics.connection_closed(app_id, code, seconds, self._received)
+        ctx.reconnects.closed(app_id, self.ip, session.user_id, now)
+
+    def _reconnected(self, match: str) -> None:
+        self._reconnect = True
+        self.ctx.metrics.reconnects[(self.app.id, match)] += 1
+
+    def _signed_in(self) -> None:
+        """A sign-in: a reconnect if the same user's connection closed just before this one."""
+        user_id, opened_at = self.session.user_id, self.session.opened_at
+        if self._reconnect or user_id is None or opened_at is None:
+            return
+        if self.ctx.reconnects.signed_in(self.app.id, user_id, opened_at):
+            self._reconnected("user")
 
     def _end(self, last: bytes) -> None:
         """Write ``last`` (the closing frames), close the TCP side, abort it after a grace.
@@ -424,7 +460,7 @@ class WebSocketConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """The transport is gone: forget the connection."""
         if self.state is ConnectionState.OPEN:
-            self.ctx.metrics.connections_closed[(self.app.id, 1006)] += 1
+            self._closed(1006)
         self.state = ConnectionState.CLOSED
         self.pending = None
         self._overflow = None
@@ -455,9 +491,11 @@ class WebSocketConnection(asyncio.Protocol):
             return
         # The sans-I/O protocol asks for EOF (its last chunk): after a close handshake,
         # or after it failed the connection (1002/1007/1009). Either way the TCP side ends.
-        if self.state is ConnectionState.OPEN:
+        if self.state is ConnectionState.OPEN:  # the peer closed: its code (1005: none)
             self.state = check_transition(self.state, ConnectionState.CLOSING)
             self._forget()
+            received = proto.close_rcvd
+            self._closed(received.code if received is not None else 1005)
         if not self.transport.is_closing():
             self._end(b"".join(chunks))
 
@@ -530,6 +568,7 @@ class WebSocketConnection(asyncio.Protocol):
         if start + length > end:
             return False
         payload = apply_mask(data[start : start + length], data[position + 2 : start])
+        code = 1005  # a close without a code
         if length:
             code = payload[0] << 8 | payload[1]
             if code not in _PEER_CLOSE_CODES and not 3000 <= code < 5000:
@@ -540,6 +579,7 @@ class WebSocketConnection(asyncio.Protocol):
                 return False
         self.state = check_transition(self.state, ConnectionState.CLOSING)
         self._forget()
+        self._closed(code)
         self._end(bytes((0x88, length)) + payload)
         return True
 
@@ -586,6 +626,13 @@ class WebSocketConnection(asyncio.Protocol):
             self._fail_invalid_utf8()
             return
         self.ctx.metrics.messages_in[self.app.id] += 1
+        self._received += 1
+        sizes, size = self._sizes, len(data)
+        if size <= 1024:
+            sizes[MESSAGE_BYTES_INDEX[size]] += 1
+        else:
+            sizes[bisect_left(MESSAGE_BYTES_BUCKETS, size)] += 1
+        sizes[MESSAGE_BYTES_SUM] += size
         try:
             message = msg.decode_client_message(text)
             self._dispatch(message)
@@ -607,7 +654,7 @@ class WebSocketConnection(asyncio.Protocol):
         )
         self.state = check_transition(self.state, ConnectionState.CLOSING)
         self._forget()
-        self.ctx.metrics.connections_closed[(self.app.id, reason.value.close_code or 1011)] += 1
+        self._closed(reason.value.close_code or 1011)
 
     def _dispatch(self, message: msg.ClientMessage) -> None:
         hub, app, session = self.ctx.hub, self.app, self.session
@@ -624,6 +671,7 @@ class WebSocketConnection(asyncio.Protocol):
         elif isinstance(message, msg.Signin):
             self._check_auth_budget(None)
             hub.signin(app, session, message)
+            self._signed_in()
         # Pong: receiving it already counted as activity.
 
     def _check_auth_budget(self, channel: str | None) -> None:

@@ -37,6 +37,13 @@ other special-purpose blocks are refused). The
 request then goes to the address that was checked (``Host`` and TLS SNI keep the
 name), so a second DNS answer cannot swap in an internal address.
 
+Security alerts (:mod:`bastion.server.alerts`) use the same queue as the sender
+:data:`~bastion.security.alerts.ALERTS_SENDER`: such a row is signed with
+``[alerts] secret`` under the key :data:`~bastion.security.alerts.ALERTS_KEY`, is
+subject to ``[alerts] refuse_private``, and is sent only while its URL is still
+``[alerts] url`` (otherwise it becomes a dead letter): an alert never goes to an
+app's endpoint, and an app's webhook is never signed with the alerts secret.
+
 Logs and audit events carry ``scheme://host/path`` at most: never the query string
 (it may hold a token), the body, the headers or the signature.
 """
@@ -58,13 +65,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from bastion.security.alerts import ALERTS_KEY, ALERTS_SENDER
 from bastion.security.audit import AuditEvent, MetadataValue, redact
 from bastion.store.webhook_queue import Delivery, WebhookQueue, WebhookQueueError
 from bastion.webhooks.retry import decide
 from bastion.webhooks.signing import webhook_headers
 
 if TYPE_CHECKING:
-    from bastion.config import WebhookDeliverySettings
+    from bastion.config import AlertSettings, WebhookDeliverySettings
     from bastion.core.hub import AppState
     from bastion.metrics import Metrics
 
@@ -231,6 +239,7 @@ class WebhookDispatcher:
         apps: app id → its state (key and newest secret are read at send time).
         metrics: counters to update.
         audit: receives ``webhook_dead`` and ``webhook_refused_private`` events.
+        alerts: ``[alerts]``, which signs and aims the alert rows (none: they die).
         transport: an httpx transport for tests; the default opens real connections.
         clock: Unix seconds.
         jitter: random values in ``[0, 1)`` for the back-off.
@@ -244,6 +253,7 @@ class WebhookDispatcher:
         metrics: Metrics,
         audit: Callable[[AuditEvent], None] | None = None,
         *,
+        alerts: AlertSettings | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
@@ -253,6 +263,7 @@ class WebhookDispatcher:
         self.apps = apps
         self.metrics = metrics
         self._audit = audit
+        self.alerts = alerts
         self._transport = transport
         self._clock = clock
         self._jitter = jitter
@@ -418,14 +429,27 @@ class WebhookDispatcher:
             with contextlib.suppress(WebhookQueueError):
                 await asyncio.to_thread(self.queue.release, [delivery.id])
 
-    async def _deliver(self, delivery: Delivery) -> None:
+    def _signer(self, delivery: Delivery) -> tuple[str, str, bool] | str:
+        """The key, secret and ``refuse_private`` of a delivery's sender, or why none."""
+        if delivery.app_id == ALERTS_SENDER:
+            alerts = self.alerts
+            if alerts is None or alerts.secret is None or alerts.url != delivery.url:
+                return "alerts are no longer sent to this url"
+            return ALERTS_KEY, alerts.secret.get_secret_value(), alerts.refuse_private
         app = self.apps.get(delivery.app_id)
         if app is None:
-            await self._dead(delivery, "app is no longer configured", attempted=False)
+            return "app is no longer configured"
+        settings = app.settings
+        return settings.key, settings.secret.get_secret_value(), settings.webhooks_refuse_private
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        signer = self._signer(delivery)
+        if isinstance(signer, str):
+            await self._dead(delivery, signer, attempted=False)
             return
-        secret = app.settings.secret.get_secret_value()
+        key, secret, refuse_private = signer
         headers = webhook_headers(
-            key=app.settings.key,
+            key=key,
             secret=secret,
             body=delivery.body,
             idempotency_key=delivery.idempotency_key,
@@ -437,7 +461,7 @@ class WebhookDispatcher:
             async with asyncio.timeout(self.settings.timeout_seconds):
                 url = delivery.url
                 extensions: dict[str, str] = {}
-                if app.settings.webhooks_refuse_private:
+                if refuse_private:
                     url, host_header, extensions = await self._pinned(delivery.url)
                     headers["Host"] = host_header
                     # A pinned connection is not reused for another name at this address.
@@ -465,7 +489,10 @@ class WebhookDispatcher:
         )
         if decision.action == "done":
             await asyncio.to_thread(self.queue.mark_done, delivery.id, now=now)
-            self.metrics.webhooks_delivered[delivery.app_id] += 1
+            metrics = self.metrics
+            metrics.webhooks_delivered[delivery.app_id] += 1
+            metrics.webhook_seconds.observe(delivery.app_id, max(0.0, now - delivery.created_at))
+            metrics.webhook_attempts.observe(delivery.app_id, delivery.attempts + 1)
             return
         self.metrics.webhook_attempts_failed[delivery.app_id] += 1
         reason = decision.reason or "failed"
@@ -549,6 +576,8 @@ class WebhookDispatcher:
             self.queue.mark_dead, delivery.id, now=now, error=reason, attempted=attempted
         )
         self.metrics.webhooks_dead[delivery.app_id] += 1
+        if attempted:
+            self.metrics.webhook_attempts.observe(delivery.app_id, delivery.attempts + 1)
         log.warning(
             "webhook to %s moved to the dead letters (delivery %d): %s",
             safe_url(delivery.url),

@@ -224,6 +224,17 @@ async function main() {
     await page.locator('#dashboard-view').waitFor({ state: 'visible', timeout });
     await connectionsShown(page, app.id, 0, timeout);
 
+    begin('the wrong token raised an alert, shown open');
+    // [alerts.auth_failures] threshold = 1 in this test: the refused token was one.
+    const alertRow = page.locator('#alerts-table tr[data-alert="auth_failures"]');
+    await alertRow.waitFor({ state: 'visible', timeout });
+    const alertText = await alertRow.textContent();
+    if (!alertText.includes('127.0.0.1') || !alertText.includes('admin_unauthorized')) {
+      throw new Error('the alert row does not name its address and reason: ' + alertText);
+    }
+    if ((await page.textContent('#total-alerts')).trim() !== '1') throw new Error('open alerts tile');
+    if (await page.locator('#alerts-empty').isVisible()) throw new Error('"no alert" shown with one open');
+
     begin('a connection appears');
     clients.push(await openClient(config, app, timeout));
     await connectionsShown(page, app.id, 1, timeout);

@@ -113,14 +113,14 @@
     state.auditIds = new Set();
     state.auditNewest = null;
     state.blocksKey = null;
-    for (const id of ['apps-table', 'blocks-table', 'audit-table']) {
+    for (const id of ['apps-table', 'blocks-table', 'alerts-table', 'audit-table']) {
       $(id).tBodies[0].replaceChildren();
     }
     $('chart-connections').replaceChildren();
     $('chart-connections-legend').replaceChildren();
     $('chart-refusals').replaceChildren();
     for (const id of ['total-connections', 'total-rate', 'total-refusals', 'total-auth-failures',
-      'total-rate-limits', 'total-blocks']) {
+      'total-rate-limits', 'total-blocks', 'total-alerts']) {
       $(id).textContent = '–';
     }
     showMessage('');
@@ -342,6 +342,30 @@
     renderConnectionsChart(ids);
     renderRefusalsChart(data.top_refusals || []);
     renderBlocks(data.blocks || []);
+    renderAlerts(data.alerts || []);
+  }
+
+  function pairs(items, name) {
+    return items.map(function (item) { return item[name] + ' (' + item.count + ')'; }).join(', ');
+  }
+
+  function renderAlerts(alerts) {
+    $('alerts-empty').hidden = alerts.length > 0;
+    $('total-alerts').textContent = number(alerts.length);
+    const rows = alerts.map(function (alert) {
+      const row = el('tr', null, 'alert-' + alert.severity);
+      row.dataset.alert = alert.alert;
+      row.append(
+        el('td', alert.alert, 'mono'),
+        el('td', alert.severity),
+        el('td', number(alert.count) + ' / ' + number(alert.threshold) + ' in ' + alert.window_seconds + ' s', 'num'),
+        el('td', dateTime(alert.raised_at)),
+        el('td', pairs(alert.top_addresses || [], 'ip'), 'mono'),
+        el('td', pairs(alert.top_reasons || [], 'reason')),
+      );
+      return row;
+    });
+    $('alerts-table').tBodies[0].replaceChildren(...rows);
   }
 
   function renderApps(ids, apps, rates) {
