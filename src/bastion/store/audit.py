@@ -195,13 +195,18 @@ class AuditLog:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self._closed = False
         self._last_drop_warning = -1.0
-        try:
+
+        def open_and_prune() -> None:
             connection = _connect(path)
             try:
                 connection.executescript(_SCHEMA)
                 prune(connection, now=clock(), retention_days=retention_days, max_rows=max_rows)
             finally:
                 connection.close()
+
+        try:
+            # Workers started together open the same file at the same moment.
+            sqlite.retry_locked(open_and_prune)
         except sqlite3.Error as exc:
             raise AuditLogError(f"cannot open the audit log {path!r}: {exc}") from None
         self._thread = threading.Thread(target=self._run, name="bastion-audit", daemon=True)

@@ -106,13 +106,19 @@ class BlockStore:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._lock = threading.Lock()
-        try:
-            self._connection = _connect(self.path)
+
+        def open_with_schema() -> sqlite3.Connection:
+            connection = _connect(self.path)
             try:
-                self._connection.executescript(_SCHEMA)
+                connection.executescript(_SCHEMA)
             except sqlite3.Error:
-                self._connection.close()
+                connection.close()
                 raise
+            return connection
+
+        try:
+            # Workers started together open the same file at the same moment.
+            self._connection = sqlite.retry_locked(open_with_schema)
         except sqlite3.Error as exc:
             raise BlockStoreError(f"cannot open the blocks file {self.path!r}: {exc}") from None
 

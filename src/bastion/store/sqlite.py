@@ -22,11 +22,14 @@ import os
 import sqlite3
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
-__all__ = ["BUSY_SECONDS", "FILE_MODE", "connect", "read_rows", "transaction"]
+__all__ = ["BUSY_SECONDS", "FILE_MODE", "connect", "read_rows", "retry_locked", "transaction"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("bastion.store")
 
@@ -102,6 +105,34 @@ def _tighten(name: str) -> tuple[bool, str] | None:
     except OSError as error:
         return False, f"mode {mode:04o}, cannot change it: {error.strerror}"
     return True, f"was {mode:04o}"
+
+
+def retry_locked(
+    action: Callable[[], _T],
+    *,
+    seconds: float = BUSY_SECONDS,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> _T:
+    """Run ``action``; while SQLite answers "locked" or "busy", again after a pause.
+
+    For opening a file that other processes open at the same moment (the workers of
+    ``bastion serve --workers N`` start together): SQLite does not call its busy
+    handler for every lock it meets while a new file is set up (the switch to WAL,
+    the first schema), so two openers can see "database is locked" at once. Any
+    other error is raised at once; after ``seconds`` the last one is.
+    """
+    deadline = clock() + seconds
+    pause = 0.01
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as error:
+            text = str(error)
+            if ("locked" not in text and "busy" not in text) or clock() >= deadline:
+                raise
+        sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def connect(
