@@ -196,17 +196,12 @@ class AuditLog:
         self._closed = False
         self._last_drop_warning = -1.0
 
-        def open_and_prune() -> None:
-            connection = _connect(path)
-            try:
-                connection.executescript(_SCHEMA)
-                prune(connection, now=clock(), retention_days=retention_days, max_rows=max_rows)
-            finally:
-                connection.close()
+        def prepare(connection: sqlite3.Connection) -> None:
+            connection.executescript(_SCHEMA)
+            prune(connection, now=clock(), retention_days=retention_days, max_rows=max_rows)
 
         try:
-            # Workers started together open the same file at the same moment.
-            sqlite.retry_locked(open_and_prune)
+            sqlite.open_prepared(lambda: _connect(path), prepare).close()
         except sqlite3.Error as exc:
             raise AuditLogError(f"cannot open the audit log {path!r}: {exc}") from None
         self._thread = threading.Thread(target=self._run, name="bastion-audit", daemon=True)

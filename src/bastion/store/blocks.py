@@ -107,18 +107,10 @@ class BlockStore:
         self.path = str(path)
         self._lock = threading.Lock()
 
-        def open_with_schema() -> sqlite3.Connection:
-            connection = _connect(self.path)
-            try:
-                connection.executescript(_SCHEMA)
-            except sqlite3.Error:
-                connection.close()
-                raise
-            return connection
-
         try:
-            # Workers started together open the same file at the same moment.
-            self._connection = sqlite.retry_locked(open_with_schema)
+            self._connection = sqlite.open_prepared(
+                lambda: _connect(self.path), lambda connection: connection.executescript(_SCHEMA)
+            )
         except sqlite3.Error as exc:
             raise BlockStoreError(f"cannot open the blocks file {self.path!r}: {exc}") from None
 

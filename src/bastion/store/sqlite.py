@@ -27,7 +27,15 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
-__all__ = ["BUSY_SECONDS", "FILE_MODE", "connect", "read_rows", "retry_locked", "transaction"]
+__all__ = [
+    "BUSY_SECONDS",
+    "FILE_MODE",
+    "connect",
+    "open_prepared",
+    "read_rows",
+    "retry_locked",
+    "transaction",
+]
 
 _T = TypeVar("_T")
 
@@ -133,6 +141,28 @@ def retry_locked(
                 raise
         sleep(pause)
         pause = min(pause * 2, 0.2)
+
+
+def open_prepared(
+    open_file: Callable[[], sqlite3.Connection],
+    prepare: Callable[[sqlite3.Connection], object],
+) -> sqlite3.Connection:
+    """Open a file and ``prepare`` it (schema, migration), retried while it is locked.
+
+    The connection is closed if preparing fails; see :func:`retry_locked` for why
+    opening is retried (the workers of one node open the same files at once).
+    """
+
+    def attempt() -> sqlite3.Connection:
+        connection = open_file()
+        try:
+            prepare(connection)
+        except sqlite3.Error:
+            connection.close()
+            raise
+        return connection
+
+    return retry_locked(attempt)
 
 
 def connect(

@@ -310,18 +310,8 @@ class WebhookQueue:
             WebhookQueueError: the file cannot be opened or is not a queue file.
         """
 
-        def open_and_prepare() -> sqlite3.Connection:
-            connection = _connect(path)
-            try:
-                _prepare(connection)
-            except sqlite3.Error:
-                connection.close()
-                raise
-            return connection
-
         try:
-            # Workers started together open the same file at the same moment.
-            connection = sqlite.retry_locked(open_and_prepare)
+            connection = sqlite.open_prepared(lambda: _connect(path), _prepare)
         except sqlite3.Error as exc:
             raise WebhookQueueError(f"cannot open the webhook queue {path!r}: {exc}") from None
         return cls(
