@@ -56,7 +56,8 @@ def request(
     operator_ip: str | None = "127.0.0.1",
     now: float = 100.0,
 ) -> HttpRequest:
-    return HttpRequest(method, "/x", "", headers, b"", ip, operator_ip, now)
+    named = tuple((name.lower(), value) for name, value in headers)  # as the listener does
+    return HttpRequest(method, "/x", "", named, b"", ip, operator_ip, now)
 
 
 def test_address_bucket_spends_every_request_then_refuses_with_the_wait() -> None:

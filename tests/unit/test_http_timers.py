@@ -1,7 +1,8 @@
-"""The listener's one timer per connection: moved lazily, never late, never early.
+"""The listener's one deadline per connection: moved lazily, never early, at most a tick late.
 
-A kept-alive request only moves the connection's deadline; the timer, set for an
-earlier deadline, sets itself again for what is left when it fires. These tests
+A kept-alive request only moves the connection's deadline; its slot in the node's
+deadlines (:mod:`bastion.server.deadlines`), joined for an earlier deadline, is
+joined again for what is left when it comes. These tests
 drive the listener (:class:`~bastion.server.http.HttpConnection`) on a clock they
 move by hand, so every deadline is checked exactly, without waiting for one.
 """
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from bastion.config import settings_from_mapping
+from bastion.server.deadlines import TICK
 from bastion.server.http import KEEPALIVE_SECONDS, HttpConnection
 from bastion.server.runtime import Node
 
@@ -39,13 +41,13 @@ class Clock:
     def time(self) -> float:
         return self.now
 
-    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(when, callback)
+    def call_at(self, when: float, callback: Callable[..., None], *args: Any) -> Timer:
+        timer = Timer(when, lambda: callback(*args))
         self.timers.append(timer)
         return timer
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        return self.call_at(self.now + delay, callback)
+    def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> Timer:
+        return self.call_at(self.now + delay, callback, *args)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.loop, name)
@@ -103,7 +105,7 @@ def _connection(clock: Clock) -> tuple[HttpConnection, Transport]:
         environ={},
     )
     node = Node(settings, clock.loop)
-    node.ctx.loop = clock  # type: ignore[assignment]
+    node.ctx.loop = node.ctx.deadlines.loop = clock  # type: ignore[assignment]
     connection = HttpConnection(node.ctx)
     transport = Transport()
     connection.connection_made(transport)  # type: ignore[arg-type]
@@ -117,7 +119,7 @@ def test_a_request_head_not_complete_in_time_is_cut_at_the_handshake_timeout(
     connection.data_received(HEALTHZ[:10])
     clock.advance(HANDSHAKE_TIMEOUT - 0.01)
     assert not transport.closed
-    clock.advance(0.02)
+    clock.advance(0.01 + TICK)
     assert transport.closed
 
 
@@ -126,13 +128,13 @@ def test_a_kept_alive_connection_outlives_the_handshake_timeout(clock: Clock) ->
     clock.advance(HANDSHAKE_TIMEOUT / 2)
     connection.data_received(HEALTHZ)
     assert transport.written.startswith(b"HTTP/1.1 200 ")
-    # The handshake timer falls due now: it must only set itself for the rest.
+    # The handshake deadline's slot comes now: it must only be joined again for the rest.
     clock.advance(HANDSHAKE_TIMEOUT)
     assert not transport.closed
     clock.advance(KEEPALIVE_SECONDS - HANDSHAKE_TIMEOUT - 0.01)
     assert not transport.closed
     # Idle for the keep-alive time after the answer: closed, and never counted.
-    clock.advance(0.02)
+    clock.advance(0.01 + TICK)
     assert transport.closed
 
 
@@ -143,14 +145,15 @@ def test_every_request_moves_the_idle_deadline(clock: Clock) -> None:
         clock.advance(KEEPALIVE_SECONDS - 1)
     assert not transport.closed
     assert transport.written.count(b"HTTP/1.1 200 ") == 5
-    # One timer at a time, however many requests moved the deadline.
-    assert len([t for t in clock.timers if not t.cancelled]) == 1
-    clock.advance(1.01)
+    # One deadline at a time, however many requests moved it.
+    assert len(connection.ctx.deadlines) == 1
+    clock.advance(1 + TICK)
     assert transport.closed
 
 
-def test_a_closed_connection_leaves_no_timer(clock: Clock) -> None:
+def test_a_closed_connection_leaves_no_deadline(clock: Clock) -> None:
     connection, _ = _connection(clock)
     connection.data_received(HEALTHZ)
+    assert len(connection.ctx.deadlines) == 1
     connection.connection_lost(None)
-    assert all(t.cancelled for t in clock.timers)
+    assert len(connection.ctx.deadlines) == 0

@@ -431,6 +431,29 @@ def test_connection_established_wire_format() -> None:
     )
 
 
+@given(
+    st.one_of(
+        st.from_regex(r"\A[0-9]{1,20}\.[0-9]{1,20}\Z"),  # what the node hands out
+        st.text(max_size=30),  # anything else takes the general path
+    ),
+    st.integers(min_value=0, max_value=10**6),
+)
+def test_connection_established_fills_its_template_as_the_encoder_would(
+    socket_id: str, activity_timeout: int
+) -> None:
+    data = json.dumps(
+        {"socket_id": socket_id, "activity_timeout": activity_timeout},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    frame = msg.connection_established(socket_id, activity_timeout)
+    assert json.loads(frame) == {"event": "pusher:connection_established", "data": data}
+    assert json.loads(json.loads(frame)["data"]) == {
+        "socket_id": socket_id,
+        "activity_timeout": activity_timeout,
+    }
+
+
 def test_error_data_is_an_object() -> None:
     assert msg.error("Over quota", 4004).decode() == (
         '{"event":"pusher:error","data":{"message":"Over quota","code":4004}}'

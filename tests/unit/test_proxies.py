@@ -188,3 +188,27 @@ def test_only_the_configured_header_is_ever_read(
     proxies = TrustedProxies(networks, header)  # type: ignore[arg-type]
     own = [(name, value) for name, value in headers if name.lower() == header]
     assert proxies.client_ip(peer, headers) == proxies.client_ip(peer, own)
+
+
+@settings(max_examples=200)
+@given(
+    st.one_of(st.none(), st.ip_addresses().map(str), st.text(max_size=20)),
+    st.sampled_from([(), ("10.0.0.0/8",), ("0.0.0.0/0", "::/0")]),
+)
+def test_direct_answers_what_resolve_answers_without_headers(
+    peer: str | None, networks: tuple[str, ...]
+) -> None:
+    proxies = TrustedProxies(networks)
+    first = proxies.direct(peer)
+    assert first == proxies.resolve(peer, ())
+    assert proxies.direct(peer) == first  # remembered, the same answer
+
+
+def test_direct_remembers_a_bounded_number_of_peers() -> None:
+    from bastion.security import proxies as module
+
+    proxies = TrustedProxies(())
+    for index in range(module.DIRECT_ENTRIES + 10):
+        address = f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}"
+        assert proxies.direct(address) == ClientAddress(address)
+    assert len(proxies._direct) <= module.DIRECT_ENTRIES

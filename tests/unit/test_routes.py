@@ -82,7 +82,8 @@ def answer(
     door = node.ctx.door
     assert door is not None
     operator = ip if operator_ip == "" else operator_ip
-    request = HttpRequest(method, path, query, headers, b"", ip, operator, time.time())
+    named = tuple((name.lower(), value) for name, value in headers)  # as the listener does
+    request = HttpRequest(method, path, query, named, b"", ip, operator, time.time())
     response = door.answer(request)
     assert isinstance(response, HttpResponse)
     return response

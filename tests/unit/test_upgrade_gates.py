@@ -69,7 +69,8 @@ def upgrade(
     method: str = "GET",
     params: dict[str, str] | None = None,
 ) -> Upgrade:
-    request = HttpRequest(method, f"/app/{key}", "", headers, b"", CLIENT, CLIENT, 100.0)
+    named = tuple((name.lower(), value) for name, value in headers)  # as the listener does
+    request = HttpRequest(method, f"/app/{key}", "", named, b"", CLIENT, CLIENT, 100.0)
     app = APPS.get(key) if key is not None else None
     return Upgrade(request, key, app, params or {})
 

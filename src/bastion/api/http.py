@@ -62,7 +62,8 @@ class HttpRequest:
         method: the method, upper case as sent (``GET``).
         path: the path as received, still URL-encoded (signatures cover it so).
         query: the query string without ``?`` (empty when there is none).
-        headers: every header in order, names as sent.
+        headers: every header in order, names in lower case (as the listener
+            collects them: HTTP header names are case-insensitive).
         body: the whole body.
         ip: the client's address (the TCP peer, or the client a trusted proxy
             named); every limit, refusal and audit row uses it.
@@ -81,7 +82,7 @@ class HttpRequest:
 
     def values(self, name: str) -> list[str]:
         """Every value of the header ``name`` (lower case), in order."""
-        return [value for key, value in self.headers if key.lower() == name]
+        return [value for key, value in self.headers if key == name]
 
     def origin(self) -> str | None:
         """The ``Origin`` header; several of them count as one malformed value (``""``)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import re
 from collections.abc import Sequence
@@ -56,23 +57,29 @@ _TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _PROTOCOL = re.compile(r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+(?:/[-!#$%&'*+.^_`|~0-9a-zA-Z]+)?")
 
 
-def _elements(
-    headers: Sequence[tuple[str, str]], name: str, item: re.Pattern[str]
-) -> list[str] | None:
-    """The lower-cased list elements of every ``name`` header; None if one is malformed.
+@functools.lru_cache(maxsize=64)
+def _elements(value: str, item: re.Pattern[str]) -> tuple[str, ...] | None:
+    """The lower-cased list elements of one header value; None if it is malformed.
 
     RFC 9110 §5.6.1: ``1#element``, separated by commas with optional whitespace;
-    empty elements are ignored, but a header must hold at least one.
+    empty elements are ignored, but a header must hold at least one. Remembered
+    (boundedly): clients send the same few values on every connection.
     """
+    elements = [element.strip(" \t") for element in value.split(",")]
+    elements = [element for element in elements if element]
+    if not elements or not all(item.fullmatch(element) for element in elements):
+        return None
+    return tuple(element.lower() for element in elements)
+
+
+def _all_elements(values: list[str], item: re.Pattern[str]) -> list[str] | None:
+    """The elements of every value of one header, in order; None if one is malformed."""
     found: list[str] = []
-    for key, value in headers:
-        if key.lower() != name:
-            continue
-        elements = [element.strip(" \t") for element in value.split(",")]
-        elements = [element for element in elements if element]
-        if not elements or not all(item.fullmatch(element) for element in elements):
+    for value in values:
+        elements = _elements(value, item)
+        if elements is None:
             return None
-        found.extend(element.lower() for element in elements)
+        found.extend(elements)
     return found
 
 
@@ -88,17 +95,27 @@ def _failed(status: int, reason: str, extra: str = "") -> Failed:
 
 def check_handshake(headers: Sequence[tuple[str, str]]) -> Accepted | Failed:
     """Check an upgrade request's handshake headers and make the answer."""
-    connection = _elements(headers, "connection", _TOKEN)
+    connections: list[str] = []
+    upgrades: list[str] = []
+    keys: list[str] = []
+    for name, value in headers:
+        name = name.lower()
+        if name == "connection":
+            connections.append(value)
+        elif name == "upgrade":
+            upgrades.append(value)
+        elif name == "sec-websocket-key":
+            keys.append(value)
+    connection = _all_elements(connections, _TOKEN)
     if connection is None:
         return _failed(400, "malformed Connection header")
     if "upgrade" not in connection:
         return _failed(426, "invalid Connection header", "Upgrade: websocket\r\n")
-    upgrade = _elements(headers, "upgrade", _PROTOCOL)
+    upgrade = _all_elements(upgrades, _PROTOCOL)
     if upgrade is None:
         return _failed(400, "malformed Upgrade header")
     if upgrade != ["websocket"]:
         return _failed(426, "invalid Upgrade header", "Upgrade: websocket\r\n")
-    keys = [value for key, value in headers if key.lower() == "sec-websocket-key"]
     if len(keys) != 1:
         return _failed(400, "missing or repeated Sec-WebSocket-Key header")
     key = keys[0].strip()

@@ -254,9 +254,28 @@ _encode_event = msgspec.json.Encoder().encode
 
 
 def connection_established(socket_id: str, activity_timeout: int) -> bytes:
-    """The first frame of every connection."""
+    """The first frame of every connection.
+
+    Every connection gets one, so the usual case is filled into its encoded form: a
+    socket id of digits and one dot needs no escaping at either level of JSON (the
+    data is a string holding JSON). Anything else is encoded the general way.
+    """
+    high, dot, low = socket_id.partition(".")
+    if dot and high.isdigit() and low.isdigit() and high.isascii() and low.isascii():
+        return b"%s%s%s%d%s" % (
+            _ESTABLISHED_HEAD,
+            socket_id.encode("ascii"),
+            _ESTABLISHED_MIDDLE,
+            activity_timeout,
+            _ESTABLISHED_TAIL,
+        )
     data = dumps({"socket_id": socket_id, "activity_timeout": activity_timeout})
     return encode({"event": "pusher:connection_established", "data": data})
+
+
+_ESTABLISHED_HEAD = b'{"event":"pusher:connection_established","data":"{\\"socket_id\\":\\"'
+_ESTABLISHED_MIDDLE = b'\\",\\"activity_timeout\\":'
+_ESTABLISHED_TAIL = b'}"}'
 
 
 def error(message: str, code: int | None, channel: str | None = None) -> bytes:

@@ -150,6 +150,10 @@ class ClientAddress:
         return None
 
 
+#: Peers whose :meth:`TrustedProxies.direct` answer is remembered at once.
+DIRECT_ENTRIES = 4096
+
+
 class TrustedProxies:
     """Resolves the client address of a request.
 
@@ -158,7 +162,7 @@ class TrustedProxies:
         header: the one header those proxies set (lower case); no other is read.
     """
 
-    __slots__ = ("header", "networks")
+    __slots__ = ("_direct", "header", "networks")
 
     def __init__(
         self, networks: Sequence[str], header: ForwardedHeader = "x-forwarded-for"
@@ -167,6 +171,24 @@ class TrustedProxies:
             raise ValueError(f"unknown forwarding header {header!r}")
         self.networks = parse_networks(networks)
         self.header: ForwardedHeader = header
+        #: :meth:`direct`'s answers by peer (bounded: emptied when full).
+        self._direct: dict[str, ClientAddress] = {}
+
+    def direct(self, peer: str | None) -> ClientAddress:
+        """``resolve(peer, ())``: who sent a request without forwarding headers.
+
+        Every WebSocket upgrade asks this, and a peer's answer never changes for
+        one set of trusted proxies, so it is remembered (for up to
+        :data:`DIRECT_ENTRIES` peers at once).
+        """
+        if peer is None:
+            return self.resolve(None, ())
+        known = self._direct.get(peer)
+        if known is None:
+            if len(self._direct) >= DIRECT_ENTRIES:
+                self._direct.clear()
+            known = self._direct[peer] = self.resolve(peer, ())
+        return known
 
     def trusts(self, address: IPAddress | None) -> bool:
         """Whether ``address`` is a trusted proxy."""

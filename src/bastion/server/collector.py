@@ -19,6 +19,12 @@ counting does not care); only a cycle made of frozen objects would wait for a
 collection that never comes. ``bastion_gc_frozen_objects`` shows the frozen
 count, which stays level under churn unless something leaks.
 
+The youngest generation is collected after :data:`YOUNG_ALLOCATIONS` container
+allocations instead of CPython's 700: a connection makes and drops a few hundred
+such objects (freed by reference counting, never by the collector), so at the
+default a reconnect storm ran a young pass every few connections, each scanning
+the live connections' young objects again (``docs/decisions/0021-connect-path.md``).
+
 Every collection is timed through :data:`gc.callbacks` into the node's metrics:
 ``bastion_gc_collections_total`` and the ``bastion_gc_pause_seconds`` histogram,
 by generation.
@@ -37,12 +43,14 @@ from collections.abc import Callable
 
 from bastion.metrics import Metrics
 
-__all__ = ["FREEZE_SECONDS", "Collector"]
+__all__ = ["FREEZE_SECONDS", "YOUNG_ALLOCATIONS", "Collector"]
 
 #: Seconds between two freezing steps. The pass before each freeze scans what the
 #: last interval made and kept, so shorter means shorter passes; measured with
 #: ``bench/soak.py``'s defaults (10,200 connections, 50 new ones a second).
 FREEZE_SECONDS = 10.0
+#: Container allocations (less deallocations) between two young collections.
+YOUNG_ALLOCATIONS = 10_000
 
 
 class Collector:
@@ -69,10 +77,14 @@ class Collector:
         self.clock = clock
         self._started_at: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._thresholds: tuple[int, int, int] | None = None
 
     def start(self) -> None:
         """Start timing collections; a full pass, freeze, and the next step in an interval."""
         gc.callbacks.append(self._on_collection)
+        self._thresholds = gc.get_threshold()
+        _, middle, old = self._thresholds
+        gc.set_threshold(YOUNG_ALLOCATIONS, middle, old)
         self.step()
 
     def step(self) -> None:
@@ -88,6 +100,9 @@ class Collector:
             self._timer = None
         if self._on_collection in gc.callbacks:
             gc.callbacks.remove(self._on_collection)
+        if self._thresholds is not None:
+            gc.set_threshold(*self._thresholds)
+            self._thresholds = None
         gc.unfreeze()
 
     def _on_collection(self, phase: str, info: dict[str, int]) -> None:

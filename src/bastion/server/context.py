@@ -43,6 +43,7 @@ from bastion.security.limits import (
 )
 from bastion.security.proxies import TrustedProxies
 from bastion.security.reconnects import Reconnects
+from bastion.server.deadlines import Deadlines
 from bastion.server.refusals import RefusalPath, RefusalRecord
 
 if TYPE_CHECKING:
@@ -230,11 +231,14 @@ class ServerContext:
     auth_failures: RateLimiter = field(init=False)
     #: The same buckets with the ``never_block`` exemption: what every door asks.
     auth_budget: AuthFailureBudget = field(init=False)
+    #: Every connection's handshake, keep-alive and close-grace deadline.
+    deadlines: Deadlines = field(init=False)
     #: Socket ids with an ``auth_failure_limit`` close already scheduled.
     _lockouts: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         security = self.settings.security
+        self.deadlines = Deadlines(self.loop)
         self.proxies = TrustedProxies(security.trusted_proxies, security.forwarded_header)
         self.auth_failures = self._limiter("auth_fail_ip", security.auth_failures_per_ip)
         self.auth_budget = AuthFailureBudget(self.auth_failures, security.reputation.never_block)

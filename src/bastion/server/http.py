@@ -29,7 +29,7 @@ import httptools
 from bastion.api.http import HttpRequest, Refusal, error_response
 from bastion.protocol.handshake import Failed, check_handshake
 from bastion.protocol.refusals import Reason
-from bastion.security.proxies import FORWARDING_HEADERS, ClientAddress, TrustedProxies, ip_text
+from bastion.security.proxies import FORWARDING_HEADERS, ClientAddress, ip_text
 from bastion.server.answers import AnswerQueue
 from bastion.server.context import ServerContext
 from bastion.server.upgrade import (
@@ -67,8 +67,6 @@ class HttpConnection(asyncio.Protocol):
         self.ip: str | None = None
         #: The address operator endpoints decide on (ClientAddress.operator_ip).
         self.operator_ip: str | None = None
-        #: The peer's own answer (a request without forwarding headers), per proxies.
-        self._direct: tuple[TrustedProxies, ClientAddress] | None = None
         #: Whether the current request is a HEAD (answered without a body).
         self.head_request = False
         #: The admission slot this connection holds, until it is handed to the WebSocket.
@@ -77,14 +75,18 @@ class HttpConnection(asyncio.Protocol):
         self.head = bytearray()
         self.head_done = False
         self.url = b""
+        #: The current request's headers, names in lower case.
         self.headers: list[tuple[str, str]] = []
+        #: Whether the current request carries a forwarding header (a proxy's say).
+        self.forwarded = False
         self.body = bytearray()
         self.body_limit = ctx.settings.server.max_request_body_kb * 1024
         self.refused = False
-        self.timer: asyncio.TimerHandle | None = None
+        #: The slot of ``ctx.deadlines`` this connection waits in (None: none).
+        self.waiting_in: int | None = None
         #: When the connection times out (loop time; infinite: it does not). The
-        #: timer is moved lazily: a kept-alive request only moves this, and the
-        #: timer, when it fires early, sets itself again for what is left.
+        #: slot is moved lazily: a kept-alive request only moves this, and the
+        #: slot, when it comes early, is joined again for what is left.
         self.deadline = math.inf
         #: This connection's answers, in request order (set once it is connected).
         self.answers: AnswerQueue
@@ -92,7 +94,7 @@ class HttpConnection(asyncio.Protocol):
     # --- asyncio.Protocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Start the handshake timer."""
+        """Start the handshake deadline."""
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.answers = AnswerQueue(self.ctx, self.transport)
@@ -109,10 +111,8 @@ class HttpConnection(asyncio.Protocol):
         self._arm(self.ctx.settings.server.handshake_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Stop the timer; give back an admission slot the WebSocket never took over."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        """Stop the deadline; give back an admission slot the WebSocket never took over."""
+        self._disarm()
         if self.slot is not None:
             self.slot.release()
             self.slot = None
@@ -159,6 +159,7 @@ class HttpConnection(asyncio.Protocol):
         self.head_request = False
         self.url = b""
         self.headers = []
+        self.forwarded = False
         self.body = bytearray()
 
     def on_url(self, url: bytes) -> None:
@@ -166,16 +167,20 @@ class HttpConnection(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """Collect one header, bounding the count."""
-        if len(self.headers) >= MAX_HEADERS:
+        """Collect one header (its name in lower case), bounding the count."""
+        headers = self.headers
+        if len(headers) >= MAX_HEADERS:
             self._refuse(Refusal(Reason.HTTP_HEADERS_TOO_LARGE))
             raise httptools.HttpParserError("too many headers")
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        key = name.decode("latin-1").lower()
+        headers.append((key, value.decode("latin-1")))
+        if key in FORWARDING_HEADERS:
+            self.forwarded = True
 
     def on_headers_complete(self) -> None:
         """The head is complete: name the client, check the body size.
 
-        The handshake timer keeps running until the body ends.
+        The handshake deadline holds until the body ends.
         """
         self.head_done = True
         self.head_request = self.parser.get_method() == b"HEAD"
@@ -188,7 +193,7 @@ class HttpConnection(asyncio.Protocol):
             # The blocklist has counted and audited it: no second record here.
             self._refuse(Refusal(Reason.IP_BLOCKED), record=False)
             raise httptools.HttpParserError("blocked")
-        lengths = [value for key, value in self.headers if key.lower() == "content-length"]
+        lengths = [value for key, value in self.headers if key == "content-length"]
         length = lengths[0] if lengths else None
         if length is not None and _DIGITS.fullmatch(length) and int(length) > self.body_limit:
             self._refuse(Refusal(Reason.HTTP_BODY_TOO_LARGE))
@@ -228,16 +233,12 @@ class HttpConnection(asyncio.Protocol):
     # --- the request ---------------------------------------------------------------------
 
     def _client(self) -> ClientAddress:
-        """Who sent the current request (resolved once per connection without a proxy)."""
+        """Who sent the current request (per trusted-proxy settings, which a reload changes)."""
         proxies = self.ctx.proxies
-        if any(name.lower() in FORWARDING_HEADERS for name, _ in self.headers):
+        if self.forwarded:
             return proxies.resolve(self.peer_ip, self.headers)
-        # Without any forwarding header, the answer is the peer's own, whatever the
-        # request: resolved once (per trusted-proxy settings, which a reload changes).
-        direct = self._direct
-        if direct is None or direct[0] is not proxies:
-            direct = self._direct = (proxies, proxies.resolve(self.peer_ip, ()))
-        return direct[1]
+        # Without any forwarding header, the answer is the peer's own, whatever the request.
+        return proxies.direct(self.peer_ip)
 
     def _request(self) -> HttpRequest:
         url = httptools.parse_url(self.url)
@@ -259,18 +260,22 @@ class HttpConnection(asyncio.Protocol):
         self.answers.write(refusal.response(), keep_alive=False, head=self.head_request)
 
     def _arm(self, seconds: float) -> None:
-        loop = self.ctx.loop
-        self.deadline = loop.time() + seconds
-        if self.timer is None:
-            self.timer = loop.call_at(self.deadline, self._timed_out)
+        self.deadline = self.ctx.loop.time() + seconds
+        if self.waiting_in is None:
+            self.waiting_in = self.ctx.deadlines.add(self.deadline, self)
 
-    def _timed_out(self) -> None:
-        self.timer = None
+    def _disarm(self) -> None:
+        if self.waiting_in is not None:
+            self.ctx.deadlines.discard(self.waiting_in, self)
+            self.waiting_in = None
+
+    def expire(self) -> None:
+        """The deadline's slot came: cut the connection if its deadline has passed."""
+        self.waiting_in = None
         if self.deadline == math.inf:
             return
-        loop = self.ctx.loop
-        if loop.time() < self.deadline:
-            self.timer = loop.call_at(self.deadline, self._timed_out)
+        if self.ctx.loop.time() < self.deadline:
+            self.waiting_in = self.ctx.deadlines.add(self.deadline, self)
             return
         if self.transport is not None and not self.transport.is_closing():
             if self.head:
@@ -295,23 +300,22 @@ class HttpConnection(asyncio.Protocol):
         # connection_lost gives it back if the upgrade is refused after this point.
         self.slot = Slot(ctx.admission, self.ip or "")
         answer = check_handshake(self.headers)
-        transport.write(answer.response)
         if isinstance(answer, Failed):
+            transport.write(answer.response)
             self.refused = True
             ctx.refusals.record(Reason.WEBSOCKET_PROTOCOL, ip=self.ip, detail=answer.reason)
             transport.close()
             return
+        # The 101 goes out with what follows it, in one write.
         for after in AFTER_101:
             reason = after(upgrade, ctx)
             if reason is not None:
                 self.refused = True
                 rule = ctx.refusals.record(reason, app_id=upgrade.app_id, ip=self.ip)
-                close_after_101(transport, rule)
+                close_after_101(transport, rule, answer.response)
                 return
         assert upgrade.app is not None and self.slot is not None  # AFTER_101 checked the app
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._disarm()
         token = upgrade.params.get("token") or None
         connection = AdmittedConnection(
             ctx,
@@ -324,6 +328,6 @@ class HttpConnection(asyncio.Protocol):
         connection.slot, self.slot = self.slot, None
         transport.set_protocol(connection)
         self._release_parser()
-        connection.start()
+        connection.start(answer.response)
         if rest:
             connection.data_received(rest)

@@ -101,38 +101,39 @@ def read_upgrade(
     now: float,
 ) -> Upgrade:
     """The upgrade request for ``url`` (the request target as received)."""
-    parsed = httptools.parse_url(url)
-    path = parsed.path.decode("latin-1")
-    target = unquote(path)
-    key: str | None = target[len(_APP) :] if target.startswith(_APP) else None
-    if not key or "/" in key:
-        key = None
+    if len(url) <= _REMEMBERED_LENGTH and b"token" not in url:
+        path, key, params = _remembered_target(url)
+    else:
+        path, key, params = _target(url)
     return Upgrade(
         HttpRequest(method=method, path=path, headers=headers, ip=ip, now=now),
         key,
         ctx.hub.apps_by_key.get(key) if key is not None else None,
-        _query(parsed.query.decode("latin-1")) if parsed.query else _NO_QUERY,
+        params,
     )
 
 
 _NO_QUERY: Mapping[str, str] = MappingProxyType({})
 
 
-def _parse_query(query: str) -> Mapping[str, str]:
-    return MappingProxyType(dict(parse_qsl(query)))
+def _target(url: bytes) -> tuple[str, str | None, Mapping[str, str]]:
+    """The path as received, the app key it names (if it is ``/app/{key}``), the query."""
+    parsed = httptools.parse_url(url)
+    path = parsed.path.decode("latin-1")
+    target = unquote(path)
+    key: str | None = target[len(_APP) :] if target.startswith(_APP) else None
+    if not key or "/" in key:
+        key = None
+    query = parsed.query.decode("latin-1") if parsed.query else ""
+    return path, key, MappingProxyType(dict(parse_qsl(query))) if query else _NO_QUERY
 
 
-#: pusher-js sends one query per library version ("protocol=7&client=js&version=…"),
-#: so the parsed form of short ones is remembered (boundedly, and read-only since
-#: shared); a query carrying a token is never kept.
-_remembered_query = functools.lru_cache(maxsize=256)(_parse_query)
-_REMEMBERED_LENGTH = 96
-
-
-def _query(query: str) -> Mapping[str, str]:
-    if len(query) <= _REMEMBERED_LENGTH and "token" not in query:
-        return _remembered_query(query)
-    return _parse_query(query)
+#: pusher-js sends one target per app and library version
+#: ("/app/KEY?protocol=7&client=js&version=…"), so the parsed form of short ones is
+#: remembered (boundedly, and read-only since shared); one carrying a token is
+#: never kept. (A malformed one raises, and is not remembered either.)
+_remembered_target = functools.lru_cache(maxsize=256)(_target)
+_REMEMBERED_LENGTH = 160
 
 
 class UpgradeLimits(Protocol):
@@ -295,8 +296,9 @@ class AdmittedConnection(WebSocketConnection):
             self.slot.release()
 
 
-def close_after_101(transport: asyncio.Transport, rule: Rule) -> None:
-    """Refuse an upgraded connection: the ``pusher:error``, then the close frame."""
+def close_after_101(transport: asyncio.Transport, rule: Rule, response: bytes) -> None:
+    """Refuse an upgraded connection: the ``101`` (``response``), ``pusher:error``, the close."""
     code = rule.close_code or 4000
-    transport.write(frame_text(msg.error(rule.message, code)) + close_frame(code, rule.message))
+    error = frame_text(msg.error(rule.message, code))
+    transport.write(response + error + close_frame(code, rule.message))
     transport.close()

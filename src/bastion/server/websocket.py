@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import os
 import time
 from bisect import bisect_left
 from collections.abc import Sequence
@@ -93,11 +93,50 @@ def _frames(pending: bytes | list[bytes]) -> Sequence[bytes]:
     return (pending,) if isinstance(pending, bytes) else pending
 
 
+class _Entropy:
+    """The system's random bytes (``os.urandom``), read a few KiB at a time.
+
+    A socket id needs nine bytes; reading them one connection at a time was a
+    ``getrandom`` system call per connection. The bytes are used once each and
+    dropped; a forked child starts with none (``os.register_at_fork``), so two
+    processes never hand out the same ones.
+    """
+
+    __slots__ = ("_buffer", "_position")
+
+    #: Bytes read at once.
+    CHUNK = 4096
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._position = 0
+
+    def reset(self) -> None:
+        """Drop what is left (the bytes a forked parent also holds)."""
+        self._buffer, self._position = b"", 0
+
+    def below(self, bound: int, size: int) -> int:
+        """A uniform integer in ``[0, bound)`` from ``size`` bytes (``bound < 256**size``)."""
+        limit = (256**size // bound) * bound  # past it, the modulo would favour low values
+        while True:
+            position = self._position
+            if position + size > len(self._buffer):
+                self._buffer, position = os.urandom(self.CHUNK), 0
+            self._position = position + size
+            value = int.from_bytes(self._buffer[position : position + size], "big")
+            if value < limit:
+                return value % bound
+
+
+_ENTROPY = _Entropy()
+os.register_at_fork(after_in_child=_ENTROPY.reset)
+
+
 def new_socket_id(taken: set[str]) -> str:
     """A fresh, unpredictable ``digits.digits`` socket id not in ``taken``."""
     while True:
-        # One draw from the system's generator for both halves (each uniform below 10**10).
-        high, low = divmod(secrets.randbelow(10**20), 10**10)
+        # One draw of 72 random bits for both halves (each uniform below 10**10).
+        high, low = divmod(_ENTROPY.below(10**20, 9), 10**10)
         socket_id = f"{high}.{low}"
         if socket_id not in taken:
             return socket_id
@@ -108,6 +147,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     __slots__ = (
         "_fragments",
+        "_grace",
         "_max_size",
         "_messages",
         "_overflow",
@@ -153,6 +193,8 @@ class WebSocketConnection(asyncio.Protocol):
         #: by :meth:`start` and dropped: never logged, never kept.
         self._query_token = query_token
         self._fragments: list[bytes] | None = None
+        #: The slot of ``ctx.deadlines`` a closing connection waits in for its abort.
+        self._grace: int | None = None
         #: The message budget, as the loop time at which it is full again (0.0: full).
         self._messages = 0.0
         #: The refusal budget, the same way.
@@ -180,8 +222,13 @@ class WebSocketConnection(asyncio.Protocol):
 
     # --- lifecycle -------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Greet the client and start serving; the 101 response is already written."""
+    def start(self, greeting: bytes = b"") -> None:
+        """Greet the client and start serving.
+
+        ``greeting`` is the ``101`` response, when it is not written yet: it goes out
+        in one write with ``connection_established`` (one system call, one wake-up
+        of the client).
+        """
         ctx = self.ctx
         high = min(TRANSPORT_HIGH_WATER, self._write_limit())
         self.transport.set_write_buffer_limits(high=high, low=high // 4)
@@ -190,9 +237,11 @@ class WebSocketConnection(asyncio.Protocol):
         ctx.metrics.connections_opened[self.app.id] += 1
         if ctx.reconnects.arrived(self.app.id, self.ip, self.last_seen):
             self._reconnected("address")
-        self.send(
-            msg.connection_established(self.session.socket_id, ctx.settings.server.activity_timeout)
+        established = msg.connection_established(
+            self.session.socket_id, ctx.settings.server.activity_timeout
         )
+        # Straight to the transport: nothing was queued before it.
+        self.transport.write(greeting + frame_text(established))
         token, self._query_token = self._query_token, None
         if token is not None:
             try:
@@ -369,9 +418,12 @@ class WebSocketConnection(asyncio.Protocol):
             self.transport.write(last)
         self.transport.close()
         # A client that does not read may never drain the buffer: do not wait forever.
-        self.ctx.loop.call_later(CLOSE_GRACE_SECONDS, self._abort)
+        ctx = self.ctx
+        self._grace = ctx.deadlines.add(ctx.loop.time() + CLOSE_GRACE_SECONDS, self)
 
-    def _abort(self) -> None:
+    def expire(self) -> None:
+        """The close grace is over: abort a transport that has not drained yet."""
+        self._grace = None
         if self.state is not ConnectionState.CLOSED:  # (not once the transport is gone)
             self.transport.abort()
 
@@ -462,6 +514,9 @@ class WebSocketConnection(asyncio.Protocol):
         if self.state is ConnectionState.OPEN:
             self._closed(1006)
         self.state = ConnectionState.CLOSED
+        if self._grace is not None:
+            self.ctx.deadlines.discard(self._grace, self)
+            self._grace = None
         self.pending = None
         self._overflow = None
         self._forget()
