@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote_plus
 
 from bastion.protocol.codec import encode
@@ -54,9 +54,12 @@ NO_STORE: Headers = (("Cache-Control", "no-store"),)
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 
 
-@dataclass(frozen=True, slots=True)
-class HttpRequest:
+class HttpRequest(NamedTuple):
     """One request, as the front door's routes, gates and handlers read it.
+
+    Immutable; a named tuple rather than a frozen dataclass because one is made
+    for every request and every upgrade, and a frozen dataclass's constructor
+    sets each field through ``object.__setattr__`` (about 2.5 times the cost).
 
     Attributes:
         method: the method, upper case as sent (``GET``).

@@ -22,7 +22,7 @@ import functools
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["Accepted", "Failed", "accept_value", "check_handshake"]
 
@@ -30,15 +30,13 @@ __all__ = ["Accepted", "Failed", "accept_value", "check_handshake"]
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
+class Accepted(NamedTuple):
     """A valid handshake: the 101 response to write."""
 
     response: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Failed:
+class Failed(NamedTuple):
     """An invalid handshake: its status, why (for the log), and the response to write."""
 
     status: int

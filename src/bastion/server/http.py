@@ -88,8 +88,9 @@ class HttpConnection(asyncio.Protocol):
         #: slot is moved lazily: a kept-alive request only moves this, and the
         #: slot, when it comes early, is joined again for what is left.
         self.deadline = math.inf
-        #: This connection's answers, in request order (set once it is connected).
-        self.answers: AnswerQueue
+        #: This connection's answers, in request order (made at the first one: a
+        #: connection that becomes a WebSocket never needs it).
+        self._answers: AnswerQueue | None = None
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -97,7 +98,6 @@ class HttpConnection(asyncio.Protocol):
         """Start the handshake deadline."""
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.answers = AnswerQueue(self.ctx, self.transport)
         peer = transport.get_extra_info("peername")
         # Normalised (an IPv4-mapped IPv6 peer is its IPv4 address), so every limit
         # and block sees one spelling of an address.
@@ -229,6 +229,15 @@ class HttpConnection(asyncio.Protocol):
             self.head = bytearray()
             self.head_done = False
             self._arm(KEEPALIVE_SECONDS)
+
+    @property
+    def answers(self) -> AnswerQueue:
+        """This connection's answers, in request order."""
+        answers = self._answers
+        if answers is None:
+            assert self.transport is not None, "answers are written once connected"
+            answers = self._answers = AnswerQueue(self.ctx, self.transport)
+        return answers
 
     # --- the request ---------------------------------------------------------------------
 

@@ -36,9 +36,8 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import parse_qsl, unquote
 
 import httptools
@@ -70,9 +69,8 @@ _VERSION_13 = (("Sec-WebSocket-Version", "13"),)
 _APP = "/app/"
 
 
-@dataclass(frozen=True, slots=True)
-class Upgrade:
-    """An upgrade request as its gates read it.
+class Upgrade(NamedTuple):
+    """An upgrade request as its gates read it (immutable; made for every upgrade).
 
     Attributes:
         request: the request (method, headers, client address, ``now``).
@@ -177,7 +175,9 @@ def websocket_version(upgrade: Upgrade, limits: UpgradeLimits) -> Refusal | None
 def origin(upgrade: Upgrade, limits: UpgradeLimits) -> Refusal | None:
     """The app's ``allowed_origins``: a foreign page never gets an open socket."""
     app = upgrade.app
-    if app is not None and not origin_policy(app).allows(upgrade.request.origin()):
+    if app is None or app.settings.allowed_origins is None:  # (no list: any origin)
+        return None
+    if not origin_policy(app).allows(upgrade.request.origin()):
         return Refusal(Reason.HTTP_ORIGIN_REFUSED, app_id=app.id)
     return None
 

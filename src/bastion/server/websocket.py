@@ -416,10 +416,14 @@ class WebSocketConnection(asyncio.Protocol):
             self._count_discarded(frames, size)
         if last:
             self.transport.write(last)
-        self.transport.close()
-        # A client that does not read may never drain the buffer: do not wait forever.
-        ctx = self.ctx
-        self._grace = ctx.deadlines.add(ctx.loop.time() + CLOSE_GRACE_SECONDS, self)
+        transport = self.transport
+        waiting = transport.get_write_buffer_size()
+        transport.close()
+        if waiting:
+            # A client that does not read may never drain the buffer: do not wait
+            # forever. (With nothing left to send, the socket closes at once.)
+            ctx = self.ctx
+            self._grace = ctx.deadlines.add(ctx.loop.time() + CLOSE_GRACE_SECONDS, self)
 
     def expire(self) -> None:
         """The close grace is over: abort a transport that has not drained yet."""
