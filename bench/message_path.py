@@ -15,7 +15,9 @@ Cases:
   subscriber, relayed to it (the chat / typing / cursor case of #13);
 * ``ping``: a ``pusher:ping``, answered with a ``pusher:pong``;
 * ``connect``: a whole upgrade request to ``connection_established``, then the
-  transport lost (what a reconnect storm costs per connection).
+  transport lost (what a reconnect storm costs per connection);
+* ``connect_close``: the same, with the client's close frame answered before the
+  transport is lost, as every connection of ``connect_storm.py`` ends.
 
 Prints one JSON line: CPU microseconds per unit for each case (the best of
 ``--repeat`` rounds; process CPU time).
@@ -104,6 +106,10 @@ def masked(payload: bytes) -> bytes:
     return head + mask + body
 
 
+#: A client's close frame (1000, masked), as pusher-js sends it on disconnect().
+CLIENT_CLOSE = bytes((0x88, 0x82)) + b"\x01\x02\x03\x04" + bytes((0x03 ^ 0x01, 0xE8 ^ 0x02))
+
+
 def upgrade_request() -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
     return (
@@ -186,12 +192,17 @@ def measure(case: str, messages: int, repeat: int) -> float:
     try:
         node = Node(_settings(), loop)
         outbox = node.ctx.outbox
-        if case == "connect":
+        if case in ("connect", "connect_close"):
+            close = CLIENT_CLOSE if case == "connect_close" else None
 
             def storm() -> None:
                 for _ in range(messages):
-                    websocket, _ = connect(node)
+                    websocket, sink = connect(node)
                     outbox.flush()
+                    if close is not None:
+                        websocket.data_received(close)
+                        if not sink.closed:
+                            raise SystemExit("the close was not answered")
                     websocket.connection_lost(None)
 
             return _best(repeat, messages, storm)
@@ -229,10 +240,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--case", action="append", choices=["client_event", "ping", "connect"])
+    parser.add_argument(
+        "--case", action="append", choices=["client_event", "ping", "connect", "connect_close"]
+    )
     args = parser.parse_args(argv)
     logging.disable(logging.CRITICAL)
-    cases = args.case or ["client_event", "ping", "connect"]
+    cases = args.case or ["client_event", "ping", "connect", "connect_close"]
     result: dict[str, Any] = {
         "python": platform.python_version(),
         "messages": args.messages,

@@ -47,7 +47,7 @@ class Failed(NamedTuple):
 def accept_value(key: str) -> str:
     """``Sec-WebSocket-Accept`` for ``key`` (RFC 6455 §4.2.2)."""
     digest = hashlib.sha1(key.encode("ascii") + _GUID, usedforsecurity=False).digest()
-    return base64.b64encode(digest).decode("ascii")
+    return binascii.b2a_base64(digest, newline=False).decode("ascii")
 
 
 #: RFC 9110 §5.6.2 ``token``; an ``Upgrade`` element may name a version after ``/``.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -204,7 +205,7 @@ class Node:
             if self.cluster_limits is not None:
                 await self.cluster_limits.start()
             self._server = await self.ctx.loop.create_server(
-                lambda: HttpConnection(self.ctx),
+                functools.partial(HttpConnection, self.ctx),
                 host=server.host,
                 port=server.port,
                 backlog=4096,
