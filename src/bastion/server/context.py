@@ -166,7 +166,9 @@ class Outbox:
     def mark(self, connection: Connection) -> None:
         """``connection`` has queued bytes; flush it at the end of this iteration."""
         self._dirty.append(connection)
-        self._schedule()
+        if not self._scheduled:  # (_schedule, inline: once per subscriber in a fan-out)
+            self._scheduled = True
+            self._loop.call_soon(self._settle)
 
     def after_flush(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once the queued writes are written (REST answers)."""
