@@ -16,7 +16,7 @@ receive buffer that reads only when the test asks.
 from __future__ import annotations
 
 import pytest
-from support.clients import APP_ID, RawFrame, RawWebSocket, http_request, rest
+from support.clients import APP_ID, OP_CLOSE, RawFrame, RawWebSocket, http_request, rest
 from support.timeouts import scaled, until
 
 from bastion.server import websocket
@@ -147,3 +147,34 @@ async def test_a_consumer_that_pauses_below_the_limit_loses_nothing_and_stays_op
     assert node.metrics.refusal_count("slow_consumer") == 0
     assert node.metrics.frames_discarded[APP_ID] == 0
     await slow.close()
+
+
+async def test_a_close_behind_unread_bytes_waits_on_a_grace_deadline_and_none_is_left_behind(
+    make_node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A connection whose client closes leaves no deadline behind. One that closes
+    # behind bytes its client does not read waits on one (which aborts it: the test
+    # above) until its TCP ends, and then that one is gone too.
+    monkeypatch.setattr(websocket, "CLOSE_GRACE_SECONDS", scaled(60))
+    node = await make_node(server={"max_write_buffer_kb": 256})
+    deadlines = node.ctx.deadlines
+
+    reader = await RawWebSocket.open(node.port)  # (connection_established read)
+    (quick,) = node.ctx.connections
+    reader.send_frame(OP_CLOSE, (1000).to_bytes(2, "big"))  # the client's close frame
+    code, _ = await reader.read_close()  # answered by the node, which then closes
+    assert code == 1000
+    await until(lambda: quick.state is ConnectionState.CLOSED)
+    assert len(deadlines) == 0
+    await reader.close()
+
+    slow, connection = await stalled_subscriber(node)
+    published = 0
+    while not node.metrics.refusal_count("slow_consumer") and published < 10_000:
+        await publish_batch(node, published)
+        published += BATCH
+    await until(lambda: connection.state is ConnectionState.CLOSING)
+    assert len(deadlines) == 1  # its grace: the client still holds the buffers full
+    await slow.close()  # the client goes: the grace is no longer needed
+    await until(lambda: connection.state is ConnectionState.CLOSED)
+    assert len(deadlines) == 0
