@@ -51,6 +51,7 @@ app's current settings, so a live reload applies at the next frame.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -115,14 +116,9 @@ class _Entropy:
         """Drop what is left (the bytes a forked parent also holds)."""
         self._buffer, self._position = b"", 0
 
-    def below(self, bound: int, size: int, limit: int | None = None) -> int:
-        """A uniform integer in ``[0, bound)`` from ``size`` bytes (``bound < 256**size``).
-
-        ``limit`` is ``(256**size // bound) * bound``, if the caller has it at hand: a
-        draw at or past it is drawn again, as the modulo would favour low values.
-        """
-        if limit is None:
-            limit = (256**size // bound) * bound
+    def below(self, bound: int, size: int) -> int:
+        """A uniform integer in ``[0, bound)`` from ``size`` bytes (``bound < 256**size``)."""
+        limit = _whole_multiples(bound, size)
         while True:
             position = self._position
             if position + size > len(self._buffer):
@@ -133,18 +129,25 @@ class _Entropy:
                 return value % bound
 
 
+@functools.cache
+def _whole_multiples(bound: int, size: int) -> int:
+    """The last whole multiple of ``bound`` that ``size`` random bytes reach.
+
+    A draw at or past it is drawn again, as the modulo would favour low values.
+    """
+    multiples: int = 256**size // bound
+    return multiples * bound
+
+
 _ENTROPY = _Entropy()
 os.register_at_fork(after_in_child=_ENTROPY.reset)
-#: A socket id's draw: below 10**20 (two halves below 10**10) from 72 bits.
-_ID_BOUND, _ID_BYTES = 10**20, 9
-_ID_LIMIT = (256**_ID_BYTES // _ID_BOUND) * _ID_BOUND
 
 
 def new_socket_id(taken: set[str]) -> str:
     """A fresh, unpredictable ``digits.digits`` socket id not in ``taken``."""
     while True:
         # One draw of 72 random bits for both halves (each uniform below 10**10).
-        high, low = divmod(_ENTROPY.below(_ID_BOUND, _ID_BYTES, _ID_LIMIT), 10**10)
+        high, low = divmod(_ENTROPY.below(10**20, 9), 10**10)
         socket_id = f"{high}.{low}"
         if socket_id not in taken:
             return socket_id
