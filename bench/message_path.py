@@ -17,7 +17,11 @@ Cases:
 * ``connect``: a whole upgrade request to ``connection_established``, then the
   transport lost (what a reconnect storm costs per connection);
 * ``connect_close``: the same, with the client's close frame answered before the
-  transport is lost, as every connection of ``connect_storm.py`` ends.
+  transport is lost, as every connection of ``connect_storm.py`` ends;
+* ``floor_connect_close``: ``connect_close`` on the bare floor server of
+  ``fanout.py`` (httptools, the accept key, the greeting, the close echoed; no
+  check, limit, registry or count): what any Python server on uvloop pays, so
+  ``connect_close`` over it is the Python Bastion adds per connection.
 
 Prints one JSON line: CPU microseconds per unit for each case (the best of
 ``--repeat`` rounds; process CPU time).
@@ -216,9 +220,29 @@ class Evictor:
         return _best(repeat, units, alone)
 
 
+def measure_floor(messages: int, repeat: int, evict: Evictor) -> float:
+    """Best microseconds per connection of the bare floor server, closed by its client."""
+    from fanout import FloorConnection  # (bench/ is on sys.path: this file's directory)
+
+    def storm() -> None:
+        for _ in range(messages):
+            evict()
+            connection, sink = FloorConnection(), Sink()
+            connection.connection_made(sink)  # type: ignore[arg-type]
+            connection.data_received(upgrade_request())  # (made in the loop, as connect's)
+            connection.data_received(CLIENT_CLOSE)
+            if not sink.closed:
+                raise SystemExit("the floor did not answer the close")
+            connection.connection_lost(None)
+
+    return _best(repeat, messages, storm) - evict.cost(repeat, messages)
+
+
 def measure(case: str, messages: int, repeat: int, evict: Evictor | None = None) -> float:
     """Best microseconds per unit of ``case`` (less the eviction's own cost, if any)."""
     evict = evict or Evictor(0)
+    if case == "floor_connect_close":
+        return measure_floor(messages, repeat, evict)
     loop = uvloop.new_event_loop()
     try:
         node = Node(_settings(), loop)
@@ -274,7 +298,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument(
-        "--case", action="append", choices=["client_event", "ping", "connect", "connect_close"]
+        "--case",
+        action="append",
+        choices=["client_event", "ping", "connect", "connect_close", "floor_connect_close"],
     )
     parser.add_argument("--evict-kib", type=int, default=0, help="cold caches: see above")
     args = parser.parse_args(argv)
