@@ -6,6 +6,7 @@ Vectors: spec §8.4 (with the §8.5 erratum), §15.2 (REST), §16.1 (webhook).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import time
 
@@ -162,6 +163,26 @@ def test_sign_then_verify_roundtrip(socket_id: str, channel: str, secret: bytes)
     auth = f"{KEY}:{sign(secret, message)}"
     assert verify_auth(auth, KEY, [secret], message)
     assert not verify_auth(auth, KEY, [secret + b"x"], message)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    calls=st.lists(
+        st.tuples(
+            st.sampled_from([b"", b"k", SECRET, b"s" * 64, b"long-" * 40]) | st.binary(max_size=80),
+            st.text(max_size=200),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_sign_is_hmac_sha256_whatever_came_before(calls: list[tuple[bytes, str]]) -> None:
+    # sign() copies one keyed HMAC per secret: no call may leave anything in it for
+    # the next one (same secret again, another secret between), keys past a block
+    # (64 bytes, hashed first) included.
+    for secret, message in calls + calls:
+        expected = hmac.new(secret, message.encode(), hashlib.sha256).hexdigest()
+        assert sign(secret, message) == expected
 
 
 # --- the official PyPI SDK as the auth endpoint --------------------------------------

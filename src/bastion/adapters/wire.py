@@ -72,6 +72,7 @@ from bastion.adapters.messages import (
     UserOnline,
 )
 from bastion.protocol.positions import parse_position
+from bastion.protocol.signing import hmac_sha256_hex
 
 __all__ = [
     "MAC_HEX_LENGTH",
@@ -237,8 +238,7 @@ def _signed(envelope: Envelope, fields: dict[str, Any], key: bytes) -> bytes:
         **fields,
     }
     body = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
-    mac = hmac.new(key, body, hashlib.sha256).hexdigest().encode()
-    return mac + b"." + body
+    return hmac_sha256_hex(key, body).encode() + b"." + body
 
 
 #: What the history's script puts in front of a recorded event.
@@ -283,7 +283,7 @@ def decode(payload: bytes, key: bytes, max_bytes: int, position: str | None = No
         raise BusMessageError("malformed")
     given = bytes(payload[:MAC_HEX_LENGTH])
     body = bytes(payload[MAC_HEX_LENGTH + 1 :])
-    expected = hmac.new(key, body, hashlib.sha256).hexdigest().encode()
+    expected = hmac_sha256_hex(key, body).encode()
     # Constant time over the exact hex text: any other byte (even upper-case hex)
     # never matches, so no byte of a message can be altered.
     if not hmac.compare_digest(expected, given):

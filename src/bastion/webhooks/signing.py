@@ -8,9 +8,9 @@ body bytes under the app's newest secret (pusher-http-* ``validate_webhook`` and
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import Final
+
+from bastion.protocol.signing import hmac_sha256_hex
 
 __all__ = ["CONTENT_TYPE", "IDEMPOTENCY_HEADER", "signature", "webhook_headers"]
 
@@ -22,7 +22,7 @@ IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 def signature(secret: str | bytes, body: bytes) -> str:
     """Lowercase hex HMAC-SHA256 of ``body`` under ``secret``."""
     key = secret.encode() if isinstance(secret, str) else secret
-    return hmac.new(key, body, hashlib.sha256).hexdigest()
+    return hmac_sha256_hex(key, body)
 
 
 def webhook_headers(

@@ -49,7 +49,6 @@ primary with replicas), not Redis Cluster.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 from collections.abc import Callable
@@ -57,6 +56,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+
+from bastion.protocol.signing import hmac_sha256_hex
 
 __all__ = [
     "Reaped",
@@ -93,7 +94,7 @@ def open_value(key: bytes, where: tuple[str, ...], sealed: str) -> str | None:
 
 def _mac(key: bytes, where: tuple[str, ...], value: str) -> str:
     message = "\0".join((*where, value)).encode("utf-8", "surrogatepass")
-    return hmac.new(key, message, hashlib.sha256).hexdigest()[:SEAL_HEX_LENGTH]
+    return hmac_sha256_hex(key, message)[:SEAL_HEX_LENGTH]
 
 
 #: KEYS: occ hash, node's set, app's channel set. ARGV: node id, entry, channel.
