@@ -65,6 +65,7 @@ __all__ = [
     "History",
     "Receive",
     "ReplayClaims",
+    "ignore_delivery",
 ]
 
 
@@ -97,6 +98,17 @@ Emit = Callable[["HubEvent"], None]
 #: Delivers a server event to this node's subscribers (``Hub.deliver``): app id,
 #: channel, event, data, the excluded socket id, its position (``None``: unrecorded).
 Deliver = Callable[[str, str, str, str, "str | None", "str | None"], None]
+
+
+def ignore_delivery(
+    app_id: str,
+    channel: str,
+    event: str,
+    data: str,
+    exclude_socket_id: str | None,
+    position: str | None,
+) -> None:
+    """A history's :data:`Deliver` until a hub attaches: nobody to deliver to."""
 
 
 class Bus(Protocol):

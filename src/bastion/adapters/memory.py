@@ -33,6 +33,7 @@ from bastion.adapters.base import (
     Deliver,
     Emit,
     Receive,
+    ignore_delivery,
 )
 from bastion.adapters.messages import (
     ChannelEvent,
@@ -74,17 +75,6 @@ def _ignore_message(message: Message) -> None:
 
 def _ignore_event(event: ev.HubEvent) -> None:
     """The emitter before a hub attaches: nobody listens."""
-
-
-def _ignore_delivery(
-    app_id: str,
-    channel: str,
-    event: str,
-    data: str,
-    exclude_socket_id: str | None,
-    position: str | None,
-) -> None:
-    """The delivery before a hub attaches: nobody to deliver to."""
 
 
 class MemoryCluster:
@@ -524,7 +514,7 @@ class MemoryHistory:
     def __init__(self, cluster: MemoryCluster, node_id: str) -> None:
         self._cluster = cluster
         self._node_id = node_id
-        self._deliver: Deliver = _ignore_delivery
+        self._deliver: Deliver = ignore_delivery
 
     def attach(self, deliver: Deliver) -> None:
         """Where recorded events go on this node."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from bastion.protocol.signing import hmac_sha256_hex
+from bastion.protocol.signing import webhook_signature
 
 __all__ = ["CONTENT_TYPE", "IDEMPOTENCY_HEADER", "signature", "webhook_headers"]
 
@@ -22,7 +22,7 @@ IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 def signature(secret: str | bytes, body: bytes) -> str:
     """Lowercase hex HMAC-SHA256 of ``body`` under ``secret``."""
     key = secret.encode() if isinstance(secret, str) else secret
-    return hmac_sha256_hex(key, body)
+    return webhook_signature(key, body)
 
 
 def webhook_headers(

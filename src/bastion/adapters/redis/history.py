@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from bastion.adapters.base import ClusterUnavailable, Deliver
+from bastion.adapters.base import ClusterUnavailable, Deliver, ignore_delivery
 from bastion.adapters.messages import ChannelEvent
 from bastion.adapters.redis.client import COMMAND_TIMEOUT, describe_error
 from bastion.adapters.redis.scripts import open_value, seal
@@ -188,17 +188,6 @@ class HistoryBus(Protocol):
         """Count something the cluster will not get."""
 
 
-def _ignore(
-    app_id: str,
-    channel: str,
-    event: str,
-    data: str,
-    exclude_socket_id: str | None,
-    position: str | None,
-) -> None:
-    """The delivery before the hub attaches."""
-
-
 #: One queued append: app, channel, event, data, excluded socket, limits, sealed value.
 _Append = tuple[str, str, str, str, str | None, HistoryLimits, str]
 
@@ -227,7 +216,7 @@ class RedisHistory:
         self._prefix = prefix
         self._key = key
         self._epochs = epochs or (lambda: secrets.token_urlsafe(6))
-        self._deliver: Deliver = _ignore
+        self._deliver: Deliver = ignore_delivery
         self._outbox: deque[_Append] = deque()
         #: Apps whose histories restart (a new generation) once the session is back.
         self._restart: set[str] = set()
